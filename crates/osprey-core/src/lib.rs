@@ -1,0 +1,19 @@
+//! Osprey's domain types, shared by every other crate.
+//!
+//! # Layout
+//! - [`error`]: the one error code set used by both protocols (HTTP status, gRPC code, label).
+//! - [`tensor`]: Open Inference Protocol datatypes and raw, validated tensors.
+//! - [`model`]: the on-disk model repository (`<repo>/<model>/model.toml` + one ONNX file per
+//!   variant), its strict parsing, and held-out evaluation sets.
+//! - [`profile`]: latency profiles per variant and batch size (written by `osprey profile`).
+//! - [`config`]: the server configuration file.
+//!
+//! Nothing here does I/O beyond reading the files it is asked to parse.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod profile;
+pub mod tensor;
+
+pub use error::{Error, ErrorCode};

@@ -1,0 +1,333 @@
+//! Open Inference Protocol datatypes and raw tensors.
+//!
+//! A [`RawTensor`] holds its elements as little-endian bytes in row-major order, which is what
+//! Triton's binary extension, gRPC `raw_*_contents` and the engine all use, so the hot path
+//! never converts element by element. JSON is converted at the edge ([`RawTensor::from_json`],
+//! [`RawTensor::to_json_data`]), with every element checked against its datatype's range.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// Tensor element types of the Open Inference Protocol that Osprey can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DataType {
+    Bool,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Fp32,
+    Fp64,
+}
+
+impl DataType {
+    pub const ALL: [DataType; 11] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Uint16,
+        DataType::Uint32,
+        DataType::Uint64,
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp32,
+        DataType::Fp64,
+    ];
+
+    /// Parses the protocol's spelling (`"FP32"`). FP16, BF16 and BYTES are named in the error.
+    pub fn parse(s: &str) -> Result<DataType> {
+        DataType::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| match s {
+            "FP16" | "BF16" | "BYTES" => {
+                Error::invalid(format!("datatype {s} is not supported by Osprey's engine"))
+            }
+            _ => Error::invalid(format!(
+                "unknown datatype '{s}'; expected one of BOOL, UINT8..UINT64, INT8..INT64, FP32, FP64"
+            )),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Uint16 | DataType::Int16 => 2,
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+        }
+    }
+
+    /// Triton model-configuration enum value (`TYPE_FP32` = 11, ...).
+    pub fn triton_type(self) -> i32 {
+        match self {
+            DataType::Bool => 1,
+            DataType::Uint8 => 2,
+            DataType::Uint16 => 3,
+            DataType::Uint32 => 4,
+            DataType::Uint64 => 5,
+            DataType::Int8 => 6,
+            DataType::Int16 => 7,
+            DataType::Int32 => 8,
+            DataType::Int64 => 9,
+            DataType::Fp32 => 11,
+            DataType::Fp64 => 12,
+        }
+    }
+}
+
+impl std::fmt::Display for DataType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Number of elements of `shape`, or an error if it is negative or overflows.
+pub fn element_count(shape: &[i64]) -> Result<usize> {
+    let mut n: usize = 1;
+    for &d in shape {
+        let d = usize::try_from(d)
+            .map_err(|_| Error::invalid(format!("shape {shape:?} has a negative dimension")))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| Error::too_large(format!("shape {shape:?} overflows")))?;
+    }
+    Ok(n)
+}
+
+/// Byte size of a tensor, checked for overflow before anything is allocated.
+pub fn byte_size(datatype: DataType, shape: &[i64]) -> Result<usize> {
+    element_count(shape)?
+        .checked_mul(datatype.size())
+        .ok_or_else(|| Error::too_large(format!("shape {shape:?} of {datatype} overflows")))
+}
+
+/// A dense tensor: datatype, shape, little-endian row-major bytes. `data.len()` always equals
+/// `byte_size(datatype, shape)` for tensors built through this module's constructors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// Wraps raw bytes after checking that their length matches the shape.
+    pub fn from_bytes(datatype: DataType, shape: Vec<i64>, data: Vec<u8>) -> Result<RawTensor> {
+        let want = byte_size(datatype, &shape)?;
+        if want != data.len() {
+            return Err(Error::invalid(format!(
+                "{datatype} tensor of shape {shape:?} needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(RawTensor { datatype, shape, data })
+    }
+
+    pub fn from_f32(shape: Vec<i64>, values: &[f32]) -> Result<RawTensor> {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        RawTensor::from_bytes(DataType::Fp32, shape, data)
+    }
+
+    pub fn elements(&self) -> usize {
+        self.data.len() / self.datatype.size()
+    }
+
+    /// Reads FP32 elements (for tests and the load generator's checks).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        if self.datatype != DataType::Fp32 {
+            return Err(Error::invalid(format!("expected FP32, tensor is {}", self.datatype)));
+        }
+        Ok(self
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Builds a tensor from the protocol's JSON `data` (flat or nested arrays), checking each
+    /// element's type and range. `limit` bounds the element count before allocation.
+    pub fn from_json(datatype: DataType, shape: Vec<i64>, data: &Value, name: &str) -> Result<RawTensor> {
+        let want = element_count(&shape)?;
+        let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
+        let mut count = 0usize;
+        push_json(datatype, data, &mut out, &mut count, want, name)?;
+        if count != want {
+            return Err(Error::invalid(format!(
+                "input '{name}': shape {shape:?} needs {want} elements, 'data' has {count}"
+            )));
+        }
+        Ok(RawTensor { datatype, shape, data: out })
+    }
+
+    /// The elements as JSON numbers (booleans for BOOL), flattened row-major.
+    pub fn to_json_data(&self) -> Vec<Value> {
+        let b = &self.data;
+        let n = self.elements();
+        let mut v = Vec::with_capacity(n);
+        macro_rules! each {
+            ($t:ty, $sz:expr) => {
+                for c in b.chunks_exact($sz) {
+                    let x = <$t>::from_le_bytes(c.try_into().expect("chunk size"));
+                    v.push(Value::from(x));
+                }
+            };
+        }
+        match self.datatype {
+            DataType::Bool => v.extend(b.iter().map(|&x| Value::Bool(x != 0))),
+            DataType::Uint8 => each!(u8, 1),
+            DataType::Uint16 => each!(u16, 2),
+            DataType::Uint32 => each!(u32, 4),
+            DataType::Uint64 => each!(u64, 8),
+            DataType::Int8 => each!(i8, 1),
+            DataType::Int16 => each!(i16, 2),
+            DataType::Int32 => each!(i32, 4),
+            DataType::Int64 => each!(i64, 8),
+            DataType::Fp32 => {
+                for c in b.chunks_exact(4) {
+                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    v.push(serde_json::Number::from_f64(x as f64).map_or(Value::Null, Value::Number));
+                }
+            }
+            DataType::Fp64 => {
+                for c in b.chunks_exact(8) {
+                    let x = f64::from_le_bytes(c.try_into().expect("chunk size"));
+                    v.push(serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number));
+                }
+            }
+        }
+        v
+    }
+}
+
+fn push_json(
+    dt: DataType,
+    value: &Value,
+    out: &mut Vec<u8>,
+    count: &mut usize,
+    limit: usize,
+    name: &str,
+) -> Result<()> {
+    if let Value::Array(items) = value {
+        for item in items {
+            push_json(dt, item, out, count, limit, name)?;
+        }
+        return Ok(());
+    }
+    *count += 1;
+    if *count > limit {
+        return Err(Error::invalid(format!(
+            "input '{name}': 'data' has more elements than its shape allows ({limit})"
+        )));
+    }
+    let bad = || {
+        Error::invalid(format!(
+            "input '{name}': element {} ({value}) is not a valid {dt}",
+            *count - 1
+        ))
+    };
+    macro_rules! int {
+        ($t:ty) => {{
+            let x = if let Some(i) = value.as_i64() {
+                <$t>::try_from(i).map_err(|_| bad())?
+            } else if let Some(u) = value.as_u64() {
+                <$t>::try_from(u).map_err(|_| bad())?
+            } else {
+                return Err(bad());
+            };
+            out.extend_from_slice(&x.to_le_bytes());
+        }};
+    }
+    match dt {
+        DataType::Bool => out.push(value.as_bool().ok_or_else(bad)? as u8),
+        DataType::Uint8 => int!(u8),
+        DataType::Uint16 => int!(u16),
+        DataType::Uint32 => int!(u32),
+        DataType::Uint64 => int!(u64),
+        DataType::Int8 => int!(i8),
+        DataType::Int16 => int!(i16),
+        DataType::Int32 => int!(i32),
+        DataType::Int64 => int!(i64),
+        DataType::Fp32 => {
+            let x = value.as_f64().ok_or_else(bad)?;
+            out.extend_from_slice(&(x as f32).to_le_bytes())
+        }
+        DataType::Fp64 => out.extend_from_slice(&value.as_f64().ok_or_else(bad)?.to_le_bytes()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trip_keeps_values() {
+        let t = RawTensor::from_json(DataType::Int16, vec![2, 2], &json!([[1, -2], [300, -32768]]), "x")
+            .unwrap();
+        assert_eq!(t.data.len(), 8);
+        assert_eq!(t.to_json_data(), vec![json!(1), json!(-2), json!(300), json!(-32768)]);
+        let f = RawTensor::from_json(DataType::Fp32, vec![3], &json!([0.5, 1, -2.25]), "x").unwrap();
+        assert_eq!(f.to_f32().unwrap(), vec![0.5, 1.0, -2.25]);
+        let b = RawTensor::from_json(DataType::Bool, vec![2], &json!([true, false]), "x").unwrap();
+        assert_eq!(b.to_json_data(), vec![json!(true), json!(false)]);
+    }
+
+    #[test]
+    fn json_rejects_out_of_range_and_wrong_types() {
+        let e = RawTensor::from_json(DataType::Int8, vec![1], &json!([200]), "x").unwrap_err();
+        assert!(e.message.contains("not a valid INT8"), "{e}");
+        let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!(["a"]), "x").unwrap_err();
+        assert!(e.message.contains("not a valid FP32"), "{e}");
+        let e = RawTensor::from_json(DataType::Uint8, vec![1], &json!([-1]), "x").unwrap_err();
+        assert!(e.message.contains("UINT8"), "{e}");
+    }
+
+    #[test]
+    fn json_checks_element_count_both_ways() {
+        let e = RawTensor::from_json(DataType::Fp32, vec![2, 2], &json!([1, 2, 3]), "x").unwrap_err();
+        assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
+        let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!([1, 2]), "x").unwrap_err();
+        assert!(e.message.contains("more elements"), "{e}");
+    }
+
+    #[test]
+    fn byte_sizes_that_overflow_are_errors_not_panics() {
+        let e = byte_size(DataType::Fp64, &[i64::MAX, i64::MAX]).unwrap_err();
+        assert_eq!(e.code, crate::ErrorCode::PayloadTooLarge);
+        assert!(element_count(&[-1, 4]).is_err());
+        let e = RawTensor::from_bytes(DataType::Fp32, vec![2], vec![0; 7]).unwrap_err();
+        assert!(e.message.contains("needs 8 bytes, got 7"), "{e}");
+    }
+
+    #[test]
+    fn datatype_parsing_names_unsupported_types() {
+        assert_eq!(DataType::parse("FP32").unwrap(), DataType::Fp32);
+        assert!(DataType::parse("FP16").unwrap_err().message.contains("not supported"));
+        assert!(DataType::parse("float").unwrap_err().message.contains("unknown datatype"));
+        for d in DataType::ALL {
+            assert_eq!(DataType::parse(d.as_str()).unwrap(), d);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Running models on one node.
+//!
+//! # Layout
+//! - [`session`]: an ONNX variant loaded through tract with a symbolic batch dimension; the
+//!   plan is built and optimised once and shared by every worker thread.
+//! - [`batch`]: concatenating requests into one batch and splitting outputs back.
+//! - [`profile`]: measuring latency per batch size (p50/p90/p99) and throughput.
+//!
+//! tract is pure Rust (no native library to ship to edge nodes, one static binary), runs the
+//! zoo's graphs unchanged, and can cut a graph at a named tensor, which split inference needs.
+
+pub mod batch;
+pub mod profile;
+pub mod session;
+
+pub use session::Session;

@@ -1,0 +1,138 @@
+//! One model variant loaded for execution.
+//!
+//! The ONNX graph declares its batch dimension symbolically (`N`); tract keeps it symbolic
+//! through optimisation, so one plan serves every batch size. The plan is immutable and
+//! shared (`Arc`); each call to [`Session::run`] spawns a fresh execution state, so any number
+//! of worker threads may run the same session at once.
+
+use osprey_core::error::{Error, Result};
+use osprey_core::model::{ModelSpec, TensorSpec, VariantSpec};
+use osprey_core::tensor::{DataType, RawTensor};
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+pub struct Session {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+fn datum(dt: DataType) -> DatumType {
+    match dt {
+        DataType::Bool => DatumType::Bool,
+        DataType::Uint8 => DatumType::U8,
+        DataType::Uint16 => DatumType::U16,
+        DataType::Uint32 => DatumType::U32,
+        DataType::Uint64 => DatumType::U64,
+        DataType::Int8 => DatumType::I8,
+        DataType::Int16 => DatumType::I16,
+        DataType::Int32 => DatumType::I32,
+        DataType::Int64 => DatumType::I64,
+        DataType::Fp32 => DatumType::F32,
+        DataType::Fp64 => DatumType::F64,
+    }
+}
+
+impl Session {
+    /// Loads and optimises `variant` of `model`.
+    pub fn load(model: &ModelSpec, variant: &VariantSpec) -> Result<Session> {
+        let path = model.variant_path(variant)?;
+        Self::load_path(&path, &model.inputs, &model.outputs)
+    }
+
+    pub fn load_path(path: &Path, inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Result<Session> {
+        let fail = |e: TractError| Error::invalid(format!("{}: {e:#}", path.display()));
+        let mut model = tract_onnx::onnx().model_for_path(path).map_err(fail)?;
+        let batch = model.symbols.sym("N");
+        for (i, spec) in inputs.iter().enumerate() {
+            let mut dims: Vec<TDim> = vec![batch.clone().into()];
+            dims.extend(spec.sample_shape().iter().map(|&d| TDim::from(d)));
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims))
+                .map_err(fail)?;
+        }
+        let plan = model.into_optimized().map_err(fail)?.into_runnable().map_err(fail)?;
+        Ok(Session { plan, inputs: inputs.to_vec(), outputs: outputs.to_vec() })
+    }
+
+    /// Runs one batch. `inputs` are in the model's declared input order and agree on rows.
+    pub fn run(&self, inputs: &[RawTensor]) -> Result<Vec<RawTensor>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::internal("input count does not match the model"));
+        }
+        let mut values: TVec<TValue> = TVec::new();
+        for (t, spec) in inputs.iter().zip(&self.inputs) {
+            if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() {
+                return Err(Error::internal(format!("input '{}' does not match the model", spec.name)));
+            }
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            // SAFETY: `from_raw_dt` copies `t.data` after checking its length against shape x
+            // element size; any bit pattern is a valid value of these plain numeric types.
+            let tensor = unsafe { Tensor::from_raw_dt(datum(t.datatype), &shape, &t.data) }
+                .map_err(|e| Error::internal(format!("building input '{}': {e}", spec.name)))?;
+            values.push(tensor.into_tvalue());
+        }
+        let out = self.plan.run(values).map_err(|e| Error::internal(format!("inference failed: {e:#}")))?;
+        out.iter()
+            .zip(&self.outputs)
+            .map(|(v, spec)| {
+                if v.datum_type() != datum(spec.datatype) {
+                    return Err(Error::internal(format!(
+                        "output '{}' is {:?}, the model declares {}",
+                        spec.name,
+                        v.datum_type(),
+                        spec.datatype
+                    )));
+                }
+                let shape = v.shape().iter().map(|&d| d as i64).collect();
+                RawTensor::from_bytes(spec.datatype, shape, v.as_bytes().to_vec())
+            })
+            .collect()
+    }
+
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use osprey_core::model::scan_repository;
+
+    #[test]
+    fn every_bundled_variant_runs_at_batch_1_and_5_and_matches_its_eval_labels() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let (models, _) = scan_repository(&root).unwrap();
+        for m in &models {
+            let ev = m.load_eval().unwrap().unwrap();
+            let spec = &m.inputs[0];
+            let pred_col = |v: &str| {
+                let text = std::fs::read_to_string(m.dir.join("eval/labels.csv")).unwrap();
+                let mut lines = text.lines();
+                let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+                let c = header.iter().position(|h| *h == format!("{v}_pred")).unwrap();
+                lines.map(|l| l.split(',').nth(c).unwrap().parse::<usize>().unwrap()).collect::<Vec<_>>()
+            };
+            for v in &m.variants {
+                let s = Session::load(m, v).unwrap();
+                let want = pred_col(&v.name);
+                for n in [1usize, 5] {
+                    let bytes: Vec<u8> = (0..n).flat_map(|i| ev.sample(i).to_vec()).collect();
+                    let mut shape = spec.shape.clone();
+                    shape[0] = n as i64;
+                    let x = RawTensor::from_bytes(spec.datatype, shape, bytes).unwrap();
+                    let out = s.run(&[x]).unwrap();
+                    assert_eq!(out[0].shape, vec![n as i64, 10]);
+                    let p = out[0].to_f32().unwrap();
+                    for i in 0..n {
+                        let row = &p[i * 10..(i + 1) * 10];
+                        let arg = (0..10).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                        assert_eq!(arg, want[i], "{}/{} sample {i}", m.name, v.name);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! An in-process node agent: a fixed pool of worker threads (its thread budget) executing
+//! batches. A semaphore with one permit per worker is the backpressure: the scheduling loop
+//! takes a permit before it forms a batch, so batches grow while every worker is busy, and the
+//! permit is released (in `Drop`) when the batch has been answered.
+
+use crate::gateway::{unix_ms, InferOutcome, ModelEntry, ValidRequest};
+use crate::metrics::{Metrics, VariantLabels};
+use osprey_core::error::{Error, Result};
+use osprey_core::tensor::RawTensor;
+use osprey_engine::batch;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// One request inside a batch.
+pub struct Member {
+    pub req: ValidRequest,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<InferOutcome>>,
+}
+
+/// A batch for one variant of one model.
+pub struct Job {
+    pub model: Arc<ModelEntry>,
+    pub variant: usize,
+    pub members: Vec<Member>,
+    pub dispatched: Instant,
+    pub permit: OwnedSemaphorePermit,
+}
+
+pub struct LocalAgent {
+    name: String,
+    workers: u32,
+    permits: Arc<Semaphore>,
+    tx: Mutex<Option<std_mpsc::Sender<Job>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl LocalAgent {
+    pub fn start(name: &str, workers: u32, metrics: Arc<Metrics>) -> LocalAgent {
+        let workers = workers.max(1);
+        let (tx, rx) = std_mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..workers)
+            .map(|i| {
+                let rx = rx.clone();
+                let metrics = metrics.clone();
+                let node = name.to_string();
+                std::thread::Builder::new()
+                    .name(format!("{name}-worker-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => run_job(job, &node, &metrics),
+                            Err(_) => return,
+                        }
+                    })
+                    .expect("spawning an agent worker thread")
+            })
+            .collect();
+        LocalAgent {
+            name: name.to_string(),
+            workers,
+            permits: Arc::new(Semaphore::new(workers as usize)),
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for a free worker; `None` once the agent is stopped.
+    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    pub fn busy(&self) -> bool {
+        self.permits.available_permits() < self.workers as usize
+    }
+
+    pub fn submit(&self, job: Job) {
+        let tx = self.tx.lock().ok().and_then(|t| t.clone());
+        if let Some(tx) = tx {
+            if let Err(std_mpsc::SendError(job)) = tx.send(job) {
+                fail_all(job.members, Error::unavailable("the agent is stopped"));
+            }
+        } else {
+            fail_all(job.members, Error::unavailable("the agent is stopped"));
+        }
+    }
+
+    /// Stops the workers after the batches already submitted.
+    pub fn stop(&self) {
+        self.permits.close();
+        if let Ok(mut t) = self.tx.lock() {
+            t.take();
+        }
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fail_all(members: Vec<Member>, e: Error) {
+    for m in members {
+        let _ = m.reply.send(Err(e.clone()));
+    }
+}
+
+fn run_job(job: Job, node: &str, metrics: &Metrics) {
+    let Job { model, variant, members, dispatched, permit } = job;
+    let ve = &model.variants[variant];
+    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
+    let t0 = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| execute(&model, variant, &members)))
+        .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")));
+    drop(permit);
+    let (per_member, t_in, t_infer, t_out) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Ok(mut s) = ve.stats.lock() {
+                for m in &members {
+                    s.fail.add(m.enqueued.elapsed());
+                }
+            }
+            tracing::warn!(model = model.name(), variant = %ve.spec.name, "batch failed: {e}");
+            fail_all(members, e);
+            return;
+        }
+    };
+    let rows: u32 = members.iter().map(|m| m.req.rows).sum();
+    let compute = t_in + t_infer + t_out;
+    metrics.batch_size.get_or_create(&labels).observe(rows as f64);
+    metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
+    metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
+    metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
+    if let Ok(mut s) = ve.stats.lock() {
+        s.execution_count += 1;
+        s.last_inference_ms = unix_ms();
+        let b = s.batches.entry(rows as u64).or_default();
+        b.compute_input.add(t_in);
+        b.compute_infer.add(t_infer);
+        b.compute_output.add(t_out);
+        for m in &members {
+            s.inference_count += m.req.rows as u64;
+            s.success.add(m.enqueued.elapsed());
+            s.queue.add(dispatched.saturating_duration_since(m.enqueued));
+            s.compute_input.add(t_in);
+            s.compute_infer.add(t_infer);
+            s.compute_output.add(t_out);
+        }
+    }
+    let done = Instant::now();
+    let _ = t0;
+    for (m, outputs) in members.into_iter().zip(per_member) {
+        let queue = dispatched.saturating_duration_since(m.enqueued);
+        metrics.queue.get_or_create(&labels).observe(queue.as_secs_f64());
+        let outputs = m.req.outputs.iter().map(|&i| (i, outputs[i].clone())).collect();
+        let _ = m.reply.send(Ok(InferOutcome {
+            model: model.clone(),
+            variant,
+            node: node.to_string(),
+            outputs,
+            queue,
+            compute,
+            deadline_met: done <= m.deadline,
+            estimated_accuracy: ve.spec.accuracy,
+            batch_size: rows,
+        }));
+    }
+}
+
+type Executed = (Vec<Vec<RawTensor>>, Duration, Duration, Duration);
+
+fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Executed> {
+    let t0 = Instant::now();
+    let n_inputs = model.spec.inputs.len();
+    let mut inputs = Vec::with_capacity(n_inputs);
+    for i in 0..n_inputs {
+        let parts: Vec<&RawTensor> = members.iter().map(|m| &m.req.inputs[i]).collect();
+        inputs.push(if parts.len() == 1 { parts[0].clone() } else { batch::concat(&parts)? });
+    }
+    let t1 = Instant::now();
+    let outputs = model.variants[variant].session.run(&inputs)?;
+    let t2 = Instant::now();
+    let sizes: Vec<i64> = members.iter().map(|m| m.req.rows as i64).collect();
+    let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
+    for out in &outputs {
+        let parts = if sizes.len() == 1 { vec![out.clone()] } else { batch::split(out, &sizes)? };
+        for (k, p) in parts.into_iter().enumerate() {
+            per_member[k].push(p);
+        }
+    }
+    let t3 = Instant::now();
+    Ok((per_member, t1 - t0, t2 - t1, t3 - t2))
+}

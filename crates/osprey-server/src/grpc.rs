@@ -1,0 +1,333 @@
+//! `inference.GRPCInferenceService` over tonic. Inputs arrive as `raw_input_contents` (what
+//! tritonclient sends) or typed `contents`; outputs always go back as `raw_output_contents`,
+//! which is the only form the official client reads.
+
+use crate::gateway::{parse_datatype, Gateway, InputTensor, ModelEntry, RequestOptions};
+use crate::pb;
+use crate::pb::grpc_inference_service_server::GrpcInferenceService;
+use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
+use osprey_core::error::{Error, ErrorCode};
+use osprey_core::tensor::{byte_size, element_count, DataType, RawTensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::{Code, Request, Response, Status};
+
+pub struct InferenceService {
+    gw: Arc<Gateway>,
+}
+
+impl InferenceService {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        InferenceService { gw }
+    }
+}
+
+pub fn status(e: Error) -> Status {
+    Status::new(Code::from_i32(e.code.grpc_code()), e.message)
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_response::TensorMetadata {
+    pb::model_metadata_response::TensorMetadata {
+        name: t.name.clone(),
+        datatype: t.datatype.as_str().into(),
+        shape: t.shape.clone(),
+    }
+}
+
+fn model_ready<'a>(gw: &'a Gateway, name: &str, version: &str) -> Result<&'a Arc<ModelEntry>, Status> {
+    let m = gw.model(name).map_err(status)?;
+    m.resolve_version(version).map_err(status)?;
+    Ok(m)
+}
+
+fn param_u64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Option<u64>, Error> {
+    use pb::infer_parameter::ParameterChoice as C;
+    match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(C::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
+        Some(C::Uint64Param(v)) => Ok(Some(*v)),
+        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
+    }
+}
+
+/// Typed `contents` to raw little-endian bytes, checking count and range.
+fn from_contents(dt: DataType, shape: Vec<i64>, c: &pb::InferTensorContents, name: &str) -> Result<RawTensor, Error> {
+    let want = element_count(&shape)?;
+    let count_err = |got: usize| {
+        Error::invalid(format!("input '{name}': shape {shape:?} needs {want} elements, contents has {got}"))
+    };
+    let range_err = || Error::invalid(format!("input '{name}': a value is out of range for {dt}"));
+    let mut out = Vec::with_capacity(byte_size(dt, &shape)?);
+    macro_rules! narrow {
+        ($src:expr, $t:ty) => {{
+            if $src.len() != want {
+                return Err(count_err($src.len()));
+            }
+            for &x in $src.iter() {
+                out.extend_from_slice(&<$t>::try_from(x).map_err(|_| range_err())?.to_le_bytes());
+            }
+        }};
+    }
+    match dt {
+        DataType::Bool => {
+            if c.bool_contents.len() != want {
+                return Err(count_err(c.bool_contents.len()));
+            }
+            out.extend(c.bool_contents.iter().map(|&b| b as u8));
+        }
+        DataType::Int8 => narrow!(c.int_contents, i8),
+        DataType::Int16 => narrow!(c.int_contents, i16),
+        DataType::Int32 => narrow!(c.int_contents, i32),
+        DataType::Int64 => narrow!(c.int64_contents, i64),
+        DataType::Uint8 => narrow!(c.uint_contents, u8),
+        DataType::Uint16 => narrow!(c.uint_contents, u16),
+        DataType::Uint32 => narrow!(c.uint_contents, u32),
+        DataType::Uint64 => narrow!(c.uint64_contents, u64),
+        DataType::Fp32 => narrow!(c.fp32_contents, f32),
+        DataType::Fp64 => narrow!(c.fp64_contents, f64),
+    }
+    RawTensor::from_bytes(dt, shape, out)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> R<pb::ServerLiveResponse> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> R<pb::ServerReadyResponse> {
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.gw.is_ready() }))
+    }
+
+    async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
+        let r = r.into_inner();
+        let ready = model_ready(&self.gw, &r.name, &r.version).is_ok() && self.gw.is_ready();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> R<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: SERVER_NAME.into(),
+            version: SERVER_VERSION.into(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
+        let r = r.into_inner();
+        let m = model_ready(&self.gw, &r.name, &r.version)?;
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: m.name().into(),
+            versions: m.variants.iter().map(|v| v.spec.name.clone()).collect(),
+            platform: "onnxruntime_onnx".into(),
+            inputs: m.spec.inputs.iter().map(tensor_meta).collect(),
+            outputs: m.spec.outputs.iter().map(tensor_meta).collect(),
+        }))
+    }
+
+    async fn model_config(&self, r: Request<pb::ModelConfigRequest>) -> R<pb::ModelConfigResponse> {
+        let r = r.into_inner();
+        let m = model_ready(&self.gw, &r.name, &r.version)?;
+        let config = pb::ModelConfig {
+            name: m.name().into(),
+            platform: "onnxruntime_onnx".into(),
+            backend: "osprey-tract".into(),
+            max_batch_size: m.spec.max_batch_size as i32,
+            input: m
+                .spec
+                .inputs
+                .iter()
+                .map(|t| pb::ModelInput {
+                    name: t.name.clone(),
+                    data_type: t.datatype.triton_type(),
+                    dims: t.sample_shape().to_vec(),
+                })
+                .collect(),
+            output: m
+                .spec
+                .outputs
+                .iter()
+                .map(|t| pb::ModelOutput {
+                    name: t.name.clone(),
+                    data_type: t.datatype.triton_type(),
+                    dims: t.sample_shape().to_vec(),
+                })
+                .collect(),
+        };
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(config) }))
+    }
+
+    async fn model_statistics(&self, r: Request<pb::ModelStatisticsRequest>) -> R<pb::ModelStatisticsResponse> {
+        let r = r.into_inner();
+        let models: Vec<&Arc<ModelEntry>> = if r.name.is_empty() {
+            self.gw.models().collect()
+        } else {
+            vec![self.gw.model(&r.name).map_err(status)?]
+        };
+        let only = match models.first() {
+            Some(m) if !r.name.is_empty() => m.resolve_version(&r.version).map_err(status)?,
+            _ => None,
+        };
+        let d = |x: &crate::gateway::Duration2| Some(pb::StatisticDuration { count: x.count, ns: x.ns });
+        let mut model_stats = Vec::new();
+        for m in models {
+            for (i, v) in m.variants.iter().enumerate() {
+                if only.is_some_and(|o| o != i) {
+                    continue;
+                }
+                let s = v.stats.lock().map(|s| s.clone()).unwrap_or_default();
+                model_stats.push(pb::ModelStatistics {
+                    name: m.name().into(),
+                    version: v.spec.name.clone(),
+                    last_inference: s.last_inference_ms,
+                    inference_count: s.inference_count,
+                    execution_count: s.execution_count,
+                    inference_stats: Some(pb::InferStatistics {
+                        success: d(&s.success),
+                        fail: d(&s.fail),
+                        queue: d(&s.queue),
+                        compute_input: d(&s.compute_input),
+                        compute_infer: d(&s.compute_infer),
+                        compute_output: d(&s.compute_output),
+                    }),
+                    batch_stats: s
+                        .batches
+                        .iter()
+                        .map(|(b, st)| pb::InferBatchStatistics {
+                            batch_size: *b,
+                            compute_input: d(&st.compute_input),
+                            compute_infer: d(&st.compute_infer),
+                            compute_output: d(&st.compute_output),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(&self, r: Request<pb::RepositoryIndexRequest>) -> R<pb::RepositoryIndexResponse> {
+        use pb::repository_index_response::ModelIndex;
+        let ready_only = r.into_inner().ready;
+        let mut models: Vec<ModelIndex> = self
+            .gw
+            .models()
+            .flat_map(|m| {
+                m.variants.iter().map(move |v| ModelIndex {
+                    name: m.name().into(),
+                    version: v.spec.name.clone(),
+                    state: "READY".into(),
+                    reason: String::new(),
+                })
+            })
+            .collect();
+        if !ready_only {
+            models.extend(self.gw.problems().iter().map(|p| ModelIndex {
+                name: p.model.clone(),
+                version: String::new(),
+                state: "UNAVAILABLE".into(),
+                reason: p.error.message.clone(),
+            }));
+        }
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
+        let r = r.into_inner();
+        let gw = &self.gw;
+        let result = async {
+            let raw = &r.raw_input_contents;
+            if !raw.is_empty() && raw.len() != r.inputs.len() {
+                return Err(Error::invalid(format!(
+                    "raw_input_contents has {} entries for {} inputs",
+                    raw.len(),
+                    r.inputs.len()
+                )));
+            }
+            let mut inputs = Vec::with_capacity(r.inputs.len());
+            for (i, inp) in r.inputs.iter().enumerate() {
+                let dt = parse_datatype(&inp.datatype, &inp.name)?;
+                let tensor = if let Some(bytes) = raw.get(i) {
+                    if inp.contents.is_some() {
+                        return Err(Error::invalid(format!("input '{}' has both contents and raw contents", inp.name)));
+                    }
+                    let want = byte_size(dt, &inp.shape)?;
+                    if bytes.len() != want {
+                        return Err(Error::invalid(format!(
+                            "input '{}': {dt} {:?} needs {want} bytes, raw_input_contents has {}",
+                            inp.name,
+                            inp.shape,
+                            bytes.len()
+                        )));
+                    }
+                    RawTensor::from_bytes(dt, inp.shape.clone(), bytes.to_vec())?
+                } else {
+                    let c = inp
+                        .contents
+                        .as_ref()
+                        .ok_or_else(|| Error::invalid(format!("input '{}' has no contents", inp.name)))?;
+                    from_contents(dt, inp.shape.clone(), c, &inp.name)?
+                };
+                inputs.push(InputTensor { name: inp.name.clone(), tensor });
+            }
+            let opts = RequestOptions {
+                timeout_us: param_u64(&r.parameters, "timeout")?,
+                deadline_ms: param_u64(&r.parameters, "deadline_ms")?,
+                priority: param_u64(&r.parameters, "priority")?,
+            };
+            for o in &r.outputs {
+                if o.parameters.contains_key("classification") {
+                    return Err(Error::invalid("the classification extension is not supported"));
+                }
+            }
+            let names: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
+            let valid = gw.validate(&r.model_name, &r.model_version, r.id.clone(), inputs, &names, &opts)?;
+            gw.infer(valid).await
+        }
+        .await;
+        let o = match result {
+            Ok(o) => o,
+            Err(e) => {
+                if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound) {
+                    let label = if gw.model(&r.model_name).is_ok() { r.model_name.as_str() } else { "" };
+                    gw.metrics.request(label, "", e.code.label());
+                }
+                return Err(status(e));
+            }
+        };
+        use pb::infer_parameter::ParameterChoice as C;
+        let mut parameters = HashMap::new();
+        for (k, v) in crate::http::outcome_parameters(&o) {
+            let choice = match v {
+                serde_json::Value::Bool(b) => C::BoolParam(b),
+                serde_json::Value::Number(n) if n.is_u64() => C::Int64Param(n.as_u64().unwrap_or(0) as i64),
+                serde_json::Value::Number(n) => C::DoubleParam(n.as_f64().unwrap_or(0.0)),
+                serde_json::Value::String(s) => C::StringParam(s),
+                other => C::StringParam(other.to_string()),
+            };
+            parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
+        }
+        let mut outputs = Vec::with_capacity(o.outputs.len());
+        let mut raw = Vec::with_capacity(o.outputs.len());
+        for (idx, t) in &o.outputs {
+            outputs.push(pb::model_infer_response::InferOutputTensor {
+                name: o.model.spec.outputs[*idx].name.clone(),
+                datatype: t.datatype.as_str().into(),
+                shape: t.shape.clone(),
+                parameters: HashMap::new(),
+                contents: None,
+            });
+            raw.push(t.data.clone());
+        }
+        Ok(Response::new(pb::ModelInferResponse {
+            model_name: o.model.name().into(),
+            model_version: o.model.variants[o.variant].spec.name.clone(),
+            id: r.id,
+            parameters,
+            outputs,
+            raw_output_contents: raw,
+        }))
+    }
+}

@@ -1,0 +1,487 @@
+//! Open Inference Protocol over REST (KServe V2), with Triton's extensions that clients rely
+//! on: binary tensor data (`Inference-Header-Content-Length`, `binary_data_size`,
+//! `binary_data` / `binary_data_output`), model configuration, statistics and the repository
+//! index. Every error is `{"error": "..."}` with the status of its [`ErrorCode`].
+
+use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats};
+use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use osprey_core::error::{Error, ErrorCode};
+use osprey_core::tensor::{byte_size, RawTensor};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// An error rendered as the protocol's JSON error object.
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": self.0.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let limit = gw.limits.max_body_bytes;
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(gw)
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
+    if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({ "name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS }))
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        gw.metrics.encode(),
+    )
+}
+
+pub fn tensor_meta(t: &osprey_core::model::TensorSpec) -> Value {
+    json!({ "name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape })
+}
+
+fn metadata(m: &ModelEntry) -> Value {
+    json!({
+        "name": m.name(),
+        "versions": m.variants.iter().map(|v| v.spec.name.clone()).collect::<Vec<_>>(),
+        "platform": "onnxruntime_onnx",
+        "inputs": m.spec.inputs.iter().map(tensor_meta).collect::<Vec<_>>(),
+        "outputs": m.spec.outputs.iter().map(tensor_meta).collect::<Vec<_>>(),
+        "parameters": {
+            "task": m.spec.task,
+            "modality": m.spec.modality,
+            "labels": m.spec.labels,
+        }
+    })
+}
+
+async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(metadata(gw.model(&model)?)))
+}
+
+async fn model_metadata_v(
+    State(gw): State<Arc<Gateway>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let m = gw.model(&model)?;
+    m.resolve_version(&version)?;
+    Ok(Json(metadata(m)))
+}
+
+async fn model_ready(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<StatusCode> {
+    gw.model(&model)?;
+    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+}
+
+async fn model_ready_v(
+    State(gw): State<Arc<Gateway>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    gw.model(&model)?.resolve_version(&version)?;
+    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+}
+
+/// Triton-style model configuration: dims exclude the batch dimension when batching is on.
+pub fn config_json(m: &ModelEntry) -> Value {
+    let tensor = |t: &osprey_core::model::TensorSpec| {
+        json!({ "name": t.name, "data_type": format!("TYPE_{}", t.datatype.as_str()), "dims": t.sample_shape() })
+    };
+    json!({
+        "name": m.name(),
+        "platform": "onnxruntime_onnx",
+        "backend": "osprey-tract",
+        "max_batch_size": m.spec.max_batch_size,
+        "input": m.spec.inputs.iter().map(tensor).collect::<Vec<_>>(),
+        "output": m.spec.outputs.iter().map(tensor).collect::<Vec<_>>(),
+        "parameters": {
+            "task": { "string_value": m.spec.task },
+            "modality": { "string_value": m.spec.modality },
+        },
+    })
+}
+
+async fn model_config(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(config_json(gw.model(&model)?)))
+}
+
+async fn model_config_v(
+    State(gw): State<Arc<Gateway>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let m = gw.model(&model)?;
+    m.resolve_version(&version)?;
+    Ok(Json(config_json(m)))
+}
+
+fn dur(d: &crate::gateway::Duration2) -> Value {
+    json!({ "count": d.count, "ns": d.ns })
+}
+
+fn stats_json(m: &ModelEntry, only: Option<usize>) -> Vec<Value> {
+    m.variants
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| only.is_none_or(|o| o == *i))
+        .map(|(_, v)| {
+            let s: VariantStats = v.stats.lock().map(|s| s.clone()).unwrap_or_default();
+            json!({
+                "name": m.name(),
+                "version": v.spec.name,
+                "last_inference": s.last_inference_ms,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    "success": dur(&s.success), "fail": dur(&s.fail), "queue": dur(&s.queue),
+                    "compute_input": dur(&s.compute_input), "compute_infer": dur(&s.compute_infer),
+                    "compute_output": dur(&s.compute_output),
+                    "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0},
+                },
+                "batch_stats": s.batches.iter().map(|(b, st)| json!({
+                    "batch_size": b,
+                    "compute_input": dur(&st.compute_input),
+                    "compute_infer": dur(&st.compute_infer),
+                    "compute_output": dur(&st.compute_output),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+async fn all_stats(State(gw): State<Arc<Gateway>>) -> Json<Value> {
+    let all: Vec<Value> = gw.models().flat_map(|m| stats_json(m, None)).collect();
+    Json(json!({ "model_stats": all }))
+}
+
+async fn model_stats(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "model_stats": stats_json(gw.model(&model)?, None) })))
+}
+
+async fn model_stats_v(
+    State(gw): State<Arc<Gateway>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let m = gw.model(&model)?;
+    let v = m.resolve_version(&version)?;
+    Ok(Json(json!({ "model_stats": stats_json(m, v) })))
+}
+
+async fn repository_index(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let body = body.map_err(rejection)?;
+    let mut ready_only = false;
+    if !body.is_empty() {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("repository index body is not valid JSON: {e}")))?;
+        ready_only = v.get("ready").and_then(Value::as_bool).unwrap_or(false);
+    }
+    let mut out: Vec<Value> = gw
+        .models()
+        .flat_map(|m| {
+            m.variants.iter().map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
+        })
+        .collect();
+    if !ready_only {
+        out.extend(gw.problems().iter().map(|p| {
+            json!({ "name": p.model, "version": "", "state": "UNAVAILABLE", "reason": p.error.message })
+        }));
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+fn rejection(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError(Error::too_large("request body exceeds the server's max_body_bytes limit"))
+    } else {
+        ApiError(Error::invalid(format!("could not read the request body: {r}")))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Inference
+// ------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct InferRequestJson {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Vec<OutputJson>,
+}
+
+#[derive(Deserialize)]
+struct InputJson {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct OutputJson {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// Reads the request options shared by both protocols from a parameter map.
+pub fn options_from(params: impl Fn(&str) -> Option<u64>) -> RequestOptions {
+    RequestOptions { timeout_us: params("timeout"), deadline_ms: params("deadline_ms"), priority: params("priority") }
+}
+
+fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
+    match params.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
+    }
+}
+
+async fn infer(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(gw, model, String::new(), headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_v(
+    State(gw): State<Arc<Gateway>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_inner(gw, model, version, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_inner(
+    gw: Arc<Gateway>,
+    model: String,
+    version: String,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let model_label = if gw.model(&model).is_ok() { model.as_str() } else { "" };
+    let result = decode_and_run(&gw, &model, &version, &headers, body).await;
+    if let Err(ApiError(e)) = &result {
+        // Admission and execution outcomes are counted by the gateway; count edge errors here.
+        if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
+            gw.metrics.request(model_label, "", e.code.label());
+        }
+    }
+    result
+}
+
+async fn decode_and_run(
+    gw: &Gateway,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(rejection)?;
+    if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING) {
+        if enc.as_bytes() != b"identity" {
+            return Err(Error::invalid("Content-Encoding is not supported; send the body uncompressed").into());
+        }
+    }
+    let (json_part, mut binary) = match headers.get(HEADER_LENGTH) {
+        Some(h) => {
+            let n: usize = h
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| Error::invalid("Inference-Header-Content-Length must be a byte count"))?;
+            if n > body.len() {
+                return Err(Error::invalid(format!(
+                    "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                    body.len()
+                ))
+                .into());
+            }
+            (body.slice(..n), body.slice(n..))
+        }
+        None => (body.clone(), Bytes::new()),
+    };
+    let req: InferRequestJson = serde_json::from_slice(&json_part)
+        .map_err(|e| Error::invalid(format!("request is not a valid inference request JSON: {e}")))?;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for inp in req.inputs {
+        let dt = crate::gateway::parse_datatype(&inp.datatype, &inp.name)?;
+        let size = byte_size(dt, &inp.shape)?;
+        if size > gw.limits.max_body_bytes.saturating_mul(4) {
+            return Err(Error::too_large(format!("input '{}' of shape {:?} is larger than the server accepts", inp.name, inp.shape)).into());
+        }
+        let tensor = match param_u64(&inp.parameters, "binary_data_size")? {
+            Some(n) => {
+                if inp.data.is_some() {
+                    return Err(Error::invalid(format!("input '{}' has both 'data' and binary_data_size", inp.name)).into());
+                }
+                let n = n as usize;
+                if n != size {
+                    return Err(Error::invalid(format!(
+                        "input '{}': binary_data_size is {n} but {dt} {:?} needs {size} bytes",
+                        inp.name, inp.shape
+                    ))
+                    .into());
+                }
+                if n > binary.len() {
+                    return Err(Error::invalid(format!(
+                        "input '{}': binary_data_size {n} exceeds the {} binary bytes left in the body",
+                        inp.name,
+                        binary.len()
+                    ))
+                    .into());
+                }
+                let chunk = binary.split_to(n);
+                RawTensor::from_bytes(dt, inp.shape, chunk.to_vec())?
+            }
+            None => {
+                let data = inp
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid(format!("input '{}' has neither 'data' nor binary_data_size", inp.name)))?;
+                RawTensor::from_json(dt, inp.shape, data, &inp.name)?
+            }
+        };
+        inputs.push(InputTensor { name: inp.name, tensor });
+    }
+    if !binary.is_empty() {
+        return Err(Error::invalid(format!("{} bytes of binary data are not claimed by any input", binary.len())).into());
+    }
+    let p = &req.parameters;
+    let opts = RequestOptions {
+        timeout_us: param_u64(p, "timeout")?,
+        deadline_ms: param_u64(p, "deadline_ms")?,
+        priority: param_u64(p, "priority")?,
+    };
+    let binary_default = match p.get("binary_data_output") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| Error::invalid("parameter 'binary_data_output' must be a boolean"))?,
+    };
+    let mut binary_out = Vec::with_capacity(req.outputs.len());
+    for o in &req.outputs {
+        if o.parameters.contains_key("classification") {
+            return Err(Error::invalid("the classification extension is not supported; request the probabilities output").into());
+        }
+        binary_out.push(match o.parameters.get("binary_data") {
+            None => binary_default,
+            Some(v) => v.as_bool().ok_or_else(|| Error::invalid("output parameter 'binary_data' must be a boolean"))?,
+        });
+    }
+    let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
+    let id = req.id.unwrap_or_default();
+    let valid = gw.validate(model, version, id.clone(), inputs, &names, &opts)?;
+    let outcome = gw.infer(valid).await?;
+    Ok(encode_response(&outcome, &id, &binary_out, binary_default))
+}
+
+/// Response parameters shared by both protocols.
+pub fn outcome_parameters(o: &InferOutcome) -> Vec<(&'static str, Value)> {
+    vec![
+        ("variant", json!(o.model.variants[o.variant].spec.name)),
+        ("node", json!(o.node)),
+        ("estimated_accuracy", json!(o.estimated_accuracy)),
+        ("queue_us", json!(o.queue.as_micros() as u64)),
+        ("compute_us", json!(o.compute.as_micros() as u64)),
+        ("deadline_met", json!(o.deadline_met)),
+        ("batch_size", json!(o.batch_size)),
+    ]
+}
+
+fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_default: bool) -> Response {
+    let mut params = Map::new();
+    for (k, v) in outcome_parameters(o) {
+        params.insert(k.to_string(), v);
+    }
+    let mut tail: Vec<u8> = Vec::new();
+    let outputs: Vec<Value> = o
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(k, (idx, t))| {
+            let spec = &o.model.spec.outputs[*idx];
+            let binary = binary_out.get(k).copied().unwrap_or(binary_default);
+            if binary {
+                tail.extend_from_slice(&t.data);
+                json!({ "name": spec.name, "datatype": t.datatype.as_str(), "shape": t.shape,
+                        "parameters": { "binary_data_size": t.data.len() } })
+            } else {
+                json!({ "name": spec.name, "datatype": t.datatype.as_str(), "shape": t.shape, "data": t.to_json_data() })
+            }
+        })
+        .collect();
+    let mut body = json!({
+        "model_name": o.model.name(),
+        "model_version": o.model.variants[o.variant].spec.name,
+        "outputs": outputs,
+        "parameters": params,
+    });
+    if !id.is_empty() {
+        body["id"] = json!(id);
+    }
+    let header = serde_json::to_vec(&body).unwrap_or_default();
+    if tail.is_empty() {
+        return ([(axum::http::header::CONTENT_TYPE, "application/json")], header).into_response();
+    }
+    let header_len = header.len();
+    let mut bytes = header;
+    bytes.extend_from_slice(&tail);
+    let mut resp = bytes.into_response();
+    let h = resp.headers_mut();
+    h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+    resp
+}

@@ -1,0 +1,34 @@
+//! The live system: Open Inference Protocol over HTTP and gRPC in front of a gateway that
+//! queues, batches and dispatches requests to agents running the engine.
+//!
+//! # Layout
+//! - [`gateway`]: the model table, request validation (only [`gateway::ValidRequest`]s enter
+//!   a queue), per-model scheduling loops that call `osprey-policy`, statistics.
+//! - [`agent`]: an in-process node agent: a bounded pool of worker threads running batches.
+//! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
+//! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
+//! - [`metrics`]: Prometheus families served at `/metrics`.
+//! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
+
+pub mod agent;
+pub mod gateway;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod server;
+
+/// Generated Open Inference Protocol messages and service.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
+}
+
+pub use gateway::Gateway;
+pub use server::{serve, Listeners};
+
+/// Server name and version reported by server metadata.
+pub const SERVER_NAME: &str = "osprey";
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Protocol extensions this server implements (server metadata `extensions`).
+pub const EXTENSIONS: &[&str] =
+    &["binary_tensor_data", "model_configuration", "statistics", "parameters", "model_repository(index)"];

@@ -1,0 +1,48 @@
+//! Binding both protocols to injected listeners, and shutting down without dropping work.
+//!
+//! Shutdown timeline: the signal fires -> both servers stop accepting and let open requests
+//! finish -> the gateway drains (no new admissions, queued requests run) -> agent workers
+//! stop -> `serve` returns.
+
+use crate::gateway::Gateway;
+use crate::grpc::InferenceService;
+use crate::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+/// Serves HTTP and gRPC until `shutdown` completes, then drains.
+pub async fn serve(
+    listeners: Listeners,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let app = crate::http::router(gw.clone());
+    let http = axum::serve(listeners.http, app).with_graceful_shutdown(wait(rx.clone()));
+    let limit = gw.limits.max_body_bytes;
+    let svc = GrpcInferenceServiceServer::new(InferenceService::new(gw.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, wait(rx.clone()));
+    let (h, g) = tokio::join!(http.into_future(), grpc);
+    gw.drain().await;
+    h?;
+    g.map_err(std::io::Error::other)
+}

@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Build Osprey's bundled model zoo under models/ from data that packages ship.
+
+Two tasks observe the same ten event classes (the digits 0-9) in two modalities, so the zoo can
+later serve a multi-modal pair:
+
+* ``digits``        image: scikit-learn's 8x8 handwritten digits, degraded like a cheap camera
+                    would (shift, sensor noise, occlusion). Input ``image`` FP32 [-1, 8, 8].
+* ``spoken_digits`` audio: the words "zero".."nine" synthesised by espeak-ng in many voices,
+                    speeds and pitches, with background noise, 0.8 s of 8 kHz PCM16.
+                    Input ``waveform`` INT16 [-1, 6400].
+
+Each task has three variants whose accuracy and cost really differ:
+
+* digits/small   2x2-pooled linear classifier (pooling folded into one 64x10 MatMul)
+* digits/medium  MLP 64-128-10
+* digits/large   MLP 64-512-512-10 with 25-view test-time augmentation (every 1-2 px shift),
+                 so compute is ~7.5 M multiply-adds per image while weights stay ~1 MB
+* spoken/small   coarse spectrogram (64-point frames) -> 16 log bands x 4 segments -> linear
+* spoken/medium  256-point STFT, hop 128 -> 32 log-mel x 8 segments -> MLP(128)
+* spoken/large   256-point STFT, hop 64 -> 40 log-mel x 16 segments -> MLP(512, 256)
+
+The whole front end (STFT as a strided Conv with Hann-windowed DFT kernels, power, mel
+filterbank, log, time pooling, standardisation) is inside the ONNX graph, so clients send raw
+pixels or raw PCM. Every graph is checked against the numpy reference with onnxruntime when it
+is installed.
+
+Outputs per task: ``models/<task>/<variant>.onnx``, ``models/<task>/model.toml`` (metadata and
+profiled accuracy, overall and per class), and a held-out evaluation set:
+``models/<task>/eval/inputs.bin`` (the input tensor's raw little-endian bytes, row-major) and
+``models/<task>/eval/labels.csv`` (``index,label,<variant>...`` with 1 where that variant was
+right on that sample, plus ``<variant>_pred`` columns).
+
+Usage: python3 scripts/build_zoo.py [--out models] [--seed 7]
+Needs: numpy, scikit-learn, onnx (onnxruntime optional), and the espeak-ng program.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import wave
+import io
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+
+CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+OPSET = 13
+SR = 8000
+CLIP = 6400  # 0.8 s
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX helpers
+# ----------------------------------------------------------------------------------------------
+class Graph:
+    def __init__(self, name):
+        self.name = name
+        self.nodes = []
+        self.inits = []
+        self.n = 0
+
+    def const(self, arr, name=None):
+        self.n += 1
+        name = name or f"c{self.n}"
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def op(self, op_type, inputs, **attrs):
+        self.n += 1
+        out = f"t{self.n}"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def mlp(self, x, layers):
+        """layers: list of (W [in,out], b [out]); ReLU between, none after the last."""
+        for i, (w, b) in enumerate(layers):
+            x = self.op("MatMul", [x, self.const(w.astype(np.float32))])
+            x = self.op("Add", [x, self.const(b.astype(np.float32))])
+            if i + 1 < len(layers):
+                x = self.op("Relu", [x])
+        return x
+
+    def save(self, path, inp, out_tensor, doc):
+        self.nodes.append(helper.make_node("Identity", [out_tensor], ["probabilities"]))
+        g = helper.make_graph(
+            self.nodes,
+            self.name,
+            [inp],
+            [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+            self.inits,
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="osprey-build-zoo")
+        m.doc_string = doc
+        m.ir_version = 8
+        onnx.checker.check_model(m)
+        onnx.save(m, path)
+
+
+def mlp_layers(clf):
+    return list(zip(clf.coefs_, clf.intercepts_))
+
+
+def np_mlp(x, layers):
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i + 1 < len(layers):
+            x = np.maximum(x, 0)
+    return x
+
+
+def softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task 1: digits (image)
+# ----------------------------------------------------------------------------------------------
+def shift_matrix(dx, dy):
+    """64x64 matrix S with (x.flatten() @ S) = image shifted by (dx, dy), zero filled."""
+    s = np.zeros((64, 64), np.float32)
+    for r in range(8):
+        for c in range(8):
+            r2, c2 = r + dy, c + dx
+            if 0 <= r2 < 8 and 0 <= c2 < 8:
+                s[r * 8 + c, r2 * 8 + c2] = 1.0
+    return s
+
+
+def degrade(images, rng):
+    """Camera-like degradation with a per-sample severity, so per-sample difficulty varies."""
+    out = np.empty_like(images)
+    for i, im in enumerate(images):
+        sev = rng.choice([0, 1, 2, 3], p=[0.3, 0.3, 0.25, 0.15])
+        dx, dy = rng.integers(-1, 2, size=2) if sev >= 1 else (0, 0)
+        im = np.roll(np.roll(im, dy, axis=0), dx, axis=1)
+        im = im + rng.normal(0, [0.0, 0.08, 0.15, 0.25][sev], size=im.shape)
+        if sev >= 2 and rng.random() < 0.4:
+            r, c = rng.integers(0, 6, size=2)
+            im[r:r + 3, c:c + 3] = 0.0
+        out[i] = np.clip(im, -0.5, 1.5)
+    return out.astype(np.float32)
+
+
+def build_digits(out_dir, rng):
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    y = d.target
+    idx = rng.permutation(len(y))
+    n_eval = 540
+    ev, tr = idx[:n_eval], idx[n_eval:]
+    # Training data: clean plus several degraded copies; evaluation: one degraded copy.
+    xtr = np.concatenate([x[tr]] + [degrade(x[tr], rng) for _ in range(4)])
+    ytr = np.concatenate([y[tr]] * 5)
+    xev = degrade(x[ev], rng)
+    yev = y[ev]
+    ftr, fev = xtr.reshape(len(xtr), 64), xev.reshape(len(xev), 64)
+
+    variants = {}
+    # small: 2x2 average pooling folded into the linear layer.
+    pool = np.zeros((64, 16), np.float32)
+    for r in range(8):
+        for c in range(8):
+            pool[r * 8 + c, (r // 2) * 4 + c // 2] = 0.25
+    lr = LogisticRegression(max_iter=2000, C=1.0).fit(ftr @ pool, ytr)
+    w_small = pool @ lr.coef_.T.astype(np.float32)
+    b_small = lr.intercept_.astype(np.float32)
+    variants["small"] = dict(
+        probs=softmax(fev @ w_small + b_small),
+        build=lambda g, x: g.op("Softmax", [g.mlp(x, [(w_small, b_small)])], axis=1),
+        doc="2x2 pooled linear classifier",
+    )
+    # medium: MLP(128).
+    med = MLPClassifier((128,), max_iter=60, random_state=1, early_stopping=False).fit(ftr, ytr)
+    med_layers = mlp_layers(med)
+    variants["medium"] = dict(
+        probs=softmax(np_mlp(fev, med_layers)),
+        build=lambda g, x: g.op("Softmax", [g.mlp(x, med_layers)], axis=1),
+        doc="MLP 64-128-10",
+    )
+    # large: MLP(512, 512) with 25-view shift test-time augmentation.
+    big = MLPClassifier((512, 512), max_iter=40, random_state=2, early_stopping=False).fit(ftr, ytr)
+    big_layers = mlp_layers(big)
+    shifts = [(dx, dy) for dy in (-2, -1, 0, 1, 2) for dx in (-2, -1, 0, 1, 2)]
+    k = len(shifts)
+    views = np.concatenate([shift_matrix(dx, dy) for dx, dy in shifts], axis=1)  # 64 x 64k
+    # Weight views: the unshifted view counts most, far shifts least.
+    vw = np.array([np.exp(-(dx * dx + dy * dy) / 2.0) for dx, dy in shifts], np.float32)
+    vw = vw / vw.sum()
+
+    def np_large(f):
+        v = (f @ views).reshape(len(f) * k, 64)
+        p = softmax(np_mlp(v, big_layers)).reshape(len(f), k, 10)
+        return (p * vw[None, :, None]).sum(axis=1)
+
+    def g_large(g, x):
+        v = g.op("MatMul", [x, g.const(views)])
+        v = g.op("Reshape", [v, g.const(np.array([-1, 64], np.int64))])
+        p = g.op("Softmax", [g.mlp(v, big_layers)], axis=1)
+        p = g.op("Reshape", [p, g.const(np.array([-1, k, 10], np.int64))])
+        p = g.op("Mul", [p, g.const(vw.reshape(1, k, 1))])
+        return g.op("ReduceSum", [p, g.const(np.array([1], np.int64))], keepdims=0)
+
+    variants["large"] = dict(probs=np_large(fev), build=g_large,
+                             doc="MLP 64-512-512-10 with 25-view shift test-time augmentation")
+
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 8, 8])
+    for name, v in variants.items():
+        g = Graph(f"digits_{name}")
+        x = g.op("Reshape", ["image", g.const(np.array([-1, 64], np.int64))])
+        g.save(os.path.join(out_dir, f"{name}.onnx"), inp, v["build"](g, x), v["doc"])
+    write_task(out_dir, "digits", "image", xev, yev, variants,
+               input_decl=dict(name="image", datatype="FP32", shape=[-1, 8, 8]),
+               description="Handwritten digits 0-9 from a degraded 8x8 camera "
+                           "(scikit-learn digits with shift, noise and occlusion)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Task 2: spoken digits (audio)
+# ----------------------------------------------------------------------------------------------
+VOICES = ["en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc",
+          "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
+VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4",
+            "+f5", "+croak", "+klatt", "+klatt2", "+whisper"]
+
+
+def synth(word, voice, speed, pitch):
+    out = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch),
+                          "--stdout", word], check=True, capture_output=True).stdout
+    with wave.open(io.BytesIO(out)) as w:
+        sr = w.getframerate()
+        a = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
+    # Resample to 8 kHz by linear interpolation (espeak-ng speaks at 22.05 kHz).
+    t = np.arange(0, len(a) / sr, 1.0 / SR)
+    return np.interp(t, np.arange(len(a)) / sr, a).astype(np.float32)
+
+
+def place(a, rng):
+    """Trim silence, place the word at a random offset in a 0.8 s clip, add background noise."""
+    nz = np.nonzero(np.abs(a) > 0.01)[0]
+    if len(nz):
+        a = a[nz[0]:nz[-1] + 1]
+    a = a[:CLIP]
+    clip = np.zeros(CLIP, np.float32)
+    off = rng.integers(0, CLIP - len(a) + 1)
+    clip[off:off + len(a)] = a
+    peak = np.abs(clip).max() + 1e-6
+    clip = clip / peak * rng.uniform(0.2, 0.9)
+    snr_db = rng.choice([30, 20, 10, 5, 0], p=[0.3, 0.25, 0.2, 0.15, 0.1])
+    sig = np.sqrt(np.mean(clip[off:off + len(a)] ** 2)) + 1e-6
+    noise = rng.normal(0, sig / (10 ** (snr_db / 20)), CLIP)
+    # Low-frequency hum mixed into part of the noise, like a machine room.
+    hum = np.sin(2 * np.pi * rng.uniform(50, 120) * np.arange(CLIP) / SR) * sig * rng.uniform(0, 0.5)
+    return np.clip(clip + noise + hum, -1, 1)
+
+
+def make_audio(n_per_class, rng):
+    xs, ys = [], []
+    for label, word in enumerate(CLASSES):
+        for _ in range(n_per_class):
+            voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+            a = synth(word, voice, int(rng.integers(110, 230)), int(rng.integers(15, 85)))
+            xs.append(place(a, rng))
+            ys.append(label)
+    x = (np.stack(xs) * 32767).astype(np.int16)
+    return x, np.array(ys)
+
+
+def mel_filters(n_bins, n_mels, sr):
+    def hz2mel(f):
+        return 2595 * np.log10(1 + f / 700)
+
+    def mel2hz(m):
+        return 700 * (10 ** (m / 2595) - 1)
+
+    freqs = np.linspace(0, sr / 2, n_bins)
+    pts = mel2hz(np.linspace(hz2mel(60), hz2mel(sr / 2), n_mels + 2))
+    fb = np.zeros((n_bins, n_mels), np.float32)
+    for m in range(n_mels):
+        lo, c, hi = pts[m], pts[m + 1], pts[m + 2]
+        fb[:, m] = np.clip(np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)), 0, None)
+    return fb / (fb.sum(axis=0, keepdims=True) + 1e-9)
+
+
+class FrontEnd:
+    """STFT power -> filterbank -> log -> mean over time segments -> per-utterance mean removal."""
+
+    def __init__(self, n_fft, hop, n_mels, segments):
+        self.n_fft, self.hop, self.segments = n_fft, hop, segments
+        bins = n_fft // 2 + 1
+        n = np.arange(n_fft)
+        win = 0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)
+        k = np.arange(bins)[:, None]
+        self.cos = (np.cos(2 * np.pi * k * n / n_fft) * win).astype(np.float32)
+        self.sin = (-np.sin(2 * np.pi * k * n / n_fft) * win).astype(np.float32)
+        self.mel = mel_filters(bins, n_mels, SR)
+        self.frames = (CLIP - n_fft) // hop + 1
+        pool = np.zeros((self.frames, segments), np.float32)
+        for t in range(self.frames):
+            pool[t, min(t * segments // self.frames, segments - 1)] = 1.0
+        self.pool = pool / pool.sum(axis=0, keepdims=True)
+        self.n_mels = n_mels
+
+    def numpy(self, pcm):
+        x = pcm.astype(np.float32) / 32768.0
+        idx = np.arange(self.frames)[:, None] * self.hop + np.arange(self.n_fft)[None, :]
+        fr = x[:, idx]  # N, T, n_fft
+        re = fr @ self.cos.T
+        im = fr @ self.sin.T
+        p = re * re + im * im  # N, T, bins
+        lm = np.log(p @ self.mel + 1e-6)  # N, T, M
+        lm = lm - lm.mean(axis=(1, 2), keepdims=True)
+        f = np.transpose(lm, (0, 2, 1)) @ self.pool  # N, M, S
+        return f.reshape(len(x), -1)
+
+    def graph(self, g):
+        x = g.op("Cast", ["waveform"], to=TensorProto.FLOAT)
+        x = g.op("Mul", [x, g.const(np.array(1.0 / 32768.0, np.float32))])
+        x = g.op("Reshape", [x, g.const(np.array([-1, 1, CLIP], np.int64))])
+        kern = np.concatenate([self.cos, self.sin])[:, None, :]  # 2B, 1, n_fft
+        y = g.op("Conv", [x, g.const(kern)], strides=[self.hop])  # N, 2B, T
+        y = g.op("Mul", [y, y])
+        bins = self.n_fft // 2 + 1
+        y = g.op("Reshape", [y, g.const(np.array([-1, 2, bins, self.frames], np.int64))])
+        y = g.op("ReduceSum", [y, g.const(np.array([1], np.int64))], keepdims=0)  # N, B, T
+        y = g.op("Transpose", [y], perm=[0, 2, 1])  # N, T, B
+        y = g.op("MatMul", [y, g.const(self.mel)])  # N, T, M
+        y = g.op("Log", [g.op("Add", [y, g.const(np.array(1e-6, np.float32))])])
+        mean = g.op("ReduceMean", [y], axes=[1, 2], keepdims=1)
+        y = g.op("Sub", [y, mean])
+        y = g.op("Transpose", [y], perm=[0, 2, 1])  # N, M, T
+        y = g.op("MatMul", [y, g.const(self.pool)])  # N, M, S
+        return g.op("Reshape", [y, g.const(np.array([-1, self.n_mels * self.segments], np.int64))])
+
+
+def build_spoken(out_dir, rng, per_class_train, per_class_eval):
+    print(f"  synthesising {10 * (per_class_train + per_class_eval)} clips with espeak-ng ...",
+          flush=True)
+    xtr, ytr = make_audio(per_class_train, rng)
+    xev, yev = make_audio(per_class_eval, rng)
+    specs = {
+        "small": (FrontEnd(64, 64, 16, 4), None, "64-point frames, 16 bands x 4 segments, linear"),
+        "medium": (FrontEnd(256, 128, 32, 8), ((128,), 1e-3), "256-point STFT hop 128, 32 mel x 8, MLP(128)"),
+        "large": (FrontEnd(256, 64, 40, 16), ((512, 256), 3e-2), "256-point STFT hop 64, 40 mel x 16, MLP(512,256)"),
+    }
+    variants = {}
+    for name, (fe, hidden, doc) in specs.items():
+        ftr, fev = fe.numpy(xtr), fe.numpy(xev)
+        mu, sd = ftr.mean(axis=0), ftr.std(axis=0) + 1e-6
+        ztr, zev = (ftr - mu) / sd, (fev - mu) / sd
+        if hidden is None:
+            clf = LogisticRegression(max_iter=3000, C=0.5).fit(ztr, ytr)
+            layers = [(clf.coef_.T.astype(np.float32), clf.intercept_.astype(np.float32))]
+        else:
+            clf = MLPClassifier(hidden[0], max_iter=300, alpha=hidden[1], random_state=3).fit(ztr, ytr)
+            layers = mlp_layers(clf)
+        # Fold standardisation into the first layer: ((f - mu)/sd) W + b = f (W/sd) + (b - (mu/sd) W)
+        w0, b0 = layers[0]
+        folded = [((w0 / sd[:, None]).astype(np.float32), (b0 - (mu / sd) @ w0).astype(np.float32))]
+        folded += layers[1:]
+        probs = softmax(np_mlp(zev, layers))
+
+        def build(g, _x, fe=fe, folded=folded):
+            return g.op("Softmax", [g.mlp(fe.graph(g), folded)], axis=1)
+
+        variants[name] = dict(probs=probs, build=build, doc=doc)
+
+    inp = helper.make_tensor_value_info("waveform", TensorProto.INT16, ["N", CLIP])
+    for name, v in variants.items():
+        g = Graph(f"spoken_digits_{name}")
+        g.save(os.path.join(out_dir, f"{name}.onnx"), inp, v["build"](g, None), v["doc"])
+    write_task(out_dir, "spoken_digits", "audio", xev, yev, variants,
+               input_decl=dict(name="waveform", datatype="INT16", shape=[-1, CLIP]),
+               description="Spoken digits 0-9, 0.8 s of 8 kHz PCM16 with background noise "
+                           "(espeak-ng voices, speeds and pitches)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a task folder
+# ----------------------------------------------------------------------------------------------
+def write_task(out_dir, task, modality, xev, yev, variants, input_decl, description):
+    ev_dir = os.path.join(out_dir, "eval")
+    os.makedirs(ev_dir, exist_ok=True)
+    xev.astype(xev.dtype.newbyteorder("<")).tofile(os.path.join(ev_dir, "inputs.bin"))
+    names = list(variants)
+    preds = {n: variants[n]["probs"].argmax(axis=1) for n in names}
+    with open(os.path.join(ev_dir, "labels.csv"), "w") as f:
+        f.write("index,label," + ",".join(names) + "," + ",".join(f"{n}_pred" for n in names) + "\n")
+        for i, y in enumerate(yev):
+            f.write(f"{i},{y}," + ",".join(str(int(preds[n][i] == y)) for n in names) + ","
+                    + ",".join(str(int(preds[n][i])) for n in names) + "\n")
+    onnx_ok = check_with_onnxruntime(out_dir, names, input_decl["name"], xev, variants)
+    lines = [
+        "# Generated by scripts/build_zoo.py; accuracy is measured on eval/ (held out).",
+        f'task = "{task}"',
+        f'modality = "{modality}"',
+        f'description = "{description}"',
+        f"labels = [{', '.join(repr(c).replace(chr(39), chr(34)) for c in CLASSES)}]",
+        "",
+        "[[inputs]]",
+        f'name = "{input_decl["name"]}"',
+        f'datatype = "{input_decl["datatype"]}"',
+        f"shape = {input_decl['shape']}",
+        "",
+        "[[outputs]]",
+        'name = "probabilities"',
+        'datatype = "FP32"',
+        "shape = [-1, 10]",
+        "",
+        "[eval]",
+        'inputs = "eval/inputs.bin"',
+        'labels = "eval/labels.csv"',
+        f"samples = {len(yev)}",
+    ]
+    print(f"  {task}: {len(yev)} held-out samples (onnxruntime check: {onnx_ok})")
+    for n in names:
+        acc = float((preds[n] == yev).mean())
+        per_class = [float((preds[n][yev == c] == c).mean()) for c in range(10)]
+        size = os.path.getsize(os.path.join(out_dir, f"{n}.onnx"))
+        lines += [
+            "",
+            "[[variants]]",
+            f'name = "{n}"',
+            f'file = "{n}.onnx"',
+            f'description = "{variants[n]["doc"]}"',
+            f"accuracy = {acc:.4f}",
+            f"class_accuracy = [{', '.join(f'{a:.4f}' for a in per_class)}]",
+            f"memory_mb = {max(1, round(size * 3 / 1e6))}",
+            "threads = 1",
+        ]
+        print(f"    {n:7s} accuracy {acc:.3f}  ({size / 1e6:.2f} MB)")
+    with open(os.path.join(out_dir, "model.toml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def check_with_onnxruntime(out_dir, names, input_name, xev, variants):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "skipped (onnxruntime not installed)"
+    for n in names:
+        s = ort.InferenceSession(os.path.join(out_dir, f"{n}.onnx"), providers=["CPUExecutionProvider"])
+        got = s.run(None, {input_name: xev[:64]})[0]
+        want = variants[n]["probs"][:64]
+        err = float(np.abs(got - want).max())
+        if err > 1e-3:
+            sys.exit(f"{out_dir}/{n}.onnx disagrees with the numpy reference (max |diff| {err})")
+    return "ok"
+
+
+def main():
+    warnings.filterwarnings("ignore")  # sklearn convergence chatter; accuracy is measured below
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models"))
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--train-per-class", type=int, default=260)
+    ap.add_argument("--eval-per-class", type=int, default=20)
+    args = ap.parse_args()
+    if shutil.which("espeak-ng") is None:
+        sys.exit("espeak-ng is needed for the spoken_digits task: apt-get install espeak-ng")
+    rng = np.random.default_rng(args.seed)
+    for task in ("digits", "spoken_digits"):
+        d = os.path.join(args.out, task)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    print("building digits ...", flush=True)
+    build_digits(os.path.join(args.out, "digits"), rng)
+    print("building spoken_digits ...", flush=True)
+    build_spoken(os.path.join(args.out, "spoken_digits"), rng, args.train_per_class, args.eval_per_class)
+
+
+if __name__ == "__main__":
+    main()
