@@ -18,7 +18,8 @@ Each task has three variants whose accuracy and cost really differ:
                  so compute is ~7.5 M multiply-adds per image while weights stay ~1 MB
 * spoken/small   coarse spectrogram (64-point frames) -> 16 log bands x 4 segments -> linear
 * spoken/medium  256-point STFT, hop 128 -> 32 log-mel x 8 segments -> MLP(128)
-* spoken/large   256-point STFT, hop 64 -> 40 log-mel x 16 segments -> MLP(512, 256)
+* spoken/large   512-point STFT, hop 32 -> 40 log-mel x 16 segments -> MLP(512, 256); the
+                 high-resolution front end costs ~50 M multiply-adds per clip
 
 The whole front end (STFT as a strided Conv with Hann-windowed DFT kernels, power, mel
 filterbank, log, time pooling, standardisation) is inside the ONNX graph, so clients send raw
@@ -351,7 +352,7 @@ def build_spoken(out_dir, rng, per_class_train, per_class_eval):
     specs = {
         "small": (FrontEnd(64, 64, 16, 4), None, "64-point frames, 16 bands x 4 segments, linear"),
         "medium": (FrontEnd(256, 128, 32, 8), ((128,), 1e-3), "256-point STFT hop 128, 32 mel x 8, MLP(128)"),
-        "large": (FrontEnd(256, 64, 40, 16), ((512, 256), 3e-2), "256-point STFT hop 64, 40 mel x 16, MLP(512,256)"),
+        "large": (FrontEnd(512, 32, 40, 16), ((512, 256), 3e-2), "512-point STFT hop 32, 40 mel x 16, MLP(512,256)"),
     }
     variants = {}
     for name, (fe, hidden, doc) in specs.items():

@@ -22,7 +22,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 16 << 20, max_request_batch: 256, max_queue: 1024, default_timeout_ms: 5_000 }
+        Limits {
+            max_body_bytes: 16 << 20,
+            max_request_batch: 256,
+            max_queue: 1024,
+            default_timeout_ms: 5_000,
+        }
     }
 }
 
@@ -74,15 +79,19 @@ impl ServerConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<ServerConfig> {
-        let c: ServerConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1)).unwrap_or(0);
-            Error::invalid(format!("{}:{line}: {}", path.display(), e.message()))
-        })?;
+        let c: ServerConfig =
+            toml::from_str(text).map_err(|e| crate::model::toml_error(text, path, &e))?;
         if c.max_batch == 0 || c.limits.max_request_batch == 0 || c.limits.max_queue == 0 {
-            return Err(Error::invalid(format!("{}: max_batch, max_request_batch and max_queue must be positive", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: max_batch, max_request_batch and max_queue must be positive",
+                path.display()
+            )));
         }
         if c.agents.iter().any(|a| a.threads == 0) {
-            return Err(Error::invalid(format!("{}: an agent needs at least one thread", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: an agent needs at least one thread",
+                path.display()
+            )));
         }
         Ok(c)
     }
@@ -96,9 +105,13 @@ mod tests {
     fn empty_file_gives_defaults_and_unknown_keys_fail() {
         let p = Path::new("osprey.toml");
         assert_eq!(ServerConfig::parse("", p).unwrap(), ServerConfig::default());
-        let c = ServerConfig::parse("http_addr = \"127.0.0.1:9\"\n[limits]\nmax_queue = 3\n", p).unwrap();
+        let c = ServerConfig::parse("http_addr = \"127.0.0.1:9\"\n[limits]\nmax_queue = 3\n", p)
+            .unwrap();
         assert_eq!(c.limits.max_queue, 3);
         let e = ServerConfig::parse("\n[limits]\nmax_qeue = 3\n", p).unwrap_err();
-        assert!(e.message.contains("osprey.toml:3") && e.message.contains("max_qeue"), "{e}");
+        assert!(
+            e.message.contains("osprey.toml:3:") && e.message.contains("max_qeue"),
+            "{e}"
+        );
     }
 }

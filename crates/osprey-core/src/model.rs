@@ -44,7 +44,10 @@ impl TensorSpec {
         &self.shape[1..]
     }
     pub fn sample_elements(&self) -> usize {
-        self.sample_shape().iter().map(|&d| d.max(0) as usize).product()
+        self.sample_shape()
+            .iter()
+            .map(|&d| d.max(0) as usize)
+            .product()
     }
 }
 
@@ -139,23 +142,23 @@ impl ModelSpec {
                 "{where_}: model name '{name}' must be 1-64 characters of [A-Za-z0-9_.-] starting alphanumeric"
             )));
         }
-        let f: ModelFile = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
-            match line {
-                Some(l) => Error::invalid(format!("{where_}:{l}: {}", e.message())),
-                None => Error::invalid(format!("{where_}: {}", e.message())),
-            }
-        })?;
+        let f: ModelFile = toml::from_str(text).map_err(|e| toml_error(text, path, &e))?;
         let bad = |msg: String| Error::invalid(format!("{where_}: {msg}"));
         if f.inputs.is_empty() || f.outputs.is_empty() {
             return Err(bad("a model needs at least one input and one output".into()));
         }
         for t in f.inputs.iter().chain(&f.outputs) {
             if t.shape.first() != Some(&-1) {
-                return Err(bad(format!("tensor '{}': the first dimension must be -1 (batch)", t.name)));
+                return Err(bad(format!(
+                    "tensor '{}': the first dimension must be -1 (batch)",
+                    t.name
+                )));
             }
             if t.shape[1..].iter().any(|&d| d < 1) {
-                return Err(bad(format!("tensor '{}': only the batch dimension may be -1", t.name)));
+                return Err(bad(format!(
+                    "tensor '{}': only the batch dimension may be -1",
+                    t.name
+                )));
             }
         }
         if f.variants.is_empty() {
@@ -167,13 +170,19 @@ impl ModelSpec {
         let mut seen = std::collections::HashSet::new();
         for v in &f.variants {
             if !is_valid_name(&v.name) {
-                return Err(bad(format!("variant name '{}' is not a valid name", v.name)));
+                return Err(bad(format!(
+                    "variant name '{}' is not a valid name",
+                    v.name
+                )));
             }
             if !seen.insert(v.name.clone()) {
                 return Err(bad(format!("variant '{}' is declared twice", v.name)));
             }
             if !(0.0..=1.0).contains(&v.accuracy) {
-                return Err(bad(format!("variant '{}': accuracy must be within 0..1", v.name)));
+                return Err(bad(format!(
+                    "variant '{}': accuracy must be within 0..1",
+                    v.name
+                )));
             }
             if !v.class_accuracy.is_empty() && v.class_accuracy.len() != f.labels.len() {
                 return Err(bad(format!(
@@ -184,7 +193,10 @@ impl ModelSpec {
                 )));
             }
             if v.threads == 0 {
-                return Err(bad(format!("variant '{}': threads must be at least 1", v.name)));
+                return Err(bad(format!(
+                    "variant '{}': threads must be at least 1",
+                    v.name
+                )));
             }
             resolve_inside(dir, &v.file).map_err(|e| bad(e.message))?;
         }
@@ -217,24 +229,46 @@ impl ModelSpec {
 
     /// Loads the held-out evaluation set, if the model has one.
     pub fn load_eval(&self) -> Result<Option<EvalSet>> {
-        let Some(ev) = &self.eval else { return Ok(None) };
+        let Some(ev) = &self.eval else {
+            return Ok(None);
+        };
         EvalSet::load(self, ev).map(Some)
+    }
+}
+
+/// A TOML error as `file:line: message`.
+pub fn toml_error(text: &str, path: &Path, e: &toml::de::Error) -> Error {
+    match e.span() {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            Error::invalid(format!("{}:{line}: {}", path.display(), e.message()))
+        }
+        None => Error::invalid(format!("{}: {}", path.display(), e.message())),
     }
 }
 
 /// Resolves `rel` against `dir`, refusing absolute paths, `..` and symlinks that escape `dir`.
 pub fn resolve_inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     let p = Path::new(rel);
-    if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-        return Err(Error::invalid(format!("path '{rel}' must be relative and stay inside the model folder")));
+    if p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(Error::invalid(format!(
+            "path '{rel}' must be relative and stay inside the model folder"
+        )));
     }
     let full = dir.join(p);
     let canon = full
         .canonicalize()
         .map_err(|e| Error::invalid(format!("{}: {e}", full.display())))?;
-    let root = dir.canonicalize().map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?;
     if !canon.starts_with(&root) {
-        return Err(Error::invalid(format!("path '{rel}' resolves outside the model folder")));
+        return Err(Error::invalid(format!(
+            "path '{rel}' resolves outside the model folder"
+        )));
     }
     Ok(canon)
 }
@@ -310,18 +344,29 @@ impl EvalSet {
             .filter(|v| header.contains(&v.name.as_str()))
             .map(|v| v.name.clone())
             .collect();
-        let cols: Vec<usize> =
-            variants.iter().filter_map(|v| header.iter().position(|h| h == v)).collect();
-        let label_col = header
+        let cols: Vec<usize> = variants
             .iter()
-            .position(|h| *h == "label")
-            .ok_or_else(|| Error::invalid(format!("{}: no 'label' column", labels_path.display())))?;
+            .filter_map(|v| header.iter().position(|h| h == v))
+            .collect();
+        let label_col = header.iter().position(|h| *h == "label").ok_or_else(|| {
+            Error::invalid(format!("{}: no 'label' column", labels_path.display()))
+        })?;
         let mut labels = Vec::new();
         let mut correct = vec![Vec::new(); variants.len()];
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
-            let bad = || Error::invalid(format!("{}:{}: malformed row", labels_path.display(), n + 2));
-            labels.push(f.get(label_col).and_then(|s| s.parse().ok()).ok_or_else(bad)?);
+            let bad = || {
+                Error::invalid(format!(
+                    "{}:{}: malformed row",
+                    labels_path.display(),
+                    n + 2
+                ))
+            };
+            labels.push(
+                f.get(label_col)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(bad)?,
+            );
             for (k, &c) in cols.iter().enumerate() {
                 correct[k].push(f.get(c).ok_or_else(bad)?.trim() == "1");
             }
@@ -334,7 +379,13 @@ impl EvalSet {
                 ev.samples
             )));
         }
-        Ok(EvalSet { input, inputs, labels, variants, correct })
+        Ok(EvalSet {
+            input,
+            inputs,
+            labels,
+            variants,
+            correct,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -386,7 +437,16 @@ accuracy = 0.5
         for ok in ["digits", "a", "m-1.v2", "X_y"] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in ["", "../x", ".hidden", "a/b", "a..b", "é", &"a".repeat(65), "a b"] {
+        for bad in [
+            "",
+            "../x",
+            ".hidden",
+            "a/b",
+            "a..b",
+            "é",
+            &"a".repeat(65),
+            "a b",
+        ] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }
@@ -396,7 +456,7 @@ accuracy = 0.5
         let d = tmp("unknown");
         let text = GOOD.replace("accuracy = 0.5", "accuracy = 0.5\ncolour = \"red\"");
         let e = ModelSpec::parse("m", &d, &text, &d.join("model.toml")).unwrap_err();
-        assert!(e.message.contains("model.toml:19"), "{e}");
+        assert!(e.message.contains("model.toml:17:"), "{e}");
         assert!(e.message.contains("colour"), "{e}");
     }
 
@@ -415,14 +475,20 @@ accuracy = 0.5
     fn a_broken_folder_is_reported_and_the_others_load() {
         let root = std::env::temp_dir().join(format!("osprey-core-repo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for (name, text) in [("good", GOOD.to_string()), ("broken", GOOD.replace("[[variants]]", "[[variantz]]"))] {
+        for (name, text) in [
+            ("good", GOOD.to_string()),
+            ("broken", GOOD.replace("[[variants]]", "[[variantz]]")),
+        ] {
             let d = root.join(name);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("small.onnx"), b"x").unwrap();
             std::fs::write(d.join("model.toml"), text).unwrap();
         }
         let (models, problems) = scan_repository(&root).unwrap();
-        assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert_eq!(
+            models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].model, "broken");
     }
@@ -435,12 +501,19 @@ accuracy = 0.5
         assert!(models.len() >= 2);
         for m in &models {
             assert!(m.variants.len() >= 3, "{}", m.name);
-            let ev = m.load_eval().unwrap().expect("bundled models carry an eval set");
+            let ev = m
+                .load_eval()
+                .unwrap()
+                .expect("bundled models carry an eval set");
             assert_eq!(ev.variants.len(), m.variants.len());
             // The profiled accuracy in model.toml is the eval set's mean correctness.
             for (k, v) in ev.variants.iter().enumerate() {
                 let mean = ev.correct[k].iter().filter(|&&c| c).count() as f64 / ev.len() as f64;
-                assert!((mean - m.variant(v).unwrap().accuracy).abs() < 1e-3, "{}/{v}", m.name);
+                assert!(
+                    (mean - m.variant(v).unwrap().accuracy).abs() < 1e-3,
+                    "{}/{v}",
+                    m.name
+                );
             }
         }
     }

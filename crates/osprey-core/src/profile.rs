@@ -62,7 +62,11 @@ impl VariantProfile {
         let first = pts.first()?;
         if pts.len() == 1 || batch <= first.batch {
             let per_item = first.at(q) / first.batch.max(1) as f64;
-            return Some(if batch >= first.batch { first.at(q) + per_item * (batch - first.batch) as f64 } else { first.at(q) });
+            return Some(if batch >= first.batch {
+                first.at(q) + per_item * (batch - first.batch) as f64
+            } else {
+                first.at(q)
+            });
         }
         for w in pts.windows(2) {
             let (a, b) = (&w[0], &w[1]);
@@ -85,12 +89,19 @@ impl ModelProfile {
     pub fn load(path: &Path) -> Result<ModelProfile> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-        let mut p: ModelProfile = toml::from_str(&text)
-            .map_err(|e| Error::invalid(format!("{}: {}", path.display(), e.message())))?;
+        let mut p: ModelProfile =
+            toml::from_str(&text).map_err(|e| crate::model::toml_error(&text, path, &e))?;
         for v in &mut p.variants {
             v.batches.sort_by_key(|b| b.batch);
-            if v.batches.iter().any(|b| b.batch == 0 || !(b.p50_us >= 0.0)) {
-                return Err(Error::invalid(format!("{}: variant '{}' has an invalid batch entry", path.display(), v.name)));
+            if v.batches
+                .iter()
+                .any(|b| b.batch == 0 || b.p50_us.is_nan() || b.p50_us < 0.0)
+            {
+                return Err(Error::invalid(format!(
+                    "{}: variant '{}' has an invalid batch entry",
+                    path.display(),
+                    v.name
+                )));
             }
         }
         Ok(p)
@@ -106,24 +117,42 @@ mod tests {
     use super::*;
 
     fn bp(batch: u32, us: f64) -> BatchProfile {
-        BatchProfile { batch, p50_us: us, p90_us: us * 1.1, p99_us: us * 1.5, throughput_rps: 0.0 }
+        BatchProfile {
+            batch,
+            p50_us: us,
+            p90_us: us * 1.1,
+            p99_us: us * 1.5,
+            throughput_rps: 0.0,
+        }
     }
 
     #[test]
     fn latency_interpolates_and_extrapolates() {
-        let v = VariantProfile { name: "v".into(), batches: vec![bp(1, 100.0), bp(4, 250.0), bp(8, 450.0)] };
+        let v = VariantProfile {
+            name: "v".into(),
+            batches: vec![bp(1, 100.0), bp(4, 250.0), bp(8, 450.0)],
+        };
         assert_eq!(v.latency_us(1, Quantile::P50), Some(100.0));
         assert_eq!(v.latency_us(2, Quantile::P50), Some(150.0));
         assert_eq!(v.latency_us(8, Quantile::P50), Some(450.0));
         assert_eq!(v.latency_us(10, Quantile::P50), Some(550.0));
         assert!(v.latency_us(4, Quantile::P99).unwrap() > v.latency_us(4, Quantile::P50).unwrap());
-        let empty = VariantProfile { name: "e".into(), batches: vec![] };
+        let empty = VariantProfile {
+            name: "e".into(),
+            batches: vec![],
+        };
         assert_eq!(empty.latency_us(1, Quantile::P50), None);
     }
 
     #[test]
     fn round_trips_through_toml() {
-        let p = ModelProfile { host: "h".into(), variants: vec![VariantProfile { name: "v".into(), batches: vec![bp(1, 10.0)] }] };
+        let p = ModelProfile {
+            host: "h".into(),
+            variants: vec![VariantProfile {
+                name: "v".into(),
+                batches: vec![bp(1, 10.0)],
+            }],
+        };
         let back: ModelProfile = toml::from_str(&p.to_toml()).unwrap();
         assert_eq!(back, p);
     }

@@ -3,16 +3,16 @@
 //! takes a permit before it forms a batch, so batches grow while every worker is busy, and the
 //! permit is released (in `Drop`) when the batch has been answered.
 
-use crate::gateway::{unix_ms, InferOutcome, ModelEntry, ValidRequest};
+use crate::gateway::{InferOutcome, ModelEntry, ValidRequest, unix_ms};
 use crate::metrics::{Metrics, VariantLabels};
 use osprey_core::error::{Error, Result};
 use osprey_core::tensor::RawTensor;
 use osprey_engine::batch;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// One request inside a batch.
 pub struct Member {
@@ -51,14 +51,16 @@ impl LocalAgent {
                 let node = name.to_string();
                 std::thread::Builder::new()
                     .name(format!("{name}-worker-{i}"))
-                    .spawn(move || loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => run_job(job, &node, &metrics),
-                            Err(_) => return,
+                    .spawn(move || {
+                        loop {
+                            let job = match rx.lock() {
+                                Ok(r) => r.recv(),
+                                Err(_) => return,
+                            };
+                            match job {
+                                Ok(job) => run_job(job, &node, &metrics),
+                                Err(_) => return,
+                            }
                         }
                     })
                     .expect("spawning an agent worker thread")
@@ -103,7 +105,11 @@ impl LocalAgent {
         if let Ok(mut t) = self.tx.lock() {
             t.take();
         }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         for t in threads {
             let _ = t.join();
         }
@@ -117,9 +123,18 @@ fn fail_all(members: Vec<Member>, e: Error) {
 }
 
 fn run_job(job: Job, node: &str, metrics: &Metrics) {
-    let Job { model, variant, members, dispatched, permit } = job;
+    let Job {
+        model,
+        variant,
+        members,
+        dispatched,
+        permit,
+    } = job;
     let ve = &model.variants[variant];
-    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
+    let labels = VariantLabels {
+        model: model.name().to_string(),
+        variant: ve.spec.name.clone(),
+    };
     let t0 = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| execute(&model, variant, &members)))
         .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")));
@@ -139,10 +154,22 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
     };
     let rows: u32 = members.iter().map(|m| m.req.rows).sum();
     let compute = t_in + t_infer + t_out;
-    metrics.batch_size.get_or_create(&labels).observe(rows as f64);
-    metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
-    metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
-    metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
+    metrics
+        .batch_size
+        .get_or_create(&labels)
+        .observe(rows as f64);
+    metrics
+        .compute_input
+        .get_or_create(&labels)
+        .observe(t_in.as_secs_f64());
+    metrics
+        .compute_infer
+        .get_or_create(&labels)
+        .observe(t_infer.as_secs_f64());
+    metrics
+        .compute_output
+        .get_or_create(&labels)
+        .observe(t_out.as_secs_f64());
     if let Ok(mut s) = ve.stats.lock() {
         s.execution_count += 1;
         s.last_inference_ms = unix_ms();
@@ -153,7 +180,8 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
         for m in &members {
             s.inference_count += m.req.rows as u64;
             s.success.add(m.enqueued.elapsed());
-            s.queue.add(dispatched.saturating_duration_since(m.enqueued));
+            s.queue
+                .add(dispatched.saturating_duration_since(m.enqueued));
             s.compute_input.add(t_in);
             s.compute_infer.add(t_infer);
             s.compute_output.add(t_out);
@@ -163,8 +191,16 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
     let _ = t0;
     for (m, outputs) in members.into_iter().zip(per_member) {
         let queue = dispatched.saturating_duration_since(m.enqueued);
-        metrics.queue.get_or_create(&labels).observe(queue.as_secs_f64());
-        let outputs = m.req.outputs.iter().map(|&i| (i, outputs[i].clone())).collect();
+        metrics
+            .queue
+            .get_or_create(&labels)
+            .observe(queue.as_secs_f64());
+        let outputs = m
+            .req
+            .outputs
+            .iter()
+            .map(|&i| (i, outputs[i].clone()))
+            .collect();
         let _ = m.reply.send(Ok(InferOutcome {
             model: model.clone(),
             variant,
@@ -187,7 +223,11 @@ fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Exe
     let mut inputs = Vec::with_capacity(n_inputs);
     for i in 0..n_inputs {
         let parts: Vec<&RawTensor> = members.iter().map(|m| &m.req.inputs[i]).collect();
-        inputs.push(if parts.len() == 1 { parts[0].clone() } else { batch::concat(&parts)? });
+        inputs.push(if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            batch::concat(&parts)?
+        });
     }
     let t1 = Instant::now();
     let outputs = model.variants[variant].session.run(&inputs)?;
@@ -195,7 +235,11 @@ fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Exe
     let sizes: Vec<i64> = members.iter().map(|m| m.req.rows as i64).collect();
     let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
     for out in &outputs {
-        let parts = if sizes.len() == 1 { vec![out.clone()] } else { batch::split(out, &sizes)? };
+        let parts = if sizes.len() == 1 {
+            vec![out.clone()]
+        } else {
+            batch::split(out, &sizes)?
+        };
         for (k, p) in parts.into_iter().enumerate() {
             per_member[k].push(p);
         }

@@ -19,8 +19,8 @@ use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
 use osprey_core::profile::{ModelProfile, Quantile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
-use osprey_policy::batcher::{next_batch, Queued};
-use osprey_policy::select::{most_accurate_within, Candidate, Selection};
+use osprey_policy::batcher::{Queued, next_batch};
+use osprey_policy::select::{Candidate, Selection, most_accurate_within};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -127,7 +127,9 @@ pub struct ModelEntry {
 
 impl std::fmt::Debug for ModelEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelEntry").field("name", &self.spec.name).finish()
+        f.debug_struct("ModelEntry")
+            .field("name", &self.spec.name)
+            .finish()
     }
 }
 
@@ -198,7 +200,11 @@ impl Gateway {
         mut measure: impl FnMut(&ModelSpec, &VariantSpec, &Session) -> VariantProfile,
     ) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::new());
-        let agent = Arc::new(LocalAgent::start(&config.agent_name, config.agent_threads, metrics.clone()));
+        let agent = Arc::new(LocalAgent::start(
+            &config.agent_name,
+            config.agent_threads,
+            metrics.clone(),
+        ));
         let mut models = BTreeMap::new();
         let mut problems = config.problems;
         let mut receivers = Vec::new();
@@ -208,7 +214,10 @@ impl Gateway {
                 match ModelProfile::load(&profile) {
                     Ok(p) => p,
                     Err(error) => {
-                        problems.push(RepositoryProblem { model: spec.name.clone(), error });
+                        problems.push(RepositoryProblem {
+                            model: spec.name.clone(),
+                            error,
+                        });
                         continue;
                     }
                 }
@@ -238,11 +247,18 @@ impl Gateway {
                 }
             }
             if let Some(error) = failed {
-                problems.push(RepositoryProblem { model: spec.name.clone(), error });
+                problems.push(RepositoryProblem {
+                    model: spec.name.clone(),
+                    error,
+                });
                 continue;
             }
             let (tx, rx) = mpsc::channel(config.limits.max_queue);
-            let entry = Arc::new(ModelEntry { spec, variants, queue: tx });
+            let entry = Arc::new(ModelEntry {
+                spec,
+                variants,
+                queue: tx,
+            });
             receivers.push((entry.clone(), rx));
             models.insert(entry.spec.name.clone(), entry);
         }
@@ -260,7 +276,13 @@ impl Gateway {
             .into_iter()
             .map(|(entry, rx)| {
                 let rows = max_batch.min(entry.spec.max_batch_size).max(1);
-                tokio::spawn(schedule_loop(entry, rx, gw.agent.clone(), gw.metrics.clone(), rows))
+                tokio::spawn(schedule_loop(
+                    entry,
+                    rx,
+                    gw.agent.clone(),
+                    gw.metrics.clone(),
+                    rows,
+                ))
             })
             .collect();
         *gw.loops.lock().unwrap_or_else(|e| e.into_inner()) = handles;
@@ -286,7 +308,10 @@ impl Gateway {
     pub fn model(&self, name: &str) -> Result<&Arc<ModelEntry>> {
         self.models.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
-            Error::not_found(format!("unknown model '{name}'; served models: {}", known.join(", ")))
+            Error::not_found(format!(
+                "unknown model '{name}'; served models: {}",
+                known.join(", ")
+            ))
         })
     }
 
@@ -315,7 +340,10 @@ impl Gateway {
                 )));
             };
             if slots[i].is_some() {
-                return Err(Error::invalid(format!("input '{}' is given twice", it.name)));
+                return Err(Error::invalid(format!(
+                    "input '{}' is given twice",
+                    it.name
+                )));
             }
             slots[i] = Some(it.tensor);
         }
@@ -349,9 +377,11 @@ impl Gateway {
         }
         let mut out_idx = Vec::with_capacity(outputs.len());
         for name in outputs {
-            let i = spec.outputs.iter().position(|o| &o.name == name).ok_or_else(|| {
-                Error::invalid(format!("model '{model}' has no output '{name}'"))
-            })?;
+            let i = spec
+                .outputs
+                .iter()
+                .position(|o| &o.name == name)
+                .ok_or_else(|| Error::invalid(format!("model '{model}' has no output '{name}'")))?;
             out_idx.push(i);
         }
         if out_idx.is_empty() {
@@ -401,10 +431,14 @@ impl Gateway {
                 latency_us: v.profile.latency_us(req.rows, PLAN_QUANTILE).unwrap_or(0.0),
             })
             .collect();
-        let variant = match most_accurate_within(&cands, req.timeout.as_micros() as f64, req.pinned) {
+        let variant = match most_accurate_within(&cands, req.timeout.as_micros() as f64, req.pinned)
+        {
             Selection::Variant(v) => v,
             Selection::CannotMeetDeadline => {
-                let fastest = cands.iter().map(|c| c.latency_us).fold(f64::INFINITY, f64::min);
+                let fastest = cands
+                    .iter()
+                    .map(|c| c.latency_us)
+                    .fold(f64::INFINITY, f64::min);
                 let which = match req.pinned {
                     Some(p) => format!("variant '{}' needs", entry.variants[p].spec.name),
                     None => "the fastest variant needs".into(),
@@ -425,8 +459,20 @@ impl Gateway {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let pending = Pending { req, variant, enqueued: now, deadline, reply: tx };
-        let gauge = self.metrics.pending.get_or_create(&ModelLabels { model: model.clone() }).clone();
+        let pending = Pending {
+            req,
+            variant,
+            enqueued: now,
+            deadline,
+            reply: tx,
+        };
+        let gauge = self
+            .metrics
+            .pending
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .clone();
         match entry.queue.try_send(pending) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -443,7 +489,9 @@ impl Gateway {
             }
         }
         gauge.inc();
-        let res = rx.await.unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
+        let res = rx
+            .await
+            .unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
         gauge.dec();
         let vname = &entry.variants[variant].spec.name;
         match &res {
@@ -459,7 +507,10 @@ impl Gateway {
         // Scheduling loops end when their queue closes; queues close when the last sender
         // (held by ModelEntry) is gone, so wait instead for the queues to empty.
         loop {
-            let busy = self.models.values().any(|m| m.queue.capacity() < m.queue.max_capacity())
+            let busy = self
+                .models
+                .values()
+                .any(|m| m.queue.capacity() < m.queue.max_capacity())
                 || self.agent.busy();
             if !busy {
                 break;
@@ -495,7 +546,9 @@ async fn schedule_loop(
                 None => return,
             }
         }
-        let Some(permit) = agent.acquire().await else { return };
+        let Some(permit) = agent.acquire().await else {
+            return;
+        };
         while let Ok(p) = rx.try_recv() {
             local.push_back(p);
         }
@@ -504,7 +557,11 @@ async fn schedule_loop(
         let now = Instant::now();
         let view: Vec<Queued> = local
             .iter()
-            .map(|p| Queued { variant: p.variant, rows: p.req.rows, deadline: micros(epoch, p.deadline) })
+            .map(|p| Queued {
+                variant: p.variant,
+                rows: p.req.rows,
+                deadline: micros(epoch, p.deadline),
+            })
             .collect();
         let plan = next_batch(&view, micros(epoch, now), max_rows);
         let mut taken: Vec<(usize, bool)> = plan
@@ -513,7 +570,7 @@ async fn schedule_loop(
             .map(|&i| (i, false))
             .chain(plan.members.iter().map(|&i| (i, true)))
             .collect();
-        taken.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        taken.sort_unstable_by_key(|t| std::cmp::Reverse(t.0));
         let mut members = Vec::with_capacity(plan.members.len());
         for (i, run) in taken {
             let Some(p) = local.remove(i) else { continue };
@@ -527,7 +584,10 @@ async fn schedule_loop(
                 }
                 let _ = p.reply.send(Err(Error::new(
                     ErrorCode::DeadlineExceeded,
-                    format!("deadline exceeded after {} us in the queue", waited.as_micros()),
+                    format!(
+                        "deadline exceeded after {} us in the queue",
+                        waited.as_micros()
+                    ),
                 )));
             }
         }
@@ -537,16 +597,29 @@ async fn schedule_loop(
         members.reverse();
         let members = members
             .into_iter()
-            .map(|p| Member { req: p.req, enqueued: p.enqueued, deadline: p.deadline, reply: p.reply })
+            .map(|p| Member {
+                req: p.req,
+                enqueued: p.enqueued,
+                deadline: p.deadline,
+                reply: p.reply,
+            })
             .collect();
         let _ = &metrics;
-        agent.submit(Job { model: entry.clone(), variant: plan.variant, members, dispatched: now, permit });
+        agent.submit(Job {
+            model: entry.clone(),
+            variant: plan.variant,
+            members,
+            dispatched: now,
+            permit,
+        });
     }
 }
 
 /// Milliseconds since the Unix epoch (statistics' `last_inference`).
 pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Parses a datatype named by a client.

@@ -2,12 +2,12 @@
 //! tritonclient sends) or typed `contents`; outputs always go back as `raw_output_contents`,
 //! which is the only form the official client reads.
 
-use crate::gateway::{parse_datatype, Gateway, InputTensor, ModelEntry, RequestOptions};
+use crate::gateway::{Gateway, InputTensor, ModelEntry, RequestOptions, parse_datatype};
 use crate::pb;
 use crate::pb::grpc_inference_service_server::GrpcInferenceService;
 use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
 use osprey_core::error::{Error, ErrorCode};
-use osprey_core::tensor::{byte_size, element_count, DataType, RawTensor};
+use osprey_core::tensor::{DataType, RawTensor, byte_size, element_count};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
@@ -36,7 +36,11 @@ fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_respons
     }
 }
 
-fn model_ready<'a>(gw: &'a Gateway, name: &str, version: &str) -> Result<&'a Arc<ModelEntry>, Status> {
+fn model_ready<'a>(
+    gw: &'a Gateway,
+    name: &str,
+    version: &str,
+) -> Result<&'a Arc<ModelEntry>, Status> {
     let m = gw.model(name).map_err(status)?;
     m.resolve_version(version).map_err(status)?;
     Ok(m)
@@ -48,15 +52,24 @@ fn param_u64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
         None => Ok(None),
         Some(C::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
         Some(C::Uint64Param(v)) => Ok(Some(*v)),
-        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
+        Some(_) => Err(Error::invalid(format!(
+            "parameter '{key}' must be a non-negative integer"
+        ))),
     }
 }
 
 /// Typed `contents` to raw little-endian bytes, checking count and range.
-fn from_contents(dt: DataType, shape: Vec<i64>, c: &pb::InferTensorContents, name: &str) -> Result<RawTensor, Error> {
+fn from_contents(
+    dt: DataType,
+    shape: Vec<i64>,
+    c: &pb::InferTensorContents,
+    name: &str,
+) -> Result<RawTensor, Error> {
     let want = element_count(&shape)?;
     let count_err = |got: usize| {
-        Error::invalid(format!("input '{name}': shape {shape:?} needs {want} elements, contents has {got}"))
+        Error::invalid(format!(
+            "input '{name}': shape {shape:?} needs {want} elements, contents has {got}"
+        ))
     };
     let range_err = || Error::invalid(format!("input '{name}': a value is out of range for {dt}"));
     let mut out = Vec::with_capacity(byte_size(dt, &shape)?);
@@ -98,7 +111,9 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> R<pb::ServerReadyResponse> {
-        Ok(Response::new(pb::ServerReadyResponse { ready: self.gw.is_ready() }))
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.gw.is_ready(),
+        }))
     }
 
     async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
@@ -107,7 +122,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> R<pb::ServerMetadataResponse> {
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> R<pb::ServerMetadataResponse> {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: SERVER_NAME.into(),
             version: SERVER_VERSION.into(),
@@ -115,7 +133,10 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
+    async fn model_metadata(
+        &self,
+        r: Request<pb::ModelMetadataRequest>,
+    ) -> R<pb::ModelMetadataResponse> {
         let r = r.into_inner();
         let m = model_ready(&self.gw, &r.name, &r.version)?;
         Ok(Response::new(pb::ModelMetadataResponse {
@@ -156,10 +177,15 @@ impl GrpcInferenceService for InferenceService {
                 })
                 .collect(),
         };
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(config) }))
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(config),
+        }))
     }
 
-    async fn model_statistics(&self, r: Request<pb::ModelStatisticsRequest>) -> R<pb::ModelStatisticsResponse> {
+    async fn model_statistics(
+        &self,
+        r: Request<pb::ModelStatisticsRequest>,
+    ) -> R<pb::ModelStatisticsResponse> {
         let r = r.into_inner();
         let models: Vec<&Arc<ModelEntry>> = if r.name.is_empty() {
             self.gw.models().collect()
@@ -170,7 +196,12 @@ impl GrpcInferenceService for InferenceService {
             Some(m) if !r.name.is_empty() => m.resolve_version(&r.version).map_err(status)?,
             _ => None,
         };
-        let d = |x: &crate::gateway::Duration2| Some(pb::StatisticDuration { count: x.count, ns: x.ns });
+        let d = |x: &crate::gateway::Duration2| {
+            Some(pb::StatisticDuration {
+                count: x.count,
+                ns: x.ns,
+            })
+        };
         let mut model_stats = Vec::new();
         for m in models {
             for (i, v) in m.variants.iter().enumerate() {
@@ -208,7 +239,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
-    async fn repository_index(&self, r: Request<pb::RepositoryIndexRequest>) -> R<pb::RepositoryIndexResponse> {
+    async fn repository_index(
+        &self,
+        r: Request<pb::RepositoryIndexRequest>,
+    ) -> R<pb::RepositoryIndexResponse> {
         use pb::repository_index_response::ModelIndex;
         let ready_only = r.into_inner().ready;
         let mut models: Vec<ModelIndex> = self
@@ -251,7 +285,10 @@ impl GrpcInferenceService for InferenceService {
                 let dt = parse_datatype(&inp.datatype, &inp.name)?;
                 let tensor = if let Some(bytes) = raw.get(i) {
                     if inp.contents.is_some() {
-                        return Err(Error::invalid(format!("input '{}' has both contents and raw contents", inp.name)));
+                        return Err(Error::invalid(format!(
+                            "input '{}' has both contents and raw contents",
+                            inp.name
+                        )));
                     }
                     let want = byte_size(dt, &inp.shape)?;
                     if bytes.len() != want {
@@ -264,13 +301,15 @@ impl GrpcInferenceService for InferenceService {
                     }
                     RawTensor::from_bytes(dt, inp.shape.clone(), bytes.to_vec())?
                 } else {
-                    let c = inp
-                        .contents
-                        .as_ref()
-                        .ok_or_else(|| Error::invalid(format!("input '{}' has no contents", inp.name)))?;
+                    let c = inp.contents.as_ref().ok_or_else(|| {
+                        Error::invalid(format!("input '{}' has no contents", inp.name))
+                    })?;
                     from_contents(dt, inp.shape.clone(), c, &inp.name)?
                 };
-                inputs.push(InputTensor { name: inp.name.clone(), tensor });
+                inputs.push(InputTensor {
+                    name: inp.name.clone(),
+                    tensor,
+                });
             }
             let opts = RequestOptions {
                 timeout_us: param_u64(&r.parameters, "timeout")?,
@@ -279,11 +318,20 @@ impl GrpcInferenceService for InferenceService {
             };
             for o in &r.outputs {
                 if o.parameters.contains_key("classification") {
-                    return Err(Error::invalid("the classification extension is not supported"));
+                    return Err(Error::invalid(
+                        "the classification extension is not supported",
+                    ));
                 }
             }
             let names: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
-            let valid = gw.validate(&r.model_name, &r.model_version, r.id.clone(), inputs, &names, &opts)?;
+            let valid = gw.validate(
+                &r.model_name,
+                &r.model_version,
+                r.id.clone(),
+                inputs,
+                &names,
+                &opts,
+            )?;
             gw.infer(valid).await
         }
         .await;
@@ -291,7 +339,11 @@ impl GrpcInferenceService for InferenceService {
             Ok(o) => o,
             Err(e) => {
                 if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound) {
-                    let label = if gw.model(&r.model_name).is_ok() { r.model_name.as_str() } else { "" };
+                    let label = if gw.model(&r.model_name).is_ok() {
+                        r.model_name.as_str()
+                    } else {
+                        ""
+                    };
                     gw.metrics.request(label, "", e.code.label());
                 }
                 return Err(status(e));
@@ -302,12 +354,19 @@ impl GrpcInferenceService for InferenceService {
         for (k, v) in crate::http::outcome_parameters(&o) {
             let choice = match v {
                 serde_json::Value::Bool(b) => C::BoolParam(b),
-                serde_json::Value::Number(n) if n.is_u64() => C::Int64Param(n.as_u64().unwrap_or(0) as i64),
+                serde_json::Value::Number(n) if n.is_u64() => {
+                    C::Int64Param(n.as_u64().unwrap_or(0) as i64)
+                }
                 serde_json::Value::Number(n) => C::DoubleParam(n.as_f64().unwrap_or(0.0)),
                 serde_json::Value::String(s) => C::StringParam(s),
                 other => C::StringParam(other.to_string()),
             };
-            parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
+            parameters.insert(
+                k.to_string(),
+                pb::InferParameter {
+                    parameter_choice: Some(choice),
+                },
+            );
         }
         let mut outputs = Vec::with_capacity(o.outputs.len());
         let mut raw = Vec::with_capacity(o.outputs.len());

@@ -3,7 +3,9 @@
 //! `binary_data` / `binary_data_output`), model configuration, statistics and the repository
 //! index. Every error is `{"error": "..."}` with the status of its [`ErrorCode`].
 
-use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats};
+use crate::gateway::{
+    Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats,
+};
 use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -13,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use osprey_core::error::{Error, ErrorCode};
-use osprey_core::tensor::{byte_size, RawTensor};
+use osprey_core::tensor::{RawTensor, byte_size};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -31,7 +33,8 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(json!({ "error": self.0.message }))).into_response()
     }
 }
@@ -46,13 +49,25 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_v),
+        )
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_v),
+        )
         .route("/v2/models/{model}/config", get(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config_v),
+        )
         .route("/v2/models/{model}/stats", get(model_stats))
-        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats_v),
+        )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
@@ -67,7 +82,11 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
-    if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if gw.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn server_metadata() -> Json<Value> {
@@ -76,7 +95,10 @@ async fn server_metadata() -> Json<Value> {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         gw.metrics.encode(),
     )
 }
@@ -100,7 +122,10 @@ fn metadata(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+async fn model_metadata(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(metadata(gw.model(&model)?)))
 }
 
@@ -113,9 +138,16 @@ async fn model_metadata_v(
     Ok(Json(metadata(m)))
 }
 
-async fn model_ready(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<StatusCode> {
+async fn model_ready(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+) -> ApiResult<StatusCode> {
     gw.model(&model)?;
-    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+    Ok(if gw.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
 }
 
 async fn model_ready_v(
@@ -123,14 +155,16 @@ async fn model_ready_v(
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     gw.model(&model)?.resolve_version(&version)?;
-    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+    Ok(if gw.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
 }
 
 /// Triton-style model configuration: dims exclude the batch dimension when batching is on.
 pub fn config_json(m: &ModelEntry) -> Value {
-    let tensor = |t: &osprey_core::model::TensorSpec| {
-        json!({ "name": t.name, "data_type": format!("TYPE_{}", t.datatype.as_str()), "dims": t.sample_shape() })
-    };
+    let tensor = |t: &osprey_core::model::TensorSpec| json!({ "name": t.name, "data_type": format!("TYPE_{}", t.datatype.as_str()), "dims": t.sample_shape() });
     json!({
         "name": m.name(),
         "platform": "onnxruntime_onnx",
@@ -145,7 +179,10 @@ pub fn config_json(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_config(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+async fn model_config(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(config_json(gw.model(&model)?)))
 }
 
@@ -197,8 +234,13 @@ async fn all_stats(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({ "model_stats": all }))
 }
 
-async fn model_stats(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({ "model_stats": stats_json(gw.model(&model)?, None) })))
+async fn model_stats(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "model_stats": stats_json(gw.model(&model)?, None) }),
+    ))
 }
 
 async fn model_stats_v(
@@ -210,7 +252,10 @@ async fn model_stats_v(
     Ok(Json(json!({ "model_stats": stats_json(m, v) })))
 }
 
-async fn repository_index(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+async fn repository_index(
+    State(gw): State<Arc<Gateway>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
     let body = body.map_err(rejection)?;
     let mut ready_only = false;
     if !body.is_empty() {
@@ -221,7 +266,9 @@ async fn repository_index(State(gw): State<Arc<Gateway>>, body: Result<Bytes, By
     let mut out: Vec<Value> = gw
         .models()
         .flat_map(|m| {
-            m.variants.iter().map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
+            m.variants
+                .iter()
+                .map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
         })
         .collect();
     if !ready_only {
@@ -234,9 +281,13 @@ async fn repository_index(State(gw): State<Arc<Gateway>>, body: Result<Bytes, By
 
 fn rejection(r: BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError(Error::too_large("request body exceeds the server's max_body_bytes limit"))
+        ApiError(Error::too_large(
+            "request body exceeds the server's max_body_bytes limit",
+        ))
     } else {
-        ApiError(Error::invalid(format!("could not read the request body: {r}")))
+        ApiError(Error::invalid(format!(
+            "could not read the request body: {r}"
+        )))
     }
 }
 
@@ -275,16 +326,19 @@ struct OutputJson {
 
 /// Reads the request options shared by both protocols from a parameter map.
 pub fn options_from(params: impl Fn(&str) -> Option<u64>) -> RequestOptions {
-    RequestOptions { timeout_us: params("timeout"), deadline_ms: params("deadline_ms"), priority: params("priority") }
+    RequestOptions {
+        timeout_us: params("timeout"),
+        deadline_ms: params("deadline_ms"),
+        priority: params("priority"),
+    }
 }
 
 fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
     match params.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Error::invalid(format!("parameter '{key}' must be a non-negative integer"))
+        }),
     }
 }
 
@@ -294,7 +348,9 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, String::new(), headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    infer_inner(gw, model, String::new(), headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn infer_v(
@@ -303,7 +359,9 @@ async fn infer_v(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, version, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    infer_inner(gw, model, version, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn infer_inner(
@@ -313,11 +371,18 @@ async fn infer_inner(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let model_label = if gw.model(&model).is_ok() { model.as_str() } else { "" };
+    let model_label = if gw.model(&model).is_ok() {
+        model.as_str()
+    } else {
+        ""
+    };
     let result = decode_and_run(&gw, &model, &version, &headers, body).await;
     if let Err(ApiError(e)) = &result {
         // Admission and execution outcomes are counted by the gateway; count edge errors here.
-        if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
+        if matches!(
+            e.code,
+            ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge
+        ) {
             gw.metrics.request(model_label, "", e.code.label());
         }
     }
@@ -332,10 +397,13 @@ async fn decode_and_run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(rejection)?;
-    if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING) {
-        if enc.as_bytes() != b"identity" {
-            return Err(Error::invalid("Content-Encoding is not supported; send the body uncompressed").into());
-        }
+    if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING)
+        && enc.as_bytes() != b"identity"
+    {
+        return Err(Error::invalid(
+            "Content-Encoding is not supported; send the body uncompressed",
+        )
+        .into());
     }
     let (json_part, mut binary) = match headers.get(HEADER_LENGTH) {
         Some(h) => {
@@ -343,7 +411,9 @@ async fn decode_and_run(
                 .to_str()
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| Error::invalid("Inference-Header-Content-Length must be a byte count"))?;
+                .ok_or_else(|| {
+                    Error::invalid("Inference-Header-Content-Length must be a byte count")
+                })?;
             if n > body.len() {
                 return Err(Error::invalid(format!(
                     "Inference-Header-Content-Length is {n} but the body has only {} bytes",
@@ -355,19 +425,30 @@ async fn decode_and_run(
         }
         None => (body.clone(), Bytes::new()),
     };
-    let req: InferRequestJson = serde_json::from_slice(&json_part)
-        .map_err(|e| Error::invalid(format!("request is not a valid inference request JSON: {e}")))?;
+    let req: InferRequestJson = serde_json::from_slice(&json_part).map_err(|e| {
+        Error::invalid(format!(
+            "request is not a valid inference request JSON: {e}"
+        ))
+    })?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for inp in req.inputs {
         let dt = crate::gateway::parse_datatype(&inp.datatype, &inp.name)?;
         let size = byte_size(dt, &inp.shape)?;
         if size > gw.limits.max_body_bytes.saturating_mul(4) {
-            return Err(Error::too_large(format!("input '{}' of shape {:?} is larger than the server accepts", inp.name, inp.shape)).into());
+            return Err(Error::too_large(format!(
+                "input '{}' of shape {:?} is larger than the server accepts",
+                inp.name, inp.shape
+            ))
+            .into());
         }
         let tensor = match param_u64(&inp.parameters, "binary_data_size")? {
             Some(n) => {
                 if inp.data.is_some() {
-                    return Err(Error::invalid(format!("input '{}' has both 'data' and binary_data_size", inp.name)).into());
+                    return Err(Error::invalid(format!(
+                        "input '{}' has both 'data' and binary_data_size",
+                        inp.name
+                    ))
+                    .into());
                 }
                 let n = n as usize;
                 if n != size {
@@ -389,17 +470,26 @@ async fn decode_and_run(
                 RawTensor::from_bytes(dt, inp.shape, chunk.to_vec())?
             }
             None => {
-                let data = inp
-                    .data
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid(format!("input '{}' has neither 'data' nor binary_data_size", inp.name)))?;
+                let data = inp.data.as_ref().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "input '{}' has neither 'data' nor binary_data_size",
+                        inp.name
+                    ))
+                })?;
                 RawTensor::from_json(dt, inp.shape, data, &inp.name)?
             }
         };
-        inputs.push(InputTensor { name: inp.name, tensor });
+        inputs.push(InputTensor {
+            name: inp.name,
+            tensor,
+        });
     }
     if !binary.is_empty() {
-        return Err(Error::invalid(format!("{} bytes of binary data are not claimed by any input", binary.len())).into());
+        return Err(Error::invalid(format!(
+            "{} bytes of binary data are not claimed by any input",
+            binary.len()
+        ))
+        .into());
     }
     let p = &req.parameters;
     let opts = RequestOptions {
@@ -409,16 +499,23 @@ async fn decode_and_run(
     };
     let binary_default = match p.get("binary_data_output") {
         None => false,
-        Some(v) => v.as_bool().ok_or_else(|| Error::invalid("parameter 'binary_data_output' must be a boolean"))?,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::invalid("parameter 'binary_data_output' must be a boolean"))?,
     };
     let mut binary_out = Vec::with_capacity(req.outputs.len());
     for o in &req.outputs {
         if o.parameters.contains_key("classification") {
-            return Err(Error::invalid("the classification extension is not supported; request the probabilities output").into());
+            return Err(Error::invalid(
+                "the classification extension is not supported; request the probabilities output",
+            )
+            .into());
         }
         binary_out.push(match o.parameters.get("binary_data") {
             None => binary_default,
-            Some(v) => v.as_bool().ok_or_else(|| Error::invalid("output parameter 'binary_data' must be a boolean"))?,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::invalid("output parameter 'binary_data' must be a boolean")
+            })?,
         });
     }
     let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
@@ -441,7 +538,12 @@ pub fn outcome_parameters(o: &InferOutcome) -> Vec<(&'static str, Value)> {
     ]
 }
 
-fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_default: bool) -> Response {
+fn encode_response(
+    o: &InferOutcome,
+    id: &str,
+    binary_out: &[bool],
+    binary_default: bool,
+) -> Response {
     let mut params = Map::new();
     for (k, v) in outcome_parameters(o) {
         params.insert(k.to_string(), v);
@@ -474,14 +576,21 @@ fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_defau
     }
     let header = serde_json::to_vec(&body).unwrap_or_default();
     if tail.is_empty() {
-        return ([(axum::http::header::CONTENT_TYPE, "application/json")], header).into_response();
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            header,
+        )
+            .into_response();
     }
     let header_len = header.len();
     let mut bytes = header;
     bytes.extend_from_slice(&tail);
     let mut resp = bytes.into_response();
     let h = resp.headers_mut();
-    h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(HEADER_LENGTH, HeaderValue::from(header_len));
     resp
 }

@@ -5,7 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,19 +62,60 @@ impl Metrics {
         let (queue, compute_input, compute_infer, compute_output) = (mk(), mk(), mk(), mk());
         let batch_size = Hist::new_with_constructor(batch_sizes as fn() -> Histogram);
         let pending = Family::<ModelLabels, Gauge>::default();
-        registry.register("requests", "Inference requests by model, variant and outcome", requests.clone());
-        registry.register("queue_duration_seconds", "Time requests wait before their batch starts", queue.clone());
-        registry.register("compute_input_duration_seconds", "Time to assemble a batch's input tensors", compute_input.clone());
-        registry.register("compute_infer_duration_seconds", "Time the engine spends executing a batch", compute_infer.clone());
-        registry.register("compute_output_duration_seconds", "Time to split a batch's outputs per request", compute_output.clone());
-        registry.register("batch_size", "Samples per executed batch", batch_size.clone());
-        registry.register("pending_requests", "Requests admitted and not yet answered", pending.clone());
-        Metrics { requests, queue, compute_input, compute_infer, compute_output, batch_size, pending, registry }
+        registry.register(
+            "requests",
+            "Inference requests by model, variant and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "queue_duration_seconds",
+            "Time requests wait before their batch starts",
+            queue.clone(),
+        );
+        registry.register(
+            "compute_input_duration_seconds",
+            "Time to assemble a batch's input tensors",
+            compute_input.clone(),
+        );
+        registry.register(
+            "compute_infer_duration_seconds",
+            "Time the engine spends executing a batch",
+            compute_infer.clone(),
+        );
+        registry.register(
+            "compute_output_duration_seconds",
+            "Time to split a batch's outputs per request",
+            compute_output.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Samples per executed batch",
+            batch_size.clone(),
+        );
+        registry.register(
+            "pending_requests",
+            "Requests admitted and not yet answered",
+            pending.clone(),
+        );
+        Metrics {
+            requests,
+            queue,
+            compute_input,
+            compute_infer,
+            compute_output,
+            batch_size,
+            pending,
+            registry,
+        }
     }
 
     pub fn request(&self, model: &str, variant: &str, outcome: &str) {
         self.requests
-            .get_or_create(&RequestLabels { model: model.into(), variant: variant.into(), outcome: outcome.into() })
+            .get_or_create(&RequestLabels {
+                model: model.into(),
+                variant: variant.into(),
+                outcome: outcome.into(),
+            })
             .inc();
     }
 

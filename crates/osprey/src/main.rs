@@ -1,1 +1,75 @@
-fn main() {}
+//! `osprey`: the one binary.
+//!
+//! # Layout
+//! - [`serve`]: `osprey serve`, the gateway with in-process agents and the bundled zoo.
+//! - [`profile`]: `osprey profile`, latency per variant and batch size -> `profile.toml`.
+//! - [`loadgen`]: `osprey loadgen`, closed- or open-loop load over HTTP or gRPC.
+//! - [`overhead`]: `osprey overhead`, serving cost over direct engine calls, side by side.
+//!
+//! Only this crate reads the environment and the command line.
+
+mod loadgen;
+mod overhead;
+mod profile;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "osprey",
+    version,
+    about = "Inference orchestrator for heterogeneous edge clusters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the model repository over the Open Inference Protocol (HTTP and gRPC).
+    Serve(serve::ServeArgs),
+    /// Measure each variant's latency per batch size and write `<model>/profile.toml`.
+    Profile(profile::ProfileArgs),
+    /// Drive a server with requests for a bounded time and summarise what came back.
+    Loadgen(loadgen::LoadgenArgs),
+    /// Measure per-request serving overhead over calling the engine directly.
+    Overhead(overhead::OverheadArgs),
+}
+
+/// The bundled model zoo: `./models` when run from a checkout, else the one this binary was
+/// built from.
+pub fn default_repository() -> PathBuf {
+    let local = PathBuf::from("models");
+    if local.join("digits/model.toml").exists() {
+        return local;
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OSPREY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Profile(a) => profile::run(a),
+        Command::Loadgen(a) => loadgen::run(a),
+        Command::Overhead(a) => overhead::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

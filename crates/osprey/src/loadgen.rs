@@ -1,0 +1,501 @@
+//! `osprey loadgen`: drives a server over HTTP (binary tensor extension) or gRPC, either
+//! closed-loop at a fixed concurrency or open-loop at a fixed rate, for a bounded time, with
+//! real inputs from the model's evaluation set when the local repository has one.
+//!
+//! Every request ends in exactly one bucket:
+//! - `ok`: answered with outputs;
+//! - `rejected`: refused explicitly for capacity or deadline (HTTP 429/503/504,
+//!   gRPC RESOURCE_EXHAUSTED/UNAVAILABLE/DEADLINE_EXCEEDED);
+//! - `failed`: any other explicit error;
+//! - `lost`: sent but never answered (transport error, or no answer within `--timeout`).
+
+use bytes::Bytes;
+use comfy_table::Table;
+use http_body_util::{BodyExt, Full};
+use osprey_core::model::{EvalSet, ModelSpec, scan_repository};
+use osprey_server::pb;
+use osprey_server::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Clone)]
+pub struct LoadgenArgs {
+    /// Model to drive.
+    #[arg(long)]
+    model: String,
+    /// Pin one variant (`/versions/{v}`).
+    #[arg(long)]
+    version: Option<String>,
+    #[arg(long, value_enum, default_value = "http")]
+    protocol: Protocol,
+    /// Server address (host:port); default 127.0.0.1:8000 for HTTP, :8001 for gRPC.
+    #[arg(long)]
+    target: Option<String>,
+    /// Closed loop: this many requests in flight at all times.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: this many requests per second, whatever the answers.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to send, seconds.
+    #[arg(long)]
+    duration: f64,
+    /// Samples per request.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Request deadline sent as the `deadline_ms` parameter.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Give up on an answer after this many seconds (counted as lost).
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Model repository holding the evaluation set (default: the bundled zoo).
+    #[arg(long)]
+    model_repository: Option<PathBuf>,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+/// A prepared request body: sample index range and encoded payloads.
+struct Sample {
+    labels: Vec<u32>,
+    http_body: Bytes,
+    http_header_len: usize,
+    grpc: pb::ModelInferRequest,
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    ok: u64,
+    rejected: u64,
+    failed: u64,
+    lost: u64,
+    correct: u64,
+    labelled: u64,
+    latencies_ms: Vec<f64>,
+    variants: std::collections::BTreeMap<String, u64>,
+    first_error: Option<String>,
+}
+
+enum Outcome {
+    Ok {
+        latency: Duration,
+        argmax: Vec<usize>,
+        variant: String,
+    },
+    Rejected(String),
+    Failed(String),
+    Lost(String),
+}
+
+pub fn run(args: LoadgenArgs) -> Result<(), String> {
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        return Err("--duration must be a positive number of seconds".into());
+    }
+    if args.concurrency.is_none() && args.rate.is_none() {
+        return Err("give --concurrency N (closed loop) or --rate R (open loop)".into());
+    }
+    if args.concurrency == Some(0) || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--concurrency and --rate must be positive".into());
+    }
+    if args.batch == 0 {
+        return Err("--batch must be positive".into());
+    }
+    let repo = args
+        .model_repository
+        .clone()
+        .unwrap_or_else(crate::default_repository);
+    let spec = scan_repository(&repo)
+        .ok()
+        .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))
+        .ok_or_else(|| {
+            format!(
+                "model '{}' not found in {} (needed for its input shapes)",
+                args.model,
+                repo.display()
+            )
+        })?;
+    let eval = spec.load_eval().map_err(|e| e.to_string())?;
+    let samples = Arc::new(prepare(&spec, eval.as_ref(), &args));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let tally = rt.block_on(drive(args.clone(), samples))?;
+    report(&args, &tally);
+    Ok(())
+}
+
+fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<Sample> {
+    let input = &spec.inputs[0];
+    let per = input.sample_elements() * input.datatype.size();
+    let n_samples = eval.map_or(1, |e| e.len().max(1));
+    let requests = n_samples.div_ceil(args.batch).clamp(1, 256);
+    let mut params = serde_json::Map::new();
+    if let Some(d) = args.deadline_ms {
+        params.insert("deadline_ms".into(), d.into());
+    }
+    (0..requests)
+        .map(|r| {
+            let idx: Vec<usize> = (0..args.batch).map(|k| (r * args.batch + k) % n_samples).collect();
+            let data: Vec<u8> = match eval {
+                Some(e) => idx.iter().flat_map(|&i| e.sample(i).to_vec()).collect(),
+                None => vec![0u8; per * args.batch],
+            };
+            let labels = eval.map(|e| idx.iter().map(|&i| e.labels[i]).collect()).unwrap_or_default();
+            let mut shape = input.shape.clone();
+            shape[0] = args.batch as i64;
+            let header = serde_json::json!({
+                "inputs": [{ "name": input.name, "shape": shape, "datatype": input.datatype.as_str(),
+                             "parameters": { "binary_data_size": data.len() } }],
+                "outputs": [{ "name": spec.outputs[0].name, "parameters": { "binary_data": true } }],
+                "parameters": params,
+            });
+            let mut body = serde_json::to_vec(&header).unwrap_or_default();
+            let header_len = body.len();
+            body.extend_from_slice(&data);
+            let mut gparams = std::collections::HashMap::new();
+            if let Some(d) = args.deadline_ms {
+                gparams.insert(
+                    "deadline_ms".to_string(),
+                    pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(d as i64)) },
+                );
+            }
+            let grpc = pb::ModelInferRequest {
+                model_name: spec.name.clone(),
+                model_version: args.version.clone().unwrap_or_default(),
+                id: String::new(),
+                parameters: gparams,
+                inputs: vec![pb::model_infer_request::InferInputTensor {
+                    name: input.name.clone(),
+                    datatype: input.datatype.as_str().into(),
+                    shape,
+                    parameters: Default::default(),
+                    contents: None,
+                }],
+                outputs: vec![],
+                raw_input_contents: vec![data],
+            };
+            Sample { labels, http_body: Bytes::from(body), http_header_len: header_len, grpc }
+        })
+        .collect()
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+#[derive(Clone)]
+enum Conn {
+    Http { client: HttpClient, uri: String },
+    Grpc(GrpcInferenceServiceClient<tonic::transport::Channel>),
+}
+
+async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, String> {
+    let conn = match args.protocol {
+        Protocol::Http => {
+            let target = args
+                .target
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:8000".into());
+            let path = match &args.version {
+                Some(v) => format!("/v2/models/{}/versions/{v}/infer", args.model),
+                None => format!("/v2/models/{}/infer", args.model),
+            };
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(1024)
+                    .build_http();
+            Conn::Http {
+                client,
+                uri: format!("http://{target}{path}"),
+            }
+        }
+        Protocol::Grpc => {
+            let target = args
+                .target
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:8001".into());
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to {target}: {e}"))?;
+            Conn::Grpc(GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20))
+        }
+    };
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(args.duration);
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+    let mut tasks = tokio::task::JoinSet::new();
+    let progress = !args.json;
+    if let Some(c) = args.concurrency {
+        for w in 0..c {
+            let (conn, samples, tally) = (conn.clone(), samples.clone(), tally.clone());
+            tasks.spawn(async move {
+                let mut i = w;
+                while Instant::now() < end {
+                    let s = &samples[i % samples.len()];
+                    i += c;
+                    tally.lock().map(|mut t| t.sent += 1).ok();
+                    let o = one(&conn, s, timeout).await;
+                    record(&tally, s, o);
+                }
+            });
+        }
+    } else if let Some(rate) = args.rate {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut next = start;
+        let mut i = 0usize;
+        while next < end {
+            tokio::time::sleep_until(next.into()).await;
+            let (conn, samples, tally) = (conn.clone(), samples.clone(), tally.clone());
+            tally.lock().map(|mut t| t.sent += 1).ok();
+            let k = i;
+            tasks.spawn(async move {
+                let s = &samples[k % samples.len()];
+                let o = one(&conn, s, timeout).await;
+                record(&tally, s, o);
+            });
+            i += 1;
+            next += interval;
+            // Reap finished tasks so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    if progress {
+        eprintln!("sending for {:.1} s ...", args.duration);
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut t = std::mem::take(&mut *tally.lock().map_err(|_| "tally poisoned")?);
+    t.latencies_ms.sort_by(f64::total_cmp);
+    // Throughput over the sending window (answers that arrive after it still count).
+    t.latencies_ms.shrink_to_fit();
+    Ok(t)
+}
+
+fn argmax_rows(data: &[u8], rows: usize) -> Vec<usize> {
+    let f: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if rows == 0 || f.is_empty() {
+        return Vec::new();
+    }
+    let k = f.len() / rows;
+    (0..rows)
+        .map(|r| {
+            let row = &f[r * k..(r + 1) * k];
+            (0..k)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
+    let t = Instant::now();
+    let rows = s.labels.len().max(1);
+    match conn {
+        Conn::Http { client, uri } => {
+            let req = hyper::Request::post(uri.as_str())
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", s.http_header_len)
+                .body(Full::new(s.http_body.clone()));
+            let req = match req {
+                Ok(r) => r,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            };
+            let fut = async {
+                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let hl = resp
+                    .headers()
+                    .get("inference-header-content-length")
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|s| s.parse::<usize>().ok());
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                Ok::<_, String>((status, hl, body))
+            };
+            match tokio::time::timeout(timeout, fut).await {
+                Err(_) => Outcome::Lost("no answer within --timeout".into()),
+                Ok(Err(e)) => Outcome::Lost(e),
+                Ok(Ok((status, hl, body))) => {
+                    if status.is_success() {
+                        let hl = hl.unwrap_or(body.len()).min(body.len());
+                        let variant = serde_json::from_slice::<serde_json::Value>(&body[..hl])
+                            .ok()
+                            .and_then(|v| v["parameters"]["variant"].as_str().map(String::from))
+                            .unwrap_or_default();
+                        Outcome::Ok {
+                            latency: t.elapsed(),
+                            argmax: argmax_rows(&body[hl..], rows),
+                            variant,
+                        }
+                    } else {
+                        let msg = format!(
+                            "HTTP {}: {}",
+                            status.as_u16(),
+                            String::from_utf8_lossy(&body)
+                        );
+                        match status.as_u16() {
+                            429 | 503 | 504 => Outcome::Rejected(msg),
+                            _ => Outcome::Failed(msg),
+                        }
+                    }
+                }
+            }
+        }
+        Conn::Grpc(client) => {
+            let mut client = client.clone();
+            match tokio::time::timeout(timeout, client.model_infer(s.grpc.clone())).await {
+                Err(_) => Outcome::Lost("no answer within --timeout".into()),
+                Ok(Ok(resp)) => {
+                    let r = resp.into_inner();
+                    let variant = r.model_version.clone();
+                    let argmax = r
+                        .raw_output_contents
+                        .first()
+                        .map(|d| argmax_rows(d, rows))
+                        .unwrap_or_default();
+                    Outcome::Ok {
+                        latency: t.elapsed(),
+                        argmax,
+                        variant,
+                    }
+                }
+                Ok(Err(st)) => {
+                    use tonic::Code;
+                    let msg = format!("{:?}: {}", st.code(), st.message());
+                    match st.code() {
+                        Code::ResourceExhausted | Code::Unavailable | Code::DeadlineExceeded => {
+                            // A transport failure also surfaces as UNAVAILABLE, with no server message.
+                            if st.code() == Code::Unavailable && st.message().contains("transport")
+                            {
+                                Outcome::Lost(msg)
+                            } else {
+                                Outcome::Rejected(msg)
+                            }
+                        }
+                        Code::Unknown | Code::Cancelled => Outcome::Lost(msg),
+                        _ => Outcome::Failed(msg),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
+    let Ok(mut t) = tally.lock() else { return };
+    match o {
+        Outcome::Ok {
+            latency,
+            argmax,
+            variant,
+        } => {
+            t.ok += 1;
+            t.latencies_ms.push(latency.as_secs_f64() * 1e3);
+            *t.variants.entry(variant).or_default() += 1;
+            for (p, &l) in argmax.iter().zip(&s.labels) {
+                t.labelled += 1;
+                t.correct += u64::from(*p == l as usize);
+            }
+        }
+        Outcome::Rejected(e) => {
+            t.rejected += 1;
+            t.first_error.get_or_insert(e);
+        }
+        Outcome::Failed(e) => {
+            t.failed += 1;
+            t.first_error.get_or_insert(e);
+        }
+        Outcome::Lost(e) => {
+            t.lost += 1;
+            t.first_error.get_or_insert(e);
+        }
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    osprey_engine::profile::quantile(sorted, q)
+}
+
+fn report(args: &LoadgenArgs, t: &Tally) {
+    let throughput = t.ok as f64 / args.duration;
+    let p50 = quantile(&t.latencies_ms, 0.5);
+    let p99 = quantile(&t.latencies_ms, 0.99);
+    let accuracy = if t.labelled > 0 {
+        Some(t.correct as f64 / t.labelled as f64)
+    } else {
+        None
+    };
+    if args.json {
+        let line = serde_json::json!({
+            "model": args.model,
+            "protocol": format!("{:?}", args.protocol).to_lowercase(),
+            "concurrency": args.concurrency,
+            "rate": args.rate,
+            "duration_s": args.duration,
+            "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost,
+            "throughput_rps": throughput, "p50_ms": p50, "p99_ms": p99,
+            "accuracy": accuracy,
+            "variants": t.variants,
+            "first_error": t.first_error,
+        });
+        println!("{line}");
+        return;
+    }
+    let mut table = Table::new();
+    table.set_header([
+        "sent",
+        "ok",
+        "rejected",
+        "failed",
+        "lost",
+        "throughput/s",
+        "p50 ms",
+        "p99 ms",
+        "accuracy",
+    ]);
+    table.add_row([
+        t.sent.to_string(),
+        t.ok.to_string(),
+        t.rejected.to_string(),
+        t.failed.to_string(),
+        t.lost.to_string(),
+        format!("{throughput:.1}"),
+        format!("{p50:.2}"),
+        format!("{p99:.2}"),
+        accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+    ]);
+    println!("{table}");
+    let v: Vec<String> = t
+        .variants
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    if !v.is_empty() {
+        println!("answered by variant: {}", v.join(", "));
+    }
+    if let Some(e) = &t.first_error {
+        println!("first error: {e}");
+    }
+}

@@ -1,0 +1,159 @@
+//! `osprey serve`: loads the model repository, starts the gateway with an in-process agent,
+//! serves HTTP and gRPC, and drains on SIGINT/SIGTERM.
+
+use osprey_core::config::ServerConfig;
+use osprey_core::model::scan_repository;
+use osprey_core::profile::VariantProfile;
+use osprey_engine::profile::{ProfileSettings, profile_variant};
+use osprey_server::Listeners;
+use osprey_server::gateway::{Gateway, GatewayConfig};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// HTTP address (default 0.0.0.0:8000, as Triton).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// gRPC address (default 0.0.0.0:8001, as Triton).
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// Model repository (default: the bundled zoo).
+    #[arg(long)]
+    model_repository: Option<PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: ServeArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(p) => ServerConfig::load(p).map_err(|e| e.to_string())?,
+        None => ServerConfig::default(),
+    };
+    if let Some(a) = args.http_addr {
+        config.http_addr = a;
+    }
+    if let Some(a) = args.grpc_addr {
+        config.grpc_addr = a;
+    }
+    if let Some(r) = args.model_repository {
+        config.model_repository = Some(r);
+    }
+    let repo = config
+        .model_repository
+        .clone()
+        .unwrap_or_else(crate::default_repository);
+    let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
+    for p in &problems {
+        tracing::error!(model = %p.model, "skipping model: {}", p.error);
+    }
+    let threads = match config.agents.first() {
+        Some(a) => a.threads,
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get() as u32)
+            .min(4),
+    };
+    let agent_name = config
+        .agents
+        .first()
+        .map_or_else(|| "local-0".to_string(), |a| a.name.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    rt.block_on(async move {
+        let http = tokio::net::TcpListener::bind(&config.http_addr)
+            .await
+            .map_err(|e| format!("binding HTTP {}: {e}", config.http_addr))?;
+        let grpc = tokio::net::TcpListener::bind(&config.grpc_addr)
+            .await
+            .map_err(|e| format!("binding gRPC {}: {e}", config.grpc_addr))?;
+        let gw = Gateway::start(
+            GatewayConfig {
+                models,
+                problems,
+                limits: config.limits.clone(),
+                max_batch: config.max_batch,
+                agent_threads: threads,
+                agent_name,
+            },
+            quick_profile,
+        );
+        for m in gw.models() {
+            let names: Vec<&str> = m.variants.iter().map(|v| v.spec.name.as_str()).collect();
+            tracing::info!(model = m.name(), variants = %names.join(","), "model ready");
+        }
+        let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+        let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+        println!(
+            "osprey {} serving {} model(s) from {}",
+            osprey_server::SERVER_VERSION,
+            gw.models().count(),
+            repo.display()
+        );
+        println!("HTTP  http://{http_addr}  (metrics at /metrics)");
+        println!("gRPC  {grpc_addr}");
+        println!("ready http={http_addr} grpc={grpc_addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        osprey_server::serve(Listeners { http, grpc }, gw, shutdown_signal())
+            .await
+            .map_err(|e| format!("server error: {e}"))?;
+        tracing::info!("drained; bye");
+        Ok(())
+    })
+}
+
+/// Profile used when a model folder has no `profile.toml`: a short measurement at start-up.
+fn quick_profile(
+    model: &osprey_core::model::ModelSpec,
+    v: &osprey_core::model::VariantSpec,
+    s: &osprey_engine::Session,
+) -> VariantProfile {
+    let settings = ProfileSettings {
+        batch_sizes: vec![1, 8],
+        iterations: 10,
+        warmup: 2,
+    };
+    match profile_variant(
+        &v.name,
+        s,
+        &settings,
+        |b| crate::profile::inputs_for(model, None, b),
+        || {},
+    ) {
+        Ok(p) => {
+            tracing::info!(model = %model.name, variant = %v.name, "no profile.toml; measured at start-up");
+            p
+        }
+        Err(e) => {
+            tracing::warn!(model = %model.name, variant = %v.name, "could not profile: {e}");
+            VariantProfile {
+                name: v.name.clone(),
+                batches: Vec::new(),
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; draining in-flight requests");
+}
