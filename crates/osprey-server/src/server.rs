@@ -32,12 +32,23 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let app = crate::http::router(gw.clone());
-    let http = axum::serve(listeners.http, app).with_graceful_shutdown(wait(rx.clone()));
+    // Small request/response exchanges must not wait on Nagle's algorithm.
+    use axum::serve::ListenerExt;
+    let http_listener = listeners.http.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(wait(rx.clone()));
     let limit = gw.limits.max_body_bytes;
     let svc = GrpcInferenceServiceServer::new(InferenceService::new(gw.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    // `serve_with_incoming` ignores tonic's own TCP_NODELAY setting, so set it per connection.
+    use tokio_stream::StreamExt;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
     let grpc = tonic::transport::Server::builder()
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, wait(rx.clone()));

@@ -215,7 +215,11 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
             let client =
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .pool_max_idle_per_host(1024)
-                    .build_http();
+                    .build({
+                        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+                        c.set_nodelay(true);
+                        c
+                    });
             Conn::Http {
                 client,
                 uri: format!("http://{target}{path}"),

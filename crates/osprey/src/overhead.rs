@@ -64,7 +64,11 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             let _ = stop_rx.await;
         }));
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<Full<Bytes>>();
+            .build::<_, Full<Bytes>>({
+                let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+                c.set_nodelay(true);
+                c
+            });
         let mut gclient = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{gaddr}"))
             .await
             .map_err(|e| e.to_string())?;
