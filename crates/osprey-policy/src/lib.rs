@@ -5,10 +5,17 @@
 //! environment, so the live gateway and the simulator drive the same code.
 //!
 //! # Layout
-//! - [`select`]: which variant answers a request (per-request variant choice).
-//! - [`batcher`]: which queued requests run together, and which have expired.
+//! - [`scheduler`]: per-model queue, admission, priority, expiry, batch and variant choice
+//!   (the SneakPeek-style utility rule and the FIFO baselines).
+//! - [`estimate`]: accuracy estimators — profiled, per-class, data-aware — and calibration
+//!   metrics.
+//! - [`quota`]: per-tenant token buckets.
+//! - [`select`], [`batcher`]: the simple most-accurate-that-fits rule and FIFO batcher.
 
 pub mod batcher;
+pub mod estimate;
+pub mod quota;
+pub mod scheduler;
 pub mod select;
 
 /// Time on the driver's clock, microseconds.

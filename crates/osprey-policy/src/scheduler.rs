@@ -1,0 +1,730 @@
+//! The per-model request scheduler: admission, priority, expiry, and batch + variant choice.
+//!
+//! A [`Scheduler`] owns one model's queue. The driver calls [`Scheduler::admit`] when a request
+//! arrives and [`Scheduler::next_batch`] whenever a worker is free; both take the current time
+//! and return decisions. Nothing else happens inside: no clock, no I/O, no randomness, so the
+//! same inputs always give the same decisions.
+//!
+//! # Priority (design note)
+//! SneakPeek orders requests by a priority that trades accuracy against deadlines; its formula
+//! is not published. Osprey uses
+//!
+//! ```text
+//! p_r(now) = w_r · ( â*_r + β · exp(−s_r / τ_r) )
+//! ```
+//!
+//! - `w_r`: the tenant's weight (times Triton's `priority` boost, see the gateway);
+//! - `â*_r`: the best estimated accuracy among variants that can still meet r's deadline;
+//! - `s_r = d_r − now − ℓ_min,r`: slack, the time r can still wait and make its deadline
+//!   with the fastest variant;
+//! - `τ_r = ℓ_max,r`: the most accurate variant's service time for r, the natural time scale;
+//! - `β = 1` by default (`urgency_weight`).
+//!
+//! Rationale: both terms lie in [0, 1], so a request whose slack drops below one service time
+//! of the best variant gains as much as a perfect accuracy swing and jumps ahead, while among
+//! relaxed requests those that stand to get the most accurate answers go first. The weight
+//! scales everything, so a heavier tenant wins ties. Properties (tested): p is increasing in
+//! `w_r` and `â*_r`, and non-increasing in slack.
+//!
+//! # Batch and variant choice (utility policies)
+//! For each variant v: the candidates are queued requests that v can still serve in time
+//! (and whose accuracy floor v meets, unless no feasible variant meets it), ordered by
+//! `p_r + (â_r(v) − â*_r)` — priority minus the accuracy r would lose on v, so the inputs that
+//! lose least on a cheap variant go to it first (this is where per-input estimates matter).
+//! Members join greedily while the batch still finishes, by the profile (plus the swap cost
+//! when v differs from the last variant run), before every member's deadline, up to `max_rows`.
+//! The batch's utility is a one-step look-ahead:
+//!
+//! ```text
+//! U(v) = Σ_{r ∈ B_v} w_r · â_r(v)  −  Σ_{r ∉ B_v} w_r · ( val_r(now) − val_r(now + T_v) )
+//! val_r(t) = max { â_r(u) : u can still finish r by its deadline if started at t },
+//!            or −λ when no variant can
+//! ```
+//!
+//! with `T_v` the batch's planned service time. The second term charges a batch for what it
+//! costs the requests left waiting: accuracy they can no longer reach, or a miss (λ =
+//! `miss_penalty`). It is what moves the scheduler to faster variants under load, and to the
+//! cheap variant for the inputs that lose least on it. The variant with the largest U runs
+//! (ties keep the last variant: no needless swap).
+//!
+//! # Baselines
+//! `MostAccurate`, `Fastest` and `Fixed` (Triton-like: one variant, FIFO, dynamic batching up
+//! to `max_rows`) run one variant in arrival order, expire requests only once their deadline
+//! has passed, and never refuse early.
+
+use crate::Micros;
+use osprey_core::profile::{Quantile, VariantProfile};
+
+/// Which scheduling rule to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Priority + utility-maximising batch and variant choice, early admission control.
+    Utility,
+    /// FIFO on the most accurate variant (by profiled accuracy).
+    MostAccurate,
+    /// FIFO on the fastest variant.
+    Fastest,
+    /// FIFO on one given variant (Triton-like dynamic batching without variant choice).
+    Fixed(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub rule: Rule,
+    /// Largest batch, in samples.
+    pub max_rows: u32,
+    /// Requests the queue may hold.
+    pub max_queue: usize,
+    /// Latency statistic planned with.
+    pub quantile: Quantile,
+    /// β in the priority.
+    pub urgency_weight: f64,
+    /// λ in the batch utility.
+    pub miss_penalty: f64,
+    /// Worker threads serving this model (for the admission backlog estimate).
+    pub workers: u32,
+}
+
+impl SchedulerConfig {
+    pub fn for_test(rule: Rule) -> SchedulerConfig {
+        SchedulerConfig {
+            rule,
+            max_rows: 8,
+            max_queue: 64,
+            quantile: Quantile::P90,
+            urgency_weight: 1.0,
+            miss_penalty: 1.0,
+            workers: 1,
+        }
+    }
+}
+
+/// One variant as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct VariantModel {
+    pub profile: VariantProfile,
+    /// Profiled average accuracy (baseline rules pick variants by it).
+    pub accuracy: f64,
+    /// Extra time when a batch of this variant follows one of another variant, µs.
+    pub swap_us: f64,
+}
+
+/// A request as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Driver-chosen identifier, unique among live requests.
+    pub id: u64,
+    pub tenant: usize,
+    pub rows: u32,
+    pub arrival: Micros,
+    pub deadline: Micros,
+    /// Tenant weight (with any priority boost).
+    pub weight: f64,
+    /// Accuracy floor; 0 when none.
+    pub floor: f64,
+    pub pinned: Option<usize>,
+    /// Estimated accuracy per variant for this request.
+    pub estimate: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// The queue is at its bound.
+    QueueFull,
+    /// No variant can finish before the deadline even with an idle worker.
+    CannotMeetDeadline,
+    /// The backlog ahead makes the deadline unreachable now.
+    Capacity,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub variant: usize,
+    pub members: Vec<Request>,
+    /// Planned service time, µs (profile at the batch's size, plus swap).
+    pub planned_us: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Requests that can no longer meet their deadline: answer them now.
+    pub expired: Vec<Request>,
+    pub batch: Option<Batch>,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    variants: Vec<VariantModel>,
+    queue: Vec<Request>,
+    last_variant: Option<usize>,
+}
+
+/// Priority of a request (see the module docs).
+pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, beta: f64) -> f64 {
+    let urgency = (-(slack_us.max(0.0)) / tau_us.max(1.0)).exp();
+    weight * (best_accuracy + beta * urgency)
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, variants: Vec<VariantModel>) -> Scheduler {
+        Scheduler {
+            cfg,
+            variants,
+            queue: Vec::new(),
+            last_variant: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Service time of `rows` samples on variant `v`, µs.
+    pub fn latency(&self, v: usize, rows: u32) -> f64 {
+        self.variants[v]
+            .profile
+            .latency_us(rows, self.cfg.quantile)
+            .unwrap_or(0.0)
+    }
+
+    fn swap(&self, v: usize) -> f64 {
+        match self.last_variant {
+            Some(l) if l != v => self.variants[v].swap_us,
+            _ => 0.0,
+        }
+    }
+
+    /// The variant a baseline rule runs.
+    fn fixed_variant(&self) -> Option<usize> {
+        let by = |f: &dyn Fn(&VariantModel) -> f64| {
+            (0..self.variants.len())
+                .max_by(|&a, &b| f(&self.variants[a]).total_cmp(&f(&self.variants[b])))
+        };
+        match self.cfg.rule {
+            Rule::Utility => None,
+            Rule::MostAccurate => by(&|v| v.accuracy),
+            Rule::Fastest => by(&|v| -v.profile.latency_us(1, Quantile::P50).unwrap_or(0.0)),
+            Rule::Fixed(v) => Some(v.min(self.variants.len().saturating_sub(1))),
+        }
+    }
+
+    /// Variants a request may run on.
+    fn allowed(&self, r: &Request) -> impl Iterator<Item = usize> + '_ {
+        let pinned = r.pinned;
+        let fixed = if pinned.is_none() {
+            self.fixed_variant()
+        } else {
+            None
+        };
+        (0..self.variants.len()).filter(move |v| match (pinned, fixed) {
+            (Some(p), _) => *v == p,
+            (None, Some(f)) => *v == f,
+            (None, None) => true,
+        })
+    }
+
+    fn min_latency(&self, r: &Request) -> f64 {
+        self.allowed(r)
+            .map(|v| self.latency(v, r.rows))
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Admits `r` into the queue or refuses it now.
+    pub fn admit(&mut self, now: Micros, r: Request) -> Result<(), (Reject, Request)> {
+        if self.queue.len() >= self.cfg.max_queue {
+            return Err((Reject::QueueFull, r));
+        }
+        if self.cfg.rule == Rule::Utility {
+            let need = self.min_latency(&r);
+            if now as f64 + need > r.deadline as f64 {
+                return Err((Reject::CannotMeetDeadline, r));
+            }
+            // Optimistic backlog: everything queued runs on the fastest variant at full batches.
+            let fastest = (0..self.variants.len())
+                .min_by(|&a, &b| self.latency(a, 1).total_cmp(&self.latency(b, 1)))
+                .unwrap_or(0);
+            let per_row =
+                self.latency(fastest, self.cfg.max_rows) / f64::from(self.cfg.max_rows.max(1));
+            let backlog: f64 = self.queue.iter().map(|q| f64::from(q.rows) * per_row).sum();
+            let wait = backlog / f64::from(self.cfg.workers.max(1));
+            if now as f64 + wait + need > r.deadline as f64 {
+                return Err((Reject::Capacity, r));
+            }
+        }
+        self.queue.push(r);
+        Ok(())
+    }
+
+    /// Removes and returns every queued request (shutdown, tests).
+    pub fn drain(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.queue)
+    }
+
+    /// Decides what a free worker runs next.
+    pub fn next_batch(&mut self, now: Micros) -> Plan {
+        let mut plan = Plan::default();
+        // Expiry.
+        let utility = self.cfg.rule == Rule::Utility;
+        let mut keep = Vec::with_capacity(self.queue.len());
+        for r in std::mem::take(&mut self.queue) {
+            let dead = if utility {
+                now as f64 + self.min_latency(&r) > r.deadline as f64
+            } else {
+                r.deadline <= now
+            };
+            if dead {
+                plan.expired.push(r)
+            } else {
+                keep.push(r)
+            }
+        }
+        self.queue = keep;
+        if self.queue.is_empty() {
+            return plan;
+        }
+        let chosen = if utility {
+            self.plan_utility(now)
+        } else {
+            self.plan_fifo(now)
+        };
+        if let Some((variant, idx, planned_us)) = chosen {
+            let mut members = Vec::with_capacity(idx.len());
+            let mut sorted = idx.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            for i in sorted {
+                members.push(self.queue.remove(i));
+            }
+            members.reverse();
+            // Keep the members in the order they were picked for the batch.
+            let mut order: Vec<(usize, usize)> =
+                idx.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+            order.sort_unstable();
+            let mut picked: Vec<Option<Request>> = vec![None; members.len()];
+            for ((_, k), m) in order.into_iter().zip(members) {
+                picked[k] = Some(m);
+            }
+            self.last_variant = Some(variant);
+            plan.batch = Some(Batch {
+                variant,
+                members: picked.into_iter().flatten().collect(),
+                planned_us,
+            });
+        }
+        plan
+    }
+
+    /// FIFO on one variant per request (baselines, and pinned requests under them).
+    fn plan_fifo(&self, _now: Micros) -> Option<(usize, Vec<usize>, f64)> {
+        let head = self.queue.first()?;
+        let v = self.allowed(head).next()?;
+        let mut rows = 0u32;
+        let mut idx = Vec::new();
+        for (i, r) in self.queue.iter().enumerate() {
+            if self.allowed(r).next() != Some(v) {
+                continue;
+            }
+            if idx.is_empty() || rows + r.rows <= self.cfg.max_rows {
+                rows += r.rows;
+                idx.push(i);
+            }
+        }
+        Some((v, idx, self.swap(v) + self.latency(v, rows)))
+    }
+
+    /// Best estimated accuracy `r` can still get if started at `t`, or −λ if none.
+    fn value(&self, r: &Request, t: f64) -> f64 {
+        self.allowed(r)
+            .filter(|&u| t + self.latency(u, r.rows) <= r.deadline as f64)
+            .map(|u| r.estimate[u])
+            .fold(-self.cfg.miss_penalty, f64::max)
+    }
+
+    fn plan_utility(&self, now: Micros) -> Option<(usize, Vec<usize>, f64)> {
+        let now_f = now as f64;
+        // Per request: feasible variants, best feasible accuracy, priority.
+        struct View {
+            best: f64,
+            prio: f64,
+        }
+        let views: Vec<View> = self
+            .queue
+            .iter()
+            .map(|r| {
+                let mut best = 0.0f64;
+                let mut min_lat = f64::INFINITY;
+                let mut max_lat: f64 = 1.0;
+                let mut best_lat = 0.0;
+                for v in self.allowed(r) {
+                    let l = self.latency(v, r.rows);
+                    min_lat = min_lat.min(l);
+                    max_lat = max_lat.max(l);
+                    if now_f + l <= r.deadline as f64 && r.estimate[v] >= best {
+                        best = r.estimate[v];
+                        best_lat = l;
+                    }
+                }
+                let tau = if best_lat > 0.0 { best_lat } else { max_lat };
+                let slack = r.deadline as f64 - now_f - min_lat;
+                View {
+                    best,
+                    prio: priority(r.weight, best, slack, tau, self.cfg.urgency_weight),
+                }
+            })
+            .collect();
+        let mut best_plan: Option<(f64, usize, Vec<usize>, f64)> = None;
+        for v in 0..self.variants.len() {
+            let swap = self.swap(v);
+            let mut cands: Vec<usize> = (0..self.queue.len())
+                .filter(|&i| {
+                    let r = &self.queue[i];
+                    if !self.allowed(r).any(|a| a == v) {
+                        return false;
+                    }
+                    if now_f + swap + self.latency(v, r.rows) > r.deadline as f64 {
+                        return false;
+                    }
+                    // Respect the floor when some feasible variant meets it.
+                    r.estimate[v] >= r.floor || views[i].best < r.floor
+                })
+                .collect();
+            if cands.is_empty() {
+                continue;
+            }
+            let key = |i: usize| views[i].prio + (self.queue[i].estimate[v] - views[i].best);
+            cands.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            let mut rows = 0u32;
+            let mut min_deadline = f64::INFINITY;
+            let mut members = Vec::new();
+            for i in cands {
+                let r = &self.queue[i];
+                let new_rows = rows + r.rows;
+                if !members.is_empty() && new_rows > self.cfg.max_rows {
+                    continue;
+                }
+                let d = min_deadline.min(r.deadline as f64);
+                if now_f + swap + self.latency(v, new_rows) <= d {
+                    rows = new_rows;
+                    min_deadline = d;
+                    members.push(i);
+                }
+            }
+            if members.is_empty() {
+                continue;
+            }
+            let service = swap + self.latency(v, rows);
+            let gain: f64 = members
+                .iter()
+                .map(|&i| self.queue[i].weight * self.queue[i].estimate[v])
+                .sum();
+            let done = now_f + service;
+            let loss: f64 = (0..self.queue.len())
+                .filter(|i| !members.contains(i))
+                .map(|i| {
+                    let r = &self.queue[i];
+                    r.weight * (self.value(r, now_f) - self.value(r, done))
+                })
+                .sum();
+            let u = gain - loss;
+            let better = match &best_plan {
+                None => true,
+                Some((bu, bv, _, _)) => {
+                    u > bu + 1e-9
+                        || ((u - bu).abs() <= 1e-9
+                            && Some(v) == self.last_variant
+                            && Some(*bv) != self.last_variant)
+                }
+            };
+            if better {
+                best_plan = Some((u, v, members, service));
+            }
+        }
+        best_plan.map(|(_, v, m, s)| (v, m, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use osprey_core::profile::BatchProfile;
+    use proptest::prelude::*;
+
+    fn profile(per_batch_us: &[(u32, f64)]) -> VariantProfile {
+        VariantProfile {
+            name: "v".into(),
+            batches: per_batch_us
+                .iter()
+                .map(|&(b, us)| BatchProfile {
+                    batch: b,
+                    p50_us: us,
+                    p90_us: us,
+                    p99_us: us,
+                    throughput_rps: 0.0,
+                })
+                .collect(),
+        }
+    }
+
+    /// small: 100 µs + 20/row, acc 0.6; medium: 400 + 100/row, 0.8; large: 2000 + 1000/row, 0.95.
+    fn zoo() -> Vec<VariantModel> {
+        let v = |base: f64, per: f64, acc: f64| VariantModel {
+            profile: profile(&[(1, base + per), (16, base + 16.0 * per)]),
+            accuracy: acc,
+            swap_us: 50.0,
+        };
+        vec![
+            v(100.0, 20.0, 0.6),
+            v(400.0, 100.0, 0.8),
+            v(2000.0, 1000.0, 0.95),
+        ]
+    }
+
+    fn req(id: u64, now: Micros, budget: Micros, est: [f64; 3]) -> Request {
+        Request {
+            id,
+            tenant: 0,
+            rows: 1,
+            arrival: now,
+            deadline: now + budget,
+            weight: 1.0,
+            floor: 0.0,
+            pinned: None,
+            estimate: est.to_vec(),
+        }
+    }
+
+    #[test]
+    fn priority_properties() {
+        let p = |w, a, s| priority(w, a, s, 1000.0, 1.0);
+        assert!(p(2.0, 0.8, 500.0) > p(1.0, 0.8, 500.0));
+        assert!(p(1.0, 0.9, 500.0) > p(1.0, 0.8, 500.0));
+        assert!(p(1.0, 0.8, 100.0) > p(1.0, 0.8, 5000.0));
+        assert_eq!(p(1.0, 0.8, -5.0), p(1.0, 0.8, 0.0));
+    }
+
+    #[test]
+    fn idle_server_gives_the_most_accurate_variant_that_fits() {
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        s.admit(0, req(1, 0, 10_000, [0.6, 0.8, 0.95])).unwrap();
+        let b = s.next_batch(0).batch.unwrap();
+        assert_eq!(b.variant, 2);
+        s.admit(0, req(2, 0, 1_000, [0.6, 0.8, 0.95])).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().variant, 1);
+    }
+
+    #[test]
+    fn impossible_deadlines_are_refused_at_once() {
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        let (why, _) = s.admit(0, req(1, 0, 50, [0.6, 0.8, 0.95])).unwrap_err();
+        assert_eq!(why, Reject::CannotMeetDeadline);
+        // Fill the backlog, then a tight request is refused for capacity.
+        for i in 0..40 {
+            s.admit(0, req(10 + i, 0, 100_000, [0.6, 0.8, 0.95]))
+                .unwrap();
+        }
+        let (why, _) = s.admit(0, req(2, 0, 400, [0.6, 0.8, 0.95])).unwrap_err();
+        assert_eq!(why, Reject::Capacity);
+    }
+
+    #[test]
+    fn under_load_easy_inputs_go_to_the_cheap_variant_first() {
+        // Two requests, too tight for large, and for medium twice in a row; 'easy' loses
+        // almost nothing on small, 'hard' loses a lot.
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_rows: 1,
+                ..SchedulerConfig::for_test(Rule::Utility)
+            },
+            zoo(),
+        );
+        s.admit(0, req(1, 0, 800, [0.55, 0.85, 0.95])).unwrap(); // hard
+        s.admit(0, req(2, 0, 800, [0.95, 0.96, 0.97])).unwrap(); // easy
+        let first = s.next_batch(0).batch.unwrap();
+        // Running 'easy' on small first leaves time for 'hard' on medium afterwards.
+        assert_eq!((first.variant, first.members[0].id), (0, 2));
+        let second = s.next_batch(first.planned_us as u64).batch.unwrap();
+        assert_eq!((second.variant, second.members[0].id), (1, 1));
+    }
+
+    #[test]
+    fn floors_are_respected_when_a_variant_can() {
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        let mut r = req(1, 0, 1_000, [0.9, 0.6, 0.95]);
+        r.floor = 0.85;
+        s.admit(0, r).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().variant, 0);
+    }
+
+    #[test]
+    fn baselines_run_their_fixed_variant_fifo() {
+        for (rule, want) in [
+            (Rule::MostAccurate, 2),
+            (Rule::Fastest, 0),
+            (Rule::Fixed(1), 1),
+        ] {
+            let mut s = Scheduler::new(SchedulerConfig::for_test(rule), zoo());
+            for i in 0..3 {
+                s.admit(0, req(i, 0, 100, [0.6, 0.8, 0.95])).unwrap();
+            }
+            let p = s.next_batch(0);
+            let b = p.batch.unwrap();
+            assert_eq!(b.variant, want);
+            assert_eq!(
+                b.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+                vec![0, 1, 2]
+            );
+            s.admit(0, req(9, 0, 10, [0.6, 0.8, 0.95])).unwrap();
+            assert_eq!(s.next_batch(20).expired.len(), 1);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Arrival {
+        gap_us: u64,
+        budget_us: u64,
+        rows: u32,
+        est: [f64; 3],
+        floor: f64,
+        pinned: Option<usize>,
+    }
+
+    fn arrival() -> impl Strategy<Value = Arrival> {
+        (
+            0u64..800,
+            200u64..20_000,
+            1u32..4,
+            [0.0f64..1.0, 0.0f64..1.0, 0.0f64..1.0],
+            0.0f64..1.0,
+            proptest::option::weighted(0.1, 0usize..3),
+        )
+            .prop_map(|(gap_us, budget_us, rows, est, floor, pinned)| Arrival {
+                gap_us,
+                budget_us,
+                rows,
+                est,
+                floor,
+                pinned,
+            })
+    }
+
+    /// Drives a scheduler with one worker in virtual time; returns the decision log.
+    fn simulate(rule: Rule, arrivals: &[Arrival], max_rows: u32) -> Vec<String> {
+        let cfg = SchedulerConfig {
+            max_rows,
+            max_queue: 16,
+            ..SchedulerConfig::for_test(rule)
+        };
+        let mut s = Scheduler::new(cfg, zoo());
+        let times: Vec<u64> = arrivals
+            .iter()
+            .scan(0u64, |t, a| {
+                *t += a.gap_us;
+                Some(*t)
+            })
+            .collect();
+        let mut log = Vec::new();
+        let mut ended = std::collections::HashMap::new();
+        let mut end = |id: u64, how: &str| {
+            assert!(
+                ended.insert(id, how.to_string()).is_none(),
+                "request {id} ended twice"
+            );
+        };
+        let (mut now, mut busy_until, mut k) = (0u64, 0u64, 0usize);
+        loop {
+            let mut idle_with_work = false;
+            if busy_until <= now && !s.is_empty() {
+                let p = s.next_batch(now);
+                for r in &p.expired {
+                    end(r.id, "expired");
+                    log.push(format!("{now} expire {}", r.id));
+                }
+                match p.batch {
+                    Some(b) => {
+                        let rows: u32 = b.members.iter().map(|m| m.rows).sum();
+                        assert!(
+                            b.members.len() == 1 || rows <= max_rows,
+                            "batch over max_rows"
+                        );
+                        for m in &b.members {
+                            if let Some(pv) = m.pinned {
+                                assert_eq!(pv, b.variant, "pinned request on another variant");
+                            }
+                            if rule == Rule::Utility {
+                                assert!(
+                                    now as f64 + b.planned_us <= m.deadline as f64 + 1e-6,
+                                    "batch violates a member's deadline by profile"
+                                );
+                            }
+                            end(m.id, "batched");
+                        }
+                        log.push(format!(
+                            "{now} run v{} {:?}",
+                            b.variant,
+                            b.members.iter().map(|m| m.id).collect::<Vec<_>>()
+                        ));
+                        busy_until = now + b.planned_us.ceil().max(1.0) as u64;
+                    }
+                    None => idle_with_work = !s.is_empty(),
+                }
+            }
+            let next_arrival = times.get(k).copied();
+            let next_free = (busy_until > now).then_some(busy_until);
+            let next = match (next_arrival, next_free) {
+                (Some(a), Some(f)) => a.min(f),
+                (Some(a), None) => a,
+                (None, Some(f)) => f,
+                (None, None) if idle_with_work => now + 1,
+                (None, None) if s.is_empty() => break,
+                (None, None) => now,
+            };
+            now = now.max(next);
+            while k < times.len() && times[k] <= now {
+                let a = &arrivals[k];
+                let r = Request {
+                    id: k as u64,
+                    tenant: 0,
+                    rows: a.rows,
+                    arrival: times[k],
+                    deadline: times[k] + a.budget_us,
+                    weight: 1.0,
+                    floor: a.floor,
+                    pinned: a.pinned,
+                    estimate: a.est.to_vec(),
+                };
+                if let Err((why, r)) = s.admit(now, r) {
+                    end(r.id, "rejected");
+                    log.push(format!("{now} reject {} {why:?}", r.id));
+                }
+                assert!(s.len() <= 16, "queue bound");
+                k += 1;
+            }
+        }
+        drop(end);
+        assert_eq!(
+            ended.len(),
+            arrivals.len(),
+            "every request ends exactly once"
+        );
+        log
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+        #[test]
+        fn invariants_hold_for_every_rule(arrivals in proptest::collection::vec(arrival(), 1..60), max_rows in 1u32..10) {
+            for rule in [Rule::Utility, Rule::MostAccurate, Rule::Fastest, Rule::Fixed(1)] {
+                let a = simulate(rule, &arrivals, max_rows);
+                let b = simulate(rule, &arrivals, max_rows);
+                prop_assert_eq!(a, b, "same inputs, same decisions");
+            }
+        }
+    }
+}
