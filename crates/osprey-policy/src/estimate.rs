@@ -99,19 +99,28 @@ impl AccuracyEstimator for PerClass {
 pub const FEATURES: usize = 8 + 2 * SEGMENTS;
 const SEGMENTS: usize = 8;
 
-fn value(dt: DataType, b: &[u8]) -> f32 {
+/// Converts raw little-endian elements to f32 (16-bit and 8-bit integers scaled to about
+/// [-1, 1], as audio and pixels are), with the datatype dispatch outside the loop.
+fn to_f32(dt: DataType, b: &[u8]) -> Vec<f32> {
+    macro_rules! conv {
+        ($t:ty, $n:expr, $scale:expr) => {
+            b.chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f32 * $scale)
+                .collect()
+        };
+    }
     match dt {
-        DataType::Fp32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        DataType::Fp64 => f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
-        DataType::Int16 => f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0,
-        DataType::Uint8 => f32::from(b[0]) / 255.0,
-        DataType::Int8 => f32::from(b[0] as i8) / 128.0,
-        DataType::Bool => f32::from(b[0]),
-        DataType::Uint16 => f32::from(u16::from_le_bytes([b[0], b[1]])) / 65535.0,
-        DataType::Int32 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-        DataType::Uint32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-        DataType::Int64 => i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
-        DataType::Uint64 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+        DataType::Fp32 => conv!(f32, 4, 1.0),
+        DataType::Fp64 => conv!(f64, 8, 1.0),
+        DataType::Int16 => conv!(i16, 2, 1.0 / 32768.0),
+        DataType::Uint16 => conv!(u16, 2, 1.0 / 65535.0),
+        DataType::Uint8 => b.iter().map(|&v| f32::from(v) / 255.0).collect(),
+        DataType::Int8 => b.iter().map(|&v| f32::from(v as i8) / 128.0).collect(),
+        DataType::Bool => b.iter().map(|&v| f32::from(v)).collect(),
+        DataType::Int32 => conv!(i32, 4, 1.0),
+        DataType::Uint32 => conv!(u32, 4, 1.0),
+        DataType::Int64 => conv!(i64, 8, 1.0),
+        DataType::Uint64 => conv!(u64, 8, 1.0),
     }
 }
 
@@ -126,25 +135,28 @@ pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
     if n == 0 {
         return f;
     }
-    let x: Vec<f32> = s
-        .bytes
-        .chunks_exact(size)
-        .map(|b| value(s.datatype, b))
-        .collect();
+    let x = to_f32(s.datatype, s.bytes);
     let nf = n as f32;
-    let mean = x.iter().sum::<f32>() / nf;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / nf;
-    let abs_mean = x.iter().map(|v| v.abs()).sum::<f32>() / nf;
-    let max = x.iter().copied().fold(f32::MIN, f32::max);
-    let min = x.iter().copied().fold(f32::MAX, f32::min);
+    let (mut sum, mut sum_sq, mut sum_abs) = (0f32, 0f32, 0f32);
+    let (mut max, mut min) = (f32::MIN, f32::MAX);
+    let (mut zc, mut rough) = (0u32, 0f32);
+    let mut prev = x[0];
+    for &v in &x {
+        sum += v;
+        sum_sq += v * v;
+        sum_abs += v.abs();
+        max = max.max(v);
+        min = min.min(v);
+        zc += u32::from((v >= 0.0) != (prev >= 0.0));
+        rough += (v - prev).abs();
+        prev = v;
+    }
+    let mean = sum / nf;
+    let var = (sum_sq / nf - mean * mean).max(0.0);
+    let abs_mean = sum_abs / nf;
     let peak = max.abs().max(min.abs()).max(1e-9);
     let sparse = x.iter().filter(|v| v.abs() < 0.1 * peak).count() as f32 / nf;
-    let zc = x
-        .windows(2)
-        .filter(|w| (w[0] >= 0.0) != (w[1] >= 0.0))
-        .count() as f32
-        / nf;
-    let rough = x.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f32>() / nf;
+    let (zc, rough) = (zc as f32 / nf, rough / nf);
     f[..8].copy_from_slice(&[mean, var.sqrt(), abs_mean, max, min, sparse, zc, rough]);
     for k in 0..SEGMENTS {
         let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];

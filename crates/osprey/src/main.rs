@@ -4,10 +4,12 @@
 //! - [`serve`]: `osprey serve`, the gateway with in-process agents and the bundled zoo.
 //! - [`profile`]: `osprey profile`, latency per variant and batch size -> `profile.toml`.
 //! - [`loadgen`]: `osprey loadgen`, closed- or open-loop load over HTTP or gRPC.
+//! - [`estimator`]: `osprey train-estimator`, data-aware accuracy estimators and their report.
 //! - [`overhead`]: `osprey overhead`, serving cost over direct engine calls, side by side.
 //!
 //! Only this crate reads the environment and the command line.
 
+mod estimator;
 mod loadgen;
 mod overhead;
 mod profile;
@@ -38,6 +40,8 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Measure per-request serving overhead over calling the engine directly.
     Overhead(overhead::OverheadArgs),
+    /// Train the data-aware accuracy estimators and report calibration and selection accuracy.
+    TrainEstimator(estimator::TrainArgs),
 }
 
 /// The bundled model zoo: `./models` when run from a checkout, else the one this binary was
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile::run(a),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Overhead(a) => overhead::run(a),
+        Command::TrainEstimator(a) => estimator::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
