@@ -45,6 +45,95 @@ fn default_threads() -> u32 {
     1
 }
 
+/// A tenant: who may call, with which objectives and quota.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// API keys as `sha256:<64 hex digits>` (see `osprey hash-key`); never the keys themselves.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Latency objective: the deadline of this tenant's requests, milliseconds.
+    #[serde(default = "default_slo_ms")]
+    pub latency_slo_ms: u64,
+    /// Accuracy objective: variants estimated below it are avoided when another can serve.
+    #[serde(default)]
+    pub accuracy_floor: f64,
+    /// Relative importance in the scheduler's utility and priority.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Rate quota, samples per second; none means unlimited.
+    pub rate: Option<f64>,
+    /// Burst allowance of the quota, samples.
+    pub burst: Option<u32>,
+    /// Models this tenant may use; empty means all.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+fn default_slo_ms() -> u64 {
+    1000
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Which per-request scheduling policy the gateway runs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// Utility scheduling with per-input (data-aware) accuracy estimates.
+    #[default]
+    DataAware,
+    /// Utility scheduling with profiled average accuracy.
+    Profiled,
+    /// Utility scheduling with per-class accuracy weighted by the recent label mix.
+    PerClass,
+    /// FIFO dynamic batching, always the most accurate variant.
+    MostAccurate,
+    /// FIFO dynamic batching, always the fastest variant.
+    Fastest,
+    /// FIFO dynamic batching on `fixed_variant` (Triton-like: no variant choice).
+    Fixed,
+}
+
+impl PolicyName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyName::DataAware => "data-aware",
+            PolicyName::Profiled => "profiled",
+            PolicyName::PerClass => "per-class",
+            PolicyName::MostAccurate => "most-accurate",
+            PolicyName::Fastest => "fastest",
+            PolicyName::Fixed => "fixed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSection {
+    pub policy: PolicyName,
+    /// Variant for `policy = "fixed"`; default: each model's middle variant.
+    pub fixed_variant: Option<String>,
+    /// β: weight of urgency against accuracy in the priority.
+    pub urgency_weight: f64,
+    /// λ: utility lost when a request misses its deadline.
+    pub miss_penalty: f64,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            policy: PolicyName::default(),
+            fixed_variant: None,
+            urgency_weight: 1.0,
+            miss_penalty: 1.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -56,6 +145,10 @@ pub struct ServerConfig {
     pub max_batch: u32,
     /// Local agents; empty means one agent with one thread per available core (max 4).
     pub agents: Vec<AgentConfig>,
+    /// Tenants; none means one `default` tenant with no key, no quota and
+    /// `limits.default_timeout_ms` as its latency objective.
+    pub tenants: Vec<TenantConfig>,
+    pub scheduler: SchedulerSection,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +160,8 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             max_batch: 16,
             agents: Vec::new(),
+            tenants: Vec::new(),
+            scheduler: SchedulerSection::default(),
         }
     }
 }
@@ -84,6 +179,36 @@ impl ServerConfig {
         if c.max_batch == 0 || c.limits.max_request_batch == 0 || c.limits.max_queue == 0 {
             return Err(Error::invalid(format!(
                 "{}: max_batch, max_request_batch and max_queue must be positive",
+                path.display()
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &c.tenants {
+            let bad =
+                |m: String| Error::invalid(format!("{}: tenant '{}': {m}", path.display(), t.name));
+            if !crate::model::is_valid_name(&t.name) || !names.insert(t.name.clone()) {
+                return Err(bad("names must be unique and match [A-Za-z0-9_.-]".into()));
+            }
+            for k in &t.api_keys {
+                let hex = k.strip_prefix("sha256:").unwrap_or("");
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad("api_keys must be 'sha256:<64 hex digits>' (make one with `osprey hash-key`)".into()));
+                }
+            }
+            if !(t.weight > 0.0 && t.weight.is_finite() && (0.0..=1.0).contains(&t.accuracy_floor))
+            {
+                return Err(bad(
+                    "weight must be positive and accuracy_floor within 0..1".into(),
+                ));
+            }
+            if t.latency_slo_ms == 0 || t.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err(bad("latency_slo_ms and rate must be positive".into()));
+            }
+        }
+        let s = &c.scheduler;
+        if !(s.urgency_weight >= 0.0 && s.miss_penalty >= 0.0) {
+            return Err(Error::invalid(format!(
+                "{}: urgency_weight and miss_penalty must be non-negative",
                 path.display()
             )));
         }
@@ -111,6 +236,23 @@ mod tests {
         let e = ServerConfig::parse("\n[limits]\nmax_qeue = 3\n", p).unwrap_err();
         assert!(
             e.message.contains("osprey.toml:3:") && e.message.contains("max_qeue"),
+            "{e}"
+        );
+        let key = format!("sha256:{}", "ab".repeat(32));
+        let t = format!(
+            "[scheduler]\npolicy = \"profiled\"\n[[tenants]]\nname = \"a\"\napi_keys = [\"{key}\"]\nrate = 5.0\n"
+        );
+        let c = ServerConfig::parse(&t, p).unwrap();
+        assert_eq!(
+            (c.scheduler.policy, c.tenants[0].latency_slo_ms),
+            (PolicyName::Profiled, 1000)
+        );
+        let e = ServerConfig::parse("[[tenants]]\nname = \"a\"\napi_keys = [\"secret\"]\n", p)
+            .unwrap_err();
+        assert!(e.message.contains("hash-key"), "{e}");
+        let e = ServerConfig::parse("[scheduler]\npolicy = \"magic\"\n", p).unwrap_err();
+        assert!(
+            e.message.contains("osprey.toml:2:") && e.message.contains("data-aware"),
             "{e}"
         );
     }

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     DeadlineExceeded,
     /// Missing or wrong credentials.
     Unauthenticated,
+    /// The tenant may not use this model.
+    PermissionDenied,
     /// A bug or an engine failure; the message is generic.
     Internal,
 }
@@ -37,6 +39,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::DeadlineExceeded => 504,
             ErrorCode::Unauthenticated => 401,
+            ErrorCode::PermissionDenied => 403,
             ErrorCode::Internal => 500,
         }
     }
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 14,
             ErrorCode::DeadlineExceeded => 4,
             ErrorCode::Unauthenticated => 16,
+            ErrorCode::PermissionDenied => 7,
             ErrorCode::Internal => 13,
         }
     }
@@ -64,6 +68,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
         }
     }

@@ -23,6 +23,10 @@ pub struct BatchProfile {
 #[serde(deny_unknown_fields)]
 pub struct VariantProfile {
     pub name: String,
+    /// Extra latency of the first batch after another variant ran on the same worker, µs
+    /// (cold caches); the scheduler charges it to variant switches.
+    #[serde(default)]
+    pub swap_us: f64,
     /// Sorted by batch size.
     pub batches: Vec<BatchProfile>,
 }
@@ -130,6 +134,7 @@ mod tests {
     fn latency_interpolates_and_extrapolates() {
         let v = VariantProfile {
             name: "v".into(),
+            swap_us: 0.0,
             batches: vec![bp(1, 100.0), bp(4, 250.0), bp(8, 450.0)],
         };
         assert_eq!(v.latency_us(1, Quantile::P50), Some(100.0));
@@ -139,6 +144,7 @@ mod tests {
         assert!(v.latency_us(4, Quantile::P99).unwrap() > v.latency_us(4, Quantile::P50).unwrap());
         let empty = VariantProfile {
             name: "e".into(),
+            swap_us: 0.0,
             batches: vec![],
         };
         assert_eq!(empty.latency_us(1, Quantile::P50), None);
@@ -150,6 +156,7 @@ mod tests {
             host: "h".into(),
             variants: vec![VariantProfile {
                 name: "v".into(),
+                swap_us: 0.0,
                 batches: vec![bp(1, 10.0)],
             }],
         };

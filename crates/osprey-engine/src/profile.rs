@@ -73,6 +73,7 @@ pub fn profile_variant(
     }
     Ok(VariantProfile {
         name: name.to_string(),
+        swap_us: 0.0,
         batches,
     })
 }

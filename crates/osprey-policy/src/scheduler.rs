@@ -263,6 +263,12 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Removes a queued request (its client went away).
+    pub fn remove(&mut self, id: u64) -> Option<Request> {
+        let i = self.queue.iter().position(|r| r.id == id)?;
+        Some(self.queue.remove(i))
+    }
+
     /// Removes and returns every queued request (shutdown, tests).
     pub fn drain(&mut self) -> Vec<Request> {
         std::mem::take(&mut self.queue)
@@ -459,6 +465,7 @@ mod tests {
     fn profile(per_batch_us: &[(u32, f64)]) -> VariantProfile {
         VariantProfile {
             name: "v".into(),
+            swap_us: 0.0,
             batches: per_batch_us
                 .iter()
                 .map(|&(b, us)| BatchProfile {
@@ -707,7 +714,7 @@ mod tests {
                 k += 1;
             }
         }
-        drop(end);
+
         assert_eq!(
             ended.len(),
             arrivals.len(),

@@ -17,6 +17,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 /// One request inside a batch.
 pub struct Member {
     pub req: ValidRequest,
+    pub tenant: String,
+    /// The estimated accuracy of this input on the batch's variant.
+    pub estimate: f64,
     pub enqueued: Instant,
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<InferOutcome>>,
@@ -189,7 +192,19 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
     }
     let done = Instant::now();
     let _ = t0;
+    let classes = model.spec.labels.len();
     for (m, outputs) in members.into_iter().zip(per_member) {
+        if let Some(first) = outputs.first()
+            && classes > 0
+            && let Ok(p) = first.to_f32()
+        {
+            for row in p.chunks_exact(classes) {
+                let arg = (0..classes)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap_or(0);
+                model.estimator.observe(arg);
+            }
+        }
         let queue = dispatched.saturating_duration_since(m.enqueued);
         metrics
             .queue
@@ -209,8 +224,9 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
             queue,
             compute,
             deadline_met: done <= m.deadline,
-            estimated_accuracy: ve.spec.accuracy,
+            estimated_accuracy: m.estimate,
             batch_size: rows,
+            tenant: m.tenant,
         }));
     }
 }

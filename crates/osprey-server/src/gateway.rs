@@ -3,25 +3,27 @@
 //!
 //! ```text
 //! protocol edge --(InputTensor)--> Gateway::validate --(ValidRequest)--> Gateway::infer
-//!   -> variant chosen now (osprey_policy::select), or refused at once if no variant can
-//!      meet the deadline
-//!   -> bounded per-model queue (full => UNAVAILABLE)
-//!   -> scheduling loop: waits for a free worker, then osprey_policy::batcher::next_batch
-//!      expires late requests and groups the oldest request's variant into one batch
+//!   -> tenant: model allowed? quota (429)? deadline = now + min(SLO, timeout, deadline_ms)
+//!   -> accuracy estimate per variant for this input (the model's estimator; cost measured)
+//!   -> bounded channel to the model's scheduling loop (full => UNAVAILABLE)
+//!   -> loop (an actor owning an osprey_policy::scheduler::Scheduler):
+//!        admit -> refuse at once (504 cannot meet / 503 capacity) or queue
+//!        worker free -> next_batch: expired answered 504 now, one batch + variant to run
 //!   -> agent worker runs it and answers every member exactly once
 //! ```
 
 use crate::agent::{Job, LocalAgent, Member};
 use crate::metrics::{Metrics, ModelLabels};
-use osprey_core::config::Limits;
+use crate::tenants::Tenants;
+use osprey_core::config::{Limits, PolicyName, SchedulerSection, TenantConfig};
 use osprey_core::error::{Error, ErrorCode, Result};
 use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
 use osprey_core::profile::{ModelProfile, Quantile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
-use osprey_policy::batcher::{Queued, next_batch};
-use osprey_policy::select::{Candidate, Selection, most_accurate_within};
-use std::collections::{BTreeMap, VecDeque};
+use osprey_policy::estimate::{AccuracyEstimator, DataAware, PerClass, Profiled, Sample};
+use osprey_policy::scheduler::{Reject, Request, Rule, Scheduler, SchedulerConfig, VariantModel};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -41,8 +43,11 @@ pub struct RequestOptions {
     pub timeout_us: Option<u64>,
     /// Osprey's `deadline_ms` parameter.
     pub deadline_ms: Option<u64>,
-    /// Triton's `priority` (accepted; ordering by priority comes with tenant scheduling).
+    /// Triton's `priority`: 1 is the highest; a level p >= 1 multiplies the tenant's weight
+    /// by 1 + 1/p (0 or absent: the tenant's weight).
     pub priority: Option<u64>,
+    /// Osprey's `min_accuracy`: raises the tenant's accuracy floor for this request.
+    pub min_accuracy: Option<f64>,
 }
 
 /// A request that passed validation: only these enter a queue.
@@ -57,7 +62,8 @@ pub struct ValidRequest {
     pub rows: u32,
     /// Indices of the outputs to return, in the order requested (all when not specified).
     pub outputs: Vec<usize>,
-    pub timeout: Duration,
+    /// The tighter of the request's `timeout` and `deadline_ms`, if it named one.
+    pub timeout: Option<Duration>,
 }
 
 /// What a successful inference returns to the protocol layer.
@@ -71,8 +77,10 @@ pub struct InferOutcome {
     pub queue: Duration,
     pub compute: Duration,
     pub deadline_met: bool,
+    /// The estimate for this input on the variant that answered.
     pub estimated_accuracy: f64,
     pub batch_size: u32,
+    pub tenant: String,
 }
 
 /// Cumulative duration, as the statistics extension reports it.
@@ -122,6 +130,7 @@ pub struct VariantEntry {
 pub struct ModelEntry {
     pub spec: ModelSpec,
     pub variants: Vec<VariantEntry>,
+    pub estimator: Box<dyn AccuracyEstimator>,
     queue: mpsc::Sender<Pending>,
 }
 
@@ -158,10 +167,14 @@ impl ModelEntry {
     }
 }
 
-/// A request waiting in a model's queue.
+/// A request on its way to a model's scheduling loop.
 pub(crate) struct Pending {
     pub req: ValidRequest,
-    pub variant: usize,
+    pub tenant: usize,
+    pub tenant_name: String,
+    pub weight: f64,
+    pub floor: f64,
+    pub estimate: Vec<f64>,
     pub enqueued: Instant,
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<InferOutcome>>,
@@ -175,10 +188,15 @@ pub struct GatewayConfig {
     pub max_batch: u32,
     pub agent_threads: u32,
     pub agent_name: String,
+    pub tenants: Vec<TenantConfig>,
+    pub scheduler: SchedulerSection,
 }
 
 pub struct Gateway {
     models: BTreeMap<String, Arc<ModelEntry>>,
+    pub tenants: Tenants,
+    pub policy: PolicyName,
+    epoch: Instant,
     problems: Vec<RepositoryProblem>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
@@ -187,8 +205,66 @@ pub struct Gateway {
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// Planning quantile: the selector plans with p90 service time.
+/// Planning quantile: the scheduler plans with p90 service time.
 const PLAN_QUANTILE: Quantile = Quantile::P90;
+
+/// Builds the estimator a policy uses for one model.
+fn estimator_for(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator> {
+    let profiled = || {
+        Box::new(Profiled {
+            accuracy: spec.variants.iter().map(|v| v.accuracy).collect(),
+        })
+    };
+    match policy {
+        PolicyName::DataAware => {
+            let path = spec.dir.join("estimator.json");
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<DataAware>(&t).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(m) if m.variants.iter().eq(spec.variants.iter().map(|v| &v.name)) => Box::new(m),
+                Ok(_) => {
+                    tracing::warn!(model = %spec.name, "estimator.json names other variants; using profiled accuracy");
+                    profiled()
+                }
+                Err(e) => {
+                    tracing::warn!(model = %spec.name, "no data-aware estimator ({e}); run `osprey train-estimator`; using profiled accuracy");
+                    profiled()
+                }
+            }
+        }
+        PolicyName::PerClass
+            if spec
+                .variants
+                .iter()
+                .all(|v| v.class_accuracy.len() == spec.labels.len()) =>
+        {
+            Box::new(PerClass::new(
+                spec.variants
+                    .iter()
+                    .map(|v| v.class_accuracy.clone())
+                    .collect(),
+                200.0,
+            ))
+        }
+        _ => profiled(),
+    }
+}
+
+fn rule_for(section: &SchedulerSection, spec: &ModelSpec) -> Rule {
+    match section.policy {
+        PolicyName::DataAware | PolicyName::Profiled | PolicyName::PerClass => Rule::Utility,
+        PolicyName::MostAccurate => Rule::MostAccurate,
+        PolicyName::Fastest => Rule::Fastest,
+        PolicyName::Fixed => Rule::Fixed(
+            section
+                .fixed_variant
+                .as_ref()
+                .and_then(|n| spec.variants.iter().position(|v| &v.name == n))
+                .unwrap_or(spec.variants.len() / 2),
+        ),
+    }
+}
 
 impl Gateway {
     /// Loads every model's variants (a variant that fails to load makes its model a problem,
@@ -254,18 +330,24 @@ impl Gateway {
                 continue;
             }
             let (tx, rx) = mpsc::channel(config.limits.max_queue);
+            let estimator = estimator_for(config.scheduler.policy, &spec);
             let entry = Arc::new(ModelEntry {
                 spec,
                 variants,
+                estimator,
                 queue: tx,
             });
             receivers.push((entry.clone(), rx));
             models.insert(entry.spec.name.clone(), entry);
         }
+        let epoch = Instant::now();
         let gw = Arc::new(Gateway {
             models,
+            tenants: Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0),
+            policy: config.scheduler.policy,
+            epoch,
             problems,
-            limits: config.limits,
+            limits: config.limits.clone(),
             metrics,
             draining: AtomicBool::new(false),
             agent,
@@ -275,14 +357,31 @@ impl Gateway {
         let handles = receivers
             .into_iter()
             .map(|(entry, rx)| {
-                let rows = max_batch.min(entry.spec.max_batch_size).max(1);
-                tokio::spawn(schedule_loop(
+                let cfg = SchedulerConfig {
+                    rule: rule_for(&config.scheduler, &entry.spec),
+                    max_rows: max_batch.min(entry.spec.max_batch_size).max(1),
+                    max_queue: config.limits.max_queue,
+                    quantile: PLAN_QUANTILE,
+                    urgency_weight: config.scheduler.urgency_weight,
+                    miss_penalty: config.scheduler.miss_penalty,
+                    workers: config.agent_threads.max(1),
+                };
+                let variants = entry
+                    .variants
+                    .iter()
+                    .map(|v| VariantModel {
+                        profile: v.profile.clone(),
+                        accuracy: v.spec.accuracy,
+                        swap_us: v.profile.swap_us,
+                    })
+                    .collect();
+                let ctx = LoopContext {
                     entry,
-                    rx,
-                    gw.agent.clone(),
-                    gw.metrics.clone(),
-                    rows,
-                ))
+                    agent: gw.agent.clone(),
+                    metrics: gw.metrics.clone(),
+                    epoch,
+                };
+                tokio::spawn(schedule_loop(ctx, rx, Scheduler::new(cfg, variants)))
             })
             .collect();
         *gw.loops.lock().unwrap_or_else(|e| e.into_inner()) = handles;
@@ -387,16 +486,21 @@ impl Gateway {
         if out_idx.is_empty() {
             out_idx = (0..spec.outputs.len()).collect();
         }
-        let default_ms = self.limits.default_timeout_ms;
-        let mut timeout = Duration::from_millis(default_ms);
+        let mut timeout: Option<Duration> = None;
         if let Some(us) = opts.timeout_us.filter(|&us| us > 0) {
-            timeout = timeout.min(Duration::from_micros(us));
+            timeout = Some(Duration::from_micros(us));
         }
         if let Some(ms) = opts.deadline_ms {
             if ms == 0 {
                 return Err(Error::invalid("deadline_ms must be positive"));
             }
-            timeout = timeout.min(Duration::from_millis(ms));
+            let d = Duration::from_millis(ms);
+            timeout = Some(timeout.map_or(d, |t| t.min(d)));
+        }
+        if let Some(a) = opts.min_accuracy
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(Error::invalid("min_accuracy must be within 0..1"));
         }
         Ok(ValidRequest {
             model: entry,
@@ -409,59 +513,82 @@ impl Gateway {
         })
     }
 
-    /// Admits, queues and awaits one request. Every admitted request ends in exactly one
-    /// answer: the outcome or an explicit error.
-    pub async fn infer(&self, req: ValidRequest) -> Result<InferOutcome> {
+    /// Microseconds on the gateway's clock.
+    pub fn now_us(&self) -> u64 {
+        micros(self.epoch, Instant::now())
+    }
+
+    /// Resolves the caller of a request from its `Authorization` value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<usize> {
+        self.tenants.authenticate(authorization)
+    }
+
+    /// Admits, queues and awaits one request of `tenant`. Every admitted request ends in
+    /// exactly one answer: the outcome or an explicit error.
+    pub async fn infer(
+        &self,
+        req: ValidRequest,
+        tenant: usize,
+        opts: &RequestOptions,
+    ) -> Result<InferOutcome> {
         let entry = req.model.clone();
         let model = entry.name().to_string();
-        let fail = |e: Error, variant: &str| {
-            self.metrics.request(&model, variant, e.code.label());
+        let tcfg = &self.tenants.get(tenant).config;
+        let tenant_name = tcfg.name.clone();
+        let fail = |e: Error| {
+            self.metrics.request(&model, "", e.code.label());
+            self.metrics
+                .tenant_outcome(&tenant_name, &model, e.code.label());
             e
         };
         if self.draining.load(Ordering::Relaxed) {
-            return Err(fail(Error::unavailable("server is shutting down"), ""));
+            return Err(fail(Error::unavailable("server is shutting down")));
         }
         let now = Instant::now();
-        let deadline = now + req.timeout;
-        let cands: Vec<Candidate> = entry
-            .variants
-            .iter()
-            .map(|v| Candidate {
-                accuracy: v.spec.accuracy,
-                latency_us: v.profile.latency_us(req.rows, PLAN_QUANTILE).unwrap_or(0.0),
-            })
-            .collect();
-        let variant = match most_accurate_within(&cands, req.timeout.as_micros() as f64, req.pinned)
-        {
-            Selection::Variant(v) => v,
-            Selection::CannotMeetDeadline => {
-                let fastest = cands
-                    .iter()
-                    .map(|c| c.latency_us)
-                    .fold(f64::INFINITY, f64::min);
-                let which = match req.pinned {
-                    Some(p) => format!("variant '{}' needs", entry.variants[p].spec.name),
-                    None => "the fastest variant needs".into(),
-                };
-                let need = req.pinned.map_or(fastest, |p| cands[p].latency_us);
-                return Err(fail(
-                    Error::new(
-                        ErrorCode::DeadlineExceeded,
-                        format!(
-                            "cannot meet the deadline: {which} ~{:.0} us for {} sample(s), the request allows {} us",
-                            need,
-                            req.rows,
-                            req.timeout.as_micros()
-                        ),
-                    ),
-                    "",
-                ));
-            }
+        self.tenants
+            .admit(tenant, &model, req.rows, micros(self.epoch, now))
+            .map_err(fail)?;
+        let slo = Duration::from_millis(tcfg.latency_slo_ms);
+        let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
+        let floor = tcfg.accuracy_floor.max(opts.min_accuracy.unwrap_or(0.0));
+        let boost = match opts.priority {
+            Some(p) if p > 0 => 1.0 + 1.0 / p as f64,
+            _ => 1.0,
         };
+        let weight = tcfg.weight * boost;
+        // Per-input accuracy estimate, averaged over the request's samples.
+        let t0 = Instant::now();
+        let nv = entry.variants.len();
+        let mut estimate = vec![0.0; nv];
+        let mut row = vec![0.0; nv];
+        let input = &req.inputs[0];
+        let per = input.data.len() / (req.rows.max(1) as usize);
+        for chunk in input.data.chunks(per.max(1)).take(req.rows as usize) {
+            entry.estimator.estimate(
+                Sample {
+                    datatype: input.datatype,
+                    bytes: chunk,
+                },
+                &mut row,
+            );
+            for (e, r) in estimate.iter_mut().zip(&row) {
+                *e += r / f64::from(req.rows.max(1));
+            }
+        }
+        self.metrics
+            .estimator
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .observe(t0.elapsed().as_secs_f64());
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             req,
-            variant,
+            tenant,
+            tenant_name: tenant_name.clone(),
+            weight,
+            floor,
+            estimate,
             enqueued: now,
             deadline,
             reply: tx,
@@ -476,16 +603,13 @@ impl Gateway {
         match entry.queue.try_send(pending) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(fail(
-                    Error::unavailable(format!(
-                        "model '{model}' queue is full ({} waiting); retry later",
-                        self.limits.max_queue
-                    )),
-                    &entry.variants[variant].spec.name,
-                ));
+                return Err(fail(Error::unavailable(format!(
+                    "model '{model}' has {} requests waiting; retry later",
+                    self.limits.max_queue
+                ))));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(fail(Error::unavailable("server is shutting down"), ""));
+                return Err(fail(Error::unavailable("server is shutting down")));
             }
         }
         gauge.inc();
@@ -493,10 +617,23 @@ impl Gateway {
             .await
             .unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
         gauge.dec();
-        let vname = &entry.variants[variant].spec.name;
         match &res {
-            Ok(_) => self.metrics.request(&model, vname, "success"),
-            Err(e) => self.metrics.request(&model, vname, e.code.label()),
+            Ok(o) => {
+                let vname = &entry.variants[o.variant].spec.name;
+                self.metrics.request(&model, vname, "success");
+                self.metrics.tenant_outcome(
+                    &tenant_name,
+                    &model,
+                    if o.deadline_met { "met" } else { "late" },
+                );
+                self.metrics
+                    .tenant_accuracy(&tenant_name, &model, o.estimated_accuracy);
+            }
+            Err(e) => {
+                self.metrics.request(&model, "", e.code.label());
+                self.metrics
+                    .tenant_outcome(&tenant_name, &model, e.code.label());
+            }
         }
         res
     }
@@ -530,88 +667,166 @@ fn micros(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_micros() as u64
 }
 
-async fn schedule_loop(
+struct LoopContext {
     entry: Arc<ModelEntry>,
-    mut rx: mpsc::Receiver<Pending>,
     agent: Arc<LocalAgent>,
     metrics: Arc<Metrics>,
-    max_rows: u32,
-) {
-    let epoch = Instant::now();
-    let mut local: VecDeque<Pending> = VecDeque::new();
-    loop {
-        if local.is_empty() {
-            match rx.recv().await {
-                Some(p) => local.push_back(p),
-                None => return,
-            }
-        }
-        let Some(permit) = agent.acquire().await else {
-            return;
+    epoch: Instant,
+}
+
+/// A request admitted by the scheduler, waiting for its batch.
+struct Waiting {
+    req: ValidRequest,
+    tenant_name: String,
+    estimate: Vec<f64>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<InferOutcome>>,
+}
+
+/// How long a loop with queued work but nothing runnable waits before planning again.
+const REPLAN_INTERVAL: Duration = Duration::from_micros(500);
+
+impl LoopContext {
+    fn admit(
+        &self,
+        sched: &mut Scheduler,
+        waiting: &mut HashMap<u64, Waiting>,
+        next_id: &mut u64,
+        p: Pending,
+    ) {
+        let id = *next_id;
+        *next_id += 1;
+        let r = Request {
+            id,
+            tenant: p.tenant,
+            rows: p.req.rows,
+            arrival: micros(self.epoch, p.enqueued),
+            deadline: micros(self.epoch, p.deadline),
+            weight: p.weight,
+            floor: p.floor,
+            pinned: p.req.pinned,
+            estimate: p.estimate.clone(),
         };
-        while let Ok(p) = rx.try_recv() {
-            local.push_back(p);
-        }
-        // Clients that went away are dropped before planning.
-        local.retain(|p| !p.reply.is_closed());
-        let now = Instant::now();
-        let view: Vec<Queued> = local
-            .iter()
-            .map(|p| Queued {
-                variant: p.variant,
-                rows: p.req.rows,
-                deadline: micros(epoch, p.deadline),
-            })
-            .collect();
-        let plan = next_batch(&view, micros(epoch, now), max_rows);
-        let mut taken: Vec<(usize, bool)> = plan
-            .expired
-            .iter()
-            .map(|&i| (i, false))
-            .chain(plan.members.iter().map(|&i| (i, true)))
-            .collect();
-        taken.sort_unstable_by_key(|t| std::cmp::Reverse(t.0));
-        let mut members = Vec::with_capacity(plan.members.len());
-        for (i, run) in taken {
-            let Some(p) = local.remove(i) else { continue };
-            if run {
-                members.push(p);
-            } else {
-                let waited = now.saturating_duration_since(p.enqueued);
-                let vs = &entry.variants[p.variant];
-                if let Ok(mut s) = vs.stats.lock() {
-                    s.fail.add(waited);
-                }
-                let _ = p.reply.send(Err(Error::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!(
-                        "deadline exceeded after {} us in the queue",
-                        waited.as_micros()
+        let t = Instant::now();
+        let admitted = sched.admit(micros(self.epoch, t), r);
+        self.metrics.decision.observe(t.elapsed().as_secs_f64());
+        match admitted {
+            Ok(()) => {
+                waiting.insert(
+                    id,
+                    Waiting {
+                        req: p.req,
+                        tenant_name: p.tenant_name,
+                        estimate: p.estimate,
+                        enqueued: p.enqueued,
+                        deadline: p.deadline,
+                        reply: p.reply,
+                    },
+                );
+            }
+            Err((why, r)) => {
+                let fastest = (0..self.entry.variants.len())
+                    .map(|v| sched.latency(v, r.rows))
+                    .fold(f64::INFINITY, f64::min);
+                let left = r.deadline.saturating_sub(r.arrival);
+                let e = match why {
+                    Reject::QueueFull => Error::unavailable(format!(
+                        "model '{}' queue is full ({} waiting); retry later",
+                        self.entry.name(),
+                        sched.len()
+                    )),
+                    Reject::Capacity => Error::unavailable(format!(
+                        "not enough capacity to answer within {left} us: {} requests are ahead; retry later or allow more time",
+                        sched.len()
+                    )),
+                    Reject::CannotMeetDeadline => Error::new(
+                        ErrorCode::DeadlineExceeded,
+                        format!(
+                            "cannot meet the deadline: the fastest allowed variant needs ~{fastest:.0} us for {} sample(s), the request allows {left} us",
+                            r.rows
+                        ),
                     ),
-                )));
+                };
+                let _ = p.reply.send(Err(e));
             }
         }
-        if members.is_empty() {
-            continue;
+    }
+}
+
+async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sched: Scheduler) {
+    let mut waiting: HashMap<u64, Waiting> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            biased;
+            msg = rx.recv() => match msg {
+                Some(p) => {
+                    ctx.admit(&mut sched, &mut waiting, &mut next_id, p);
+                    stalled = false;
+                }
+                None => break,
+            },
+            permit = ctx.agent.acquire(), if !sched.is_empty() && !stalled => {
+                let Some(permit) = permit else { break };
+                while let Ok(p) = rx.try_recv() {
+                    ctx.admit(&mut sched, &mut waiting, &mut next_id, p);
+                }
+                // Clients that went away are dropped before planning.
+                let gone: Vec<u64> = waiting.iter().filter(|(_, w)| w.reply.is_closed()).map(|(id, _)| *id).collect();
+                for id in gone {
+                    sched.remove(id);
+                    waiting.remove(&id);
+                }
+                let t = Instant::now();
+                let plan = sched.next_batch(micros(ctx.epoch, t));
+                ctx.metrics.decision.observe(t.elapsed().as_secs_f64());
+                for r in plan.expired {
+                    if let Some(w) = waiting.remove(&r.id) {
+                        let waited = t.saturating_duration_since(w.enqueued);
+                        if let Some(vs) = ctx.entry.variants.first() && let Ok(mut s) = vs.stats.lock() {
+                            s.fail.add(waited);
+                        }
+                        let _ = w.reply.send(Err(Error::new(
+                            ErrorCode::DeadlineExceeded,
+                            format!("deadline can no longer be met after {} us in the queue", waited.as_micros()),
+                        )));
+                    }
+                }
+                match plan.batch {
+                    Some(b) => {
+                        let members = b
+                            .members
+                            .iter()
+                            .filter_map(|r| waiting.remove(&r.id))
+                            .map(|w| Member {
+                                estimate: w.estimate.get(b.variant).copied().unwrap_or(0.0),
+                                tenant: w.tenant_name,
+                                req: w.req,
+                                enqueued: w.enqueued,
+                                deadline: w.deadline,
+                                reply: w.reply,
+                            })
+                            .collect::<Vec<_>>();
+                        if !members.is_empty() {
+                            ctx.agent.submit(Job { model: ctx.entry.clone(), variant: b.variant, members, dispatched: t, permit });
+                        }
+                    }
+                    None => {
+                        drop(permit);
+                        stalled = !sched.is_empty();
+                    }
+                }
+            },
+            _ = tokio::time::sleep(REPLAN_INTERVAL), if stalled => stalled = false,
         }
-        members.reverse();
-        let members = members
-            .into_iter()
-            .map(|p| Member {
-                req: p.req,
-                enqueued: p.enqueued,
-                deadline: p.deadline,
-                reply: p.reply,
-            })
-            .collect();
-        let _ = &metrics;
-        agent.submit(Job {
-            model: entry.clone(),
-            variant: plan.variant,
-            members,
-            dispatched: now,
-            permit,
-        });
+    }
+    // The channel closed (shutdown): nothing queued may be left unanswered.
+    for w in waiting.into_values() {
+        let _ = w
+            .reply
+            .send(Err(Error::unavailable("server is shutting down")));
     }
 }
 

@@ -28,6 +28,17 @@ pub fn status(e: Error) -> Status {
 
 type R<T> = Result<Response<T>, Status>;
 
+impl InferenceService {
+    /// Resolves the caller from the `authorization` metadata entry.
+    fn tenant<T>(&self, r: &Request<T>) -> Result<usize, Status> {
+        let h = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.gw.authenticate(h).map_err(status)
+    }
+}
+
 fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_response::TensorMetadata {
     pb::model_metadata_response::TensorMetadata {
         name: t.name.clone(),
@@ -54,6 +65,18 @@ fn param_u64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
         Some(C::Uint64Param(v)) => Ok(Some(*v)),
         Some(_) => Err(Error::invalid(format!(
             "parameter '{key}' must be a non-negative integer"
+        ))),
+    }
+}
+
+fn param_f64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Option<f64>, Error> {
+    use pb::infer_parameter::ParameterChoice as C;
+    match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(C::DoubleParam(v)) => Ok(Some(*v)),
+        Some(C::Int64Param(v)) => Ok(Some(*v as f64)),
+        Some(_) => Err(Error::invalid(format!(
+            "parameter '{key}' must be a number"
         ))),
     }
 }
@@ -117,6 +140,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
+        self.tenant(&r)?;
         let r = r.into_inner();
         let ready = model_ready(&self.gw, &r.name, &r.version).is_ok() && self.gw.is_ready();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
@@ -124,8 +148,9 @@ impl GrpcInferenceService for InferenceService {
 
     async fn server_metadata(
         &self,
-        _: Request<pb::ServerMetadataRequest>,
+        r: Request<pb::ServerMetadataRequest>,
     ) -> R<pb::ServerMetadataResponse> {
+        self.tenant(&r)?;
         Ok(Response::new(pb::ServerMetadataResponse {
             name: SERVER_NAME.into(),
             version: SERVER_VERSION.into(),
@@ -137,6 +162,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::ModelMetadataRequest>,
     ) -> R<pb::ModelMetadataResponse> {
+        self.tenant(&r)?;
         let r = r.into_inner();
         let m = model_ready(&self.gw, &r.name, &r.version)?;
         Ok(Response::new(pb::ModelMetadataResponse {
@@ -149,6 +175,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_config(&self, r: Request<pb::ModelConfigRequest>) -> R<pb::ModelConfigResponse> {
+        self.tenant(&r)?;
         let r = r.into_inner();
         let m = model_ready(&self.gw, &r.name, &r.version)?;
         let config = pb::ModelConfig {
@@ -186,6 +213,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::ModelStatisticsRequest>,
     ) -> R<pb::ModelStatisticsResponse> {
+        self.tenant(&r)?;
         let r = r.into_inner();
         let models: Vec<&Arc<ModelEntry>> = if r.name.is_empty() {
             self.gw.models().collect()
@@ -243,6 +271,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::RepositoryIndexRequest>,
     ) -> R<pb::RepositoryIndexResponse> {
+        self.tenant(&r)?;
         use pb::repository_index_response::ModelIndex;
         let ready_only = r.into_inner().ready;
         let mut models: Vec<ModelIndex> = self
@@ -269,6 +298,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
+        let tenant = self.tenant(&r)?;
         let r = r.into_inner();
         let gw = &self.gw;
         let result = async {
@@ -315,6 +345,7 @@ impl GrpcInferenceService for InferenceService {
                 timeout_us: param_u64(&r.parameters, "timeout")?,
                 deadline_ms: param_u64(&r.parameters, "deadline_ms")?,
                 priority: param_u64(&r.parameters, "priority")?,
+                min_accuracy: param_f64(&r.parameters, "min_accuracy")?,
             };
             for o in &r.outputs {
                 if o.parameters.contains_key("classification") {
@@ -332,7 +363,7 @@ impl GrpcInferenceService for InferenceService {
                 &names,
                 &opts,
             )?;
-            gw.infer(valid).await
+            gw.infer(valid, tenant, &opts).await
         }
         .await;
         let o = match result {

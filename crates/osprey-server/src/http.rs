@@ -41,12 +41,35 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The authenticated caller, set by the auth layer on every route but health.
+#[derive(Clone, Copy)]
+pub struct TenantId(pub usize);
+
+async fn authenticate(
+    State(gw): State<Arc<Gateway>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match gw.authenticate(h) {
+        Ok(t) => {
+            req.extensions_mut().insert(TenantId(t));
+            next.run(req).await
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
 pub fn router(gw: Arc<Gateway>) -> Router {
     let limit = gw.limits.max_body_bytes;
+    let health = Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready));
     Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
         .route(
@@ -72,6 +95,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gw.clone(),
+            authenticate,
+        ))
+        .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(gw)
@@ -324,15 +352,6 @@ struct OutputJson {
     parameters: Map<String, Value>,
 }
 
-/// Reads the request options shared by both protocols from a parameter map.
-pub fn options_from(params: impl Fn(&str) -> Option<u64>) -> RequestOptions {
-    RequestOptions {
-        timeout_us: params("timeout"),
-        deadline_ms: params("deadline_ms"),
-        priority: params("priority"),
-    }
-}
-
 fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
     match params.get(key) {
         None => Ok(None),
@@ -345,10 +364,11 @@ fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Erro
 async fn infer(
     State(gw): State<Arc<Gateway>>,
     Path(model): Path<String>,
+    axum::Extension(tenant): axum::Extension<TenantId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, String::new(), headers, body)
+    infer_inner(gw, model, String::new(), tenant, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -356,10 +376,11 @@ async fn infer(
 async fn infer_v(
     State(gw): State<Arc<Gateway>>,
     Path((model, version)): Path<(String, String)>,
+    axum::Extension(tenant): axum::Extension<TenantId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, version, headers, body)
+    infer_inner(gw, model, version, tenant, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -368,6 +389,7 @@ async fn infer_inner(
     gw: Arc<Gateway>,
     model: String,
     version: String,
+    tenant: TenantId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -376,7 +398,7 @@ async fn infer_inner(
     } else {
         ""
     };
-    let result = decode_and_run(&gw, &model, &version, &headers, body).await;
+    let result = decode_and_run(&gw, &model, &version, tenant.0, &headers, body).await;
     if let Err(ApiError(e)) = &result {
         // Admission and execution outcomes are counted by the gateway; count edge errors here.
         if matches!(
@@ -393,6 +415,7 @@ async fn decode_and_run(
     gw: &Gateway,
     model: &str,
     version: &str,
+    tenant: usize,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -496,6 +519,13 @@ async fn decode_and_run(
         timeout_us: param_u64(p, "timeout")?,
         deadline_ms: param_u64(p, "deadline_ms")?,
         priority: param_u64(p, "priority")?,
+        min_accuracy: match p.get("min_accuracy") {
+            None => None,
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| Error::invalid("parameter 'min_accuracy' must be a number"))?,
+            ),
+        },
     };
     let binary_default = match p.get("binary_data_output") {
         None => false,
@@ -521,7 +551,7 @@ async fn decode_and_run(
     let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
     let id = req.id.unwrap_or_default();
     let valid = gw.validate(model, version, id.clone(), inputs, &names, &opts)?;
-    let outcome = gw.infer(valid).await?;
+    let outcome = gw.infer(valid, tenant, &opts).await?;
     Ok(encode_response(&outcome, &id, &binary_out, binary_default))
 }
 
@@ -535,6 +565,7 @@ pub fn outcome_parameters(o: &InferOutcome) -> Vec<(&'static str, Value)> {
         ("compute_us", json!(o.compute.as_micros() as u64)),
         ("deadline_met", json!(o.deadline_met)),
         ("batch_size", json!(o.batch_size)),
+        ("tenant", json!(o.tenant)),
     ]
 }
 

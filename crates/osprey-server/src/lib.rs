@@ -9,6 +9,7 @@
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
+//! - [`tenants`]: API keys (hashed, constant-time), objectives, rate quotas.
 
 pub mod agent;
 pub mod gateway;
@@ -16,6 +17,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod tenants;
 
 /// Generated Open Inference Protocol messages and service.
 pub mod pb {

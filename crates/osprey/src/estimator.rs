@@ -89,10 +89,10 @@ pub fn evaluate(p: &Problem) -> (DataAware, Report) {
     let calib = |est: &dyn Fn(usize, usize) -> f64| {
         let mut b = Vec::new();
         let mut e = Vec::new();
-        for v in 0..nv {
+        for (v, out) in outcome.iter().enumerate() {
             let pred: Vec<f64> = (0..test.len()).map(|k| est(v, k)).collect();
-            b.push(brier(&pred, &outcome[v]));
-            e.push(ece(&pred, &outcome[v], 10));
+            b.push(brier(&pred, out));
+            e.push(ece(&pred, out, 10));
         }
         (mean(&b), mean(&e))
     };
@@ -147,12 +147,15 @@ pub fn evaluate(p: &Problem) -> (DataAware, Report) {
     (model, Report { rows })
 }
 
+/// variant -> (confidence, count, correct) for one (image, target).
+type PerVariant = BTreeMap<String, (f32, f32, bool)>;
+
 /// Reads ROHE's group_count.csv into a problem: features are the cheapest detector's
 /// confidence and count plus a one-hot target class.
 pub fn rohe_problem(path: &PathBuf) -> Result<Problem, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     // (image, target) -> variant -> (confidence, count, correct)
-    let mut rows: BTreeMap<(String, String), BTreeMap<String, (f32, f32, bool)>> = BTreeMap::new();
+    let mut rows: BTreeMap<(String, String), PerVariant> = BTreeMap::new();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
     let col = |n: &str| {

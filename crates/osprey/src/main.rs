@@ -42,6 +42,11 @@ enum Command {
     Overhead(overhead::OverheadArgs),
     /// Train the data-aware accuracy estimators and report calibration and selection accuracy.
     TrainEstimator(estimator::TrainArgs),
+    /// Print the `sha256:...` form of an API key for a tenant's `api_keys`.
+    HashKey {
+        /// The key (read from standard input when absent, so it stays out of shell history).
+        key: Option<String>,
+    },
 }
 
 /// The bundled model zoo: `./models` when run from a checkout, else the one this binary was
@@ -52,6 +57,24 @@ pub fn default_repository() -> PathBuf {
         return local;
     }
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))
+}
+
+fn hash_key(key: Option<String>) -> Result<(), String> {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut k = String::new();
+            std::io::stdin()
+                .read_line(&mut k)
+                .map_err(|e| e.to_string())?;
+            k.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    println!("{}", osprey_server::tenants::hash_key(&key));
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -69,6 +92,7 @@ fn main() -> ExitCode {
         Command::Loadgen(a) => loadgen::run(a),
         Command::Overhead(a) => overhead::run(a),
         Command::TrainEstimator(a) => estimator::run(a),
+        Command::HashKey { key } => hash_key(key),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -54,10 +54,12 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 problems: Vec::new(),
                 limits: Limits::default(),
                 max_batch: 16,
-                agent_threads: 1,
+                                agent_threads: 1,
                 agent_name: "local-0".into(),
+                tenants: Vec::new(),
+                scheduler: Default::default(),
             },
-            |_, v, _| osprey_core::profile::VariantProfile { name: v.name.clone(), batches: Vec::new() },
+            |_, v, _| osprey_core::profile::VariantProfile { name: v.name.clone(), swap_us: 0.0, batches: Vec::new() },
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(osprey_server::serve(osprey_server::Listeners { http, grpc }, gw, async {

@@ -76,6 +76,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 max_batch: config.max_batch,
                 agent_threads: threads,
                 agent_name,
+                tenants: config.tenants.clone(),
+                scheduler: config.scheduler.clone(),
             },
             quick_profile,
         );
@@ -93,6 +95,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         );
         println!("HTTP  http://{http_addr}  (metrics at /metrics)");
         println!("gRPC  {grpc_addr}");
+        println!(
+            "policy {}; tenants: {}",
+            gw.policy.as_str(),
+            gw.tenants.names().collect::<Vec<_>>().join(", ")
+        );
         println!("ready http={http_addr} grpc={grpc_addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -130,6 +137,7 @@ fn quick_profile(
             tracing::warn!(model = %model.name, variant = %v.name, "could not profile: {e}");
             VariantProfile {
                 name: v.name.clone(),
+                swap_us: 0.0,
                 batches: Vec::new(),
             }
         }

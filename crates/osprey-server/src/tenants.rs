@@ -1,0 +1,217 @@
+//! Tenants: authentication by API key, per-tenant objectives and rate quotas.
+//!
+//! Keys are configured only as SHA-256 hashes. A presented key (`Authorization: Bearer <key>`
+//! on HTTP, the `authorization` metadata entry on gRPC) is hashed and compared with every
+//! configured hash in constant time, so neither the comparison nor the scan order reveals
+//! which bytes or which tenant matched. With no tenant configured, one `default` tenant with no
+//! key keeps `osprey serve` working out of the box; as soon as any key is configured, every
+//! route but health needs one.
+
+use osprey_core::config::TenantConfig;
+use osprey_core::error::{Error, ErrorCode, Result};
+use osprey_policy::quota::TokenBucket;
+use sha2::{Digest, Sha256};
+use std::sync::Mutex;
+
+pub struct Tenant {
+    pub config: TenantConfig,
+    hashes: Vec<[u8; 32]>,
+    bucket: Option<Mutex<TokenBucket>>,
+}
+
+pub struct Tenants {
+    list: Vec<Tenant>,
+    keys_required: bool,
+}
+
+/// `sha256:<hex>` of a key, the form the configuration stores.
+pub fn hash_key(key: &str) -> String {
+    let d = Sha256::digest(key.as_bytes());
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Tenants {
+    /// `default_slo_ms` is the default tenant's latency objective when none is configured.
+    pub fn new(configs: &[TenantConfig], default_slo_ms: u64, now_us: u64) -> Tenants {
+        let configs = if configs.is_empty() {
+            vec![TenantConfig {
+                name: "default".into(),
+                api_keys: Vec::new(),
+                latency_slo_ms: default_slo_ms,
+                accuracy_floor: 0.0,
+                weight: 1.0,
+                rate: None,
+                burst: None,
+                models: Vec::new(),
+            }]
+        } else {
+            configs.to_vec()
+        };
+        let keys_required = configs.iter().any(|t| !t.api_keys.is_empty());
+        let list = configs
+            .into_iter()
+            .map(|c| Tenant {
+                hashes: c.api_keys.iter().filter_map(|k| parse_hash(k)).collect(),
+                bucket: c.rate.map(|r| {
+                    Mutex::new(TokenBucket::new(
+                        r,
+                        c.burst.unwrap_or_else(|| r.ceil().max(1.0) as u32),
+                        now_us,
+                    ))
+                }),
+                config: c,
+            })
+            .collect();
+        Tenants {
+            list,
+            keys_required,
+        }
+    }
+
+    pub fn get(&self, i: usize) -> &Tenant {
+        &self.list[i.min(self.list.len() - 1)]
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.list.iter().map(|t| t.config.name.as_str())
+    }
+
+    /// Resolves the caller from an `Authorization` value (`Bearer <key>`).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<usize> {
+        if !self.keys_required {
+            return Ok(0);
+        }
+        let unauth = || {
+            Error::new(
+                ErrorCode::Unauthenticated,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+            )
+        };
+        let key = authorization
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(unauth)?;
+        let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for (i, t) in self.list.iter().enumerate() {
+            for h in &t.hashes {
+                // No early exit: every hash is compared.
+                if ct_eq(h, &presented) && found.is_none() {
+                    found = Some(i);
+                }
+            }
+        }
+        found.ok_or_else(unauth)
+    }
+
+    /// Checks the tenant may use `model` and takes `rows` from its quota at `now_us`.
+    pub fn admit(&self, tenant: usize, model: &str, rows: u32, now_us: u64) -> Result<()> {
+        let t = self.get(tenant);
+        if !t.config.models.is_empty() && !t.config.models.iter().any(|m| m == model) {
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!("tenant '{}' may not use model '{model}'", t.config.name),
+            ));
+        }
+        if let Some(b) = &t.bucket {
+            let ok = b
+                .lock()
+                .map(|mut b| b.try_take(now_us, rows))
+                .unwrap_or(false);
+            if !ok {
+                return Err(Error::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "tenant '{}' is over its rate quota ({} samples/s, burst {}); slow down",
+                        t.config.name,
+                        t.config.rate.unwrap_or(0.0),
+                        t.config.burst.unwrap_or(0)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str, key: Option<&str>) -> TenantConfig {
+        TenantConfig {
+            name: name.into(),
+            api_keys: key.map(|k| vec![hash_key(k)]).unwrap_or_default(),
+            latency_slo_ms: 100,
+            accuracy_floor: 0.0,
+            weight: 1.0,
+            rate: Some(2.0),
+            burst: Some(2),
+            models: vec!["digits".into()],
+        }
+    }
+
+    #[test]
+    fn keys_identify_tenants_and_everything_else_is_refused() {
+        let ts = Tenants::new(&[tenant("a", Some("ka")), tenant("b", Some("kb"))], 1000, 0);
+        assert_eq!(ts.authenticate(Some("Bearer kb")).unwrap(), 1);
+        assert_eq!(ts.authenticate(Some("Bearer ka")).unwrap(), 0);
+        for bad in [None, Some("Bearer nope"), Some("ka"), Some("Bearer ")] {
+            assert_eq!(
+                ts.authenticate(bad).unwrap_err().code,
+                ErrorCode::Unauthenticated
+            );
+        }
+    }
+
+    #[test]
+    fn no_tenants_means_an_open_default() {
+        let ts = Tenants::new(&[], 5000, 0);
+        assert_eq!(ts.authenticate(None).unwrap(), 0);
+        assert_eq!(ts.get(0).config.latency_slo_ms, 5000);
+        assert!(ts.admit(0, "anything", 1000, 0).is_ok());
+    }
+
+    #[test]
+    fn models_and_quotas_are_enforced_per_tenant() {
+        let ts = Tenants::new(&[tenant("a", Some("ka")), tenant("b", Some("kb"))], 1000, 0);
+        assert_eq!(
+            ts.admit(0, "spoken_digits", 1, 0).unwrap_err().code,
+            ErrorCode::PermissionDenied
+        );
+        assert!(ts.admit(0, "digits", 2, 0).is_ok());
+        assert_eq!(
+            ts.admit(0, "digits", 1, 0).unwrap_err().code,
+            ErrorCode::ResourceExhausted
+        );
+        // Tenant b's quota is untouched by a's burst.
+        assert!(ts.admit(1, "digits", 2, 0).is_ok());
+        assert!(ts.admit(0, "digits", 1, 600_000).is_ok());
+    }
+
+    #[test]
+    fn hashes_round_trip() {
+        let h = hash_key("secret");
+        assert!(h.starts_with("sha256:") && h.len() == 71);
+        assert!(parse_hash(&h).is_some());
+        assert!(parse_hash("sha256:zz").is_none());
+    }
+}
