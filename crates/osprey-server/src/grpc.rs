@@ -300,6 +300,10 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
         let tenant = self.tenant(&r)?;
         let r = r.into_inner();
+        self.gw
+            .tenants
+            .check_model(tenant, &r.model_name)
+            .map_err(status)?;
         let gw = &self.gw;
         let result = async {
             let raw = &r.raw_input_contents;

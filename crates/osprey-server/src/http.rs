@@ -419,6 +419,7 @@ async fn decode_and_run(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    gw.tenants.check_model(tenant, model)?;
     let body = body.map_err(rejection)?;
     if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING)
         && enc.as_bytes() != b"identity"

@@ -1,8 +1,14 @@
 //! Binding both protocols to injected listeners, and shutting down without dropping work.
 //!
-//! Shutdown timeline: the signal fires -> both servers stop accepting and let open requests
-//! finish -> the gateway drains (no new admissions, queued requests run) -> agent workers
-//! stop -> `serve` returns.
+//! Shutdown timeline:
+//!
+//! ```text
+//! signal ──> both servers stop accepting; open requests finish ──┐ (at most DRAIN_GRACE:
+//!                                                               │  a client that never
+//!                                                               │  closes its connection
+//!                                                               v  cannot hold us forever)
+//!            gateway drains (no new admissions, queued requests run) -> workers stop -> return
+//! ```
 
 use crate::gateway::Gateway;
 use crate::grpc::InferenceService;
@@ -11,6 +17,9 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// How long open connections may take to finish after the shutdown signal.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Listeners {
     pub http: TcpListener,
@@ -52,8 +61,18 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, wait(rx.clone()));
-    let (h, g) = tokio::join!(http.into_future(), grpc);
+    let servers = async { tokio::join!(http.into_future(), grpc) };
+    let grace = async {
+        wait(rx.clone()).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    let result = tokio::select! {
+        (h, g) = servers => h.and(g.map_err(std::io::Error::other)),
+        _ = grace => {
+            tracing::warn!("connections still open {DRAIN_GRACE:?} after shutdown began; closing them");
+            Ok(())
+        }
+    };
     gw.drain().await;
-    h?;
-    g.map_err(std::io::Error::other)
+    result
 }

@@ -122,8 +122,8 @@ impl Tenants {
         found.ok_or_else(unauth)
     }
 
-    /// Checks the tenant may use `model` and takes `rows` from its quota at `now_us`.
-    pub fn admit(&self, tenant: usize, model: &str, rows: u32, now_us: u64) -> Result<()> {
+    /// Checks the tenant may use `model`.
+    pub fn check_model(&self, tenant: usize, model: &str) -> Result<()> {
         let t = self.get(tenant);
         if !t.config.models.is_empty() && !t.config.models.iter().any(|m| m == model) {
             return Err(Error::new(
@@ -131,6 +131,13 @@ impl Tenants {
                 format!("tenant '{}' may not use model '{model}'", t.config.name),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks the tenant may use `model` and takes `rows` from its quota at `now_us`.
+    pub fn admit(&self, tenant: usize, model: &str, rows: u32, now_us: u64) -> Result<()> {
+        self.check_model(tenant, model)?;
+        let t = self.get(tenant);
         if let Some(b) = &t.bucket {
             let ok = b
                 .lock()

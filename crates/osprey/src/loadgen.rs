@@ -8,6 +8,12 @@
 //!   gRPC RESOURCE_EXHAUSTED/UNAVAILABLE/DEADLINE_EXCEEDED);
 //! - `failed`: any other explicit error;
 //! - `lost`: sent but never answered (transport error, or no answer within `--timeout`).
+//!
+//! Of the `ok` answers, `late` ones came back with the server's `deadline_met = false`.
+//! `late_pct` counts every request not answered on time (late, rejected, failed, lost);
+//! `accuracy` is over answered samples with a label; `utility` per request is +1 for a right
+//! answer on time, 0 for a wrong one on time, −1 for anything not on time (the scheduler's
+//! miss penalty λ = 1), averaged over requests sent.
 
 use bytes::Bytes;
 use comfy_table::Table;
@@ -56,6 +62,9 @@ pub struct LoadgenArgs {
     /// Print one JSON line instead of the table.
     #[arg(long)]
     json: bool,
+    /// API key of the tenant to send as (`Authorization: Bearer`).
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -79,6 +88,8 @@ struct Tally {
     rejected: u64,
     failed: u64,
     lost: u64,
+    late: u64,
+    on_time_correct: u64,
     correct: u64,
     labelled: u64,
     latencies_ms: Vec<f64>,
@@ -91,6 +102,7 @@ enum Outcome {
         latency: Duration,
         argmax: Vec<usize>,
         variant: String,
+        met: bool,
     },
     Rejected(String),
     Failed(String),
@@ -197,8 +209,15 @@ type HttpClient = hyper_util::client::legacy::Client<
 
 #[derive(Clone)]
 enum Conn {
-    Http { client: HttpClient, uri: String },
-    Grpc(GrpcInferenceServiceClient<tonic::transport::Channel>),
+    Http {
+        client: HttpClient,
+        uri: String,
+        auth: Option<String>,
+    },
+    Grpc(
+        GrpcInferenceServiceClient<tonic::transport::Channel>,
+        Option<String>,
+    ),
 }
 
 async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, String> {
@@ -223,6 +242,7 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
             Conn::Http {
                 client,
                 uri: format!("http://{target}{path}"),
+                auth: args.api_key.as_ref().map(|k| format!("Bearer {k}")),
             }
         }
         Protocol::Grpc => {
@@ -236,7 +256,10 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
                 .connect()
                 .await
                 .map_err(|e| format!("connecting to {target}: {e}"))?;
-            Conn::Grpc(GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20))
+            Conn::Grpc(
+                GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20),
+                args.api_key.as_ref().map(|k| format!("Bearer {k}")),
+            )
         }
     };
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -313,8 +336,12 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
     let t = Instant::now();
     let rows = s.labels.len().max(1);
     match conn {
-        Conn::Http { client, uri } => {
-            let req = hyper::Request::post(uri.as_str())
+        Conn::Http { client, uri, auth } => {
+            let mut req = hyper::Request::post(uri.as_str());
+            if let Some(a) = auth {
+                req = req.header("authorization", a.as_str());
+            }
+            let req = req
                 .header("content-type", "application/octet-stream")
                 .header("inference-header-content-length", s.http_header_len)
                 .body(Full::new(s.http_body.clone()));
@@ -344,14 +371,19 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                 Ok(Ok((status, hl, body))) => {
                     if status.is_success() {
                         let hl = hl.unwrap_or(body.len()).min(body.len());
-                        let variant = serde_json::from_slice::<serde_json::Value>(&body[..hl])
-                            .ok()
-                            .and_then(|v| v["parameters"]["variant"].as_str().map(String::from))
+                        let head = serde_json::from_slice::<serde_json::Value>(&body[..hl]).ok();
+                        let param = |k: &str| head.as_ref().map(|v| v["parameters"][k].clone());
+                        let variant = param("variant")
+                            .and_then(|v| v.as_str().map(String::from))
                             .unwrap_or_default();
+                        let met = param("deadline_met")
+                            .and_then(|v| v.as_bool())
+                            .unwrap_or(true);
                         Outcome::Ok {
                             latency: t.elapsed(),
                             argmax: argmax_rows(&body[hl..], rows),
                             variant,
+                            met,
                         }
                     } else {
                         let msg = format!(
@@ -367,13 +399,25 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                 }
             }
         }
-        Conn::Grpc(client) => {
+        Conn::Grpc(client, auth) => {
             let mut client = client.clone();
-            match tokio::time::timeout(timeout, client.model_infer(s.grpc.clone())).await {
+            let mut request = tonic::Request::new(s.grpc.clone());
+            if let Some(a) = auth.as_ref().and_then(|a| a.parse().ok()) {
+                request.metadata_mut().insert("authorization", a);
+            }
+            match tokio::time::timeout(timeout, client.model_infer(request)).await {
                 Err(_) => Outcome::Lost("no answer within --timeout".into()),
                 Ok(Ok(resp)) => {
                     let r = resp.into_inner();
                     let variant = r.model_version.clone();
+                    let met = match r
+                        .parameters
+                        .get("deadline_met")
+                        .and_then(|p| p.parameter_choice.as_ref())
+                    {
+                        Some(pb::infer_parameter::ParameterChoice::BoolParam(b)) => *b,
+                        _ => true,
+                    };
                     let argmax = r
                         .raw_output_contents
                         .first()
@@ -383,6 +427,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                         latency: t.elapsed(),
                         argmax,
                         variant,
+                        met,
                     }
                 }
                 Ok(Err(st)) => {
@@ -414,14 +459,19 @@ fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
             latency,
             argmax,
             variant,
+            met,
         } => {
             t.ok += 1;
+            t.late += u64::from(!met);
             t.latencies_ms.push(latency.as_secs_f64() * 1e3);
             *t.variants.entry(variant).or_default() += 1;
+            let mut all_right = !s.labels.is_empty() && argmax.len() == s.labels.len();
             for (p, &l) in argmax.iter().zip(&s.labels) {
                 t.labelled += 1;
                 t.correct += u64::from(*p == l as usize);
+                all_right &= *p == l as usize;
             }
+            t.on_time_correct += u64::from(met && all_right);
         }
         Outcome::Rejected(e) => {
             t.rejected += 1;
@@ -446,6 +496,9 @@ fn report(args: &LoadgenArgs, t: &Tally) {
     let throughput = t.ok as f64 / args.duration;
     let p50 = quantile(&t.latencies_ms, 0.5);
     let p99 = quantile(&t.latencies_ms, 0.99);
+    let not_on_time = t.late + t.rejected + t.failed + t.lost;
+    let late_pct = 100.0 * not_on_time as f64 / t.sent.max(1) as f64;
+    let utility = (t.on_time_correct as f64 - not_on_time as f64) / t.sent.max(1) as f64;
     let accuracy = if t.labelled > 0 {
         Some(t.correct as f64 / t.labelled as f64)
     } else {
@@ -458,7 +511,7 @@ fn report(args: &LoadgenArgs, t: &Tally) {
             "concurrency": args.concurrency,
             "rate": args.rate,
             "duration_s": args.duration,
-            "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost,
+            "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost, "late": t.late, "late_pct": late_pct, "utility": utility,
             "throughput_rps": throughput, "p50_ms": p50, "p99_ms": p99,
             "accuracy": accuracy,
             "variants": t.variants,
@@ -474,6 +527,9 @@ fn report(args: &LoadgenArgs, t: &Tally) {
         "rejected",
         "failed",
         "lost",
+        "late",
+        "late %",
+        "utility",
         "throughput/s",
         "p50 ms",
         "p99 ms",
@@ -485,6 +541,9 @@ fn report(args: &LoadgenArgs, t: &Tally) {
         t.rejected.to_string(),
         t.failed.to_string(),
         t.lost.to_string(),
+        t.late.to_string(),
+        format!("{late_pct:.1}"),
+        format!("{utility:.3}"),
         format!("{throughput:.1}"),
         format!("{p50:.2}"),
         format!("{p99:.2}"),

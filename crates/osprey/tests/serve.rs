@@ -230,3 +230,168 @@ fn http_post(addr: &str, path: &str, body: &str) -> String {
         ),
     )
 }
+
+fn hash(key: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
+        .args(["hash-key", key])
+        .output()
+        .expect("hash-key");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// POST with an optional bearer key; returns (status, body).
+fn post_as(addr: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let resp = http(
+        addr,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn tenants_with_different_objectives_are_answered_by_different_variants() {
+    let dir = std::env::temp_dir().join(format!("osprey-tenants-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        r#"
+[scheduler]
+policy = "profiled"
+
+[[tenants]]
+name = "realtime"
+api_keys = ["{}"]
+latency_slo_ms = 1
+models = ["spoken_digits"]
+
+[[tenants]]
+name = "quality"
+api_keys = ["{}"]
+latency_slo_ms = 2000
+accuracy_floor = 0.9
+weight = 2.0
+rate = 2.0
+burst = 3
+"#,
+        hash("rt-key"),
+        hash("q-key")
+    );
+    std::fs::write(dir.join("osprey.toml"), config).unwrap();
+    let server = Server::start(&["--config", dir.join("osprey.toml").to_str().unwrap()]);
+    // One real clip from the evaluation set, as JSON INT16.
+    let bytes = std::fs::read(repo_root().join("models/spoken_digits/eval/inputs.bin")).unwrap();
+    let samples: Vec<String> = bytes[..12800]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]).to_string())
+        .collect();
+    let body = format!(
+        r#"{{"inputs":[{{"name":"waveform","shape":[1,6400],"datatype":"INT16","data":[{}]}}]}}"#,
+        samples.join(",")
+    );
+    let path = "/v2/models/spoken_digits/infer";
+    let variant = |b: &str| {
+        let v: serde_json::Value = serde_json::from_str(b).unwrap_or_default();
+        (
+            v["parameters"]["variant"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+            v["parameters"]["tenant"].clone(),
+        )
+    };
+    // The realtime tenant's 1 ms objective rules out the large variant (~2 ms); the quality
+    // tenant gets the most accurate one.
+    let (s, b) = post_as(&server.http, path, Some("rt-key"), &body);
+    assert_eq!(s, 200, "{b}");
+    let (rt_variant, rt_tenant) = variant(&b);
+    assert_eq!(rt_tenant, "realtime");
+    assert_ne!(rt_variant, "large", "{b}");
+    let (s, b) = post_as(&server.http, path, Some("q-key"), &body);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(variant(&b).0, "large", "{b}");
+    // No key, a wrong key, a model the tenant may not use, a quota exceeded.
+    assert_eq!(post_as(&server.http, path, None, &body).0, 401);
+    assert_eq!(post_as(&server.http, path, Some("nope"), &body).0, 401);
+    let (s, b) = post_as(
+        &server.http,
+        "/v2/models/digits/infer",
+        Some("rt-key"),
+        "{}",
+    );
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("may not use model 'digits'"), "{b}");
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| post_as(&server.http, path, Some("q-key"), &body).0)
+        .collect();
+    assert!(
+        statuses.contains(&429),
+        "burst 3 after one request must run out: {statuses:?}"
+    );
+    // Health stays open; metadata needs a key.
+    assert!(http_get(&server.http, "/v2/health/ready").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&server.http, "/v2/models/digits").starts_with("HTTP/1.1 401"));
+    // gRPC reads the key from metadata.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use osprey_server::pb;
+        let mut c = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+            format!("http://{}", server.grpc),
+        )
+        .await
+        .unwrap();
+        let e = c
+            .model_metadata(pb::ModelMetadataRequest {
+                name: "digits".into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut r = tonic::Request::new(pb::ModelMetadataRequest {
+            name: "digits".into(),
+            version: String::new(),
+        });
+        r.metadata_mut()
+            .insert("authorization", "Bearer q-key".parse().unwrap());
+        assert_eq!(
+            c.model_metadata(r).await.unwrap().into_inner().name,
+            "digits"
+        );
+        assert!(
+            c.server_live(pb::ServerLiveRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .live
+        );
+    });
+    drop(rt);
+    // Per-tenant metrics.
+    let (s, m) = {
+        let resp = http(
+            &server.http,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer q-key\r\n\r\n".into(),
+        );
+        (resp.starts_with("HTTP/1.1 200"), resp)
+    };
+    assert!(s && m.contains("osprey_tenant_requests_total{tenant=\"quality\",model=\"spoken_digits\",outcome=\"met\"}"), "{m}");
+    assert!(m.contains("outcome=\"resource_exhausted\""), "{m}");
+    assert!(server.stop().success());
+}
