@@ -4,9 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = format!("{proto_dir}/grpc_service.proto");
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([&proto], [proto_dir])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

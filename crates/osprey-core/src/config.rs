@@ -168,14 +168,13 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<ServerConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<ServerConfig> {
-        let c: ServerConfig =
-            toml::from_str(text).map_err(|e| crate::model::toml_error(text, path, &e))?;
+        let c: ServerConfig = toml::from_str(text).map_err(|e| crate::model::toml_error(text, path, &e))?;
         if c.max_batch == 0 || c.limits.max_request_batch == 0 || c.limits.max_queue == 0 {
             return Err(Error::invalid(format!(
                 "{}: max_batch, max_request_batch and max_queue must be positive",
@@ -184,22 +183,20 @@ impl ServerConfig {
         }
         let mut names = std::collections::HashSet::new();
         for t in &c.tenants {
-            let bad =
-                |m: String| Error::invalid(format!("{}: tenant '{}': {m}", path.display(), t.name));
+            let bad = |m: String| Error::invalid(format!("{}: tenant '{}': {m}", path.display(), t.name));
             if !crate::model::is_valid_name(&t.name) || !names.insert(t.name.clone()) {
                 return Err(bad("names must be unique and match [A-Za-z0-9_.-]".into()));
             }
             for k in &t.api_keys {
                 let hex = k.strip_prefix("sha256:").unwrap_or("");
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(bad("api_keys must be 'sha256:<64 hex digits>' (make one with `osprey hash-key`)".into()));
+                    return Err(bad(
+                        "api_keys must be 'sha256:<64 hex digits>' (make one with `osprey hash-key`)".into(),
+                    ));
                 }
             }
-            if !(t.weight > 0.0 && t.weight.is_finite() && (0.0..=1.0).contains(&t.accuracy_floor))
-            {
-                return Err(bad(
-                    "weight must be positive and accuracy_floor within 0..1".into(),
-                ));
+            if !(t.weight > 0.0 && t.weight.is_finite() && (0.0..=1.0).contains(&t.accuracy_floor)) {
+                return Err(bad("weight must be positive and accuracy_floor within 0..1".into()));
             }
             if t.latency_slo_ms == 0 || t.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                 return Err(bad("latency_slo_ms and rate must be positive".into()));
@@ -213,10 +210,7 @@ impl ServerConfig {
             )));
         }
         if c.agents.iter().any(|a| a.threads == 0) {
-            return Err(Error::invalid(format!(
-                "{}: an agent needs at least one thread",
-                path.display()
-            )));
+            return Err(Error::invalid(format!("{}: an agent needs at least one thread", path.display())));
         }
         Ok(c)
     }
@@ -230,30 +224,19 @@ mod tests {
     fn empty_file_gives_defaults_and_unknown_keys_fail() {
         let p = Path::new("osprey.toml");
         assert_eq!(ServerConfig::parse("", p).unwrap(), ServerConfig::default());
-        let c = ServerConfig::parse("http_addr = \"127.0.0.1:9\"\n[limits]\nmax_queue = 3\n", p)
-            .unwrap();
+        let c = ServerConfig::parse("http_addr = \"127.0.0.1:9\"\n[limits]\nmax_queue = 3\n", p).unwrap();
         assert_eq!(c.limits.max_queue, 3);
         let e = ServerConfig::parse("\n[limits]\nmax_qeue = 3\n", p).unwrap_err();
-        assert!(
-            e.message.contains("osprey.toml:3:") && e.message.contains("max_qeue"),
-            "{e}"
-        );
+        assert!(e.message.contains("osprey.toml:3:") && e.message.contains("max_qeue"), "{e}");
         let key = format!("sha256:{}", "ab".repeat(32));
         let t = format!(
             "[scheduler]\npolicy = \"profiled\"\n[[tenants]]\nname = \"a\"\napi_keys = [\"{key}\"]\nrate = 5.0\n"
         );
         let c = ServerConfig::parse(&t, p).unwrap();
-        assert_eq!(
-            (c.scheduler.policy, c.tenants[0].latency_slo_ms),
-            (PolicyName::Profiled, 1000)
-        );
-        let e = ServerConfig::parse("[[tenants]]\nname = \"a\"\napi_keys = [\"secret\"]\n", p)
-            .unwrap_err();
+        assert_eq!((c.scheduler.policy, c.tenants[0].latency_slo_ms), (PolicyName::Profiled, 1000));
+        let e = ServerConfig::parse("[[tenants]]\nname = \"a\"\napi_keys = [\"secret\"]\n", p).unwrap_err();
         assert!(e.message.contains("hash-key"), "{e}");
         let e = ServerConfig::parse("[scheduler]\npolicy = \"magic\"\n", p).unwrap_err();
-        assert!(
-            e.message.contains("osprey.toml:2:") && e.message.contains("data-aware"),
-            "{e}"
-        );
+        assert!(e.message.contains("osprey.toml:2:") && e.message.contains("data-aware"), "{e}");
     }
 }

@@ -44,10 +44,7 @@ impl TensorSpec {
         &self.shape[1..]
     }
     pub fn sample_elements(&self) -> usize {
-        self.sample_shape()
-            .iter()
-            .map(|&d| d.max(0) as usize)
-            .product()
+        self.sample_shape().iter().map(|&d| d.max(0) as usize).product()
     }
 }
 
@@ -130,8 +127,8 @@ impl ModelSpec {
             .ok_or_else(|| Error::invalid(format!("{}: not a valid folder name", dir.display())))?
             .to_string();
         let path = dir.join("model.toml");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
         ModelSpec::parse(&name, dir, &text, &path)
     }
 
@@ -149,16 +146,10 @@ impl ModelSpec {
         }
         for t in f.inputs.iter().chain(&f.outputs) {
             if t.shape.first() != Some(&-1) {
-                return Err(bad(format!(
-                    "tensor '{}': the first dimension must be -1 (batch)",
-                    t.name
-                )));
+                return Err(bad(format!("tensor '{}': the first dimension must be -1 (batch)", t.name)));
             }
             if t.shape[1..].iter().any(|&d| d < 1) {
-                return Err(bad(format!(
-                    "tensor '{}': only the batch dimension may be -1",
-                    t.name
-                )));
+                return Err(bad(format!("tensor '{}': only the batch dimension may be -1", t.name)));
             }
         }
         if f.variants.is_empty() {
@@ -170,19 +161,13 @@ impl ModelSpec {
         let mut seen = std::collections::HashSet::new();
         for v in &f.variants {
             if !is_valid_name(&v.name) {
-                return Err(bad(format!(
-                    "variant name '{}' is not a valid name",
-                    v.name
-                )));
+                return Err(bad(format!("variant name '{}' is not a valid name", v.name)));
             }
             if !seen.insert(v.name.clone()) {
                 return Err(bad(format!("variant '{}' is declared twice", v.name)));
             }
             if !(0.0..=1.0).contains(&v.accuracy) {
-                return Err(bad(format!(
-                    "variant '{}': accuracy must be within 0..1",
-                    v.name
-                )));
+                return Err(bad(format!("variant '{}': accuracy must be within 0..1", v.name)));
             }
             if !v.class_accuracy.is_empty() && v.class_accuracy.len() != f.labels.len() {
                 return Err(bad(format!(
@@ -193,10 +178,7 @@ impl ModelSpec {
                 )));
             }
             if v.threads == 0 {
-                return Err(bad(format!(
-                    "variant '{}': threads must be at least 1",
-                    v.name
-                )));
+                return Err(bad(format!("variant '{}': threads must be at least 1", v.name)));
             }
             resolve_inside(dir, &v.file).map_err(|e| bad(e.message))?;
         }
@@ -250,25 +232,16 @@ pub fn toml_error(text: &str, path: &Path, e: &toml::de::Error) -> Error {
 /// Resolves `rel` against `dir`, refusing absolute paths, `..` and symlinks that escape `dir`.
 pub fn resolve_inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
+    if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
         return Err(Error::invalid(format!(
             "path '{rel}' must be relative and stay inside the model folder"
         )));
     }
     let full = dir.join(p);
-    let canon = full
-        .canonicalize()
-        .map_err(|e| Error::invalid(format!("{}: {e}", full.display())))?;
-    let root = dir
-        .canonicalize()
-        .map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?;
+    let canon = full.canonicalize().map_err(|e| Error::invalid(format!("{}: {e}", full.display())))?;
+    let root = dir.canonicalize().map_err(|e| Error::invalid(format!("{}: {e}", dir.display())))?;
     if !canon.starts_with(&root) {
-        return Err(Error::invalid(format!(
-            "path '{rel}' resolves outside the model folder"
-        )));
+        return Err(Error::invalid(format!("path '{rel}' resolves outside the model folder")));
     }
     Ok(canon)
 }
@@ -294,10 +267,8 @@ pub fn scan_repository(root: &Path) -> Result<(Vec<ModelSpec>, Vec<RepositoryPro
         }
         match ModelSpec::load(&dir) {
             Ok(m) => models.push(m),
-            Err(error) => problems.push(RepositoryProblem {
-                model: entry.file_name().to_string_lossy().into_owned(),
-                error,
-            }),
+            Err(error) => problems
+                .push(RepositoryProblem { model: entry.file_name().to_string_lossy().into_owned(), error }),
         }
     }
     models.sort_by(|a, b| a.name.cmp(&b.name));
@@ -344,29 +315,17 @@ impl EvalSet {
             .filter(|v| header.contains(&v.name.as_str()))
             .map(|v| v.name.clone())
             .collect();
-        let cols: Vec<usize> = variants
+        let cols: Vec<usize> = variants.iter().filter_map(|v| header.iter().position(|h| h == v)).collect();
+        let label_col = header
             .iter()
-            .filter_map(|v| header.iter().position(|h| h == v))
-            .collect();
-        let label_col = header.iter().position(|h| *h == "label").ok_or_else(|| {
-            Error::invalid(format!("{}: no 'label' column", labels_path.display()))
-        })?;
+            .position(|h| *h == "label")
+            .ok_or_else(|| Error::invalid(format!("{}: no 'label' column", labels_path.display())))?;
         let mut labels = Vec::new();
         let mut correct = vec![Vec::new(); variants.len()];
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
-            let bad = || {
-                Error::invalid(format!(
-                    "{}:{}: malformed row",
-                    labels_path.display(),
-                    n + 2
-                ))
-            };
-            labels.push(
-                f.get(label_col)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(bad)?,
-            );
+            let bad = || Error::invalid(format!("{}:{}: malformed row", labels_path.display(), n + 2));
+            labels.push(f.get(label_col).and_then(|s| s.parse().ok()).ok_or_else(bad)?);
             for (k, &c) in cols.iter().enumerate() {
                 correct[k].push(f.get(c).ok_or_else(bad)?.trim() == "1");
             }
@@ -379,13 +338,7 @@ impl EvalSet {
                 ev.samples
             )));
         }
-        Ok(EvalSet {
-            input,
-            inputs,
-            labels,
-            variants,
-            correct,
-        })
+        Ok(EvalSet { input, inputs, labels, variants, correct })
     }
 
     pub fn len(&self) -> usize {
@@ -437,16 +390,7 @@ accuracy = 0.5
         for ok in ["digits", "a", "m-1.v2", "X_y"] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in [
-            "",
-            "../x",
-            ".hidden",
-            "a/b",
-            "a..b",
-            "é",
-            &"a".repeat(65),
-            "a b",
-        ] {
+        for bad in ["", "../x", ".hidden", "a/b", "a..b", "é", &"a".repeat(65), "a b"] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }
@@ -475,20 +419,16 @@ accuracy = 0.5
     fn a_broken_folder_is_reported_and_the_others_load() {
         let root = std::env::temp_dir().join(format!("osprey-core-repo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for (name, text) in [
-            ("good", GOOD.to_string()),
-            ("broken", GOOD.replace("[[variants]]", "[[variantz]]")),
-        ] {
+        for (name, text) in
+            [("good", GOOD.to_string()), ("broken", GOOD.replace("[[variants]]", "[[variantz]]"))]
+        {
             let d = root.join(name);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("small.onnx"), b"x").unwrap();
             std::fs::write(d.join("model.toml"), text).unwrap();
         }
         let (models, problems) = scan_repository(&root).unwrap();
-        assert_eq!(
-            models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
-            ["good"]
-        );
+        assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["good"]);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].model, "broken");
     }
@@ -501,19 +441,12 @@ accuracy = 0.5
         assert!(models.len() >= 2);
         for m in &models {
             assert!(m.variants.len() >= 3, "{}", m.name);
-            let ev = m
-                .load_eval()
-                .unwrap()
-                .expect("bundled models carry an eval set");
+            let ev = m.load_eval().unwrap().expect("bundled models carry an eval set");
             assert_eq!(ev.variants.len(), m.variants.len());
             // The profiled accuracy in model.toml is the eval set's mean correctness.
             for (k, v) in ev.variants.iter().enumerate() {
                 let mean = ev.correct[k].iter().filter(|&&c| c).count() as f64 / ev.len() as f64;
-                assert!(
-                    (mean - m.variant(v).unwrap().accuracy).abs() < 1e-3,
-                    "{}/{v}",
-                    m.name
-                );
+                assert!((mean - m.variant(v).unwrap().accuracy).abs() < 1e-3, "{}/{v}", m.name);
             }
         }
     }

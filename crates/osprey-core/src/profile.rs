@@ -91,16 +91,13 @@ impl ModelProfile {
     }
 
     pub fn load(path: &Path) -> Result<ModelProfile> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
         let mut p: ModelProfile =
             toml::from_str(&text).map_err(|e| crate::model::toml_error(&text, path, &e))?;
         for v in &mut p.variants {
             v.batches.sort_by_key(|b| b.batch);
-            if v.batches
-                .iter()
-                .any(|b| b.batch == 0 || b.p50_us.is_nan() || b.p50_us < 0.0)
-            {
+            if v.batches.iter().any(|b| b.batch == 0 || b.p50_us.is_nan() || b.p50_us < 0.0) {
                 return Err(Error::invalid(format!(
                     "{}: variant '{}' has an invalid batch entry",
                     path.display(),
@@ -121,13 +118,7 @@ mod tests {
     use super::*;
 
     fn bp(batch: u32, us: f64) -> BatchProfile {
-        BatchProfile {
-            batch,
-            p50_us: us,
-            p90_us: us * 1.1,
-            p99_us: us * 1.5,
-            throughput_rps: 0.0,
-        }
+        BatchProfile { batch, p50_us: us, p90_us: us * 1.1, p99_us: us * 1.5, throughput_rps: 0.0 }
     }
 
     #[test]
@@ -142,11 +133,7 @@ mod tests {
         assert_eq!(v.latency_us(8, Quantile::P50), Some(450.0));
         assert_eq!(v.latency_us(10, Quantile::P50), Some(550.0));
         assert!(v.latency_us(4, Quantile::P99).unwrap() > v.latency_us(4, Quantile::P50).unwrap());
-        let empty = VariantProfile {
-            name: "e".into(),
-            swap_us: 0.0,
-            batches: vec![],
-        };
+        let empty = VariantProfile { name: "e".into(), swap_us: 0.0, batches: vec![] };
         assert_eq!(empty.latency_us(1, Quantile::P50), None);
     }
 
@@ -154,11 +141,7 @@ mod tests {
     fn round_trips_through_toml() {
         let p = ModelProfile {
             host: "h".into(),
-            variants: vec![VariantProfile {
-                name: "v".into(),
-                swap_us: 0.0,
-                batches: vec![bp(1, 10.0)],
-            }],
+            variants: vec![VariantProfile { name: "v".into(), swap_us: 0.0, batches: vec![bp(1, 10.0)] }],
         };
         let back: ModelProfile = toml::from_str(&p.to_toml()).unwrap();
         assert_eq!(back, p);

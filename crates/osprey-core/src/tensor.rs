@@ -108,9 +108,7 @@ pub fn element_count(shape: &[i64]) -> Result<usize> {
     for &d in shape {
         let d = usize::try_from(d)
             .map_err(|_| Error::invalid(format!("shape {shape:?} has a negative dimension")))?;
-        n = n
-            .checked_mul(d)
-            .ok_or_else(|| Error::too_large(format!("shape {shape:?} overflows")))?;
+        n = n.checked_mul(d).ok_or_else(|| Error::too_large(format!("shape {shape:?} overflows")))?;
     }
     Ok(n)
 }
@@ -141,11 +139,7 @@ impl RawTensor {
                 data.len()
             )));
         }
-        Ok(RawTensor {
-            datatype,
-            shape,
-            data,
-        })
+        Ok(RawTensor { datatype, shape, data })
     }
 
     pub fn from_f32(shape: Vec<i64>, values: &[f32]) -> Result<RawTensor> {
@@ -160,26 +154,14 @@ impl RawTensor {
     /// Reads FP32 elements (for tests and the load generator's checks).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         if self.datatype != DataType::Fp32 {
-            return Err(Error::invalid(format!(
-                "expected FP32, tensor is {}",
-                self.datatype
-            )));
+            return Err(Error::invalid(format!("expected FP32, tensor is {}", self.datatype)));
         }
-        Ok(self
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Builds a tensor from the protocol's JSON `data` (flat or nested arrays), checking each
     /// element's type and range. `limit` bounds the element count before allocation.
-    pub fn from_json(
-        datatype: DataType,
-        shape: Vec<i64>,
-        data: &Value,
-        name: &str,
-    ) -> Result<RawTensor> {
+    pub fn from_json(datatype: DataType, shape: Vec<i64>, data: &Value, name: &str) -> Result<RawTensor> {
         let want = element_count(&shape)?;
         let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
         let mut count = 0usize;
@@ -189,11 +171,7 @@ impl RawTensor {
                 "input '{name}': shape {shape:?} needs {want} elements, 'data' has {count}"
             )));
         }
-        Ok(RawTensor {
-            datatype,
-            shape,
-            data: out,
-        })
+        Ok(RawTensor { datatype, shape, data: out })
     }
 
     /// The elements as JSON numbers (booleans for BOOL), flattened row-major.
@@ -222,9 +200,7 @@ impl RawTensor {
             DataType::Fp32 => {
                 for c in b.chunks_exact(4) {
                     let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    v.push(
-                        serde_json::Number::from_f64(x as f64).map_or(Value::Null, Value::Number),
-                    );
+                    v.push(serde_json::Number::from_f64(x as f64).map_or(Value::Null, Value::Number));
                 }
             }
             DataType::Fp64 => {
@@ -258,12 +234,8 @@ fn push_json(
             "input '{name}': 'data' has more elements than its shape allows ({limit})"
         )));
     }
-    let bad = || {
-        Error::invalid(format!(
-            "input '{name}': element {} ({value}) is not a valid {dt}",
-            *count - 1
-        ))
-    };
+    let bad =
+        || Error::invalid(format!("input '{name}': element {} ({value}) is not a valid {dt}", *count - 1));
     macro_rules! int {
         ($t:ty) => {{
             let x = if let Some(i) = value.as_i64() {
@@ -302,20 +274,11 @@ mod tests {
 
     #[test]
     fn json_round_trip_keeps_values() {
-        let t = RawTensor::from_json(
-            DataType::Int16,
-            vec![2, 2],
-            &json!([[1, -2], [300, -32768]]),
-            "x",
-        )
-        .unwrap();
+        let t =
+            RawTensor::from_json(DataType::Int16, vec![2, 2], &json!([[1, -2], [300, -32768]]), "x").unwrap();
         assert_eq!(t.data.len(), 8);
-        assert_eq!(
-            t.to_json_data(),
-            vec![json!(1), json!(-2), json!(300), json!(-32768)]
-        );
-        let f =
-            RawTensor::from_json(DataType::Fp32, vec![3], &json!([0.5, 1, -2.25]), "x").unwrap();
+        assert_eq!(t.to_json_data(), vec![json!(1), json!(-2), json!(300), json!(-32768)]);
+        let f = RawTensor::from_json(DataType::Fp32, vec![3], &json!([0.5, 1, -2.25]), "x").unwrap();
         assert_eq!(f.to_f32().unwrap(), vec![0.5, 1.0, -2.25]);
         let b = RawTensor::from_json(DataType::Bool, vec![2], &json!([true, false]), "x").unwrap();
         assert_eq!(b.to_json_data(), vec![json!(true), json!(false)]);
@@ -333,8 +296,7 @@ mod tests {
 
     #[test]
     fn json_checks_element_count_both_ways() {
-        let e =
-            RawTensor::from_json(DataType::Fp32, vec![2, 2], &json!([1, 2, 3]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Fp32, vec![2, 2], &json!([1, 2, 3]), "x").unwrap_err();
         assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
         let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!([1, 2]), "x").unwrap_err();
         assert!(e.message.contains("more elements"), "{e}");
@@ -352,18 +314,8 @@ mod tests {
     #[test]
     fn datatype_parsing_names_unsupported_types() {
         assert_eq!(DataType::parse("FP32").unwrap(), DataType::Fp32);
-        assert!(
-            DataType::parse("FP16")
-                .unwrap_err()
-                .message
-                .contains("not supported")
-        );
-        assert!(
-            DataType::parse("float")
-                .unwrap_err()
-                .message
-                .contains("unknown datatype")
-        );
+        assert!(DataType::parse("FP16").unwrap_err().message.contains("not supported"));
+        assert!(DataType::parse("float").unwrap_err().message.contains("unknown datatype"));
         for d in DataType::ALL {
             assert_eq!(DataType::parse(d.as_str()).unwrap(), d);
         }

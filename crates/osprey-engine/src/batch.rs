@@ -6,16 +6,12 @@ use osprey_core::tensor::RawTensor;
 
 /// Concatenates tensors that agree on datatype and per-sample shape.
 pub fn concat(parts: &[&RawTensor]) -> Result<RawTensor> {
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::internal("empty batch"))?;
+    let first = parts.first().ok_or_else(|| Error::internal("empty batch"))?;
     let mut rows: i64 = 0;
     let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
     for p in parts {
         if p.datatype != first.datatype || p.shape[1..] != first.shape[1..] {
-            return Err(Error::internal(
-                "batch members disagree on datatype or shape",
-            ));
+            return Err(Error::internal("batch members disagree on datatype or shape"));
         }
         rows += p.shape[0];
         data.extend_from_slice(&p.data);
@@ -34,22 +30,14 @@ pub fn split(t: &RawTensor, sizes: &[i64]) -> Result<Vec<RawTensor>> {
             t.shape.first()
         )));
     }
-    let row_bytes = if total == 0 {
-        0
-    } else {
-        t.data.len() / total as usize
-    };
+    let row_bytes = if total == 0 { 0 } else { t.data.len() / total as usize };
     let mut out = Vec::with_capacity(sizes.len());
     let mut off = 0usize;
     for &n in sizes {
         let len = n as usize * row_bytes;
         let mut shape = t.shape.clone();
         shape[0] = n;
-        out.push(RawTensor::from_bytes(
-            t.datatype,
-            shape,
-            t.data[off..off + len].to_vec(),
-        )?);
+        out.push(RawTensor::from_bytes(t.datatype, shape, t.data[off..off + len].to_vec())?);
         off += len;
     }
     Ok(out)

@@ -18,11 +18,7 @@ pub struct ProfileSettings {
 
 impl Default for ProfileSettings {
     fn default() -> Self {
-        ProfileSettings {
-            batch_sizes: vec![1, 2, 4, 8, 16],
-            iterations: 50,
-            warmup: 5,
-        }
+        ProfileSettings { batch_sizes: vec![1, 2, 4, 8, 16], iterations: 50, warmup: 5 }
     }
 }
 
@@ -64,18 +60,10 @@ pub fn profile_variant(
             p50_us: quantile(&us, 0.50),
             p90_us: quantile(&us, 0.90),
             p99_us: quantile(&us, 0.99),
-            throughput_rps: if mean > 0.0 {
-                b as f64 * 1e6 / mean
-            } else {
-                0.0
-            },
+            throughput_rps: if mean > 0.0 { b as f64 * 1e6 / mean } else { 0.0 },
         });
     }
-    Ok(VariantProfile {
-        name: name.to_string(),
-        swap_us: 0.0,
-        batches,
-    })
+    Ok(VariantProfile { name: name.to_string(), swap_us: 0.0, batches })
 }
 
 #[cfg(test)]

@@ -41,31 +41,17 @@ impl Session {
         Self::load_path(&path, &model.inputs, &model.outputs)
     }
 
-    pub fn load_path(
-        path: &Path,
-        inputs: &[TensorSpec],
-        outputs: &[TensorSpec],
-    ) -> Result<Session> {
+    pub fn load_path(path: &Path, inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Result<Session> {
         let fail = |e: TractError| Error::invalid(format!("{}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(fail)?;
         let batch = model.symbols.sym("N");
         for (i, spec) in inputs.iter().enumerate() {
             let mut dims: Vec<TDim> = vec![batch.clone().into()];
             dims.extend(spec.sample_shape().iter().map(|&d| TDim::from(d)));
-            model
-                .set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims))
-                .map_err(fail)?;
+            model.set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims)).map_err(fail)?;
         }
-        let plan = model
-            .into_optimized()
-            .map_err(fail)?
-            .into_runnable()
-            .map_err(fail)?;
-        Ok(Session {
-            plan,
-            inputs: inputs.to_vec(),
-            outputs: outputs.to_vec(),
-        })
+        let plan = model.into_optimized().map_err(fail)?.into_runnable().map_err(fail)?;
+        Ok(Session { plan, inputs: inputs.to_vec(), outputs: outputs.to_vec() })
     }
 
     /// Runs one batch. `inputs` are in the model's declared input order and agree on rows.
@@ -76,10 +62,7 @@ impl Session {
         let mut values: TVec<TValue> = TVec::new();
         for (t, spec) in inputs.iter().zip(&self.inputs) {
             if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() {
-                return Err(Error::internal(format!(
-                    "input '{}' does not match the model",
-                    spec.name
-                )));
+                return Err(Error::internal(format!("input '{}' does not match the model", spec.name)));
             }
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             // SAFETY: `from_raw_dt` copies `t.data` after checking its length against shape x
@@ -88,10 +71,7 @@ impl Session {
                 .map_err(|e| Error::internal(format!("building input '{}': {e}", spec.name)))?;
             values.push(tensor.into_tvalue());
         }
-        let out = self
-            .plan
-            .run(values)
-            .map_err(|e| Error::internal(format!("inference failed: {e:#}")))?;
+        let out = self.plan.run(values).map_err(|e| Error::internal(format!("inference failed: {e:#}")))?;
         out.iter()
             .zip(&self.outputs)
             .map(|(v, spec)| {
@@ -130,13 +110,8 @@ mod tests {
                 let text = std::fs::read_to_string(m.dir.join("eval/labels.csv")).unwrap();
                 let mut lines = text.lines();
                 let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-                let c = header
-                    .iter()
-                    .position(|h| *h == format!("{v}_pred"))
-                    .unwrap();
-                lines
-                    .map(|l| l.split(',').nth(c).unwrap().parse::<usize>().unwrap())
-                    .collect::<Vec<_>>()
+                let c = header.iter().position(|h| *h == format!("{v}_pred")).unwrap();
+                lines.map(|l| l.split(',').nth(c).unwrap().parse::<usize>().unwrap()).collect::<Vec<_>>()
             };
             for v in &m.variants {
                 let s = Session::load(m, v).unwrap();

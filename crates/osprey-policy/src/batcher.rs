@@ -57,22 +57,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn q(variant: usize, rows: u32, deadline: Micros) -> Queued {
-        Queued {
-            variant,
-            rows,
-            deadline,
-        }
+        Queued { variant, rows, deadline }
     }
 
     #[test]
     fn groups_by_the_oldest_requests_variant_and_expires_the_late() {
-        let queue = [
-            q(1, 1, 5),
-            q(0, 1, 100),
-            q(1, 2, 100),
-            q(0, 1, 100),
-            q(1, 4, 100),
-        ];
+        let queue = [q(1, 1, 5), q(0, 1, 100), q(1, 2, 100), q(0, 1, 100), q(1, 4, 100)];
         let p = next_batch(&queue, 10, 4);
         assert_eq!(p.expired, vec![0]);
         assert_eq!(p.variant, 0);

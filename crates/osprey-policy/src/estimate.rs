@@ -64,11 +64,7 @@ impl PerClass {
     pub fn new(class_accuracy: Vec<Vec<f64>>, half_life: f64) -> PerClass {
         let classes = class_accuracy.first().map_or(0, Vec::len);
         let decay = 0.5f64.powf(1.0 / half_life.max(1.0));
-        PerClass {
-            class_accuracy,
-            mix: Mutex::new(vec![1.0 / classes.max(1) as f64; classes]),
-            decay,
-        }
+        PerClass { class_accuracy, mix: Mutex::new(vec![1.0 / classes.max(1) as f64; classes]), decay }
     }
 }
 
@@ -162,8 +158,7 @@ pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
         let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];
         let m = seg.iter().sum::<f32>() / seg.len() as f32;
         f[8 + k] = seg.iter().map(|v| v.abs()).sum::<f32>() / seg.len() as f32;
-        f[8 + SEGMENTS + k] =
-            (seg.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / seg.len() as f32).sqrt();
+        f[8 + SEGMENTS + k] = (seg.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / seg.len() as f32).sqrt();
     }
     f
 }
@@ -215,25 +210,12 @@ impl DataAware {
     ) -> DataAware {
         let d = x.first().map_or(0, Vec::len);
         let n = x.len().max(1) as f32;
-        let mean: Vec<f32> = (0..d)
-            .map(|j| x.iter().map(|r| r[j]).sum::<f32>() / n)
-            .collect();
+        let mean: Vec<f32> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f32>() / n).collect();
         let std: Vec<f32> = (0..d)
-            .map(|j| {
-                (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n)
-                    .sqrt()
-                    .max(1e-6)
-            })
+            .map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt().max(1e-6))
             .collect();
-        let z: Vec<Vec<f32>> = x
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .enumerate()
-                    .map(|(j, v)| (v - mean[j]) / std[j])
-                    .collect()
-            })
-            .collect();
+        let z: Vec<Vec<f32>> =
+            x.iter().map(|r| r.iter().enumerate().map(|(j, v)| (v - mean[j]) / std[j]).collect()).collect();
         let mut weights = Vec::new();
         let mut bias = Vec::new();
         for y in correct {
@@ -261,14 +243,7 @@ impl DataAware {
             weights.push(w);
             bias.push(b);
         }
-        DataAware {
-            features: "generic-v1".into(),
-            variants,
-            mean,
-            std,
-            weights,
-            bias,
-        }
+        DataAware { features: "generic-v1".into(), variants, mean, std, weights, bias }
     }
 }
 
@@ -280,11 +255,7 @@ pub struct TrainSettings {
 
 impl Default for TrainSettings {
     fn default() -> Self {
-        TrainSettings {
-            iterations: 400,
-            learning_rate: 0.5,
-            l2: 1e-3,
-        }
+        TrainSettings { iterations: 400, learning_rate: 0.5, l2: 1e-3 }
     }
 }
 
@@ -300,11 +271,7 @@ impl AccuracyEstimator for DataAware {
 /// Brier score: mean squared error of probabilities against outcomes (lower is better).
 pub fn brier(pred: &[f64], outcome: &[bool]) -> f64 {
     let n = pred.len().max(1) as f64;
-    pred.iter()
-        .zip(outcome)
-        .map(|(p, &o)| (p - f64::from(u8::from(o))).powi(2))
-        .sum::<f64>()
-        / n
+    pred.iter().zip(outcome).map(|(p, &o)| (p - f64::from(u8::from(o))).powi(2)).sum::<f64>() / n
 }
 
 /// Expected calibration error over `bins` equal-width bins (lower is better).
@@ -320,10 +287,7 @@ pub fn ece(pred: &[f64], outcome: &[bool], bins: usize) -> f64 {
         count[b] += 1;
     }
     let n = pred.len().max(1) as f64;
-    (0..bins)
-        .filter(|&b| count[b] > 0)
-        .map(|b| (sum_p[b] - sum_o[b]).abs() / n)
-        .sum()
+    (0..bins).filter(|&b| count[b] > 0).map(|b| (sum_p[b] - sum_o[b]).abs() / n).sum()
 }
 
 #[cfg(test)]
@@ -336,47 +300,27 @@ mod tests {
 
     #[test]
     fn features_see_noise_and_energy() {
-        let clean: Vec<f32> = (0..64)
-            .map(|i| if (20..40).contains(&i) { 1.0 } else { 0.0 })
-            .collect();
-        let noisy: Vec<f32> = clean
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v + if i % 2 == 0 { 0.3 } else { -0.3 })
-            .collect();
+        let clean: Vec<f32> = (0..64).map(|i| if (20..40).contains(&i) { 1.0 } else { 0.0 }).collect();
+        let noisy: Vec<f32> =
+            clean.iter().enumerate().map(|(i, v)| v + if i % 2 == 0 { 0.3 } else { -0.3 }).collect();
         let (a, b) = (f32s(&clean), f32s(&noisy));
-        let fc = features(Sample {
-            datatype: DataType::Fp32,
-            bytes: &a,
-        });
-        let fnz = features(Sample {
-            datatype: DataType::Fp32,
-            bytes: &b,
-        });
+        let fc = features(Sample { datatype: DataType::Fp32, bytes: &a });
+        let fnz = features(Sample { datatype: DataType::Fp32, bytes: &b });
         assert!(fnz[7] > fc[7], "roughness");
         assert!(fnz[6] > fc[6], "zero crossings");
         assert!(fc[8 + 3] > fc[8], "energy sits in the middle segments");
-        let empty = features(Sample {
-            datatype: DataType::Int16,
-            bytes: &[],
-        });
+        let empty = features(Sample { datatype: DataType::Int16, bytes: &[] });
         assert!(empty.iter().all(|v| *v == 0.0));
     }
 
     #[test]
     fn logistic_learns_a_separable_rule_and_is_calibrated_on_it() {
         // Variant 0 is right when feature 0 is positive; variant 1 is always right.
-        let x: Vec<Vec<f32>> = (0..200)
-            .map(|i| vec![(i as f32 - 100.0) / 50.0, (i % 7) as f32])
-            .collect();
+        let x: Vec<Vec<f32>> = (0..200).map(|i| vec![(i as f32 - 100.0) / 50.0, (i % 7) as f32]).collect();
         let c0: Vec<bool> = x.iter().map(|r| r[0] > 0.0).collect();
         let c1 = vec![true; 200];
-        let m = DataAware::train(
-            vec!["a".into(), "b".into()],
-            &x,
-            &[c0.clone(), c1],
-            &TrainSettings::default(),
-        );
+        let m =
+            DataAware::train(vec!["a".into(), "b".into()], &x, &[c0.clone(), c1], &TrainSettings::default());
         let mut out = [0.0; 2];
         m.estimate_features(&[1.5, 0.0], &mut out);
         assert!(out[0] > 0.8 && out[1] > 0.9, "{out:?}");
@@ -399,25 +343,14 @@ mod tests {
     fn calibration_metrics() {
         assert_eq!(brier(&[1.0, 0.0], &[true, false]), 0.0);
         assert_eq!(brier(&[0.0], &[true]), 1.0);
-        assert!(
-            ece(
-                &[0.7; 10],
-                &[
-                    true, true, true, true, true, true, true, false, false, false
-                ],
-                10
-            ) < 1e-9
-        );
+        assert!(ece(&[0.7; 10], &[true, true, true, true, true, true, true, false, false, false], 10) < 1e-9);
         assert!((ece(&[0.9; 4], &[false; 4], 10) - 0.9).abs() < 1e-9);
     }
 
     #[test]
     fn per_class_follows_the_label_mix() {
         let pc = PerClass::new(vec![vec![1.0, 0.0], vec![0.5, 0.5]], 4.0);
-        let s = Sample {
-            datatype: DataType::Fp32,
-            bytes: &[],
-        };
+        let s = Sample { datatype: DataType::Fp32, bytes: &[] };
         let mut out = [0.0; 2];
         pc.estimate(s, &mut out);
         assert!((out[0] - 0.5).abs() < 1e-9 && (out[1] - 0.5).abs() < 1e-9);

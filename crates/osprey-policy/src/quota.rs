@@ -18,12 +18,7 @@ impl TokenBucket {
     /// A full bucket at time `now`.
     pub fn new(rate_per_s: f64, burst: u32, now: Micros) -> TokenBucket {
         let burst = f64::from(burst.max(1));
-        TokenBucket {
-            rate_per_s: rate_per_s.max(0.0),
-            burst,
-            tokens: burst,
-            last: now,
-        }
+        TokenBucket { rate_per_s: rate_per_s.max(0.0), burst, tokens: burst, last: now }
     }
 
     /// Takes `n` tokens if available at `now`.

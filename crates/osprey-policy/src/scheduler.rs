@@ -47,6 +47,13 @@
 //! cheap variant for the inputs that lose least on it. The variant with the largest U runs
 //! (ties keep the last variant: no needless swap).
 //!
+//! # Observed slowdown
+//! Profiles are measured on an idle machine; under load (co-located work, the serving stack
+//! itself) batches take longer. The driver reports each batch's observed service time
+//! ([`Scheduler::observe`]); the scheduler keeps a per-variant slowdown
+//! `σ_v ← (1 − α)·σ_v + α·(observed / profiled)` (α = 0.2, clamped to [0.5, 20]) and plans with
+//! `σ_v · ℓ_v(b)`. The same factor is what contention-aware instance selection uses.
+//!
 //! # Baselines
 //! `MostAccurate`, `Fastest` and `Fixed` (Triton-like: one variant, FIFO, dynamic batching up
 //! to `max_rows`) run one variant in arrival order, expire requests only once their deadline
@@ -157,7 +164,12 @@ pub struct Scheduler {
     variants: Vec<VariantModel>,
     queue: Vec<Request>,
     last_variant: Option<usize>,
+    /// Observed / profiled service time per variant (EWMA).
+    slowdown: Vec<f64>,
 }
+
+/// Weight of a new observation in the slowdown average.
+const SLOWDOWN_ALPHA: f64 = 0.2;
 
 /// Priority of a request (see the module docs).
 pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, beta: f64) -> f64 {
@@ -167,12 +179,8 @@ pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, bet
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, variants: Vec<VariantModel>) -> Scheduler {
-        Scheduler {
-            cfg,
-            variants,
-            queue: Vec::new(),
-            last_variant: None,
-        }
+        let slowdown = vec![1.0; variants.len()];
+        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown }
     }
 
     pub fn len(&self) -> usize {
@@ -187,12 +195,27 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// Service time of `rows` samples on variant `v`, µs.
+    /// Planned service time of `rows` samples on variant `v`, µs (profile × slowdown).
     pub fn latency(&self, v: usize, rows: u32) -> f64 {
-        self.variants[v]
-            .profile
-            .latency_us(rows, self.cfg.quantile)
-            .unwrap_or(0.0)
+        self.variants[v].profile.latency_us(rows, self.cfg.quantile).unwrap_or(0.0) * self.slowdown[v]
+    }
+
+    /// Feeds back a batch's observed service time (dispatch to answers ready), µs.
+    pub fn observe(&mut self, v: usize, rows: u32, observed_us: f64) {
+        let Some(profiled) = self.variants.get(v).and_then(|m| m.profile.latency_us(rows, self.cfg.quantile))
+        else {
+            return;
+        };
+        if profiled <= 0.0 || !observed_us.is_finite() {
+            return;
+        }
+        let ratio = (observed_us / profiled).clamp(0.5, 20.0);
+        self.slowdown[v] = (1.0 - SLOWDOWN_ALPHA) * self.slowdown[v] + SLOWDOWN_ALPHA * ratio;
+    }
+
+    /// Current slowdown factor of each variant.
+    pub fn slowdown(&self) -> &[f64] {
+        &self.slowdown
     }
 
     fn swap(&self, v: usize) -> f64 {
@@ -205,8 +228,7 @@ impl Scheduler {
     /// The variant a baseline rule runs.
     fn fixed_variant(&self) -> Option<usize> {
         let by = |f: &dyn Fn(&VariantModel) -> f64| {
-            (0..self.variants.len())
-                .max_by(|&a, &b| f(&self.variants[a]).total_cmp(&f(&self.variants[b])))
+            (0..self.variants.len()).max_by(|&a, &b| f(&self.variants[a]).total_cmp(&f(&self.variants[b])))
         };
         match self.cfg.rule {
             Rule::Utility => None,
@@ -219,11 +241,7 @@ impl Scheduler {
     /// Variants a request may run on.
     fn allowed(&self, r: &Request) -> impl Iterator<Item = usize> + '_ {
         let pinned = r.pinned;
-        let fixed = if pinned.is_none() {
-            self.fixed_variant()
-        } else {
-            None
-        };
+        let fixed = if pinned.is_none() { self.fixed_variant() } else { None };
         (0..self.variants.len()).filter(move |v| match (pinned, fixed) {
             (Some(p), _) => *v == p,
             (None, Some(f)) => *v == f,
@@ -232,9 +250,7 @@ impl Scheduler {
     }
 
     fn min_latency(&self, r: &Request) -> f64 {
-        self.allowed(r)
-            .map(|v| self.latency(v, r.rows))
-            .fold(f64::INFINITY, f64::min)
+        self.allowed(r).map(|v| self.latency(v, r.rows)).fold(f64::INFINITY, f64::min)
     }
 
     /// Admits `r` into the queue or refuses it now.
@@ -251,8 +267,7 @@ impl Scheduler {
             let fastest = (0..self.variants.len())
                 .min_by(|&a, &b| self.latency(a, 1).total_cmp(&self.latency(b, 1)))
                 .unwrap_or(0);
-            let per_row =
-                self.latency(fastest, self.cfg.max_rows) / f64::from(self.cfg.max_rows.max(1));
+            let per_row = self.latency(fastest, self.cfg.max_rows) / f64::from(self.cfg.max_rows.max(1));
             let backlog: f64 = self.queue.iter().map(|q| f64::from(q.rows) * per_row).sum();
             let wait = backlog / f64::from(self.cfg.workers.max(1));
             if now as f64 + wait + need > r.deadline as f64 {
@@ -286,21 +301,13 @@ impl Scheduler {
             } else {
                 r.deadline <= now
             };
-            if dead {
-                plan.expired.push(r)
-            } else {
-                keep.push(r)
-            }
+            if dead { plan.expired.push(r) } else { keep.push(r) }
         }
         self.queue = keep;
         if self.queue.is_empty() {
             return plan;
         }
-        let chosen = if utility {
-            self.plan_utility(now)
-        } else {
-            self.plan_fifo(now)
-        };
+        let chosen = if utility { self.plan_utility(now) } else { self.plan_fifo(now) };
         if let Some((variant, idx, planned_us)) = chosen {
             let mut members = Vec::with_capacity(idx.len());
             let mut sorted = idx.clone();
@@ -310,19 +317,14 @@ impl Scheduler {
             }
             members.reverse();
             // Keep the members in the order they were picked for the batch.
-            let mut order: Vec<(usize, usize)> =
-                idx.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+            let mut order: Vec<(usize, usize)> = idx.iter().enumerate().map(|(k, &i)| (i, k)).collect();
             order.sort_unstable();
             let mut picked: Vec<Option<Request>> = vec![None; members.len()];
             for ((_, k), m) in order.into_iter().zip(members) {
                 picked[k] = Some(m);
             }
             self.last_variant = Some(variant);
-            plan.batch = Some(Batch {
-                variant,
-                members: picked.into_iter().flatten().collect(),
-                planned_us,
-            });
+            plan.batch = Some(Batch { variant, members: picked.into_iter().flatten().collect(), planned_us });
         }
         plan
     }
@@ -379,10 +381,7 @@ impl Scheduler {
                 }
                 let tau = if best_lat > 0.0 { best_lat } else { max_lat };
                 let slack = r.deadline as f64 - now_f - min_lat;
-                View {
-                    best,
-                    prio: priority(r.weight, best, slack, tau, self.cfg.urgency_weight),
-                }
+                View { best, prio: priority(r.weight, best, slack, tau, self.cfg.urgency_weight) }
             })
             .collect();
         let mut best_plan: Option<(f64, usize, Vec<usize>, f64)> = None;
@@ -426,10 +425,7 @@ impl Scheduler {
                 continue;
             }
             let service = swap + self.latency(v, rows);
-            let gain: f64 = members
-                .iter()
-                .map(|&i| self.queue[i].weight * self.queue[i].estimate[v])
-                .sum();
+            let gain: f64 = members.iter().map(|&i| self.queue[i].weight * self.queue[i].estimate[v]).sum();
             let done = now_f + service;
             let loss: f64 = (0..self.queue.len())
                 .filter(|i| !members.contains(i))
@@ -486,11 +482,7 @@ mod tests {
             accuracy: acc,
             swap_us: 50.0,
         };
-        vec![
-            v(100.0, 20.0, 0.6),
-            v(400.0, 100.0, 0.8),
-            v(2000.0, 1000.0, 0.95),
-        ]
+        vec![v(100.0, 20.0, 0.6), v(400.0, 100.0, 0.8), v(2000.0, 1000.0, 0.95)]
     }
 
     fn req(id: u64, now: Micros, budget: Micros, est: [f64; 3]) -> Request {
@@ -533,8 +525,7 @@ mod tests {
         assert_eq!(why, Reject::CannotMeetDeadline);
         // Fill the backlog, then a tight request is refused for capacity.
         for i in 0..40 {
-            s.admit(0, req(10 + i, 0, 100_000, [0.6, 0.8, 0.95]))
-                .unwrap();
+            s.admit(0, req(10 + i, 0, 100_000, [0.6, 0.8, 0.95])).unwrap();
         }
         let (why, _) = s.admit(0, req(2, 0, 400, [0.6, 0.8, 0.95])).unwrap_err();
         assert_eq!(why, Reject::Capacity);
@@ -545,10 +536,7 @@ mod tests {
         // Two requests, too tight for large, and for medium twice in a row; 'easy' loses
         // almost nothing on small, 'hard' loses a lot.
         let mut s = Scheduler::new(
-            SchedulerConfig {
-                max_rows: 1,
-                ..SchedulerConfig::for_test(Rule::Utility)
-            },
+            SchedulerConfig { max_rows: 1, ..SchedulerConfig::for_test(Rule::Utility) },
             zoo(),
         );
         s.admit(0, req(1, 0, 800, [0.55, 0.85, 0.95])).unwrap(); // hard
@@ -558,6 +546,25 @@ mod tests {
         assert_eq!((first.variant, first.members[0].id), (0, 2));
         let second = s.next_batch(first.planned_us as u64).batch.unwrap();
         assert_eq!((second.variant, second.members[0].id), (1, 1));
+    }
+
+    #[test]
+    fn observed_slowdown_moves_plans_to_faster_variants() {
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        // Idle, large fits a 4 ms budget (3 ms by profile).
+        s.admit(0, req(1, 0, 4_000, [0.6, 0.8, 0.95])).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().variant, 2);
+        // Large has been running twice as slow as profiled: it no longer fits.
+        for _ in 0..30 {
+            s.observe(2, 1, 6_000.0);
+        }
+        assert!((s.slowdown()[2] - 2.0).abs() < 0.01);
+        s.admit(0, req(2, 0, 4_000, [0.6, 0.8, 0.95])).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().variant, 1);
+        // Nonsense observations are ignored or clamped.
+        s.observe(9, 1, 1.0);
+        s.observe(0, 1, f64::NAN);
+        assert_eq!(s.slowdown()[0], 1.0);
     }
 
     #[test]
@@ -571,11 +578,7 @@ mod tests {
 
     #[test]
     fn baselines_run_their_fixed_variant_fifo() {
-        for (rule, want) in [
-            (Rule::MostAccurate, 2),
-            (Rule::Fastest, 0),
-            (Rule::Fixed(1), 1),
-        ] {
+        for (rule, want) in [(Rule::MostAccurate, 2), (Rule::Fastest, 0), (Rule::Fixed(1), 1)] {
             let mut s = Scheduler::new(SchedulerConfig::for_test(rule), zoo());
             for i in 0..3 {
                 s.admit(0, req(i, 0, 100, [0.6, 0.8, 0.95])).unwrap();
@@ -583,10 +586,7 @@ mod tests {
             let p = s.next_batch(0);
             let b = p.batch.unwrap();
             assert_eq!(b.variant, want);
-            assert_eq!(
-                b.members.iter().map(|m| m.id).collect::<Vec<_>>(),
-                vec![0, 1, 2]
-            );
+            assert_eq!(b.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![0, 1, 2]);
             s.admit(0, req(9, 0, 10, [0.6, 0.8, 0.95])).unwrap();
             assert_eq!(s.next_batch(20).expired.len(), 1);
         }
@@ -623,11 +623,7 @@ mod tests {
 
     /// Drives a scheduler with one worker in virtual time; returns the decision log.
     fn simulate(rule: Rule, arrivals: &[Arrival], max_rows: u32) -> Vec<String> {
-        let cfg = SchedulerConfig {
-            max_rows,
-            max_queue: 16,
-            ..SchedulerConfig::for_test(rule)
-        };
+        let cfg = SchedulerConfig { max_rows, max_queue: 16, ..SchedulerConfig::for_test(rule) };
         let mut s = Scheduler::new(cfg, zoo());
         let times: Vec<u64> = arrivals
             .iter()
@@ -639,10 +635,7 @@ mod tests {
         let mut log = Vec::new();
         let mut ended = std::collections::HashMap::new();
         let mut end = |id: u64, how: &str| {
-            assert!(
-                ended.insert(id, how.to_string()).is_none(),
-                "request {id} ended twice"
-            );
+            assert!(ended.insert(id, how.to_string()).is_none(), "request {id} ended twice");
         };
         let (mut now, mut busy_until, mut k) = (0u64, 0u64, 0usize);
         loop {
@@ -656,10 +649,7 @@ mod tests {
                 match p.batch {
                     Some(b) => {
                         let rows: u32 = b.members.iter().map(|m| m.rows).sum();
-                        assert!(
-                            b.members.len() == 1 || rows <= max_rows,
-                            "batch over max_rows"
-                        );
+                        assert!(b.members.len() == 1 || rows <= max_rows, "batch over max_rows");
                         for m in &b.members {
                             if let Some(pv) = m.pinned {
                                 assert_eq!(pv, b.variant, "pinned request on another variant");
@@ -715,11 +705,7 @@ mod tests {
             }
         }
 
-        assert_eq!(
-            ended.len(),
-            arrivals.len(),
-            "every request ends exactly once"
-        );
+        assert_eq!(ended.len(), arrivals.len(), "every request ends exactly once");
         log
     }
 

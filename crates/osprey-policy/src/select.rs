@@ -24,11 +24,7 @@ pub enum Selection {
 }
 
 /// Chooses a variant for a request with `time_left_us` before its deadline.
-pub fn most_accurate_within(
-    cands: &[Candidate],
-    time_left_us: f64,
-    pinned: Option<usize>,
-) -> Selection {
+pub fn most_accurate_within(cands: &[Candidate], time_left_us: f64, pinned: Option<usize>) -> Selection {
     if let Some(p) = pinned {
         return if cands.get(p).is_some_and(|c| c.latency_us <= time_left_us) {
             Selection::Variant(p)
@@ -41,13 +37,9 @@ pub fn most_accurate_within(
         .enumerate()
         .filter(|(_, c)| c.latency_us <= time_left_us)
         .max_by(|(_, a), (_, b)| {
-            a.accuracy
-                .total_cmp(&b.accuracy)
-                .then_with(|| b.latency_us.total_cmp(&a.latency_us))
+            a.accuracy.total_cmp(&b.accuracy).then_with(|| b.latency_us.total_cmp(&a.latency_us))
         })
-        .map_or(Selection::CannotMeetDeadline, |(i, _)| {
-            Selection::Variant(i)
-        })
+        .map_or(Selection::CannotMeetDeadline, |(i, _)| Selection::Variant(i))
 }
 
 #[cfg(test)]
@@ -56,39 +48,18 @@ mod tests {
     use proptest::prelude::*;
 
     fn c(accuracy: f64, latency_us: f64) -> Candidate {
-        Candidate {
-            accuracy,
-            latency_us,
-        }
+        Candidate { accuracy, latency_us }
     }
 
     #[test]
     fn picks_most_accurate_that_fits() {
         let cands = [c(0.6, 100.0), c(0.8, 500.0), c(0.9, 3000.0)];
-        assert_eq!(
-            most_accurate_within(&cands, 10_000.0, None),
-            Selection::Variant(2)
-        );
-        assert_eq!(
-            most_accurate_within(&cands, 1_000.0, None),
-            Selection::Variant(1)
-        );
-        assert_eq!(
-            most_accurate_within(&cands, 100.0, None),
-            Selection::Variant(0)
-        );
-        assert_eq!(
-            most_accurate_within(&cands, 50.0, None),
-            Selection::CannotMeetDeadline
-        );
-        assert_eq!(
-            most_accurate_within(&cands, 1_000.0, Some(0)),
-            Selection::Variant(0)
-        );
-        assert_eq!(
-            most_accurate_within(&cands, 1_000.0, Some(2)),
-            Selection::CannotMeetDeadline
-        );
+        assert_eq!(most_accurate_within(&cands, 10_000.0, None), Selection::Variant(2));
+        assert_eq!(most_accurate_within(&cands, 1_000.0, None), Selection::Variant(1));
+        assert_eq!(most_accurate_within(&cands, 100.0, None), Selection::Variant(0));
+        assert_eq!(most_accurate_within(&cands, 50.0, None), Selection::CannotMeetDeadline);
+        assert_eq!(most_accurate_within(&cands, 1_000.0, Some(0)), Selection::Variant(0));
+        assert_eq!(most_accurate_within(&cands, 1_000.0, Some(2)), Selection::CannotMeetDeadline);
     }
 
     proptest! {

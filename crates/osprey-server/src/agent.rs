@@ -32,6 +32,16 @@ pub struct Job {
     pub members: Vec<Member>,
     pub dispatched: Instant,
     pub permit: OwnedSemaphorePermit,
+    /// Where the observed service time goes back to the scheduler.
+    pub feedback: Option<tokio::sync::mpsc::UnboundedSender<Observation>>,
+}
+
+/// A batch's observed service time, for the scheduler's slowdown estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation {
+    pub variant: usize,
+    pub rows: u32,
+    pub service_us: f64,
 }
 
 pub struct LocalAgent {
@@ -108,11 +118,7 @@ impl LocalAgent {
         if let Ok(mut t) = self.tx.lock() {
             t.take();
         }
-        let threads = self
-            .threads
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
         for t in threads {
             let _ = t.join();
         }
@@ -126,18 +132,9 @@ fn fail_all(members: Vec<Member>, e: Error) {
 }
 
 fn run_job(job: Job, node: &str, metrics: &Metrics) {
-    let Job {
-        model,
-        variant,
-        members,
-        dispatched,
-        permit,
-    } = job;
+    let Job { model, variant, members, dispatched, permit, feedback } = job;
     let ve = &model.variants[variant];
-    let labels = VariantLabels {
-        model: model.name().to_string(),
-        variant: ve.spec.name.clone(),
-    };
+    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
     let t0 = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| execute(&model, variant, &members)))
         .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")));
@@ -157,22 +154,10 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
     };
     let rows: u32 = members.iter().map(|m| m.req.rows).sum();
     let compute = t_in + t_infer + t_out;
-    metrics
-        .batch_size
-        .get_or_create(&labels)
-        .observe(rows as f64);
-    metrics
-        .compute_input
-        .get_or_create(&labels)
-        .observe(t_in.as_secs_f64());
-    metrics
-        .compute_infer
-        .get_or_create(&labels)
-        .observe(t_infer.as_secs_f64());
-    metrics
-        .compute_output
-        .get_or_create(&labels)
-        .observe(t_out.as_secs_f64());
+    metrics.batch_size.get_or_create(&labels).observe(rows as f64);
+    metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
+    metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
+    metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
     if let Ok(mut s) = ve.stats.lock() {
         s.execution_count += 1;
         s.last_inference_ms = unix_ms();
@@ -183,14 +168,17 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
         for m in &members {
             s.inference_count += m.req.rows as u64;
             s.success.add(m.enqueued.elapsed());
-            s.queue
-                .add(dispatched.saturating_duration_since(m.enqueued));
+            s.queue.add(dispatched.saturating_duration_since(m.enqueued));
             s.compute_input.add(t_in);
             s.compute_infer.add(t_infer);
             s.compute_output.add(t_out);
         }
     }
     let done = Instant::now();
+    if let Some(f) = &feedback {
+        let service_us = done.saturating_duration_since(dispatched).as_secs_f64() * 1e6;
+        let _ = f.send(Observation { variant, rows, service_us });
+    }
     let _ = t0;
     let classes = model.spec.labels.len();
     for (m, outputs) in members.into_iter().zip(per_member) {
@@ -199,23 +187,13 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
             && let Ok(p) = first.to_f32()
         {
             for row in p.chunks_exact(classes) {
-                let arg = (0..classes)
-                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                    .unwrap_or(0);
+                let arg = (0..classes).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
                 model.estimator.observe(arg);
             }
         }
         let queue = dispatched.saturating_duration_since(m.enqueued);
-        metrics
-            .queue
-            .get_or_create(&labels)
-            .observe(queue.as_secs_f64());
-        let outputs = m
-            .req
-            .outputs
-            .iter()
-            .map(|&i| (i, outputs[i].clone()))
-            .collect();
+        metrics.queue.get_or_create(&labels).observe(queue.as_secs_f64());
+        let outputs = m.req.outputs.iter().map(|&i| (i, outputs[i].clone())).collect();
         let _ = m.reply.send(Ok(InferOutcome {
             model: model.clone(),
             variant,
@@ -239,11 +217,7 @@ fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Exe
     let mut inputs = Vec::with_capacity(n_inputs);
     for i in 0..n_inputs {
         let parts: Vec<&RawTensor> = members.iter().map(|m| &m.req.inputs[i]).collect();
-        inputs.push(if parts.len() == 1 {
-            parts[0].clone()
-        } else {
-            batch::concat(&parts)?
-        });
+        inputs.push(if parts.len() == 1 { parts[0].clone() } else { batch::concat(&parts)? });
     }
     let t1 = Instant::now();
     let outputs = model.variants[variant].session.run(&inputs)?;
@@ -251,11 +225,7 @@ fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Exe
     let sizes: Vec<i64> = members.iter().map(|m| m.req.rows as i64).collect();
     let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
     for out in &outputs {
-        let parts = if sizes.len() == 1 {
-            vec![out.clone()]
-        } else {
-            batch::split(out, &sizes)?
-        };
+        let parts = if sizes.len() == 1 { vec![out.clone()] } else { batch::split(out, &sizes)? };
         for (k, p) in parts.into_iter().enumerate() {
             per_member[k].push(p);
         }

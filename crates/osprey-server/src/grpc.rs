@@ -31,10 +31,7 @@ type R<T> = Result<Response<T>, Status>;
 impl InferenceService {
     /// Resolves the caller from the `authorization` metadata entry.
     fn tenant<T>(&self, r: &Request<T>) -> Result<usize, Status> {
-        let h = r
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
+        let h = r.metadata().get("authorization").and_then(|v| v.to_str().ok());
         self.gw.authenticate(h).map_err(status)
     }
 }
@@ -47,11 +44,7 @@ fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_respons
     }
 }
 
-fn model_ready<'a>(
-    gw: &'a Gateway,
-    name: &str,
-    version: &str,
-) -> Result<&'a Arc<ModelEntry>, Status> {
+fn model_ready<'a>(gw: &'a Gateway, name: &str, version: &str) -> Result<&'a Arc<ModelEntry>, Status> {
     let m = gw.model(name).map_err(status)?;
     m.resolve_version(version).map_err(status)?;
     Ok(m)
@@ -63,9 +56,7 @@ fn param_u64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
         None => Ok(None),
         Some(C::Int64Param(v)) if *v >= 0 => Ok(Some(*v as u64)),
         Some(C::Uint64Param(v)) => Ok(Some(*v)),
-        Some(_) => Err(Error::invalid(format!(
-            "parameter '{key}' must be a non-negative integer"
-        ))),
+        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
     }
 }
 
@@ -75,9 +66,7 @@ fn param_f64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
         None => Ok(None),
         Some(C::DoubleParam(v)) => Ok(Some(*v)),
         Some(C::Int64Param(v)) => Ok(Some(*v as f64)),
-        Some(_) => Err(Error::invalid(format!(
-            "parameter '{key}' must be a number"
-        ))),
+        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a number"))),
     }
 }
 
@@ -90,9 +79,7 @@ fn from_contents(
 ) -> Result<RawTensor, Error> {
     let want = element_count(&shape)?;
     let count_err = |got: usize| {
-        Error::invalid(format!(
-            "input '{name}': shape {shape:?} needs {want} elements, contents has {got}"
-        ))
+        Error::invalid(format!("input '{name}': shape {shape:?} needs {want} elements, contents has {got}"))
     };
     let range_err = || Error::invalid(format!("input '{name}': a value is out of range for {dt}"));
     let mut out = Vec::with_capacity(byte_size(dt, &shape)?);
@@ -134,9 +121,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> R<pb::ServerReadyResponse> {
-        Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.gw.is_ready(),
-        }))
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.gw.is_ready() }))
     }
 
     async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
@@ -146,10 +131,7 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(
-        &self,
-        r: Request<pb::ServerMetadataRequest>,
-    ) -> R<pb::ServerMetadataResponse> {
+    async fn server_metadata(&self, r: Request<pb::ServerMetadataRequest>) -> R<pb::ServerMetadataResponse> {
         self.tenant(&r)?;
         Ok(Response::new(pb::ServerMetadataResponse {
             name: SERVER_NAME.into(),
@@ -158,10 +140,7 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_metadata(
-        &self,
-        r: Request<pb::ModelMetadataRequest>,
-    ) -> R<pb::ModelMetadataResponse> {
+    async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
         self.tenant(&r)?;
         let r = r.into_inner();
         let m = model_ready(&self.gw, &r.name, &r.version)?;
@@ -204,9 +183,7 @@ impl GrpcInferenceService for InferenceService {
                 })
                 .collect(),
         };
-        Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(config),
-        }))
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(config) }))
     }
 
     async fn model_statistics(
@@ -224,12 +201,7 @@ impl GrpcInferenceService for InferenceService {
             Some(m) if !r.name.is_empty() => m.resolve_version(&r.version).map_err(status)?,
             _ => None,
         };
-        let d = |x: &crate::gateway::Duration2| {
-            Some(pb::StatisticDuration {
-                count: x.count,
-                ns: x.ns,
-            })
-        };
+        let d = |x: &crate::gateway::Duration2| Some(pb::StatisticDuration { count: x.count, ns: x.ns });
         let mut model_stats = Vec::new();
         for m in models {
             for (i, v) in m.variants.iter().enumerate() {
@@ -300,10 +272,7 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
         let tenant = self.tenant(&r)?;
         let r = r.into_inner();
-        self.gw
-            .tenants
-            .check_model(tenant, &r.model_name)
-            .map_err(status)?;
+        self.gw.tenants.check_model(tenant, &r.model_name).map_err(status)?;
         let gw = &self.gw;
         let result = async {
             let raw = &r.raw_input_contents;
@@ -335,15 +304,13 @@ impl GrpcInferenceService for InferenceService {
                     }
                     RawTensor::from_bytes(dt, inp.shape.clone(), bytes.to_vec())?
                 } else {
-                    let c = inp.contents.as_ref().ok_or_else(|| {
-                        Error::invalid(format!("input '{}' has no contents", inp.name))
-                    })?;
+                    let c = inp
+                        .contents
+                        .as_ref()
+                        .ok_or_else(|| Error::invalid(format!("input '{}' has no contents", inp.name)))?;
                     from_contents(dt, inp.shape.clone(), c, &inp.name)?
                 };
-                inputs.push(InputTensor {
-                    name: inp.name.clone(),
-                    tensor,
-                });
+                inputs.push(InputTensor { name: inp.name.clone(), tensor });
             }
             let opts = RequestOptions {
                 timeout_us: param_u64(&r.parameters, "timeout")?,
@@ -353,20 +320,11 @@ impl GrpcInferenceService for InferenceService {
             };
             for o in &r.outputs {
                 if o.parameters.contains_key("classification") {
-                    return Err(Error::invalid(
-                        "the classification extension is not supported",
-                    ));
+                    return Err(Error::invalid("the classification extension is not supported"));
                 }
             }
             let names: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
-            let valid = gw.validate(
-                &r.model_name,
-                &r.model_version,
-                r.id.clone(),
-                inputs,
-                &names,
-                &opts,
-            )?;
+            let valid = gw.validate(&r.model_name, &r.model_version, r.id.clone(), inputs, &names, &opts)?;
             gw.infer(valid, tenant, &opts).await
         }
         .await;
@@ -374,11 +332,7 @@ impl GrpcInferenceService for InferenceService {
             Ok(o) => o,
             Err(e) => {
                 if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound) {
-                    let label = if gw.model(&r.model_name).is_ok() {
-                        r.model_name.as_str()
-                    } else {
-                        ""
-                    };
+                    let label = if gw.model(&r.model_name).is_ok() { r.model_name.as_str() } else { "" };
                     gw.metrics.request(label, "", e.code.label());
                 }
                 return Err(status(e));
@@ -389,19 +343,12 @@ impl GrpcInferenceService for InferenceService {
         for (k, v) in crate::http::outcome_parameters(&o) {
             let choice = match v {
                 serde_json::Value::Bool(b) => C::BoolParam(b),
-                serde_json::Value::Number(n) if n.is_u64() => {
-                    C::Int64Param(n.as_u64().unwrap_or(0) as i64)
-                }
+                serde_json::Value::Number(n) if n.is_u64() => C::Int64Param(n.as_u64().unwrap_or(0) as i64),
                 serde_json::Value::Number(n) => C::DoubleParam(n.as_f64().unwrap_or(0.0)),
                 serde_json::Value::String(s) => C::StringParam(s),
                 other => C::StringParam(other.to_string()),
             };
-            parameters.insert(
-                k.to_string(),
-                pb::InferParameter {
-                    parameter_choice: Some(choice),
-                },
-            );
+            parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
         }
         let mut outputs = Vec::with_capacity(o.outputs.len());
         let mut raw = Vec::with_capacity(o.outputs.len());

@@ -3,9 +3,7 @@
 //! `binary_data` / `binary_data_output`), model configuration, statistics and the repository
 //! index. Every error is `{"error": "..."}` with the status of its [`ErrorCode`].
 
-use crate::gateway::{
-    Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats,
-};
+use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats};
 use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -33,8 +31,8 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(json!({ "error": self.0.message }))).into_response()
     }
 }
@@ -50,10 +48,7 @@ async fn authenticate(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let h = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let h = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match gw.authenticate(h) {
         Ok(t) => {
             req.extensions_mut().insert(TenantId(t));
@@ -65,40 +60,23 @@ async fn authenticate(
 
 pub fn router(gw: Arc<Gateway>) -> Router {
     let limit = gw.limits.max_body_bytes;
-    let health = Router::new()
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready));
+    let health = Router::new().route("/v2/health/live", get(live)).route("/v2/health/ready", get(ready));
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            get(model_metadata_v),
-        )
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
         .route("/v2/models/{model}/config", get(model_config))
-        .route(
-            "/v2/models/{model}/versions/{version}/config",
-            get(model_config_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
         .route("/v2/models/{model}/stats", get(model_stats))
-        .route(
-            "/v2/models/{model}/versions/{version}/stats",
-            get(model_stats_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            gw.clone(),
-            authenticate,
-        ))
+        .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
         .layer(DefaultBodyLimit::max(limit))
@@ -110,11 +88,7 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
-    if gw.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
+    if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
 }
 
 async fn server_metadata() -> Json<Value> {
@@ -123,10 +97,7 @@ async fn server_metadata() -> Json<Value> {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         gw.metrics.encode(),
     )
 }
@@ -150,10 +121,7 @@ fn metadata(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_metadata(
-    State(gw): State<Arc<Gateway>>,
-    Path(model): Path<String>,
-) -> ApiResult<Json<Value>> {
+async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
     Ok(Json(metadata(gw.model(&model)?)))
 }
 
@@ -166,16 +134,9 @@ async fn model_metadata_v(
     Ok(Json(metadata(m)))
 }
 
-async fn model_ready(
-    State(gw): State<Arc<Gateway>>,
-    Path(model): Path<String>,
-) -> ApiResult<StatusCode> {
+async fn model_ready(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<StatusCode> {
     gw.model(&model)?;
-    Ok(if gw.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    })
+    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 async fn model_ready_v(
@@ -183,11 +144,7 @@ async fn model_ready_v(
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     gw.model(&model)?.resolve_version(&version)?;
-    Ok(if gw.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    })
+    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 /// Triton-style model configuration: dims exclude the batch dimension when batching is on.
@@ -207,10 +164,7 @@ pub fn config_json(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_config(
-    State(gw): State<Arc<Gateway>>,
-    Path(model): Path<String>,
-) -> ApiResult<Json<Value>> {
+async fn model_config(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
     Ok(Json(config_json(gw.model(&model)?)))
 }
 
@@ -262,13 +216,8 @@ async fn all_stats(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({ "model_stats": all }))
 }
 
-async fn model_stats(
-    State(gw): State<Arc<Gateway>>,
-    Path(model): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({ "model_stats": stats_json(gw.model(&model)?, None) }),
-    ))
+async fn model_stats(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "model_stats": stats_json(gw.model(&model)?, None) })))
 }
 
 async fn model_stats_v(
@@ -300,22 +249,18 @@ async fn repository_index(
         })
         .collect();
     if !ready_only {
-        out.extend(gw.problems().iter().map(|p| {
-            json!({ "name": p.model, "version": "", "state": "UNAVAILABLE", "reason": p.error.message })
-        }));
+        out.extend(gw.problems().iter().map(
+            |p| json!({ "name": p.model, "version": "", "state": "UNAVAILABLE", "reason": p.error.message }),
+        ));
     }
     Ok(Json(Value::Array(out)))
 }
 
 fn rejection(r: BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError(Error::too_large(
-            "request body exceeds the server's max_body_bytes limit",
-        ))
+        ApiError(Error::too_large("request body exceeds the server's max_body_bytes limit"))
     } else {
-        ApiError(Error::invalid(format!(
-            "could not read the request body: {r}"
-        )))
+        ApiError(Error::invalid(format!("could not read the request body: {r}")))
     }
 }
 
@@ -355,9 +300,10 @@ struct OutputJson {
 fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
     match params.get(key) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            Error::invalid(format!("parameter '{key}' must be a non-negative integer"))
-        }),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| Error::invalid(format!("parameter '{key}' must be a non-negative integer"))),
     }
 }
 
@@ -380,9 +326,7 @@ async fn infer_v(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, version, tenant, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    infer_inner(gw, model, version, tenant, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn infer_inner(
@@ -393,18 +337,11 @@ async fn infer_inner(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let model_label = if gw.model(&model).is_ok() {
-        model.as_str()
-    } else {
-        ""
-    };
+    let model_label = if gw.model(&model).is_ok() { model.as_str() } else { "" };
     let result = decode_and_run(&gw, &model, &version, tenant.0, &headers, body).await;
     if let Err(ApiError(e)) = &result {
         // Admission and execution outcomes are counted by the gateway; count edge errors here.
-        if matches!(
-            e.code,
-            ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge
-        ) {
+        if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
             gw.metrics.request(model_label, "", e.code.label());
         }
     }
@@ -424,10 +361,7 @@ async fn decode_and_run(
     if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING)
         && enc.as_bytes() != b"identity"
     {
-        return Err(Error::invalid(
-            "Content-Encoding is not supported; send the body uncompressed",
-        )
-        .into());
+        return Err(Error::invalid("Content-Encoding is not supported; send the body uncompressed").into());
     }
     let (json_part, mut binary) = match headers.get(HEADER_LENGTH) {
         Some(h) => {
@@ -435,9 +369,7 @@ async fn decode_and_run(
                 .to_str()
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| {
-                    Error::invalid("Inference-Header-Content-Length must be a byte count")
-                })?;
+                .ok_or_else(|| Error::invalid("Inference-Header-Content-Length must be a byte count"))?;
             if n > body.len() {
                 return Err(Error::invalid(format!(
                     "Inference-Header-Content-Length is {n} but the body has only {} bytes",
@@ -449,11 +381,8 @@ async fn decode_and_run(
         }
         None => (body.clone(), Bytes::new()),
     };
-    let req: InferRequestJson = serde_json::from_slice(&json_part).map_err(|e| {
-        Error::invalid(format!(
-            "request is not a valid inference request JSON: {e}"
-        ))
-    })?;
+    let req: InferRequestJson = serde_json::from_slice(&json_part)
+        .map_err(|e| Error::invalid(format!("request is not a valid inference request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for inp in req.inputs {
         let dt = crate::gateway::parse_datatype(&inp.datatype, &inp.name)?;
@@ -495,18 +424,12 @@ async fn decode_and_run(
             }
             None => {
                 let data = inp.data.as_ref().ok_or_else(|| {
-                    Error::invalid(format!(
-                        "input '{}' has neither 'data' nor binary_data_size",
-                        inp.name
-                    ))
+                    Error::invalid(format!("input '{}' has neither 'data' nor binary_data_size", inp.name))
                 })?;
                 RawTensor::from_json(dt, inp.shape, data, &inp.name)?
             }
         };
-        inputs.push(InputTensor {
-            name: inp.name,
-            tensor,
-        });
+        inputs.push(InputTensor { name: inp.name, tensor });
     }
     if !binary.is_empty() {
         return Err(Error::invalid(format!(
@@ -522,17 +445,16 @@ async fn decode_and_run(
         priority: param_u64(p, "priority")?,
         min_accuracy: match p.get("min_accuracy") {
             None => None,
-            Some(v) => Some(
-                v.as_f64()
-                    .ok_or_else(|| Error::invalid("parameter 'min_accuracy' must be a number"))?,
-            ),
+            Some(v) => {
+                Some(v.as_f64().ok_or_else(|| Error::invalid("parameter 'min_accuracy' must be a number"))?)
+            }
         },
     };
     let binary_default = match p.get("binary_data_output") {
         None => false,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| Error::invalid("parameter 'binary_data_output' must be a boolean"))?,
+        Some(v) => {
+            v.as_bool().ok_or_else(|| Error::invalid("parameter 'binary_data_output' must be a boolean"))?
+        }
     };
     let mut binary_out = Vec::with_capacity(req.outputs.len());
     for o in &req.outputs {
@@ -544,9 +466,9 @@ async fn decode_and_run(
         }
         binary_out.push(match o.parameters.get("binary_data") {
             None => binary_default,
-            Some(v) => v.as_bool().ok_or_else(|| {
-                Error::invalid("output parameter 'binary_data' must be a boolean")
-            })?,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::invalid("output parameter 'binary_data' must be a boolean"))?,
         });
     }
     let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
@@ -570,12 +492,7 @@ pub fn outcome_parameters(o: &InferOutcome) -> Vec<(&'static str, Value)> {
     ]
 }
 
-fn encode_response(
-    o: &InferOutcome,
-    id: &str,
-    binary_out: &[bool],
-    binary_default: bool,
-) -> Response {
+fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_default: bool) -> Response {
     let mut params = Map::new();
     for (k, v) in outcome_parameters(o) {
         params.insert(k.to_string(), v);
@@ -608,21 +525,14 @@ fn encode_response(
     }
     let header = serde_json::to_vec(&body).unwrap_or_default();
     if tail.is_empty() {
-        return (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            header,
-        )
-            .into_response();
+        return ([(axum::http::header::CONTENT_TYPE, "application/json")], header).into_response();
     }
     let header_len = header.len();
     let mut bytes = header;
     bytes.extend_from_slice(&tail);
     let mut resp = bytes.into_response();
     let h = resp.headers_mut();
-    h.insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(HEADER_LENGTH, HeaderValue::from(header_len));
     resp
 }

@@ -110,11 +110,7 @@ impl Metrics {
             "Time the scheduler spends per admission or batch decision",
             decision.clone(),
         );
-        registry.register(
-            "requests",
-            "Inference requests by model, variant and outcome",
-            requests.clone(),
-        );
+        registry.register("requests", "Inference requests by model, variant and outcome", requests.clone());
         registry.register(
             "queue_duration_seconds",
             "Time requests wait before their batch starts",
@@ -135,16 +131,8 @@ impl Metrics {
             "Time to split a batch's outputs per request",
             compute_output.clone(),
         );
-        registry.register(
-            "batch_size",
-            "Samples per executed batch",
-            batch_size.clone(),
-        );
-        registry.register(
-            "pending_requests",
-            "Requests admitted and not yet answered",
-            pending.clone(),
-        );
+        registry.register("batch_size", "Samples per executed batch", batch_size.clone());
+        registry.register("pending_requests", "Requests admitted and not yet answered", pending.clone());
         Metrics {
             requests,
             queue,
@@ -183,10 +171,7 @@ impl Metrics {
 
     pub fn tenant_accuracy(&self, tenant: &str, model: &str, accuracy: f64) {
         self.tenant_accuracy
-            .get_or_create(&TenantModelLabels {
-                tenant: tenant.into(),
-                model: model.into(),
-            })
+            .get_or_create(&TenantModelLabels { tenant: tenant.into(), model: model.into() })
             .observe(accuracy);
     }
 

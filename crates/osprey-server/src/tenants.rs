@@ -76,10 +76,7 @@ impl Tenants {
                 config: c,
             })
             .collect();
-        Tenants {
-            list,
-            keys_required,
-        }
+        Tenants { list, keys_required }
     }
 
     pub fn get(&self, i: usize) -> &Tenant {
@@ -102,10 +99,7 @@ impl Tenants {
             )
         };
         let key = authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(unauth)?;
@@ -139,10 +133,7 @@ impl Tenants {
         self.check_model(tenant, model)?;
         let t = self.get(tenant);
         if let Some(b) = &t.bucket {
-            let ok = b
-                .lock()
-                .map(|mut b| b.try_take(now_us, rows))
-                .unwrap_or(false);
+            let ok = b.lock().map(|mut b| b.try_take(now_us, rows)).unwrap_or(false);
             if !ok {
                 return Err(Error::new(
                     ErrorCode::ResourceExhausted,
@@ -182,10 +173,7 @@ mod tests {
         assert_eq!(ts.authenticate(Some("Bearer kb")).unwrap(), 1);
         assert_eq!(ts.authenticate(Some("Bearer ka")).unwrap(), 0);
         for bad in [None, Some("Bearer nope"), Some("ka"), Some("Bearer ")] {
-            assert_eq!(
-                ts.authenticate(bad).unwrap_err().code,
-                ErrorCode::Unauthenticated
-            );
+            assert_eq!(ts.authenticate(bad).unwrap_err().code, ErrorCode::Unauthenticated);
         }
     }
 
@@ -200,15 +188,9 @@ mod tests {
     #[test]
     fn models_and_quotas_are_enforced_per_tenant() {
         let ts = Tenants::new(&[tenant("a", Some("ka")), tenant("b", Some("kb"))], 1000, 0);
-        assert_eq!(
-            ts.admit(0, "spoken_digits", 1, 0).unwrap_err().code,
-            ErrorCode::PermissionDenied
-        );
+        assert_eq!(ts.admit(0, "spoken_digits", 1, 0).unwrap_err().code, ErrorCode::PermissionDenied);
         assert!(ts.admit(0, "digits", 2, 0).is_ok());
-        assert_eq!(
-            ts.admit(0, "digits", 1, 0).unwrap_err().code,
-            ErrorCode::ResourceExhausted
-        );
+        assert_eq!(ts.admit(0, "digits", 1, 0).unwrap_err().code, ErrorCode::ResourceExhausted);
         // Tenant b's quota is untouched by a's burst.
         assert!(ts.admit(1, "digits", 2, 0).is_ok());
         assert!(ts.admit(0, "digits", 1, 600_000).is_ok());

@@ -98,8 +98,7 @@ pub fn evaluate(p: &Problem) -> (DataAware, Report) {
     };
     let (pb, pe) = calib(&|v, _| profiled[v]);
     let (db, de) = calib(&|v, k| da[v][k]);
-    let acc =
-        |v: usize| outcome[v].iter().filter(|&&c| c).count() as f64 / test.len().max(1) as f64;
+    let acc = |v: usize| outcome[v].iter().filter(|&&c| c).count() as f64 / test.len().max(1) as f64;
     let (ac, ab) = (acc(p.cheap), acc(p.best));
     let routed = |order: &[usize], f: f64| {
         let m = (f * test.len() as f64).round() as usize;
@@ -107,15 +106,11 @@ pub fn evaluate(p: &Problem) -> (DataAware, Report) {
         for &k in order.iter().take(m) {
             use_best[k] = true;
         }
-        (0..test.len())
-            .filter(|&k| outcome[if use_best[k] { p.best } else { p.cheap }][k])
-            .count() as f64
+        (0..test.len()).filter(|&k| outcome[if use_best[k] { p.best } else { p.cheap }][k]).count() as f64
             / test.len().max(1) as f64
     };
     let mut by_gain: Vec<usize> = (0..test.len()).collect();
-    by_gain.sort_by(|&a, &b| {
-        (da[p.best][b] - da[p.cheap][b]).total_cmp(&(da[p.best][a] - da[p.cheap][a]))
-    });
+    by_gain.sort_by(|&a, &b| (da[p.best][b] - da[p.cheap][b]).total_cmp(&(da[p.best][a] - da[p.cheap][a])));
     let gain = |k: usize| i32::from(outcome[p.best][k]) - i32::from(outcome[p.cheap][k]);
     let mut oracle: Vec<usize> = (0..test.len()).collect();
     oracle.sort_by_key(|&k| -gain(k));
@@ -159,51 +154,32 @@ pub fn rohe_problem(path: &PathBuf) -> Result<Problem, String> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
     let col = |n: &str| {
-        header
-            .iter()
-            .position(|h| *h == n)
-            .ok_or_else(|| format!("{}: no column {n}", path.display()))
+        header.iter().position(|h| *h == n).ok_or_else(|| format!("{}: no column {n}", path.display()))
     };
-    let (ct, cm, ci, cc, cn, ca) = (
-        col("target")?,
-        col("model")?,
-        col("img")?,
-        col("confidence")?,
-        col("count")?,
-        col("accuracy")?,
-    );
+    let (ct, cm, ci, cc, cn, ca) =
+        (col("target")?, col("model")?, col("img")?, col("confidence")?, col("count")?, col("accuracy")?);
     for (ln, line) in lines.enumerate() {
         let f: Vec<&str> = line.split(',').collect();
         let bad = || format!("{}:{}: malformed row", path.display(), ln + 2);
         let get = |i: usize| f.get(i).copied().ok_or_else(bad);
-        rows.entry((get(ci)?.to_string(), get(ct)?.to_string()))
-            .or_default()
-            .insert(
-                get(cm)?.to_string(),
-                (
-                    get(cc)?.parse().map_err(|_| bad())?,
-                    get(cn)?.parse().map_err(|_| bad())?,
-                    get(ca)?.trim() == "1",
-                ),
-            );
+        rows.entry((get(ci)?.to_string(), get(ct)?.to_string())).or_default().insert(
+            get(cm)?.to_string(),
+            (
+                get(cc)?.parse().map_err(|_| bad())?,
+                get(cn)?.parse().map_err(|_| bad())?,
+                get(ca)?.trim() == "1",
+            ),
+        );
     }
-    let variants: Vec<String> = rows
-        .values()
-        .next()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
+    let variants: Vec<String> = rows.values().next().map(|m| m.keys().cloned().collect()).unwrap_or_default();
     let targets: Vec<String> = {
         let mut t: Vec<String> = rows.keys().map(|(_, t)| t.clone()).collect();
         t.sort();
         t.dedup();
         t
     };
-    let rows: Vec<_> = rows
-        .into_iter()
-        .filter(|(_, m)| m.len() == variants.len())
-        .collect();
-    let mean_acc =
-        |v: &String| rows.iter().filter(|(_, m)| m[v].2).count() as f64 / rows.len().max(1) as f64;
+    let rows: Vec<_> = rows.into_iter().filter(|(_, m)| m.len() == variants.len()).collect();
+    let mean_acc = |v: &String| rows.iter().filter(|(_, m)| m[v].2).count() as f64 / rows.len().max(1) as f64;
     // Cheapest: the nano model of the oldest family present; best: highest mean accuracy.
     let cheap = variants.iter().position(|v| v == "yolov5n").unwrap_or(0);
     let best = (0..variants.len())
@@ -218,73 +194,35 @@ pub fn rohe_problem(path: &PathBuf) -> Result<Problem, String> {
             f
         })
         .collect();
-    let correct = variants
-        .iter()
-        .map(|v| rows.iter().map(|(_, m)| m[v].2).collect())
-        .collect();
-    Ok(Problem {
-        name: format!("rohe ({} images)", rows.len()),
-        variants,
-        x,
-        correct,
-        cheap,
-        best,
-    })
+    let correct = variants.iter().map(|v| rows.iter().map(|(_, m)| m[v].2).collect()).collect();
+    Ok(Problem { name: format!("rohe ({} images)", rows.len()), variants, x, correct, cheap, best })
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {
-    let repo = args
-        .model_repository
-        .clone()
-        .unwrap_or_else(crate::default_repository);
+    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
     let (models, _) = scan_repository(&repo).map_err(|e| e.to_string())?;
     let mut table = Table::new();
-    table.set_header([
-        "data",
-        "estimator",
-        "Brier",
-        "ECE",
-        "acc @25% best",
-        "acc @50% best",
-    ]);
+    table.set_header(["data", "estimator", "Brier", "ECE", "acc @25% best", "acc @50% best"]);
     for m in &models {
         let Some(ev) = m.load_eval().map_err(|e| e.to_string())? else {
             continue;
         };
         let dt = m.inputs[0].datatype;
         let t = Instant::now();
-        let x: Vec<Vec<f32>> = (0..ev.len())
-            .map(|i| {
-                features(Sample {
-                    datatype: dt,
-                    bytes: ev.sample(i),
-                })
-                .to_vec()
-            })
-            .collect();
+        let x: Vec<Vec<f32>> =
+            (0..ev.len()).map(|i| features(Sample { datatype: dt, bytes: ev.sample(i) }).to_vec()).collect();
         let feature_us = t.elapsed().as_secs_f64() * 1e6 / ev.len().max(1) as f64;
         let acc = |v: &str| m.variant(v).map_or(0.0, |s| s.accuracy);
         let names = ev.variants.clone();
         let cheap = 0;
-        let best = (0..names.len())
-            .max_by(|&a, &b| acc(&names[a]).total_cmp(&acc(&names[b])))
-            .unwrap_or(0);
-        let p = Problem {
-            name: m.name.clone(),
-            variants: names,
-            x,
-            correct: ev.correct.clone(),
-            cheap,
-            best,
-        };
+        let best = (0..names.len()).max_by(|&a, &b| acc(&names[a]).total_cmp(&acc(&names[b]))).unwrap_or(0);
+        let p =
+            Problem { name: m.name.clone(), variants: names, x, correct: ev.correct.clone(), cheap, best };
         let (model, report) = evaluate(&p);
         for r in report.rows {
             table.add_row(r);
         }
-        println!(
-            "{}: features cost {feature_us:.1} us per sample (debug/release as built)",
-            m.name
-        );
+        println!("{}: features cost {feature_us:.1} us per sample (debug/release as built)", m.name);
         if !args.dry_run {
             let path = m.dir.join("estimator.json");
             let json = serde_json::to_string_pretty(&model).map_err(|e| e.to_string())?;
@@ -293,10 +231,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     }
     if let Some(path) = &args.rohe {
         let p = rohe_problem(path)?;
-        println!(
-            "rohe: cheap = {}, best = {}",
-            p.variants[p.cheap], p.variants[p.best]
-        );
+        println!("rohe: cheap = {}, best = {}", p.variants[p.cheap], p.variants[p.best]);
         for r in evaluate(&p).1.rows {
             table.add_row(r);
         }

@@ -98,12 +98,7 @@ struct Tally {
 }
 
 enum Outcome {
-    Ok {
-        latency: Duration,
-        argmax: Vec<usize>,
-        variant: String,
-        met: bool,
-    },
+    Ok { latency: Duration, argmax: Vec<usize>, variant: String, met: bool },
     Rejected(String),
     Failed(String),
     Lost(String),
@@ -122,26 +117,16 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
     if args.batch == 0 {
         return Err("--batch must be positive".into());
     }
-    let repo = args
-        .model_repository
-        .clone()
-        .unwrap_or_else(crate::default_repository);
+    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
     let spec = scan_repository(&repo)
         .ok()
         .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))
         .ok_or_else(|| {
-            format!(
-                "model '{}' not found in {} (needed for its input shapes)",
-                args.model,
-                repo.display()
-            )
+            format!("model '{}' not found in {} (needed for its input shapes)", args.model, repo.display())
         })?;
     let eval = spec.load_eval().map_err(|e| e.to_string())?;
     let samples = Arc::new(prepare(&spec, eval.as_ref(), &args));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let tally = rt.block_on(drive(args.clone(), samples))?;
     report(&args, &tally);
     Ok(())
@@ -179,7 +164,9 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
             if let Some(d) = args.deadline_ms {
                 gparams.insert(
                     "deadline_ms".to_string(),
-                    pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(d as i64)) },
+                    pb::InferParameter {
+                        parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(d as i64)),
+                    },
                 );
             }
             let grpc = pb::ModelInferRequest {
@@ -202,43 +189,30 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
         .collect()
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
+type HttpClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 #[derive(Clone)]
 enum Conn {
-    Http {
-        client: HttpClient,
-        uri: String,
-        auth: Option<String>,
-    },
-    Grpc(
-        GrpcInferenceServiceClient<tonic::transport::Channel>,
-        Option<String>,
-    ),
+    Http { client: HttpClient, uri: String, auth: Option<String> },
+    Grpc(GrpcInferenceServiceClient<tonic::transport::Channel>, Option<String>),
 }
 
 async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, String> {
     let conn = match args.protocol {
         Protocol::Http => {
-            let target = args
-                .target
-                .clone()
-                .unwrap_or_else(|| "127.0.0.1:8000".into());
+            let target = args.target.clone().unwrap_or_else(|| "127.0.0.1:8000".into());
             let path = match &args.version {
                 Some(v) => format!("/v2/models/{}/versions/{v}/infer", args.model),
                 None => format!("/v2/models/{}/infer", args.model),
             };
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .pool_max_idle_per_host(1024)
-                    .build({
-                        let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
-                        c.set_nodelay(true);
-                        c
-                    });
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build({
+                    let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+                    c.set_nodelay(true);
+                    c
+                });
             Conn::Http {
                 client,
                 uri: format!("http://{target}{path}"),
@@ -246,10 +220,7 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
             }
         }
         Protocol::Grpc => {
-            let target = args
-                .target
-                .clone()
-                .unwrap_or_else(|| "127.0.0.1:8001".into());
+            let target = args.target.clone().unwrap_or_else(|| "127.0.0.1:8001".into());
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
                 .map_err(|e| e.to_string())?
                 .connect_timeout(Duration::from_secs(5))
@@ -314,10 +285,7 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
 }
 
 fn argmax_rows(data: &[u8], rows: usize) -> Vec<usize> {
-    let f: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let f: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if rows == 0 || f.is_empty() {
         return Vec::new();
     }
@@ -325,9 +293,7 @@ fn argmax_rows(data: &[u8], rows: usize) -> Vec<usize> {
     (0..rows)
         .map(|r| {
             let row = &f[r * k..(r + 1) * k];
-            (0..k)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap_or(0)
+            (0..k).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0)
         })
         .collect()
 }
@@ -357,12 +323,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                     .get("inference-header-content-length")
                     .and_then(|h| h.to_str().ok())
                     .and_then(|s| s.parse::<usize>().ok());
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
+                let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
                 Ok::<_, String>((status, hl, body))
             };
             match tokio::time::timeout(timeout, fut).await {
@@ -373,12 +334,9 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                         let hl = hl.unwrap_or(body.len()).min(body.len());
                         let head = serde_json::from_slice::<serde_json::Value>(&body[..hl]).ok();
                         let param = |k: &str| head.as_ref().map(|v| v["parameters"][k].clone());
-                        let variant = param("variant")
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default();
-                        let met = param("deadline_met")
-                            .and_then(|v| v.as_bool())
-                            .unwrap_or(true);
+                        let variant =
+                            param("variant").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                        let met = param("deadline_met").and_then(|v| v.as_bool()).unwrap_or(true);
                         Outcome::Ok {
                             latency: t.elapsed(),
                             argmax: argmax_rows(&body[hl..], rows),
@@ -386,11 +344,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                             met,
                         }
                     } else {
-                        let msg = format!(
-                            "HTTP {}: {}",
-                            status.as_u16(),
-                            String::from_utf8_lossy(&body)
-                        );
+                        let msg = format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body));
                         match status.as_u16() {
                             429 | 503 | 504 => Outcome::Rejected(msg),
                             _ => Outcome::Failed(msg),
@@ -410,25 +364,14 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                 Ok(Ok(resp)) => {
                     let r = resp.into_inner();
                     let variant = r.model_version.clone();
-                    let met = match r
-                        .parameters
-                        .get("deadline_met")
-                        .and_then(|p| p.parameter_choice.as_ref())
+                    let met = match r.parameters.get("deadline_met").and_then(|p| p.parameter_choice.as_ref())
                     {
                         Some(pb::infer_parameter::ParameterChoice::BoolParam(b)) => *b,
                         _ => true,
                     };
-                    let argmax = r
-                        .raw_output_contents
-                        .first()
-                        .map(|d| argmax_rows(d, rows))
-                        .unwrap_or_default();
-                    Outcome::Ok {
-                        latency: t.elapsed(),
-                        argmax,
-                        variant,
-                        met,
-                    }
+                    let argmax =
+                        r.raw_output_contents.first().map(|d| argmax_rows(d, rows)).unwrap_or_default();
+                    Outcome::Ok { latency: t.elapsed(), argmax, variant, met }
                 }
                 Ok(Err(st)) => {
                     use tonic::Code;
@@ -436,8 +379,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                     match st.code() {
                         Code::ResourceExhausted | Code::Unavailable | Code::DeadlineExceeded => {
                             // A transport failure also surfaces as UNAVAILABLE, with no server message.
-                            if st.code() == Code::Unavailable && st.message().contains("transport")
-                            {
+                            if st.code() == Code::Unavailable && st.message().contains("transport") {
                                 Outcome::Lost(msg)
                             } else {
                                 Outcome::Rejected(msg)
@@ -455,12 +397,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
 fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
     let Ok(mut t) = tally.lock() else { return };
     match o {
-        Outcome::Ok {
-            latency,
-            argmax,
-            variant,
-            met,
-        } => {
+        Outcome::Ok { latency, argmax, variant, met } => {
             t.ok += 1;
             t.late += u64::from(!met);
             t.latencies_ms.push(latency.as_secs_f64() * 1e3);
@@ -499,11 +436,7 @@ fn report(args: &LoadgenArgs, t: &Tally) {
     let not_on_time = t.late + t.rejected + t.failed + t.lost;
     let late_pct = 100.0 * not_on_time as f64 / t.sent.max(1) as f64;
     let utility = (t.on_time_correct as f64 - not_on_time as f64) / t.sent.max(1) as f64;
-    let accuracy = if t.labelled > 0 {
-        Some(t.correct as f64 / t.labelled as f64)
-    } else {
-        None
-    };
+    let accuracy = if t.labelled > 0 { Some(t.correct as f64 / t.labelled as f64) } else { None };
     if args.json {
         let line = serde_json::json!({
             "model": args.model,
@@ -550,11 +483,7 @@ fn report(args: &LoadgenArgs, t: &Tally) {
         accuracy.map_or("-".into(), |a| format!("{a:.3}")),
     ]);
     println!("{table}");
-    let v: Vec<String> = t
-        .variants
-        .iter()
-        .map(|(k, n)| format!("{k}: {n}"))
-        .collect();
+    let v: Vec<String> = t.variants.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     if !v.is_empty() {
         println!("answered by variant: {}", v.join(", "));
     }

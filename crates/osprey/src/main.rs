@@ -20,11 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "osprey",
-    version,
-    about = "Inference orchestrator for heterogeneous edge clusters"
-)]
+#[command(name = "osprey", version, about = "Inference orchestrator for heterogeneous edge clusters")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,9 +60,7 @@ fn hash_key(key: Option<String>) -> Result<(), String> {
         Some(k) => k,
         None => {
             let mut k = String::new();
-            std::io::stdin()
-                .read_line(&mut k)
-                .map_err(|e| e.to_string())?;
+            std::io::stdin().read_line(&mut k).map_err(|e| e.to_string())?;
             k.trim_end_matches(['\r', '\n']).to_string()
         }
     };
@@ -81,8 +75,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OSPREY_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("OSPREY_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

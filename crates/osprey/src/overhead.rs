@@ -32,34 +32,33 @@ pub struct OverheadArgs {
 }
 
 pub fn run(args: OverheadArgs) -> Result<(), String> {
-    let repo = args
-        .model_repository
-        .clone()
-        .unwrap_or_else(crate::default_repository);
+    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
     let (models, _) = scan_repository(&repo).map_err(|e| e.to_string())?;
     if args.requests == 0 || args.batch_sizes.contains(&0) {
         return Err("--requests and --batch-sizes must be positive".into());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-        let (haddr, gaddr) = (http.local_addr().map_err(|e| e.to_string())?, grpc.local_addr().map_err(|e| e.to_string())?);
+        let (haddr, gaddr) =
+            (http.local_addr().map_err(|e| e.to_string())?, grpc.local_addr().map_err(|e| e.to_string())?);
         let gw = Gateway::start(
             GatewayConfig {
                 models: models.clone(),
                 problems: Vec::new(),
                 limits: Limits::default(),
                 max_batch: 16,
-                                agent_threads: 1,
+                agent_threads: 1,
                 agent_name: "local-0".into(),
                 tenants: Vec::new(),
                 scheduler: Default::default(),
             },
-            |_, v, _| osprey_core::profile::VariantProfile { name: v.name.clone(), swap_us: 0.0, batches: Vec::new() },
+            |_, v, _| osprey_core::profile::VariantProfile {
+                name: v.name.clone(),
+                swap_us: 0.0,
+                batches: Vec::new(),
+            },
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(osprey_server::serve(osprey_server::Listeners { http, grpc }, gw, async {
@@ -71,13 +70,22 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 c.set_nodelay(true);
                 c
             });
-        let mut gclient = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{gaddr}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut gclient =
+            pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{gaddr}"))
+                .await
+                .map_err(|e| e.to_string())?;
         let mut table = Table::new();
         table.set_header([
-            "model", "variant", "batch", "engine p50 us", "HTTP p50 us", "gRPC p50 us",
-            "HTTP overhead us", "gRPC overhead us", "HTTP ratio", "gRPC ratio",
+            "model",
+            "variant",
+            "batch",
+            "engine p50 us",
+            "HTTP p50 us",
+            "gRPC p50 us",
+            "HTTP overhead us",
+            "gRPC overhead us",
+            "HTTP ratio",
+            "gRPC ratio",
         ]);
         for m in &models {
             let v = match &args.variant {
@@ -151,7 +159,8 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 for v in [&mut direct, &mut over_http, &mut over_grpc] {
                     v.sort_by(f64::total_cmp);
                 }
-                let (d, h, g) = (quantile(&direct, 0.5), quantile(&over_http, 0.5), quantile(&over_grpc, 0.5));
+                let (d, h, g) =
+                    (quantile(&direct, 0.5), quantile(&over_http, 0.5), quantile(&over_grpc, 0.5));
                 table.add_row([
                     m.name.clone(),
                     v.name.clone(),
@@ -167,7 +176,10 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             }
         }
         println!("{table}");
-        println!("(sequential requests, one agent thread, {} timed requests per cell, loopback)", args.requests);
+        println!(
+            "(sequential requests, one agent thread, {} timed requests per cell, loopback)",
+            args.requests
+        );
         let _ = stop_tx.send(());
         let _ = server.await;
         Ok(())

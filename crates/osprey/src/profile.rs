@@ -42,9 +42,9 @@ pub fn inputs_for(model: &ModelSpec, eval: Option<&EvalSet>, batch: u32) -> Resu
             shape[0] = batch as i64;
             let per = spec.sample_elements() * spec.datatype.size();
             let data: Vec<u8> = match eval {
-                Some(ev) if k == 0 && !ev.is_empty() => (0..batch as usize)
-                    .flat_map(|i| ev.sample(i % ev.len()).to_vec())
-                    .collect(),
+                Some(ev) if k == 0 && !ev.is_empty() => {
+                    (0..batch as usize).flat_map(|i| ev.sample(i % ev.len()).to_vec()).collect()
+                }
                 _ => vec![0u8; per * batch as usize],
             };
             RawTensor::from_bytes(spec.datatype, shape, data)
@@ -53,29 +53,21 @@ pub fn inputs_for(model: &ModelSpec, eval: Option<&EvalSet>, batch: u32) -> Resu
 }
 
 pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
-    let repo = args
-        .model_repository
-        .clone()
-        .unwrap_or_else(crate::default_repository);
+    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
     let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
     for p in &problems {
         eprintln!("skipping model {}: {}", p.model, p.error);
     }
-    let models: Vec<ModelSpec> = models
-        .into_iter()
-        .filter(|m| args.model.as_ref().is_none_or(|n| &m.name == n))
-        .collect();
+    let models: Vec<ModelSpec> =
+        models.into_iter().filter(|m| args.model.as_ref().is_none_or(|n| &m.name == n)).collect();
     if models.is_empty() {
         return Err(format!("no model to profile in {}", repo.display()));
     }
     if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) || args.iterations == 0 {
         return Err("batch sizes and iterations must be positive".into());
     }
-    let settings = ProfileSettings {
-        batch_sizes: args.batch_sizes.clone(),
-        iterations: args.iterations,
-        warmup: 5,
-    };
+    let settings =
+        ProfileSettings { batch_sizes: args.batch_sizes.clone(), iterations: args.iterations, warmup: 5 };
     let total: u64 = models.iter().map(|m| m.variants.len() as u64).sum::<u64>()
         * (settings.batch_sizes.len() * settings.iterations) as u64;
     let bar = ProgressBar::new(total);
@@ -91,32 +83,16 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
         std::env::consts::ARCH
     );
     let mut table = Table::new();
-    table.set_header([
-        "model",
-        "variant",
-        "batch",
-        "p50 us",
-        "p90 us",
-        "p99 us",
-        "samples/s",
-    ]);
+    table.set_header(["model", "variant", "batch", "p50 us", "p90 us", "p99 us", "samples/s"]);
     for m in &models {
         let eval = m.load_eval().map_err(|e| e.to_string())?;
-        let mut profile = ModelProfile {
-            host: host.clone(),
-            variants: Vec::new(),
-        };
+        let mut profile = ModelProfile { host: host.clone(), variants: Vec::new() };
         for v in &m.variants {
             bar.set_message(format!("{}/{}", m.name, v.name));
             let s = Session::load(m, v).map_err(|e| e.to_string())?;
-            let vp = profile_variant(
-                &v.name,
-                &s,
-                &settings,
-                |b| inputs_for(m, eval.as_ref(), b),
-                || bar.inc(1),
-            )
-            .map_err(|e: Error| e.to_string())?;
+            let vp =
+                profile_variant(&v.name, &s, &settings, |b| inputs_for(m, eval.as_ref(), b), || bar.inc(1))
+                    .map_err(|e: Error| e.to_string())?;
             for b in &vp.batches {
                 table.add_row([
                     m.name.clone(),
@@ -132,22 +108,15 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
         }
         if !args.dry_run {
             let path = m.dir.join("profile.toml");
-            let text = format!(
-                "# Latency profile of {}; microseconds per batch.\n{}",
-                m.name,
-                profile.to_toml()
-            );
+            let text =
+                format!("# Latency profile of {}; microseconds per batch.\n{}", m.name, profile.to_toml());
             std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
     bar.finish_and_clear();
     println!("{table}");
     if !args.dry_run {
-        println!(
-            "wrote profile.toml for {} model(s) under {}",
-            models.len(),
-            repo.display()
-        );
+        println!("wrote profile.toml for {} model(s) under {}", models.len(), repo.display());
     }
     Ok(())
 }

@@ -39,24 +39,16 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(r) = args.model_repository {
         config.model_repository = Some(r);
     }
-    let repo = config
-        .model_repository
-        .clone()
-        .unwrap_or_else(crate::default_repository);
+    let repo = config.model_repository.clone().unwrap_or_else(crate::default_repository);
     let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
     for p in &problems {
         tracing::error!(model = %p.model, "skipping model: {}", p.error);
     }
     let threads = match config.agents.first() {
         Some(a) => a.threads,
-        None => std::thread::available_parallelism()
-            .map_or(1, |n| n.get() as u32)
-            .min(4),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4),
     };
-    let agent_name = config
-        .agents
-        .first()
-        .map_or_else(|| "local-0".to_string(), |a| a.name.clone());
+    let agent_name = config.agents.first().map_or_else(|| "local-0".to_string(), |a| a.name.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,29 +109,15 @@ fn quick_profile(
     v: &osprey_core::model::VariantSpec,
     s: &osprey_engine::Session,
 ) -> VariantProfile {
-    let settings = ProfileSettings {
-        batch_sizes: vec![1, 8],
-        iterations: 10,
-        warmup: 2,
-    };
-    match profile_variant(
-        &v.name,
-        s,
-        &settings,
-        |b| crate::profile::inputs_for(model, None, b),
-        || {},
-    ) {
+    let settings = ProfileSettings { batch_sizes: vec![1, 8], iterations: 10, warmup: 2 };
+    match profile_variant(&v.name, s, &settings, |b| crate::profile::inputs_for(model, None, b), || {}) {
         Ok(p) => {
             tracing::info!(model = %model.name, variant = %v.name, "no profile.toml; measured at start-up");
             p
         }
         Err(e) => {
             tracing::warn!(model = %model.name, variant = %v.name, "could not profile: {e}");
-            VariantProfile {
-                name: v.name.clone(),
-                swap_us: 0.0,
-                batches: Vec::new(),
-            }
+            VariantProfile { name: v.name.clone(), swap_us: 0.0, batches: Vec::new() }
         }
     }
 }

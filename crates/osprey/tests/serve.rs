@@ -22,13 +22,7 @@ impl Server {
     /// Starts `osprey serve` on ephemeral ports and waits (with a deadline) for its ready line.
     fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
-            .args([
-                "serve",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
             .args(extra)
             .current_dir(repo_root())
             .env("OSPREY_LOG", "warn")
@@ -45,19 +39,13 @@ impl Server {
                 }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("osprey serve did not become ready");
+        let line = rx.recv_timeout(Duration::from_secs(120)).expect("osprey serve did not become ready");
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(String::from))
                 .expect("address in ready line")
         };
-        Server {
-            http: field("http"),
-            grpc: field("grpc"),
-            child,
-        }
+        Server { http: field("http"), grpc: field("grpc"), child }
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -69,10 +57,7 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "osprey serve did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "osprey serve did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -94,11 +79,7 @@ fn tritonclient_conformance_over_http_and_grpc() {
         .arg(repo_root().join("models"))
         .output()
         .expect("run python3 (install it and `pip install tritonclient[http,grpc] numpy`)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "conformance failed:\n{text}");
     assert!(text.contains("checks passed"), "{text}");
     let status = server.stop();
@@ -113,11 +94,7 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
         .current_dir(repo_root())
         .output()
         .expect("run osprey loadgen");
-    assert!(
-        out.status.success(),
-        "loadgen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("one JSON line")
 }
@@ -141,11 +118,7 @@ fn loadgen_accounts_for_every_request_on_both_protocols() {
             ]);
             let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
             assert!(n("sent") > 0, "{r}");
-            assert_eq!(
-                n("sent"),
-                n("ok") + n("rejected") + n("failed") + n("lost"),
-                "{r}"
-            );
+            assert_eq!(n("sent"), n("ok") + n("rejected") + n("failed") + n("lost"), "{r}");
             assert_eq!(n("lost"), 0, "{r}");
             assert_eq!(n("failed"), 0, "{r}");
             // Real inputs from the eval set: answers are right most of the time.
@@ -183,24 +156,14 @@ fn a_broken_model_folder_is_skipped_and_the_others_serve() {
     std::fs::write(dir.join("broken/model.toml"), "task = \"x\"\nbogus = 1\n").unwrap();
     let src = repo_root().join("models/digits");
     std::fs::create_dir_all(dir.join("digits/eval")).unwrap();
-    for f in [
-        "model.toml",
-        "small.onnx",
-        "medium.onnx",
-        "large.onnx",
-        "eval/inputs.bin",
-        "eval/labels.csv",
-    ] {
+    for f in ["model.toml", "small.onnx", "medium.onnx", "large.onnx", "eval/inputs.bin", "eval/labels.csv"] {
         std::fs::copy(src.join(f), dir.join("digits").join(f)).unwrap();
     }
     let server = Server::start(&["--model-repository", dir.to_str().unwrap()]);
     let body = http_get(&server.http, "/v2/models/digits");
     assert!(body.contains("\"versions\""), "{body}");
     let idx = http_post(&server.http, "/v2/repository/index", "{}");
-    assert!(
-        idx.contains("\"broken\"") && idx.contains("UNAVAILABLE") && idx.contains("bogus"),
-        "{idx}"
-    );
+    assert!(idx.contains("\"broken\"") && idx.contains("UNAVAILABLE") && idx.contains("bogus"), "{idx}");
     assert!(server.stop().success());
 }
 
@@ -215,10 +178,7 @@ fn http(addr: &str, req: String) -> String {
 }
 
 fn http_get(addr: &str, path: &str) -> String {
-    http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-    )
+    http(addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
 }
 
 fn http_post(addr: &str, path: &str, body: &str) -> String {
@@ -232,18 +192,13 @@ fn http_post(addr: &str, path: &str, body: &str) -> String {
 }
 
 fn hash(key: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
-        .args(["hash-key", key])
-        .output()
-        .expect("hash-key");
+    let out = Command::new(env!("CARGO_BIN_EXE_osprey")).args(["hash-key", key]).output().expect("hash-key");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// POST with an optional bearer key; returns (status, body).
 fn post_as(addr: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let resp = http(
         addr,
         format!(
@@ -251,15 +206,8 @@ fn post_as(addr: &str, path: &str, key: Option<&str>, body: &str) -> (u16, Strin
             body.len()
         ),
     );
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
 
@@ -294,10 +242,8 @@ burst = 3
     let server = Server::start(&["--config", dir.join("osprey.toml").to_str().unwrap()]);
     // One real clip from the evaluation set, as JSON INT16.
     let bytes = std::fs::read(repo_root().join("models/spoken_digits/eval/inputs.bin")).unwrap();
-    let samples: Vec<String> = bytes[..12800]
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]).to_string())
-        .collect();
+    let samples: Vec<String> =
+        bytes[..12800].chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]).to_string()).collect();
     let body = format!(
         r#"{{"inputs":[{{"name":"waveform","shape":[1,6400],"datatype":"INT16","data":[{}]}}]}}"#,
         samples.join(",")
@@ -305,13 +251,7 @@ burst = 3
     let path = "/v2/models/spoken_digits/infer";
     let variant = |b: &str| {
         let v: serde_json::Value = serde_json::from_str(b).unwrap_or_default();
-        (
-            v["parameters"]["variant"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-            v["parameters"]["tenant"].clone(),
-        )
+        (v["parameters"]["variant"].as_str().unwrap_or("?").to_string(), v["parameters"]["tenant"].clone())
     };
     // The realtime tenant's 1 ms objective rules out the large variant (~2 ms); the quality
     // tenant gets the most accurate one.
@@ -326,72 +266,51 @@ burst = 3
     // No key, a wrong key, a model the tenant may not use, a quota exceeded.
     assert_eq!(post_as(&server.http, path, None, &body).0, 401);
     assert_eq!(post_as(&server.http, path, Some("nope"), &body).0, 401);
-    let (s, b) = post_as(
-        &server.http,
-        "/v2/models/digits/infer",
-        Some("rt-key"),
-        "{}",
-    );
+    let (s, b) = post_as(&server.http, "/v2/models/digits/infer", Some("rt-key"), "{}");
     assert_eq!(s, 403, "{b}");
     assert!(b.contains("may not use model 'digits'"), "{b}");
-    let statuses: Vec<u16> = (0..4)
-        .map(|_| post_as(&server.http, path, Some("q-key"), &body).0)
-        .collect();
-    assert!(
-        statuses.contains(&429),
-        "burst 3 after one request must run out: {statuses:?}"
-    );
+    let statuses: Vec<u16> = (0..4).map(|_| post_as(&server.http, path, Some("q-key"), &body).0).collect();
+    assert!(statuses.contains(&429), "burst 3 after one request must run out: {statuses:?}");
     // Health stays open; metadata needs a key.
     assert!(http_get(&server.http, "/v2/health/ready").starts_with("HTTP/1.1 200"));
     assert!(http_get(&server.http, "/v2/models/digits").starts_with("HTTP/1.1 401"));
     // gRPC reads the key from metadata.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         use osprey_server::pb;
-        let mut c = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
-            format!("http://{}", server.grpc),
-        )
+        let mut c = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+            "http://{}",
+            server.grpc
+        ))
         .await
         .unwrap();
         let e = c
-            .model_metadata(pb::ModelMetadataRequest {
-                name: "digits".into(),
-                version: String::new(),
-            })
+            .model_metadata(pb::ModelMetadataRequest { name: "digits".into(), version: String::new() })
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        let mut r = tonic::Request::new(pb::ModelMetadataRequest {
-            name: "digits".into(),
-            version: String::new(),
-        });
-        r.metadata_mut()
-            .insert("authorization", "Bearer q-key".parse().unwrap());
-        assert_eq!(
-            c.model_metadata(r).await.unwrap().into_inner().name,
-            "digits"
-        );
-        assert!(
-            c.server_live(pb::ServerLiveRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .live
-        );
+        let mut r =
+            tonic::Request::new(pb::ModelMetadataRequest { name: "digits".into(), version: String::new() });
+        r.metadata_mut().insert("authorization", "Bearer q-key".parse().unwrap());
+        assert_eq!(c.model_metadata(r).await.unwrap().into_inner().name, "digits");
+        assert!(c.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
     });
     drop(rt);
     // Per-tenant metrics.
     let (s, m) = {
         let resp = http(
             &server.http,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer q-key\r\n\r\n".into(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer q-key\r\n\r\n"
+                .into(),
         );
         (resp.starts_with("HTTP/1.1 200"), resp)
     };
-    assert!(s && m.contains("osprey_tenant_requests_total{tenant=\"quality\",model=\"spoken_digits\",outcome=\"met\"}"), "{m}");
+    assert!(
+        s && m.contains(
+            "osprey_tenant_requests_total{tenant=\"quality\",model=\"spoken_digits\",outcome=\"met\"}"
+        ),
+        "{m}"
+    );
     assert!(m.contains("outcome=\"resource_exhausted\""), "{m}");
     assert!(server.stop().success());
 }
