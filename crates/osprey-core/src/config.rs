@@ -96,9 +96,37 @@ pub enum PolicyName {
     Fastest,
     /// FIFO dynamic batching on `fixed_variant` (Triton-like: no variant choice).
     Fixed,
+    /// Earliest deadline first on `fixed_variant`.
+    Edf,
+    /// Least laxity first, most accurate variant that fits.
+    Llf,
+    /// DREAM: drop early if it cannot finish, else rank by urgency.
+    Dream,
+    /// A seeded random variant per batch.
+    Random,
+    /// The cheapest variant meeting the accuracy floor.
+    Greedy,
 }
 
 impl PolicyName {
+    pub const ALL: [PolicyName; 11] = [
+        PolicyName::DataAware,
+        PolicyName::Profiled,
+        PolicyName::PerClass,
+        PolicyName::MostAccurate,
+        PolicyName::Fastest,
+        PolicyName::Fixed,
+        PolicyName::Edf,
+        PolicyName::Llf,
+        PolicyName::Dream,
+        PolicyName::Random,
+        PolicyName::Greedy,
+    ];
+
+    pub fn parse(s: &str) -> Option<PolicyName> {
+        PolicyName::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyName::DataAware => "data-aware",
@@ -107,6 +135,11 @@ impl PolicyName {
             PolicyName::MostAccurate => "most-accurate",
             PolicyName::Fastest => "fastest",
             PolicyName::Fixed => "fixed",
+            PolicyName::Edf => "edf",
+            PolicyName::Llf => "llf",
+            PolicyName::Dream => "dream",
+            PolicyName::Random => "random",
+            PolicyName::Greedy => "greedy",
         }
     }
 }

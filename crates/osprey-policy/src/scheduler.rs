@@ -73,6 +73,20 @@ pub enum Rule {
     Fastest,
     /// FIFO on one given variant (Triton-like dynamic batching without variant choice).
     Fixed(usize),
+    /// Earliest deadline first on one given variant.
+    Edf(usize),
+    /// Least laxity first (laxity = deadline − now − exec time of the most accurate variant);
+    /// runs the most accurate variant that still fits the chosen request, else the fastest.
+    Llf,
+    /// DREAM, as the quality-driven paper's public code defines it: drop a request as soon as
+    /// it cannot finish (now + min_exec > deadline); otherwise rank by
+    /// urgency = min_exec / (remaining − min_exec), most urgent first; run the most accurate
+    /// variant that fits the most urgent request.
+    Dream,
+    /// FIFO, a uniformly random variant per batch (seeded: same seed, same choices).
+    Random(u64),
+    /// FIFO, the cheapest (fastest) variant that meets the head request's accuracy floor.
+    Greedy,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +180,8 @@ pub struct Scheduler {
     last_variant: Option<usize>,
     /// Observed / profiled service time per variant (EWMA).
     slowdown: Vec<f64>,
+    /// xorshift64 state for `Rule::Random`.
+    rng: u64,
 }
 
 /// Weight of a new observation in the slowdown average.
@@ -180,7 +196,11 @@ pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, bet
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, variants: Vec<VariantModel>) -> Scheduler {
         let slowdown = vec![1.0; variants.len()];
-        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown }
+        let rng = match cfg.rule {
+            Rule::Random(seed) => seed | 1,
+            _ => 1,
+        };
+        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown, rng }
     }
 
     pub fn len(&self) -> usize {
@@ -231,7 +251,8 @@ impl Scheduler {
             (0..self.variants.len()).max_by(|&a, &b| f(&self.variants[a]).total_cmp(&f(&self.variants[b])))
         };
         match self.cfg.rule {
-            Rule::Utility => None,
+            Rule::Utility | Rule::Llf | Rule::Dream | Rule::Random(_) | Rule::Greedy => None,
+            Rule::Edf(v) => Some(v.min(self.variants.len().saturating_sub(1))),
             Rule::MostAccurate => by(&|v| v.accuracy),
             Rule::Fastest => by(&|v| -v.profile.latency_us(1, Quantile::P50).unwrap_or(0.0)),
             Rule::Fixed(v) => Some(v.min(self.variants.len().saturating_sub(1))),
@@ -293,7 +314,7 @@ impl Scheduler {
     pub fn next_batch(&mut self, now: Micros) -> Plan {
         let mut plan = Plan::default();
         // Expiry.
-        let utility = self.cfg.rule == Rule::Utility;
+        let utility = matches!(self.cfg.rule, Rule::Utility | Rule::Dream);
         let mut keep = Vec::with_capacity(self.queue.len());
         for r in std::mem::take(&mut self.queue) {
             let dead = if utility {
@@ -307,7 +328,8 @@ impl Scheduler {
         if self.queue.is_empty() {
             return plan;
         }
-        let chosen = if utility { self.plan_utility(now) } else { self.plan_fifo(now) };
+        let chosen =
+            if self.cfg.rule == Rule::Utility { self.plan_utility(now) } else { self.plan_ordered(now) };
         if let Some((variant, idx, planned_us)) = chosen {
             let mut members = Vec::with_capacity(idx.len());
             let mut sorted = idx.clone();
@@ -330,13 +352,83 @@ impl Scheduler {
     }
 
     /// FIFO on one variant per request (baselines, and pinned requests under them).
-    fn plan_fifo(&self, _now: Micros) -> Option<(usize, Vec<usize>, f64)> {
-        let head = self.queue.first()?;
-        let v = self.allowed(head).next()?;
+    /// The most accurate variant (by profile) that can finish `r` by its deadline from `now`,
+    /// else the fastest allowed one.
+    fn best_fit(&self, r: &Request, now: f64) -> Option<usize> {
+        let fits = self
+            .allowed(r)
+            .filter(|&v| now + self.latency(v, r.rows) <= r.deadline as f64)
+            .max_by(|&a, &b| self.variants[a].accuracy.total_cmp(&self.variants[b].accuracy));
+        fits.or_else(|| {
+            self.allowed(r).min_by(|&a, &b| self.latency(a, r.rows).total_cmp(&self.latency(b, r.rows)))
+        })
+    }
+
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// One-variant batches in a rule-specific order (every rule but `Utility`).
+    fn plan_ordered(&mut self, now: Micros) -> Option<(usize, Vec<usize>, f64)> {
+        let now_f = now as f64;
+        let n = self.queue.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        let min_exec = |s: &Self, r: &Request| s.min_latency(r);
+        match self.cfg.rule {
+            Rule::Edf(_) => order.sort_by_key(|&i| (self.queue[i].deadline, i)),
+            Rule::Llf => {
+                let laxity = |i: usize| {
+                    let r = &self.queue[i];
+                    let exec = self
+                        .allowed(r)
+                        .max_by(|&a, &b| self.variants[a].accuracy.total_cmp(&self.variants[b].accuracy))
+                        .map_or(0.0, |v| self.latency(v, r.rows));
+                    r.deadline as f64 - now_f - exec
+                };
+                order.sort_by(|&a, &b| laxity(a).total_cmp(&laxity(b)).then(a.cmp(&b)));
+            }
+            Rule::Dream => {
+                let urgency = |i: usize| {
+                    let r = &self.queue[i];
+                    let m = min_exec(self, r);
+                    m / (r.deadline as f64 - now_f - m).max(1e-9)
+                };
+                order.sort_by(|&a, &b| urgency(b).total_cmp(&urgency(a)).then(a.cmp(&b)));
+            }
+            _ => {}
+        }
+        let head = &self.queue[*order.first()?];
+        let v = match self.cfg.rule {
+            Rule::Llf | Rule::Dream => self.best_fit(head, now_f)?,
+            Rule::Random(_) => {
+                let allowed: Vec<usize> = self.allowed(head).collect();
+                let k = (self.next_random() % allowed.len().max(1) as u64) as usize;
+                *allowed.get(k)?
+            }
+            Rule::Greedy => {
+                let floor = head.floor;
+                let by_speed = |a: &usize, b: &usize| {
+                    self.latency(*a, head.rows).total_cmp(&self.latency(*b, head.rows))
+                };
+                self.allowed(head).filter(|&v| self.variants[v].accuracy >= floor).min_by(by_speed).or_else(
+                    || {
+                        self.allowed(head)
+                            .max_by(|&a, &b| self.variants[a].accuracy.total_cmp(&self.variants[b].accuracy))
+                    },
+                )?
+            }
+            _ => self.allowed(head).next()?,
+        };
         let mut rows = 0u32;
         let mut idx = Vec::new();
-        for (i, r) in self.queue.iter().enumerate() {
-            if self.allowed(r).next() != Some(v) {
+        for i in order {
+            let r = &self.queue[i];
+            if !self.allowed(r).any(|a| a == v) {
                 continue;
             }
             if idx.is_empty() || rows + r.rows <= self.cfg.max_rows {
@@ -568,6 +660,45 @@ mod tests {
     }
 
     #[test]
+    fn classic_orderings() {
+        // EDF serves the earliest deadline first, whatever the arrival order.
+        let mut s =
+            Scheduler::new(SchedulerConfig { max_rows: 1, ..SchedulerConfig::for_test(Rule::Edf(0)) }, zoo());
+        s.admit(0, req(1, 0, 5_000, [0.6, 0.8, 0.95])).unwrap();
+        s.admit(0, req(2, 0, 1_000, [0.6, 0.8, 0.95])).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().members[0].id, 2);
+        // DREAM drops a request that cannot finish and serves the most urgent one with the most
+        // accurate variant that still fits it.
+        let mut s =
+            Scheduler::new(SchedulerConfig { max_rows: 1, ..SchedulerConfig::for_test(Rule::Dream) }, zoo());
+        s.admit(0, req(1, 0, 10_000, [0.6, 0.8, 0.95])).unwrap();
+        s.admit(0, req(2, 0, 700, [0.6, 0.8, 0.95])).unwrap();
+        s.admit(0, req(3, 0, 200, [0.6, 0.8, 0.95])).unwrap();
+        let p = s.next_batch(100);
+        assert_eq!(p.expired.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3]);
+        let b = p.batch.unwrap();
+        assert_eq!((b.members[0].id, b.variant), (2, 1));
+        // Greedy takes the cheapest variant meeting the floor.
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Greedy), zoo());
+        let mut r = req(1, 0, 10_000, [0.6, 0.8, 0.95]);
+        r.floor = 0.7;
+        s.admit(0, r).unwrap();
+        assert_eq!(s.next_batch(0).batch.unwrap().variant, 1);
+        // Random is reproducible for a seed and uses more than one variant.
+        let pick = |seed| {
+            let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Random(seed)), zoo());
+            (0..20)
+                .map(|i| {
+                    s.admit(0, req(i, 0, 100_000, [0.6, 0.8, 0.95])).unwrap();
+                    s.next_batch(0).batch.unwrap().variant
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(7), pick(7));
+        assert!(pick(7).iter().any(|&v| v != pick(7)[0]));
+    }
+
+    #[test]
     fn floors_are_respected_when_a_variant_can() {
         let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
         let mut r = req(1, 0, 1_000, [0.9, 0.6, 0.95]);
@@ -713,7 +844,17 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
         #[test]
         fn invariants_hold_for_every_rule(arrivals in proptest::collection::vec(arrival(), 1..60), max_rows in 1u32..10) {
-            for rule in [Rule::Utility, Rule::MostAccurate, Rule::Fastest, Rule::Fixed(1)] {
+                        for rule in [
+                Rule::Utility,
+                Rule::MostAccurate,
+                Rule::Fastest,
+                Rule::Fixed(1),
+                Rule::Edf(2),
+                Rule::Llf,
+                Rule::Dream,
+                Rule::Random(42),
+                Rule::Greedy,
+            ] {
                 let a = simulate(rule, &arrivals, max_rows);
                 let b = simulate(rule, &arrivals, max_rows);
                 prop_assert_eq!(a, b, "same inputs, same decisions");

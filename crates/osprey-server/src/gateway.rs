@@ -208,7 +208,7 @@ pub struct Gateway {
 const PLAN_QUANTILE: Quantile = Quantile::P99;
 
 /// Builds the estimator a policy uses for one model.
-fn estimator_for(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator> {
+pub fn estimator_for(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator> {
     let profiled = || Box::new(Profiled { accuracy: spec.variants.iter().map(|v| v.accuracy).collect() });
     match policy {
         PolicyName::DataAware => {
@@ -235,8 +235,21 @@ fn estimator_for(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstima
     }
 }
 
-fn rule_for(section: &SchedulerSection, spec: &ModelSpec) -> Rule {
+/// The scheduling rule a policy runs for one model.
+pub fn rule_for(section: &SchedulerSection, spec: &ModelSpec) -> Rule {
+    let fixed = || {
+        section
+            .fixed_variant
+            .as_ref()
+            .and_then(|n| spec.variants.iter().position(|v| &v.name == n))
+            .unwrap_or(spec.variants.len() / 2)
+    };
     match section.policy {
+        PolicyName::Edf => Rule::Edf(fixed()),
+        PolicyName::Llf => Rule::Llf,
+        PolicyName::Dream => Rule::Dream,
+        PolicyName::Random => Rule::Random(0x5eed),
+        PolicyName::Greedy => Rule::Greedy,
         PolicyName::DataAware | PolicyName::Profiled | PolicyName::PerClass => Rule::Utility,
         PolicyName::MostAccurate => Rule::MostAccurate,
         PolicyName::Fastest => Rule::Fastest,
