@@ -182,6 +182,21 @@ fn sigmoid(z: f64) -> f64 {
 }
 
 impl DataAware {
+    /// Parses the JSON form written by `osprey train-estimator`.
+    pub fn from_json(text: &str) -> Result<DataAware, String> {
+        let m: DataAware = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let d = m.mean.len();
+        if m.features != "generic-v1"
+            || m.std.len() != d
+            || m.weights.len() != m.variants.len()
+            || m.bias.len() != m.variants.len()
+            || m.weights.iter().any(|w| w.len() != d)
+        {
+            return Err("estimator file is inconsistent (feature set, sizes)".into());
+        }
+        Ok(m)
+    }
+
     /// Estimates from precomputed features (also used by training and evaluation).
     pub fn estimate_features(&self, f: &[f32], out: &mut [f64]) {
         for (v, o) in out.iter_mut().enumerate() {

@@ -10,6 +10,7 @@
 //! - [`estimate`]: accuracy estimators — profiled, per-class, data-aware — and calibration
 //!   metrics.
 //! - [`quota`]: per-tenant token buckets.
+//! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
 //! - [`select`], [`batcher`]: the simple most-accurate-that-fits rule and FIFO batcher.
 
 pub mod batcher;
@@ -17,6 +18,7 @@ pub mod estimate;
 pub mod quota;
 pub mod scheduler;
 pub mod select;
+pub mod setup;
 
 /// Time on the driver's clock, microseconds.
 pub type Micros = u64;

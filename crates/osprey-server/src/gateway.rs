@@ -21,8 +21,9 @@ use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
 use osprey_core::profile::{ModelProfile, Quantile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
-use osprey_policy::estimate::{AccuracyEstimator, DataAware, PerClass, Profiled, Sample};
-use osprey_policy::scheduler::{Reject, Request, Rule, Scheduler, SchedulerConfig, VariantModel};
+use osprey_policy::estimate::{AccuracyEstimator, DataAware, Sample};
+use osprey_policy::scheduler::{Reject, Request, Scheduler, SchedulerConfig, VariantModel};
+use osprey_policy::setup::{estimator_for, rule_for};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -207,60 +208,25 @@ pub struct Gateway {
 /// under overload in `bench/scheduling.sh`).
 const PLAN_QUANTILE: Quantile = Quantile::P99;
 
-/// Builds the estimator a policy uses for one model.
-pub fn estimator_for(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator> {
-    let profiled = || Box::new(Profiled { accuracy: spec.variants.iter().map(|v| v.accuracy).collect() });
-    match policy {
-        PolicyName::DataAware => {
-            let path = spec.dir.join("estimator.json");
-            let loaded = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str::<DataAware>(&t).map_err(|e| e.to_string()));
-            match loaded {
-                Ok(m) if m.variants.iter().eq(spec.variants.iter().map(|v| &v.name)) => Box::new(m),
-                Ok(_) => {
-                    tracing::warn!(model = %spec.name, "estimator.json names other variants; using profiled accuracy");
-                    profiled()
-                }
-                Err(e) => {
-                    tracing::warn!(model = %spec.name, "no data-aware estimator ({e}); run `osprey train-estimator`; using profiled accuracy");
-                    profiled()
-                }
-            }
+/// Loads a model's trained data-aware estimator, if it has one.
+fn load_data_aware(spec: &ModelSpec) -> Option<DataAware> {
+    let path = spec.dir.join("estimator.json");
+    let text = std::fs::read_to_string(&path).ok()?;
+    match DataAware::from_json(&text) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(model = %spec.name, "{}: {e}", path.display());
+            None
         }
-        PolicyName::PerClass if spec.variants.iter().all(|v| v.class_accuracy.len() == spec.labels.len()) => {
-            Box::new(PerClass::new(spec.variants.iter().map(|v| v.class_accuracy.clone()).collect(), 200.0))
-        }
-        _ => profiled(),
     }
 }
 
-/// The scheduling rule a policy runs for one model.
-pub fn rule_for(section: &SchedulerSection, spec: &ModelSpec) -> Rule {
-    let fixed = || {
-        section
-            .fixed_variant
-            .as_ref()
-            .and_then(|n| spec.variants.iter().position(|v| &v.name == n))
-            .unwrap_or(spec.variants.len() / 2)
-    };
-    match section.policy {
-        PolicyName::Edf => Rule::Edf(fixed()),
-        PolicyName::Llf => Rule::Llf,
-        PolicyName::Dream => Rule::Dream,
-        PolicyName::Random => Rule::Random(0x5eed),
-        PolicyName::Greedy => Rule::Greedy,
-        PolicyName::DataAware | PolicyName::Profiled | PolicyName::PerClass => Rule::Utility,
-        PolicyName::MostAccurate => Rule::MostAccurate,
-        PolicyName::Fastest => Rule::Fastest,
-        PolicyName::Fixed => Rule::Fixed(
-            section
-                .fixed_variant
-                .as_ref()
-                .and_then(|n| spec.variants.iter().position(|v| &v.name == n))
-                .unwrap_or(spec.variants.len() / 2),
-        ),
+fn estimator(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator> {
+    let (e, fell_back) = estimator_for(policy, spec, load_data_aware(spec));
+    if fell_back {
+        tracing::warn!(model = %spec.name, "no usable estimator.json (run `osprey train-estimator`); using profiled accuracy");
     }
+    e
 }
 
 impl Gateway {
@@ -317,7 +283,7 @@ impl Gateway {
                 continue;
             }
             let (tx, rx) = mpsc::channel(config.limits.max_queue);
-            let estimator = estimator_for(config.scheduler.policy, &spec);
+            let estimator = estimator(config.scheduler.policy, &spec);
             let entry = Arc::new(ModelEntry { spec, variants, estimator, queue: tx });
             receivers.push((entry.clone(), rx));
             models.insert(entry.spec.name.clone(), entry);
