@@ -19,7 +19,7 @@ pub struct BatchProfile {
     pub throughput_rps: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VariantProfile {
     pub name: String,

@@ -4,11 +4,13 @@
 //! - [`serve`]: `osprey serve`, the gateway with in-process agents and the bundled zoo.
 //! - [`profile`]: `osprey profile`, latency per variant and batch size -> `profile.toml`.
 //! - [`loadgen`]: `osprey loadgen`, closed- or open-loop load over HTTP or gRPC.
+//! - [`bench`]: `osprey bench`, policies compared on a scenario in the simulator.
 //! - [`estimator`]: `osprey train-estimator`, data-aware accuracy estimators and their report.
 //! - [`overhead`]: `osprey overhead`, serving cost over direct engine calls, side by side.
 //!
 //! Only this crate reads the environment and the command line.
 
+mod bench;
 mod estimator;
 mod loadgen;
 mod overhead;
@@ -34,6 +36,8 @@ enum Command {
     Profile(profile::ProfileArgs),
     /// Drive a server with requests for a bounded time and summarise what came back.
     Loadgen(loadgen::LoadgenArgs),
+    /// Compare policies on a scenario in the simulator (table, CSV, plots).
+    Bench(bench::BenchArgs),
     /// Measure per-request serving overhead over calling the engine directly.
     Overhead(overhead::OverheadArgs),
     /// Train the data-aware accuracy estimators and report calibration and selection accuracy.
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Loadgen(a) => loadgen::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Overhead(a) => overhead::run(a),
         Command::TrainEstimator(a) => estimator::run(a),
         Command::HashKey { key } => hash_key(key),

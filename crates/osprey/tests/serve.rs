@@ -263,6 +263,12 @@ burst = 3
     let (s, b) = post_as(&server.http, path, Some("q-key"), &body);
     assert_eq!(s, 200, "{b}");
     assert_eq!(variant(&b).0, "large", "{b}");
+    // The simulator drives the same policy code: the same two requests (same tenants, same
+    // clip, idle cluster) get the same variants there.
+    assert_eq!(
+        simulated_variants(&["realtime", "quality"], &[1.0, 2000.0]),
+        vec![rt_variant.clone(), "large".to_string()]
+    );
     // No key, a wrong key, a model the tenant may not use, a quota exceeded.
     assert_eq!(post_as(&server.http, path, None, &body).0, 401);
     assert_eq!(post_as(&server.http, path, Some("nope"), &body).0, 401);
@@ -313,4 +319,30 @@ burst = 3
     );
     assert!(m.contains("outcome=\"resource_exhausted\""), "{m}");
     assert!(server.stop().success());
+}
+
+/// Runs the simulator on one request per tenant (evaluation sample 0, idle node) with the
+/// "profiled" policy and returns the variant that answered each.
+fn simulated_variants(tenants: &[&str], slo_ms: &[f64]) -> Vec<String> {
+    use osprey_core::config::PolicyName;
+    use osprey_sim::engine::{Arrival, ModelContext, simulate};
+    use osprey_sim::scenario::Scenario;
+    let mut text = String::from(
+        "name = \"cross-check\"\nseed = 1\nduration_s = 1\nmodel = \"spoken_digits\"\nmodel_repository = \"models\"\njitter_cv = 0.0\npolicies = [\"profiled\"]\n[[nodes]]\nname = \"n\"\n[workload]\nkind = \"poisson\"\nrate = 1\n",
+    );
+    for (t, slo) in tenants.iter().zip(slo_ms) {
+        text.push_str(&format!("[[tenants]]\nname = \"{t}\"\nlatency_slo_ms = {slo}\n"));
+    }
+    let scn: Scenario = toml::from_str(&text).expect("scenario");
+    let ctx = ModelContext::load(&scn, &repo_root()).expect("model");
+    tenants
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let (summary, _) =
+                simulate(&scn, &ctx, PolicyName::Profiled, &[Arrival { t: 0, tenant: i, sample: 0 }]);
+            let v = summary.variants.iter().position(|&n| n == 1).expect("answered once");
+            ctx.spec.variants[v].name.clone()
+        })
+        .collect()
 }

@@ -1,0 +1,209 @@
+//! Scenario files: one TOML describing a virtual cluster, a model from a repository, tenants,
+//! a workload, timed events and the policies to compare, with a seed.
+//!
+//! ```toml
+//! name = "accuracy-scaling"
+//! seed = 7
+//! duration_s = 60
+//! model = "spoken_digits"
+//! model_repository = "../models"       # relative to this file
+//! policies = ["most-accurate", "fixed", "profiled", "data-aware"]
+//! [[nodes]]
+//! name = "nano"
+//! speed = 0.5                          # relative to the machine that measured profile.toml
+//! workers = 1
+//! [[events]]
+//! at_s = 20
+//! node = "nano"
+//! kind = "fail"                        # fail | recover | slowdown (with factor)
+//! [[tenants]]
+//! name = "ops"
+//! latency_slo_ms = 50
+//! [workload]
+//! kind = "poisson"
+//! rate = 800
+//! ```
+
+use crate::workload::Workload;
+use osprey_core::config::PolicyName;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub seed: u64,
+    pub duration_s: f64,
+    /// Width of one time-series bucket, seconds.
+    #[serde(default = "one")]
+    pub interval_s: f64,
+    pub model: String,
+    #[serde(default = "default_repo")]
+    pub model_repository: String,
+    #[serde(default = "sixteen")]
+    pub max_batch: u32,
+    /// Coefficient of variation of service times around the profile (lognormal noise).
+    #[serde(default = "jitter")]
+    pub jitter_cv: f64,
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub events: Vec<EventSpec>,
+    pub tenants: Vec<TenantSpec>,
+    pub workload: Workload,
+    #[serde(default)]
+    pub qos: QosWeights,
+    #[serde(default)]
+    pub scheduler: Knobs,
+    pub policies: Vec<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_repo() -> String {
+    "../models".into()
+}
+fn sixteen() -> u32 {
+    16
+}
+fn jitter() -> f64 {
+    0.05
+}
+fn one_u32() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Speed relative to the profiling machine: service time = profile / speed.
+    #[serde(default = "one")]
+    pub speed: f64,
+    #[serde(default = "one_u32")]
+    pub workers: u32,
+    /// Cost of one busy worker-second on this node.
+    #[serde(default = "one")]
+    pub cost_per_s: f64,
+    /// One-way network latency to the gateway, ms.
+    #[serde(default)]
+    pub link_ms: f64,
+    /// Link bandwidth, Mbit/s; none = unlimited.
+    pub bandwidth_mbps: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    Fail,
+    Recover,
+    /// Co-located work: the node's service times are multiplied by `factor` from now on
+    /// (1.0 ends the episode).
+    Slowdown,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventSpec {
+    pub at_s: f64,
+    pub node: String,
+    pub kind: EventKind,
+    #[serde(default = "one")]
+    pub factor: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub name: String,
+    pub latency_slo_ms: f64,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(default)]
+    pub accuracy_floor: f64,
+    /// Share of the arrivals that belong to this tenant (normalised over tenants).
+    #[serde(default = "one")]
+    pub share: f64,
+}
+
+/// Weights of OPD's QoS (eq. 3): Q = αV + βT − L − γE when E ≥ 0, and Q = αV + βT − L − δ(−E)
+/// otherwise. Osprey normalises each term (see `engine::qos`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QosWeights {
+    pub alpha: f64,
+    pub beta: f64,
+    pub gamma: f64,
+    pub delta: f64,
+}
+
+impl Default for QosWeights {
+    fn default() -> Self {
+        QosWeights { alpha: 1.0, beta: 1.0, gamma: 1.0, delta: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Knobs {
+    pub urgency_weight: f64,
+    pub miss_penalty: f64,
+    pub fixed_variant: Option<String>,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs { urgency_weight: 1.0, miss_penalty: 1.0, fixed_variant: None }
+    }
+}
+
+impl Scenario {
+    /// Parses and checks a scenario; returns it with the folder its relative paths start from.
+    pub fn load(path: &Path) -> Result<(Scenario, PathBuf), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).map_err(|e| osprey_core::model::toml_error(&text, path, &e).to_string())?;
+        s.check().map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok((s, base))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.duration_s > 0.0 && self.interval_s > 0.0) {
+            return Err("duration_s and interval_s must be positive".into());
+        }
+        if self.nodes.is_empty() || self.tenants.is_empty() || self.policies.is_empty() {
+            return Err("a scenario needs nodes, tenants and policies".into());
+        }
+        for n in &self.nodes {
+            if n.speed.is_nan() || n.speed <= 0.0 || n.workers == 0 {
+                return Err(format!("node '{}': speed and workers must be positive", n.name));
+            }
+        }
+        for e in &self.events {
+            if !self.nodes.iter().any(|n| n.name == e.node) {
+                return Err(format!("event at {} s names unknown node '{}'", e.at_s, e.node));
+            }
+        }
+        for p in &self.policies {
+            if PolicyName::parse(p).is_none() {
+                let names: Vec<&str> = PolicyName::ALL.iter().map(|p| p.as_str()).collect();
+                return Err(format!("unknown policy '{p}'; known: {}", names.join(", ")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same scenario, shortened (CI runs shipped scenarios this way).
+    pub fn shortened(mut self, duration_s: f64) -> Scenario {
+        let keep = duration_s / self.duration_s;
+        self.duration_s = duration_s;
+        for e in &mut self.events {
+            e.at_s *= keep;
+        }
+        self
+    }
+}
