@@ -46,8 +46,12 @@ pub struct Scenario {
     #[serde(default = "sixteen")]
     pub max_batch: u32,
     /// Coefficient of variation of service times around the profile (lognormal noise).
-    #[serde(default = "jitter")]
+        #[serde(default = "jitter")]
     pub jitter_cv: f64,
+    /// Serving-stack time each request spends outside the worker (protocol, queues, client),
+    /// added to its observed latency; `osprey overhead` measures it (~200-300 µs here).
+    #[serde(default)]
+    pub request_overhead_us: f64,
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub events: Vec<EventSpec>,
