@@ -434,7 +434,7 @@ impl Sim<'_> {
             self.out.correct += u64::from(right);
             self.out.late += u64::from(!on_time);
             self.out.on_time_correct += u64::from(right && on_time);
-                        self.out.latencies_us.push(now - m.arrival + self.scn.request_overhead_us.max(0.0) as u64);
+            self.out.latencies_us.push(now - m.arrival + self.scn.request_overhead_us.max(0.0) as u64);
             if let Some(b) = self.bucket(now) {
                 b.completed += 1;
                 b.correct += u64::from(right);

@@ -7,6 +7,7 @@
 //! - [`engine`]: the event loop with a virtual clock. It owns an
 //!   `osprey_policy::scheduler::Scheduler` built by `osprey_policy::setup` exactly as the live
 //!   gateway builds it, and answers every request exactly once.
+//! - [`rohe`]: node speeds imported from ROHE's Jetson-class device profiles.
 //! - [`report`]: summary and time-series CSV, SVG plots.
 //!
 //! Accuracy outcomes are real: each simulated request carries one sample of the model's
@@ -15,5 +16,6 @@
 
 pub mod engine;
 pub mod report;
+pub mod rohe;
 pub mod scenario;
 pub mod workload;

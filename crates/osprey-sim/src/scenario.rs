@@ -46,7 +46,7 @@ pub struct Scenario {
     #[serde(default = "sixteen")]
     pub max_batch: u32,
     /// Coefficient of variation of service times around the profile (lognormal noise).
-        #[serde(default = "jitter")]
+    #[serde(default = "jitter")]
     pub jitter_cv: f64,
     /// Serving-stack time each request spends outside the worker (protocol, queues, client),
     /// added to its observed latency; `osprey overhead` measures it (~200-300 µs here).
@@ -97,6 +97,25 @@ pub struct NodeSpec {
     pub link_ms: f64,
     /// Link bandwidth, Mbit/s; none = unlimited.
     pub bandwidth_mbps: Option<f64>,
+    /// Take `speed` from ROHE's device profile instead (see `crate::rohe`).
+    pub rohe: Option<RoheSpeed>,
+}
+
+/// A node's speed as throughput(device) / throughput(reference) for one ROHE-profiled model.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoheSpeed {
+    /// Path to `performance_data_sample.yaml`, relative to the scenario file.
+    pub file: String,
+    pub model: String,
+    pub device: String,
+    pub reference: String,
+    #[serde(default = "cpu")]
+    pub unit: String,
+}
+
+fn cpu() -> String {
+    "CPU".into()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -168,10 +187,18 @@ impl Scenario {
     /// Parses and checks a scenario; returns it with the folder its relative paths start from.
     pub fn load(path: &Path) -> Result<(Scenario, PathBuf), String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let s: Scenario =
+        let mut s: Scenario =
             toml::from_str(&text).map_err(|e| osprey_core::model::toml_error(&text, path, &e).to_string())?;
-        s.check().map_err(|e| format!("{}: {e}", path.display()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for n in &mut s.nodes {
+            if let Some(r) = &n.rohe {
+                let f = base.join(&r.file);
+                let t = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+                n.speed = crate::rohe::relative_speed(&t, &r.model, &r.device, &r.reference, &r.unit)
+                    .map_err(|e| format!("{}: node '{}': {e}", path.display(), n.name))?;
+            }
+        }
+        s.check().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((s, base))
     }
 
