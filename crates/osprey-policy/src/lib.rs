@@ -9,12 +9,15 @@
 //!   (the SneakPeek-style utility rule and the FIFO baselines).
 //! - [`estimate`]: accuracy estimators — profiled, per-class, data-aware — and calibration
 //!   metrics.
+//! - [`instance`]: which node runs a batch (predicted completion, contention- and
+//!   failure-aware; round-robin and least-queue baselines).
 //! - [`quota`]: per-tenant token buckets.
 //! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
 //! - [`select`], [`batcher`]: the simple most-accurate-that-fits rule and FIFO batcher.
 
 pub mod batcher;
 pub mod estimate;
+pub mod instance;
 pub mod quota;
 pub mod scheduler;
 pub mod select;

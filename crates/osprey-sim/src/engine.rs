@@ -20,6 +20,7 @@ use osprey_core::config::{PolicyName, SchedulerSection};
 use osprey_core::model::{EvalSet, ModelSpec, scan_repository};
 use osprey_core::profile::{ModelProfile, Quantile};
 use osprey_policy::estimate::{AccuracyEstimator, DataAware, Sample};
+use osprey_policy::instance::{InstanceView, Selector, select};
 use osprey_policy::scheduler::{Request, Scheduler, SchedulerConfig, VariantModel};
 use osprey_policy::setup::{estimator_for, rule_for};
 use rand::rngs::StdRng;
@@ -137,6 +138,8 @@ pub struct Interval {
 
 struct InFlight {
     worker: usize,
+    /// Predicted service time on the node (profile / speed), µs.
+    predicted_us: f64,
     variant: usize,
     members: Vec<Request>,
     service_us: f64,
@@ -145,7 +148,13 @@ struct InFlight {
 
 struct Node {
     speed: f64,
+    /// True slowdown from scenario events (the selector does not see it).
     slowdown: f64,
+    /// Observed / predicted service time (EWMA): what the selector sees.
+    observed: f64,
+    mean_service_us: f64,
+    recent_failures: u32,
+    recent_successes: u32,
     up: bool,
     cost_per_s: f64,
     link_us: f64,
@@ -172,13 +181,36 @@ struct Sim<'a> {
     series: Vec<Interval>,
     replan_pending: bool,
     sample_bytes: usize,
+    selector: Selector,
+    turn: usize,
 }
 
-/// Runs one policy on the scenario's arrivals.
+/// Runs one policy on the scenario's arrivals with Osprey's instance selection.
 pub fn simulate(
     scn: &Scenario,
     ctx: &ModelContext,
     policy: PolicyName,
+    arrivals: &[Arrival],
+) -> (Summary, Vec<Interval>) {
+    simulate_with(scn, ctx, policy, Selector::Predicted, arrivals)
+}
+
+/// Parses an instance selector name: `predicted`, `round-robin`, `least-queue`.
+pub fn selector(name: &str) -> Option<Selector> {
+    match name {
+        "predicted" => Some(Selector::Predicted),
+        "round-robin" => Some(Selector::RoundRobin),
+        "least-queue" => Some(Selector::LeastQueue),
+        _ => None,
+    }
+}
+
+/// Runs one policy with one instance selector on the scenario's arrivals.
+pub fn simulate_with(
+    scn: &Scenario,
+    ctx: &ModelContext,
+    policy: PolicyName,
+    selector: Selector,
     arrivals: &[Arrival],
 ) -> (Summary, Vec<Interval>) {
     let section = SchedulerSection {
@@ -214,6 +246,10 @@ pub fn simulate(
         .map(|n| Node {
             speed: n.speed,
             slowdown: 1.0,
+            observed: 1.0,
+            mean_service_us: 0.0,
+            recent_failures: 0,
+            recent_successes: 0,
             up: true,
             cost_per_s: n.cost_per_s,
             link_us: n.link_ms * 1000.0,
@@ -250,6 +286,8 @@ pub fn simulate(
             .collect(),
         replan_pending: false,
         sample_bytes: input.sample_elements() * input.datatype.size(),
+        selector,
+        turn: 0,
     };
     sim.run();
     let total_workers = sim.workers.len() as f64;
@@ -351,17 +389,11 @@ impl Sim<'_> {
             if self.sched.is_empty() {
                 return;
             }
-            // The fastest free worker on a live node.
-            let free = (0..self.workers.len())
-                .filter(|&w| self.workers[w].1.is_none() && self.nodes[self.workers[w].0].up)
-                .max_by(|&a, &b| {
-                    let s = |w: usize| {
-                        let n = &self.nodes[self.workers[w].0];
-                        n.speed / n.slowdown
-                    };
-                    s(a).total_cmp(&s(b)).then(b.cmp(&a))
-                });
-            let Some(w) = free else { return };
+            let free_on =
+                |sim: &Self, n: usize| sim.workers.iter().filter(|(m, b)| *m == n && b.is_none()).count();
+            if !(0..self.nodes.len()).any(|n| self.nodes[n].up && free_on(self, n) > 0) {
+                return;
+            }
             let plan = self.sched.next_batch(self.now);
             for r in &plan.expired {
                 self.out.expired += 1;
@@ -375,7 +407,6 @@ impl Sim<'_> {
                 }
                 return;
             };
-            let node = &self.nodes[self.workers[w].0];
             let rows: u32 = batch.members.iter().map(|m| m.rows).sum();
             let base = self
                 .ctx
@@ -383,6 +414,31 @@ impl Sim<'_> {
                 .variant(&self.ctx.spec.variants[batch.variant].name)
                 .and_then(|p| p.latency_us(rows, Quantile::P50))
                 .unwrap_or(0.0);
+            // Instance selection among nodes with a free worker (osprey_policy::instance).
+            let views: Vec<InstanceView> = (0..self.nodes.len())
+                .map(|n| {
+                    let node = &self.nodes[n];
+                    let workers = self.workers.iter().filter(|(m, _)| *m == n).count() as u32;
+                    let free = free_on(self, n) as u32;
+                    InstanceView {
+                        up: node.up && free > 0,
+                        speed: node.speed,
+                        slowdown: node.observed,
+                        workers,
+                        busy: workers - free,
+                        mean_service_us: node.mean_service_us,
+                        recent_failures: node.recent_failures,
+                        recent_successes: node.recent_successes,
+                    }
+                })
+                .collect();
+            let Some(n) = select(self.selector, &views, base, &mut self.turn) else { return };
+            let Some(w) =
+                (0..self.workers.len()).find(|&w| self.workers[w].0 == n && self.workers[w].1.is_none())
+            else {
+                return;
+            };
+            let node = &self.nodes[n];
             let cv = self.scn.jitter_cv.max(0.0);
             let sigma = (1.0 + cv * cv).ln().sqrt();
             let z = {
@@ -394,8 +450,10 @@ impl Sim<'_> {
             let transfer = 2.0 * node.link_us + node.bytes_per_us.map_or(0.0, |b| bytes / b.max(1e-9));
             let service = base / node.speed * node.slowdown * noise + transfer;
             let id = self.batches.len();
+            let predicted_us = base / node.speed;
             self.batches.push(InFlight {
                 worker: w,
+                predicted_us,
                 variant: batch.variant,
                 members: batch.members,
                 service_us: service,
@@ -415,6 +473,20 @@ impl Sim<'_> {
             (self.batches[id].worker, self.batches[id].variant, self.batches[id].service_us);
         self.workers[w].1 = None;
         let node = self.workers[w].0;
+        let predicted = self.batches[id].predicted_us;
+        {
+            let n = &mut self.nodes[node];
+            if predicted > 0.0 {
+                n.observed = 0.8 * n.observed + 0.2 * (service / predicted).clamp(0.1, 50.0);
+            }
+            n.mean_service_us =
+                if n.mean_service_us == 0.0 { service } else { 0.8 * n.mean_service_us + 0.2 * service };
+            n.recent_successes += 1;
+            if n.recent_successes + n.recent_failures > 20 {
+                n.recent_successes /= 2;
+                n.recent_failures /= 2;
+            }
+        }
         let cost = service / 1e6 * self.nodes[node].cost_per_s;
         self.out.cost += cost;
         self.out.busy_s += service / 1e6;
@@ -461,6 +533,7 @@ impl Sim<'_> {
                     }
                     let Some(id) = self.workers[w].1.take() else { continue };
                     self.batches[id].cancelled = true;
+                    self.nodes[n].recent_failures += 1;
                     let members = std::mem::take(&mut self.batches[id].members);
                     for m in members {
                         let id = m.id;

@@ -62,6 +62,13 @@ pub struct Scenario {
     #[serde(default)]
     pub scheduler: Knobs,
     pub policies: Vec<String>,
+    /// Instance selectors to compare: `predicted` (Osprey's), `round-robin`, `least-queue`.
+    #[serde(default = "default_selectors")]
+    pub selectors: Vec<String>,
+}
+
+fn default_selectors() -> Vec<String> {
+    vec!["predicted".into()]
 }
 
 fn one() -> f64 {
@@ -218,6 +225,14 @@ impl Scenario {
             if !self.nodes.iter().any(|n| n.name == e.node) {
                 return Err(format!("event at {} s names unknown node '{}'", e.at_s, e.node));
             }
+        }
+        for sel in &self.selectors {
+            if crate::engine::selector(sel).is_none() {
+                return Err(format!("unknown selector '{sel}'; known: predicted, round-robin, least-queue"));
+            }
+        }
+        if self.selectors.is_empty() {
+            return Err("selectors must not be empty".into());
         }
         for p in &self.policies {
             if PolicyName::parse(p).is_none() {

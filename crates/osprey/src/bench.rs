@@ -6,7 +6,7 @@
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_core::config::PolicyName;
-use osprey_sim::engine::{ModelContext, arrivals, simulate};
+use osprey_sim::engine::{ModelContext, arrivals, selector, simulate_with};
 use osprey_sim::report::{bars_svg, line_svg, row, summary_csv, timeseries_csv};
 use osprey_sim::scenario::Scenario;
 use std::path::PathBuf;
@@ -42,9 +42,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let ctx = ModelContext::load(&scn, &base)?;
     let arr = arrivals(&scn, &base, ctx.eval.len())?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let bar = ProgressBar::new(scn.policies.len() as u64);
+    let runs: Vec<(String, String)> =
+        scn.policies.iter().flat_map(|p| scn.selectors.iter().map(move |s| (p.clone(), s.clone()))).collect();
+    let bar = ProgressBar::new(runs.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{msg:16} [{bar:30}] {pos}/{len} policies")
+        ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} runs")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -52,13 +54,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let mut series = Vec::new();
     let mut events = 0u64;
     let started = Instant::now();
-    for name in &scn.policies {
-        bar.set_message(name.clone());
+    for (name, sel) in &runs {
+        let label = if scn.selectors.len() > 1 { format!("{name}/{sel}") } else { name.clone() };
+        bar.set_message(label.clone());
         let policy = PolicyName::parse(name).ok_or_else(|| format!("unknown policy '{name}'"))?;
-        let (summary, s) = simulate(&scn, &ctx, policy, &arr);
+        let selector = selector(sel).ok_or_else(|| format!("unknown selector '{sel}'"))?;
+        let (mut summary, s) = simulate_with(&scn, &ctx, policy, selector, &arr);
+        summary.policy = label.clone();
         events += summary.events;
         rows.push(row(&summary, &scn.qos));
-        series.push((name.clone(), s));
+        series.push((label, s));
         bar.inc(1);
     }
     let wall = started.elapsed().as_secs_f64();
