@@ -299,6 +299,13 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Puts planned requests back (the driver could not run their batch after all), without
+    /// admission checks, in arrival order.
+    pub fn requeue(&mut self, reqs: Vec<Request>) {
+        self.queue.extend(reqs);
+        self.queue.sort_by_key(|r| (r.arrival, r.id));
+    }
+
     /// Removes a queued request (its client went away).
     pub fn remove(&mut self, id: u64) -> Option<Request> {
         let i = self.queue.iter().position(|r| r.id == id)?;

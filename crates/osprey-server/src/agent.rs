@@ -31,7 +31,11 @@ pub struct Job {
     pub variant: usize,
     pub members: Vec<Member>,
     pub dispatched: Instant,
-    pub permit: OwnedSemaphorePermit,
+    /// The worker slot it holds on a local agent (released when the batch is done).
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// Where a local agent reports the batch's outcome for instance selection:
+    /// (pool, local index, predicted service time µs).
+    pub health: Option<(Arc<crate::cluster::Pool>, usize, f64)>,
     /// Where the observed service time goes back to the scheduler.
     pub feedback: Option<tokio::sync::mpsc::UnboundedSender<Observation>>,
 }
@@ -53,7 +57,13 @@ pub struct LocalAgent {
 }
 
 impl LocalAgent {
-    pub fn start(name: &str, workers: u32, metrics: Arc<Metrics>) -> LocalAgent {
+    /// Starts `workers` threads; `changed` is notified whenever a worker becomes free.
+    pub fn start(
+        name: &str,
+        workers: u32,
+        metrics: Arc<Metrics>,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> LocalAgent {
         let workers = workers.max(1);
         let (tx, rx) = std_mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -61,6 +71,7 @@ impl LocalAgent {
             .map(|i| {
                 let rx = rx.clone();
                 let metrics = metrics.clone();
+                let changed = changed.clone();
                 let node = name.to_string();
                 std::thread::Builder::new()
                     .name(format!("{name}-worker-{i}"))
@@ -71,7 +82,7 @@ impl LocalAgent {
                                 Err(_) => return,
                             };
                             match job {
-                                Ok(job) => run_job(job, &node, &metrics),
+                                Ok(job) => run_job(job, &node, &metrics, &changed),
                                 Err(_) => return,
                             }
                         }
@@ -90,6 +101,19 @@ impl LocalAgent {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Takes a free worker now, if there is one.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    pub fn free(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    pub fn workers(&self) -> u32 {
+        self.workers
     }
 
     /// Waits for a free worker; `None` once the agent is stopped.
@@ -125,20 +149,39 @@ impl LocalAgent {
     }
 }
 
-fn fail_all(members: Vec<Member>, e: Error) {
+pub(crate) fn fail_all(members: Vec<Member>, e: Error) {
     for m in members {
         let _ = m.reply.send(Err(e.clone()));
     }
 }
 
-fn run_job(job: Job, node: &str, metrics: &Metrics) {
-    let Job { model, variant, members, dispatched, permit, feedback } = job;
-    let ve = &model.variants[variant];
-    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
-    let t0 = Instant::now();
+fn run_job(job: Job, node: &str, metrics: &Metrics, changed: &tokio::sync::Notify) {
+    let Job { model, variant, members, dispatched, permit, feedback, health } = job;
     let result = catch_unwind(AssertUnwindSafe(|| execute(&model, variant, &members)))
         .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")));
+    if let Some((pool, i, predicted)) = &health {
+        pool.local_done(*i, result.is_ok(), dispatched.elapsed().as_secs_f64() * 1e6, *predicted);
+    }
     drop(permit);
+    changed.notify_waiters();
+    deliver(&model, variant, node, members, result, dispatched, feedback.as_ref(), metrics);
+}
+
+/// Answers every member of an executed batch (or fails them all), records statistics and
+/// metrics, and reports the observed service time. Shared by local and remote agents.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn deliver(
+    model: &Arc<ModelEntry>,
+    variant: usize,
+    node: &str,
+    members: Vec<Member>,
+    result: Result<Executed>,
+    dispatched: Instant,
+    feedback: Option<&tokio::sync::mpsc::UnboundedSender<Observation>>,
+    metrics: &Metrics,
+) {
+    let ve = &model.variants[variant];
+    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
     let (per_member, t_in, t_infer, t_out) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -147,7 +190,7 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
                     s.fail.add(m.enqueued.elapsed());
                 }
             }
-            tracing::warn!(model = model.name(), variant = %ve.spec.name, "batch failed: {e}");
+            tracing::warn!(model = model.name(), variant = %ve.spec.name, node, "batch failed: {e}");
             fail_all(members, e);
             return;
         }
@@ -175,11 +218,10 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
         }
     }
     let done = Instant::now();
-    if let Some(f) = &feedback {
+    if let Some(f) = feedback {
         let service_us = done.saturating_duration_since(dispatched).as_secs_f64() * 1e6;
         let _ = f.send(Observation { variant, rows, service_us });
     }
-    let _ = t0;
     let classes = model.spec.labels.len();
     for (m, outputs) in members.into_iter().zip(per_member) {
         if let Some(first) = outputs.first()
@@ -193,7 +235,7 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
         }
         let queue = dispatched.saturating_duration_since(m.enqueued);
         metrics.queue.get_or_create(&labels).observe(queue.as_secs_f64());
-        let outputs = m.req.outputs.iter().map(|&i| (i, outputs[i].clone())).collect();
+        let outputs = m.req.outputs.iter().filter_map(|&i| outputs.get(i).map(|t| (i, t.clone()))).collect();
         let _ = m.reply.send(Ok(InferOutcome {
             model: model.clone(),
             variant,
@@ -209,7 +251,7 @@ fn run_job(job: Job, node: &str, metrics: &Metrics) {
     }
 }
 
-type Executed = (Vec<Vec<RawTensor>>, Duration, Duration, Duration);
+pub(crate) type Executed = (Vec<Vec<RawTensor>>, Duration, Duration, Duration);
 
 fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Executed> {
     let t0 = Instant::now();

@@ -13,8 +13,10 @@
 //! ```
 
 use crate::agent::{Job, LocalAgent, Member, Observation};
+use crate::cluster::Pool;
 use crate::metrics::{Metrics, ModelLabels};
 use crate::tenants::Tenants;
+use osprey_core::config::AgentConfig;
 use osprey_core::config::{Limits, PolicyName, SchedulerSection, TenantConfig};
 use osprey_core::error::{Error, ErrorCode, Result};
 use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
@@ -22,9 +24,11 @@ use osprey_core::profile::{ModelProfile, Quantile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
 use osprey_policy::estimate::{AccuracyEstimator, DataAware, Sample};
+use osprey_policy::instance::Selector;
 use osprey_policy::scheduler::{Reject, Request, Scheduler, SchedulerConfig, VariantModel};
 use osprey_policy::setup::{estimator_for, rule_for};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -185,8 +189,10 @@ pub struct GatewayConfig {
     pub problems: Vec<RepositoryProblem>,
     pub limits: Limits,
     pub max_batch: u32,
-    pub agent_threads: u32,
-    pub agent_name: String,
+    /// In-process agents (each a pool of worker threads standing for one node); may be empty
+    /// when only remote agents serve.
+    pub local_agents: Vec<AgentConfig>,
+    pub selector: Selector,
     pub tenants: Vec<TenantConfig>,
     pub scheduler: SchedulerSection,
 }
@@ -200,7 +206,8 @@ pub struct Gateway {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
-    agent: Arc<LocalAgent>,
+    pub pool: Arc<Pool>,
+    inflight: AtomicUsize,
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -239,7 +246,15 @@ impl Gateway {
         mut measure: impl FnMut(&ModelSpec, &VariantSpec, &Session) -> VariantProfile,
     ) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::new());
-        let agent = Arc::new(LocalAgent::start(&config.agent_name, config.agent_threads, metrics.clone()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let locals: Vec<Arc<LocalAgent>> = config
+            .local_agents
+            .iter()
+            .map(|a| Arc::new(LocalAgent::start(&a.name, a.threads, metrics.clone(), changed.clone())))
+            .collect();
+        let total_workers: u32 = config.local_agents.iter().map(|a| a.threads).sum::<u32>().max(1);
+        let pool = Arc::new(Pool::new(locals, changed, config.selector, metrics.clone()));
+        tokio::spawn(pool.clone().watch());
         let mut models = BTreeMap::new();
         let mut problems = config.problems;
         let mut receivers = Vec::new();
@@ -298,7 +313,8 @@ impl Gateway {
             limits: config.limits.clone(),
             metrics,
             draining: AtomicBool::new(false),
-            agent,
+            pool,
+            inflight: AtomicUsize::new(0),
             loops: Mutex::default(),
         });
         let max_batch = config.max_batch;
@@ -312,7 +328,7 @@ impl Gateway {
                     quantile: PLAN_QUANTILE,
                     urgency_weight: config.scheduler.urgency_weight,
                     miss_penalty: config.scheduler.miss_penalty,
-                    workers: config.agent_threads.max(1),
+                    workers: total_workers,
                 };
                 let variants = entry
                     .variants
@@ -323,7 +339,7 @@ impl Gateway {
                         swap_us: v.profile.swap_us,
                     })
                     .collect();
-                let ctx = LoopContext { entry, agent: gw.agent.clone(), metrics: gw.metrics.clone(), epoch };
+                let ctx = LoopContext { entry, pool: gw.pool.clone(), metrics: gw.metrics.clone(), epoch };
                 tokio::spawn(schedule_loop(ctx, rx, Scheduler::new(cfg, variants)))
             })
             .collect();
@@ -340,7 +356,7 @@ impl Gateway {
     }
 
     pub fn agent_name(&self) -> &str {
-        self.agent.name()
+        self.pool.local_agents().next().map_or("remote", |a| a.name())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -533,7 +549,9 @@ impl Gateway {
             }
         }
         gauge.inc();
+        self.inflight.fetch_add(1, Ordering::Relaxed);
         let res = rx.await.unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
         gauge.dec();
         match &res {
             Ok(o) => {
@@ -559,19 +577,18 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
         // Scheduling loops end when their queue closes; queues close when the last sender
         // (held by ModelEntry) is gone, so wait instead for the queues to empty.
-        loop {
-            let busy = self.models.values().any(|m| m.queue.capacity() < m.queue.max_capacity())
-                || self.agent.busy();
-            if !busy {
-                break;
-            }
+        // Every admitted request holds `inflight` until it is answered; requests end by their
+        // deadlines at the latest, so this wait is bounded.
+        while self.inflight.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|e| e.into_inner()));
         for h in loops {
             h.abort();
         }
-        self.agent.stop();
+        for a in self.pool.local_agents() {
+            a.stop();
+        }
     }
 }
 
@@ -582,7 +599,7 @@ fn micros(epoch: Instant, t: Instant) -> u64 {
 
 struct LoopContext {
     entry: Arc<ModelEntry>,
-    agent: Arc<LocalAgent>,
+    pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     epoch: Instant,
 }
@@ -682,8 +699,7 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                 }
                 None => break,
             },
-            permit = ctx.agent.acquire(), if !sched.is_empty() && !stalled => {
-                let Some(permit) = permit else { break };
+            _ = ctx.pool.wait_free(), if !sched.is_empty() && !stalled => {
                 while let Ok(p) = rx.try_recv() {
                     ctx.admit(&mut sched, &mut waiting, &mut next_id, p);
                 }
@@ -710,6 +726,14 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                 }
                 match plan.batch {
                     Some(b) => {
+                        let rows: u32 = b.members.iter().map(|m| m.rows).sum();
+                        let predicted = sched.latency(b.variant, rows);
+                        // Instance selection; another model's loop may have taken the free
+                        // worker since we woke, in which case the batch goes back to the queue.
+                        let Some(slot) = ctx.pool.take(predicted) else {
+                            sched.requeue(b.members);
+                            continue;
+                        };
                         let members = b
                             .members
                             .iter()
@@ -723,17 +747,18 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                                 reply: w.reply,
                             })
                             .collect::<Vec<_>>();
-                        if !members.is_empty() {
-                            ctx.agent.submit(Job { model: ctx.entry.clone(), variant: b.variant, members, dispatched: t,
-                                permit,
-                                feedback: Some(feedback.clone()),
-                            });
-                        }
+                        let job = Job {
+                            model: ctx.entry.clone(),
+                            variant: b.variant,
+                            members,
+                            dispatched: t,
+                            permit: None,
+                            feedback: Some(feedback.clone()),
+                            health: None,
+                        };
+                        ctx.pool.dispatch(slot, job, predicted);
                     }
-                    None => {
-                        drop(permit);
-                        stalled = !sched.is_empty();
-                    }
+                    None => stalled = !sched.is_empty(),
                 }
             },
                         Some(o) = observed.recv() => sched.observe(o.variant, o.rows, o.service_us),

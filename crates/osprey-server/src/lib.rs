@@ -5,6 +5,8 @@
 //! - [`gateway`]: the model table, request validation (only [`gateway::ValidRequest`]s enter
 //!   a queue), per-model scheduling loops that call `osprey-policy`, statistics.
 //! - [`agent`]: an in-process node agent: a bounded pool of worker threads running batches.
+//! - [`cluster`]: local and remote agents, membership, failure detection, instance selection,
+//!   failover; the `osprey.agent.v1.AgentGateway` service remote agents attach to.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
@@ -12,6 +14,7 @@
 //! - [`tenants`]: API keys (hashed, constant-time), objectives, rate quotas.
 
 pub mod agent;
+pub mod cluster;
 pub mod gateway;
 pub mod grpc;
 pub mod http;
@@ -23,6 +26,12 @@ pub mod tenants;
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("inference");
+}
+
+/// Generated node-agent protocol (`proto/agent.proto`).
+pub mod agent_pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("osprey.agent.v1");
 }
 
 pub use gateway::Gateway;

@@ -58,8 +58,13 @@ pub async fn serve(
             let _ = tcp.set_nodelay(true);
         })
     });
+    let agents = crate::agent_pb::agent_gateway_server::AgentGatewayServer::new(
+        crate::cluster::AgentService::new(gw.pool.clone()),
+    )
+    .max_decoding_message_size(limit);
     let grpc = tonic::transport::Server::builder()
         .add_service(svc)
+        .add_service(agents)
         .serve_with_incoming_shutdown(incoming, wait(rx.clone()));
     let servers = async { tokio::join!(http.into_future(), grpc) };
     let grace = async {

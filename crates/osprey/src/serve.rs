@@ -23,6 +23,13 @@ pub struct ServeArgs {
     /// Configuration file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// In-process agents standing for nodes (thread budgets from the config's [[agents]]);
+    /// 0 means only remote agents (`osprey agent --join`) serve.
+    #[arg(long)]
+    local_agents: Option<usize>,
+    /// Instance selection: predicted (default), round-robin or least-queue.
+    #[arg(long, default_value = "predicted")]
+    selector: String,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
@@ -44,11 +51,24 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     for p in &problems {
         tracing::error!(model = %p.model, "skipping model: {}", p.error);
     }
-    let threads = match config.agents.first() {
-        Some(a) => a.threads,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4),
+    let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4);
+    let wanted = args.local_agents.unwrap_or(config.agents.len().max(1));
+    let local_agents: Vec<osprey_core::config::AgentConfig> = (0..wanted)
+        .map(|i| {
+            config.agents.get(i).cloned().unwrap_or(osprey_core::config::AgentConfig {
+                name: format!("local-{i}"),
+                threads: if wanted == 1 { default_threads } else { 1 },
+            })
+        })
+        .collect();
+    let selector = match args.selector.as_str() {
+        "predicted" => osprey_policy::instance::Selector::Predicted,
+        "round-robin" => osprey_policy::instance::Selector::RoundRobin,
+        "least-queue" => osprey_policy::instance::Selector::LeastQueue,
+        other => {
+            return Err(format!("unknown --selector '{other}'; use predicted, round-robin or least-queue"));
+        }
     };
-    let agent_name = config.agents.first().map_or_else(|| "local-0".to_string(), |a| a.name.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,8 +86,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 problems,
                 limits: config.limits.clone(),
                 max_batch: config.max_batch,
-                agent_threads: threads,
-                agent_name,
+                local_agents,
+                selector,
                 tenants: config.tenants.clone(),
                 scheduler: config.scheduler.clone(),
             },
