@@ -76,6 +76,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
+        .route("/v2/cluster", get(cluster))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
@@ -89,6 +90,11 @@ async fn live() -> StatusCode {
 
 async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
     if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+/// Osprey extension: the cluster's nodes (what `osprey status` shows).
+async fn cluster(State(gw): State<Arc<Gateway>>) -> Json<Value> {
+    Json(json!({ "nodes": gw.pool.status() }))
 }
 
 async fn server_metadata() -> Json<Value> {

@@ -9,6 +9,7 @@
 //!   failover; the `osprey.agent.v1.AgentGateway` service remote agents attach to.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
+//! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
 //! - [`tenants`]: API keys (hashed, constant-time), objectives, rate quotas.
@@ -19,6 +20,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod server;
 pub mod tenants;
 

@@ -94,11 +94,12 @@ struct Tally {
     labelled: u64,
     latencies_ms: Vec<f64>,
     variants: std::collections::BTreeMap<String, u64>,
+    nodes: std::collections::BTreeMap<String, u64>,
     first_error: Option<String>,
 }
 
 enum Outcome {
-    Ok { latency: Duration, argmax: Vec<usize>, variant: String, met: bool },
+    Ok { latency: Duration, argmax: Vec<usize>, variant: String, node: String, met: bool },
     Rejected(String),
     Failed(String),
     Lost(String),
@@ -337,10 +338,13 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                         let variant =
                             param("variant").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
                         let met = param("deadline_met").and_then(|v| v.as_bool()).unwrap_or(true);
+                        let node =
+                            param("node").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
                         Outcome::Ok {
                             latency: t.elapsed(),
                             argmax: argmax_rows(&body[hl..], rows),
                             variant,
+                            node,
                             met,
                         }
                     } else {
@@ -371,7 +375,11 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                     };
                     let argmax =
                         r.raw_output_contents.first().map(|d| argmax_rows(d, rows)).unwrap_or_default();
-                    Outcome::Ok { latency: t.elapsed(), argmax, variant, met }
+                    let node = match r.parameters.get("node").and_then(|p| p.parameter_choice.as_ref()) {
+                        Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => s.clone(),
+                        _ => String::new(),
+                    };
+                    Outcome::Ok { latency: t.elapsed(), argmax, variant, node, met }
                 }
                 Ok(Err(st)) => {
                     use tonic::Code;
@@ -397,7 +405,8 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
 fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
     let Ok(mut t) = tally.lock() else { return };
     match o {
-        Outcome::Ok { latency, argmax, variant, met } => {
+        Outcome::Ok { latency, argmax, variant, node, met } => {
+            *t.nodes.entry(node).or_default() += 1;
             t.ok += 1;
             t.late += u64::from(!met);
             t.latencies_ms.push(latency.as_secs_f64() * 1e3);
@@ -447,7 +456,8 @@ fn report(args: &LoadgenArgs, t: &Tally) {
             "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost, "late": t.late, "late_pct": late_pct, "utility": utility,
             "throughput_rps": throughput, "p50_ms": p50, "p99_ms": p99,
             "accuracy": accuracy,
-            "variants": t.variants,
+                        "variants": t.variants,
+            "nodes": t.nodes,
             "first_error": t.first_error,
         });
         println!("{line}");

@@ -4,18 +4,22 @@
 //! - [`serve`]: `osprey serve`, the gateway with in-process agents and the bundled zoo.
 //! - [`profile`]: `osprey profile`, latency per variant and batch size -> `profile.toml`.
 //! - [`loadgen`]: `osprey loadgen`, closed- or open-loop load over HTTP or gRPC.
+//! - [`agent`]: `osprey agent --join`, a node agent process.
+//! - [`status`]: `osprey status`, the cluster's nodes.
 //! - [`bench`]: `osprey bench`, policies compared on a scenario in the simulator.
 //! - [`estimator`]: `osprey train-estimator`, data-aware accuracy estimators and their report.
 //! - [`overhead`]: `osprey overhead`, serving cost over direct engine calls, side by side.
 //!
 //! Only this crate reads the environment and the command line.
 
+mod agent;
 mod bench;
 mod estimator;
 mod loadgen;
 mod overhead;
 mod profile;
 mod serve;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +42,10 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Compare policies on a scenario in the simulator (table, CSV, plots).
     Bench(bench::BenchArgs),
+    /// Run a node agent that joins a gateway and executes batches for it.
+    Agent(agent::AgentArgs),
+    /// Show the cluster: nodes, health, load, recent latency.
+    Status(status::StatusArgs),
     /// Measure per-request serving overhead over calling the engine directly.
     Overhead(overhead::OverheadArgs),
     /// Train the data-aware accuracy estimators and report calibration and selection accuracy.
@@ -88,6 +96,8 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile::run(a),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Agent(a) => agent::run_agent(a),
+        Command::Status(a) => status::run(a),
         Command::Overhead(a) => overhead::run(a),
         Command::TrainEstimator(a) => estimator::run(a),
         Command::HashKey { key } => hash_key(key),

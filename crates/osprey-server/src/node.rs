@@ -1,0 +1,243 @@
+//! The node side of the agent protocol: `osprey agent --join GATEWAY`.
+//!
+//! Dials the gateway's gRPC port, registers (capabilities and labels), heartbeats every
+//! `cluster::HEARTBEAT`, runs the batches it is sent on a bounded pool of worker threads (its
+//! thread budget) and returns raw tensors. Variants are loaded on first use and kept; nothing a
+//! peer sends is trusted: model, variant, datatypes, shapes and byte sizes are checked against
+//! the local model repository before a tensor is built. When the connection drops the agent
+//! reconnects with backoff until it is told to stop.
+
+use crate::agent_pb::{self, agent_message, gateway_message};
+use crate::cluster::PROTOCOL_VERSION;
+use osprey_core::error::{Error, Result};
+use osprey_core::model::{ModelSpec, scan_repository};
+use osprey_core::tensor::{DataType, RawTensor, byte_size};
+use osprey_engine::Session;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Everything `osprey agent` needs.
+pub struct NodeConfig {
+    pub name: String,
+    pub join: String,
+    pub threads: u32,
+    pub model_repository: PathBuf,
+    /// Injected slowdown for tests and demos: each batch takes this many times longer.
+    pub slowdown: f64,
+    /// Speed relative to the machine that measured the profiles (1.0 = same).
+    pub speed_hint: f64,
+    pub labels: HashMap<String, String>,
+    /// Largest message accepted from the gateway, bytes.
+    pub max_message_bytes: usize,
+}
+
+/// Backoff between reconnection attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+struct Node {
+    cfg: NodeConfig,
+    models: HashMap<String, ModelSpec>,
+    sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
+    busy: AtomicU32,
+    errors: AtomicU64,
+}
+
+/// Runs the agent until `shutdown` resolves. `on_joined` is called with the agent id each time
+/// the gateway welcomes it.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_joined: impl Fn(&str) + Send + Sync + 'static,
+) -> Result<()> {
+    let (models, problems) = scan_repository(&cfg.model_repository)?;
+    for p in problems {
+        tracing::warn!(model = %p.model, "skipping model: {}", p.error);
+    }
+    let node = Arc::new(Node {
+        models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
+        sessions: Mutex::new(HashMap::new()),
+        busy: AtomicU32::new(0),
+        errors: AtomicU64::new(0),
+        cfg,
+    });
+    let on_joined = Arc::new(on_joined);
+    tokio::pin!(shutdown);
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = session(node.clone(), on_joined.clone()) => {
+                match r {
+                    Ok(()) => tracing::warn!("the gateway closed the session; reconnecting"),
+                    Err(e) => tracing::warn!("session ended: {e}; reconnecting in {backoff:?}"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + 'static>) -> Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", node.cfg.join))
+        .map_err(|e| Error::invalid(format!("--join {}: {e}", node.cfg.join)))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| Error::unavailable(format!("connecting: {e}")))?;
+    let mut client = agent_pb::agent_gateway_client::AgentGatewayClient::new(channel)
+        .max_decoding_message_size(node.cfg.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel::<agent_pb::AgentMessage>(256);
+    let register = agent_pb::AgentMessage {
+        kind: Some(agent_message::Kind::Register(agent_pb::Register {
+            name: node.cfg.name.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            threads: node.cfg.threads,
+            memory_mb: 0,
+            labels: node.cfg.labels.clone(),
+            models: node.models.keys().cloned().collect(),
+            speed_hint: node.cfg.speed_hint,
+        })),
+    };
+    tx.send(register).await.map_err(|_| Error::internal("outgoing stream closed"))?;
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| Error::unavailable(format!("attach refused: {}", e.message())))?
+        .into_inner();
+    let heartbeat = {
+        let (tx, node) = (tx.clone(), node.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::cluster::HEARTBEAT).await;
+                let hb = agent_pb::AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(agent_pb::Heartbeat {
+                        busy: node.busy.load(Ordering::Relaxed),
+                        cpu_load: 0.0,
+                        errors: node.errors.load(Ordering::Relaxed),
+                    })),
+                };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let workers = Arc::new(Semaphore::new(node.cfg.threads.max(1) as usize));
+    let result = loop {
+        match inbound.message().await {
+            Ok(Some(m)) => match m.kind {
+                Some(gateway_message::Kind::Welcome(w)) => {
+                    tracing::info!(agent_id = %w.agent_id, "joined {}", node.cfg.join);
+                    on_joined(&w.agent_id);
+                }
+                Some(gateway_message::Kind::Run(rb)) => {
+                    let (node, tx, workers) = (node.clone(), tx.clone(), workers.clone());
+                    tokio::spawn(async move {
+                        let Ok(_permit) = workers.acquire_owned().await else { return };
+                        node.busy.fetch_add(1, Ordering::Relaxed);
+                        let n2 = node.clone();
+                        let res = tokio::task::spawn_blocking(move || n2.execute(rb)).await;
+                        node.busy.fetch_sub(1, Ordering::Relaxed);
+                        if let Ok(res) = res {
+                            if !res.error.is_empty() {
+                                node.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let _ = tx
+                                .send(agent_pb::AgentMessage { kind: Some(agent_message::Kind::Result(res)) })
+                                .await;
+                        }
+                    });
+                }
+                None => {}
+            },
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Error::unavailable(e.message().to_string())),
+        }
+    };
+    heartbeat.abort();
+    result
+}
+
+impl Node {
+    fn session(&self, model: &ModelSpec, variant: &str) -> Result<Arc<Session>> {
+        let key = (model.name.clone(), variant.to_string());
+        if let Some(s) = self.sessions.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(s);
+        }
+        let v = model.variant(variant).ok_or_else(|| Error::not_found(format!("no variant '{variant}'")))?;
+        let s = Arc::new(Session::load(model, v)?);
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(key, s.clone());
+        }
+        Ok(s)
+    }
+
+    fn execute(&self, rb: agent_pb::RunBatch) -> agent_pb::BatchResult {
+        let t = Instant::now();
+        let mut out = agent_pb::BatchResult {
+            batch_id: rb.batch_id,
+            error: String::new(),
+            outputs: Vec::new(),
+            service_us: 0.0,
+        };
+        match self.run_checked(rb) {
+            Ok(tensors) => {
+                out.outputs = tensors
+                    .into_iter()
+                    .map(|t| agent_pb::Tensor {
+                        datatype: t.datatype.as_str().into(),
+                        shape: t.shape,
+                        data: t.data,
+                    })
+                    .collect()
+            }
+            Err(e) => out.error = e.message,
+        }
+        let elapsed = t.elapsed();
+        if self.cfg.slowdown > 1.0 {
+            std::thread::sleep(elapsed.mul_f64(self.cfg.slowdown - 1.0));
+        }
+        out.service_us = t.elapsed().as_secs_f64() * 1e6;
+        out
+    }
+
+    fn run_checked(&self, rb: agent_pb::RunBatch) -> Result<Vec<RawTensor>> {
+        let model = self
+            .models
+            .get(&rb.model)
+            .ok_or_else(|| Error::not_found(format!("model '{}' is not on this node", rb.model)))?;
+        if rb.inputs.len() != model.inputs.len() {
+            return Err(Error::invalid("wrong number of inputs"));
+        }
+        let mut rows = None;
+        let mut inputs = Vec::with_capacity(rb.inputs.len());
+        for (t, spec) in rb.inputs.into_iter().zip(&model.inputs) {
+            let dt = DataType::parse(&t.datatype)?;
+            if dt != spec.datatype
+                || t.shape.len() != spec.shape.len()
+                || t.shape[1..] != *spec.sample_shape()
+            {
+                return Err(Error::invalid(format!("input '{}' does not match the model", spec.name)));
+            }
+            if *rows.get_or_insert(t.shape[0]) != t.shape[0] || t.shape[0] < 1 {
+                return Err(Error::invalid("inputs disagree on the batch size"));
+            }
+            if byte_size(dt, &t.shape)? != t.data.len() {
+                return Err(Error::invalid(format!("input '{}' has the wrong byte size", spec.name)));
+            }
+            inputs.push(RawTensor::from_bytes(dt, t.shape, t.data)?);
+        }
+        let session = self.session(model, &rb.variant)?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run(&inputs)))
+            .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")))
+    }
+}

@@ -1,0 +1,79 @@
+//! `osprey agent --join GATEWAY_GRPC_ADDR`: one node agent process (see `osprey_server::node`).
+
+use osprey_server::node::{NodeConfig, run};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// The gateway's gRPC address (host:port).
+    #[arg(long)]
+    join: String,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Worker threads (the node's thread budget).
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// Model repository on this node (default: the bundled zoo).
+    #[arg(long)]
+    model_repository: Option<PathBuf>,
+    /// Injected slowdown: every batch takes this many times longer (tests, demos).
+    #[arg(long, default_value_t = 1.0)]
+    slowdown: f64,
+    /// Speed relative to the machine that measured the profiles.
+    #[arg(long, default_value_t = 1.0)]
+    speed_hint: f64,
+    /// Labels, e.g. --label zone=trusted (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label '{s}' must be key=value"))
+}
+
+pub fn run_agent(args: AgentArgs) -> Result<(), String> {
+    let bad = |x: f64, min: f64| x.is_nan() || x < min;
+    if args.threads == 0 || bad(args.slowdown, 1.0) || bad(args.speed_hint, 1e-6) {
+        return Err("--threads must be positive, --slowdown at least 1 and --speed-hint positive".into());
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "agent".into())
+    });
+    let cfg = NodeConfig {
+        name: name.clone(),
+        join: args.join.clone(),
+        threads: args.threads,
+        model_repository: args.model_repository.clone().unwrap_or_else(crate::default_repository),
+        slowdown: args.slowdown,
+        speed_hint: args.speed_hint,
+        labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),
+        max_message_bytes: 64 << 20,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = shutdown => {},
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+            }
+        };
+        run(cfg, shutdown, move |id| {
+            use std::io::Write;
+            println!("joined {id} as {name}");
+            let _ = std::io::stdout().flush();
+        })
+        .await
+        .map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,135 @@
+//! Multi-process cluster tests on loopback: a gateway and three `osprey agent` processes of
+//! different speeds. Kill one under load, slow one, restart one.
+
+mod common;
+
+use common::{Server, http_get, repo_root};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    /// Starts an agent and waits (with a deadline) until the gateway welcomes it.
+    fn start(grpc: &str, name: &str, extra: &[&str]) -> Agent {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
+            .args(["agent", "--join", grpc, "--name", name, "--threads", "1"])
+            .args(extra)
+            .current_dir(repo_root())
+            .env("OSPREY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn osprey agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("joined ") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60)).expect("agent did not join");
+        Agent { child }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nodes(http: &str) -> Vec<(String, bool)> {
+    let resp = http_get(http, "/v2/cluster");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| (n["name"].as_str().unwrap_or("").to_string(), n["up"].as_bool().unwrap_or(false)))
+        .collect()
+}
+
+fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < deadline, "{what}: not within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+fn loadgen(http: &str, secs: &str) -> std::thread::JoinHandle<serde_json::Value> {
+    let http = http.to_string();
+    let secs = secs.to_string();
+    std::thread::spawn(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
+            .args([
+                "loadgen",
+                "--model",
+                "digits",
+                "--target",
+                &http,
+                "--concurrency",
+                "6",
+                "--duration",
+                &secs,
+            ])
+            .args(["--json", "--timeout", "20"])
+            .current_dir(repo_root())
+            .output()
+            .expect("loadgen");
+        let s = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(s.lines().last().unwrap_or_default()).expect("loadgen JSON")
+    })
+}
+
+#[test]
+fn kill_slow_and_restart_agents_under_load() {
+    let gw = Server::start(&["--local-agents", "0"]);
+    let a = Agent::start(&gw.grpc, "a", &[]);
+    let _b = Agent::start(&gw.grpc, "b", &[]);
+    let _c = Agent::start(&gw.grpc, "c", &["--slowdown", "8"]);
+    wait_for("three nodes registered", Duration::from_secs(10), || nodes(&gw.http).len() == 3);
+
+    // Kill `a` with SIGKILL in the middle of a load run.
+    let run = loadgen(&gw.http, "4");
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill();
+    let moved = wait_for("the dead node leaves the cluster", Duration::from_secs(2), || {
+        !nodes(&gw.http).iter().any(|(n, up)| n == "a" && *up)
+    });
+    let r = run.join().unwrap();
+    let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    assert!(n("ok") > 0, "{r}");
+    assert_eq!(n("lost"), 0, "every request answered or explicitly failed: {r}");
+    assert_eq!(n("sent"), n("ok") + n("rejected") + n("failed") + n("lost"), "{r}");
+    eprintln!("node failure detected and traffic moved in {moved:?}; {r}");
+
+    // The slowed node gets less of the traffic than its healthy peer.
+    let r = loadgen(&gw.http, "2").join().unwrap();
+    let on = |node: &str| r["nodes"][node].as_u64().unwrap_or(0);
+    assert!(on("b") > 2 * on("c"), "traffic shifts away from the slow node: {r}");
+    assert_eq!(on("a"), 0, "{r}");
+
+    // Restart `a`: it rejoins and receives work again.
+    let _a2 = Agent::start(&gw.grpc, "a", &[]);
+    wait_for("a rejoins", Duration::from_secs(5), || nodes(&gw.http).iter().any(|(n, up)| n == "a" && *up));
+    let r = loadgen(&gw.http, "2").join().unwrap();
+    assert!(r["nodes"]["a"].as_u64().unwrap_or(0) > 0, "a receives work after rejoining: {r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert!(gw.stop().success());
+}
