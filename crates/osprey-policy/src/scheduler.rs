@@ -182,6 +182,8 @@ pub struct Scheduler {
     slowdown: Vec<f64>,
     /// xorshift64 state for `Rule::Random`.
     rng: u64,
+    /// Variants some instance can run now (the driver reports placement).
+    available: Vec<bool>,
 }
 
 /// Weight of a new observation in the slowdown average.
@@ -200,7 +202,8 @@ impl Scheduler {
             Rule::Random(seed) => seed | 1,
             _ => 1,
         };
-        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown, rng }
+        let available = vec![true; variants.len()];
+        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown, rng, available }
     }
 
     pub fn len(&self) -> usize {
@@ -259,18 +262,27 @@ impl Scheduler {
         }
     }
 
+    /// Tells the scheduler which variants some instance hosts now; the others are not
+    /// planned (a request that can only run on one of them expires at its deadline).
+    pub fn set_available(&mut self, available: &[bool]) {
+        for (a, &b) in self.available.iter_mut().zip(available) {
+            *a = b;
+        }
+    }
+
     /// Variants a request may run on.
     fn allowed(&self, r: &Request) -> impl Iterator<Item = usize> + '_ {
         let pinned = r.pinned;
         let fixed = if pinned.is_none() { self.fixed_variant() } else { None };
-        (0..self.variants.len()).filter(move |v| match (pinned, fixed) {
+        (0..self.variants.len()).filter(|&v| self.available[v]).filter(move |v| match (pinned, fixed) {
             (Some(p), _) => *v == p,
             (None, Some(f)) => *v == f,
             (None, None) => true,
         })
     }
 
-    fn min_latency(&self, r: &Request) -> f64 {
+    /// Planned service time of `r` on its fastest allowed variant (infinite if none is).
+    pub fn min_latency(&self, r: &Request) -> f64 {
         self.allowed(r).map(|v| self.latency(v, r.rows)).fold(f64::INFINITY, f64::min)
     }
 

@@ -15,6 +15,13 @@
 //!
 //! Instance selection is `osprey_policy::instance::select` (predicted completion, observed
 //! slowdown, failure history); this module only keeps the views it reads up to date.
+//!
+//! Placement: when an agent joins, the gateway asks it to load the variants of the models it
+//! has, cheapest in memory first, while their declared `memory_mb` fits the memory the agent
+//! offers. A variant receives batches on a node only after the node reports it `Loaded`.
+//! `unload` is refused unless another instance hosts the variant (load before unload), stops
+//! dispatching there first, and sends `UnloadVariant` once that node has no batch of it in
+//! flight, so no request meets a missing variant.
 
 use crate::agent::{Job, LocalAgent, Member, Observation, deliver, fail_all};
 use crate::agent_pb::{self, agent_message, gateway_message};
@@ -24,7 +31,7 @@ use osprey_core::error::{Error, Result};
 use osprey_core::tensor::{DataType, RawTensor, byte_size};
 use osprey_engine::batch;
 use osprey_policy::instance::{InstanceView, Selector, select};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,6 +90,8 @@ impl Health {
     }
 }
 
+type VariantKey = (String, String);
+
 struct RemoteBatch {
     model: Arc<ModelEntry>,
     variant: usize,
@@ -106,6 +115,31 @@ pub struct RemoteAgent {
     inflight: Mutex<HashMap<u64, RemoteBatch>>,
     health: Mutex<Health>,
     reported_busy: AtomicU32,
+    memory_mb: u64,
+    models: Vec<String>,
+    /// Variants loaded and ready on this node.
+    hosted: Mutex<HashSet<VariantKey>>,
+    /// Variants asked to load and not yet confirmed.
+    loading: Mutex<HashSet<VariantKey>>,
+}
+
+impl RemoteAgent {
+    fn hosts(&self, model: &str, variant: &str) -> bool {
+        self.hosted.lock().map(|h| h.contains(&(model.to_string(), variant.to_string()))).unwrap_or(false)
+    }
+
+    fn send(&self, kind: gateway_message::Kind) -> bool {
+        self.tx.try_send(Ok(agent_pb::GatewayMessage { kind: Some(kind) })).is_ok()
+    }
+}
+
+/// The outcome of looking for an instance.
+pub enum Take {
+    Slot(Slot),
+    /// Instances host the variant but none has a free worker now.
+    Busy,
+    /// No live instance hosts the variant.
+    NoHost,
 }
 
 /// One free execution slot chosen for a batch.
@@ -126,6 +160,9 @@ pub struct NodeStatus {
     pub mean_service_ms: f64,
     pub recent_failures: u32,
     pub labels: HashMap<String, String>,
+    /// `model/variant` loaded on the node (`*` = every served variant).
+    pub instances: Vec<String>,
+    pub memory_mb: u64,
 }
 
 /// Every agent the gateway can dispatch to.
@@ -138,6 +175,7 @@ pub struct Pool {
     next_batch: AtomicU64,
     next_agent: AtomicU64,
     metrics: Arc<Metrics>,
+    models: Mutex<Vec<Arc<ModelEntry>>>,
 }
 
 impl Pool {
@@ -156,7 +194,162 @@ impl Pool {
             next_batch: AtomicU64::new(1),
             next_agent: AtomicU64::new(1),
             metrics,
+            models: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The served models (placement reads their variants' memory needs).
+    pub fn set_models(&self, models: Vec<Arc<ModelEntry>>) {
+        if let Ok(mut m) = self.models.lock() {
+            *m = models;
+        }
+    }
+
+    /// Which variants of `model` some live instance hosts now.
+    pub fn available(&self, model: &ModelEntry) -> Vec<bool> {
+        if !self.local.is_empty() {
+            return vec![true; model.variants.len()];
+        }
+        let remotes = self.remotes();
+        model
+            .variants
+            .iter()
+            .map(|v| {
+                remotes.iter().any(|r| r.alive.load(Ordering::Relaxed) && r.hosts(model.name(), &v.spec.name))
+            })
+            .collect()
+    }
+
+    /// Asks `r` to load what fits its memory, cheapest variants first.
+    fn place(&self, r: &Arc<RemoteAgent>) {
+        let models = self.models.lock().map(|m| m.clone()).unwrap_or_default();
+        // Cheapest in memory first; ties in model order, then in the model's variant order.
+        let mut wanted: Vec<(u64, String, usize, String)> = models
+            .iter()
+            .filter(|m| r.models.iter().any(|n| n == m.name()))
+            .flat_map(|m| {
+                m.variants.iter().enumerate().map(move |(i, v)| {
+                    (u64::from(v.spec.memory_mb), m.name().to_string(), i, v.spec.name.clone())
+                })
+            })
+            .collect();
+        wanted.sort();
+        let mut used = 0u64;
+        for (mb, model, _, variant) in wanted {
+            if used + mb > r.memory_mb {
+                tracing::info!(node = %r.name, %model, %variant, "not placed: needs {mb} MB, {} MB left", r.memory_mb - used);
+                continue;
+            }
+            used += mb;
+            if let Ok(mut l) = r.loading.lock() {
+                l.insert((model.clone(), variant.clone()));
+            }
+            r.send(gateway_message::Kind::Load(agent_pb::LoadVariant { model, variant }));
+        }
+    }
+
+    fn remote_by_name(&self, node: &str) -> Result<Arc<RemoteAgent>> {
+        self.remotes()
+            .into_iter()
+            .find(|r| r.name == node && r.alive.load(Ordering::Relaxed))
+            .ok_or_else(|| Error::not_found(format!("no live remote node '{node}'")))
+    }
+
+    /// Loads a variant on a node (checked against the node's memory).
+    pub fn load(&self, node: &str, model: &str, variant: &str) -> Result<()> {
+        let r = self.remote_by_name(node)?;
+        let models = self.models.lock().map(|m| m.clone()).unwrap_or_default();
+        let entry = models
+            .iter()
+            .find(|m| m.name() == model)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?;
+        let need = u64::from(
+            entry
+                .variants
+                .iter()
+                .find(|v| v.spec.name == variant)
+                .ok_or_else(|| Error::not_found(format!("unknown variant '{variant}'")))?
+                .spec
+                .memory_mb,
+        );
+        let used: u64 = r
+            .hosted
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|(m, v)| {
+                        models
+                            .iter()
+                            .find(|e| e.name() == m)
+                            .and_then(|e| e.variants.iter().find(|x| &x.spec.name == v))
+                    })
+                    .map(|v| u64::from(v.spec.memory_mb))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if used + need > r.memory_mb {
+            return Err(Error::new(
+                osprey_core::ErrorCode::ResourceExhausted,
+                format!(
+                    "node '{node}' has {} MB free, {model}/{variant} needs {need} MB",
+                    r.memory_mb.saturating_sub(used)
+                ),
+            ));
+        }
+        if let Ok(mut l) = r.loading.lock() {
+            l.insert((model.to_string(), variant.to_string()));
+        }
+        r.send(gateway_message::Kind::Load(agent_pb::LoadVariant {
+            model: model.into(),
+            variant: variant.into(),
+        }));
+        Ok(())
+    }
+
+    /// Unloads a variant from a node once another instance hosts it (load before unload).
+    pub fn unload(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
+        let r = self.remote_by_name(node)?;
+        if !r.hosts(model, variant) {
+            return Err(Error::not_found(format!("node '{node}' does not host {model}/{variant}")));
+        }
+        let elsewhere = !self.local.is_empty()
+            || self
+                .remotes()
+                .iter()
+                .any(|o| !Arc::ptr_eq(o, &r) && o.alive.load(Ordering::Relaxed) && o.hosts(model, variant));
+        if !elsewhere {
+            return Err(Error::new(
+                osprey_core::ErrorCode::Unavailable,
+                format!(
+                    "{model}/{variant} is hosted only on '{node}': load it on another node before unloading it"
+                ),
+            ));
+        }
+        if let Ok(mut h) = r.hosted.lock() {
+            h.remove(&(model.to_string(), variant.to_string()));
+        }
+        let (model, variant) = (model.to_string(), variant.to_string());
+        tokio::spawn(async move {
+            // Batches already sent there finish first.
+            let deadline = Instant::now() + BATCH_TIMEOUT;
+            while Instant::now() < deadline {
+                let busy = r
+                    .inflight
+                    .lock()
+                    .map(|f| {
+                        f.values().any(|b| {
+                            b.model.name() == model && b.model.variants[b.variant].spec.name == variant
+                        })
+                    })
+                    .unwrap_or(false);
+                if !busy {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r.send(gateway_message::Kind::Unload(agent_pb::UnloadVariant { model, variant }));
+        });
+        Ok(())
     }
 
     fn remotes(&self) -> Vec<Arc<RemoteAgent>> {
@@ -188,8 +381,22 @@ impl Pool {
         self.local.iter().map(|(a, _)| a)
     }
 
-    /// Chooses a free instance for a batch whose profiled service time is `latency_us`.
-    pub fn take(&self, latency_us: f64) -> Option<Slot> {
+    /// Chooses a free instance hosting `variant` of `model` for a batch whose profiled service
+    /// time is `latency_us`.
+    pub fn take(&self, model: &ModelEntry, variant: usize, latency_us: f64) -> Take {
+        let vname = &model.variants[variant].spec.name;
+        let hosted = !self.local.is_empty()
+            || self.remotes().iter().any(|r| r.alive.load(Ordering::Relaxed) && r.hosts(model.name(), vname));
+        if !hosted {
+            return Take::NoHost;
+        }
+        match self.take_hosting(model.name(), vname, latency_us) {
+            Some(s) => Take::Slot(s),
+            None => Take::Busy,
+        }
+    }
+
+    fn take_hosting(&self, model: &str, variant: &str, latency_us: f64) -> Option<Slot> {
         let remotes = self.remotes();
         let mut views = Vec::with_capacity(self.local.len() + remotes.len());
         for (a, h) in &self.local {
@@ -210,7 +417,7 @@ impl Pool {
             let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();
             let busy = r.busy.load(Ordering::Relaxed);
             views.push(InstanceView {
-                up: r.alive.load(Ordering::Relaxed) && busy < r.threads,
+                up: r.alive.load(Ordering::Relaxed) && busy < r.threads && r.hosts(model, variant),
                 speed: r.speed,
                 slowdown: h.slowdown,
                 workers: r.threads,
@@ -323,8 +530,8 @@ impl Pool {
         if keep.is_empty() {
             return;
         }
-        match self.take(b.predicted_us) {
-            Some(slot) => {
+        match self.take(&b.model, b.variant, b.predicted_us) {
+            Take::Slot(slot) => {
                 tracing::info!("{why}; retrying {} request(s) on another instance", keep.len());
                 let job = Job {
                     model: b.model,
@@ -337,7 +544,9 @@ impl Pool {
                 };
                 self.dispatch(slot, job, b.predicted_us);
             }
-            None => fail_all(keep, Error::unavailable(format!("{why}; no other instance is free"))),
+            Take::Busy | Take::NoHost => {
+                fail_all(keep, Error::unavailable(format!("{why}; no other instance is free")))
+            }
         }
     }
 
@@ -435,6 +644,8 @@ impl Pool {
                 mean_service_ms: h.mean_service_us / 1000.0,
                 recent_failures: h.failures,
                 labels: HashMap::new(),
+                instances: vec!["*".into()],
+                memory_mb: 0,
             });
         }
         for r in self.remotes() {
@@ -449,6 +660,16 @@ impl Pool {
                 mean_service_ms: h.mean_service_us / 1000.0,
                 recent_failures: h.failures,
                 labels: r.labels.clone(),
+                instances: {
+                    let mut v: Vec<String> = r
+                        .hosted
+                        .lock()
+                        .map(|h| h.iter().map(|(m, v)| format!("{m}/{v}")).collect())
+                        .unwrap_or_default();
+                    v.sort();
+                    v
+                },
+                memory_mb: r.memory_mb,
             });
         }
         out
@@ -550,6 +771,10 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
             inflight: Mutex::new(HashMap::new()),
             health: Mutex::new(Health::default()),
             reported_busy: AtomicU32::new(0),
+            memory_mb: reg.memory_mb,
+            models: reg.models.clone(),
+            hosted: Mutex::new(HashSet::new()),
+            loading: Mutex::new(HashSet::new()),
         });
         let welcome = agent_pb::GatewayMessage {
             kind: Some(gateway_message::Kind::Welcome(agent_pb::Welcome {
@@ -561,8 +786,8 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
         if let Ok(mut v) = self.pool.remote.lock() {
             v.push(agent.clone());
         }
-        tracing::info!(node = %reg.name, threads = reg.threads, "agent joined as {id}");
-        self.pool.changed.notify_waiters();
+        tracing::info!(node = %reg.name, threads = reg.threads, memory_mb = reg.memory_mb, "agent joined as {id}");
+        self.pool.place(&agent);
         let pool = self.pool.clone();
         tokio::spawn(async move {
             loop {
@@ -576,6 +801,18 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
                                 agent.reported_busy.store(h.busy, Ordering::Relaxed);
                             }
                             Some(agent_message::Kind::Result(r)) => pool.finish_remote(&agent, r),
+                            Some(agent_message::Kind::Loaded(l)) => {
+                                let key = (l.model.clone(), l.variant.clone());
+                                let asked = agent.loading.lock().map(|mut s| s.remove(&key)).unwrap_or(false);
+                                if !l.error.is_empty() {
+                                    tracing::warn!(node = %agent.name, model = %l.model, variant = %l.variant, "load failed: {}", l.error);
+                                } else if asked {
+                                    if let Ok(mut h) = agent.hosted.lock() {
+                                        h.insert(key);
+                                    }
+                                    pool.changed.notify_waiters();
+                                }
+                            }
                             _ => {}
                         }
                     }

@@ -13,7 +13,7 @@
 //! ```
 
 use crate::agent::{Job, LocalAgent, Member, Observation};
-use crate::cluster::Pool;
+use crate::cluster::{Pool, Take};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::tenants::Tenants;
 use osprey_core::config::AgentConfig;
@@ -317,6 +317,7 @@ impl Gateway {
             inflight: AtomicUsize::new(0),
             loops: Mutex::default(),
         });
+        gw.pool.set_models(gw.models.values().cloned().collect());
         let max_batch = config.max_batch;
         let handles = receivers
             .into_iter()
@@ -656,9 +657,7 @@ impl LoopContext {
                 );
             }
             Err((why, r)) => {
-                let fastest = (0..self.entry.variants.len())
-                    .map(|v| sched.latency(v, r.rows))
-                    .fold(f64::INFINITY, f64::min);
+                let fastest = sched.min_latency(&r);
                 let left = r.deadline.saturating_sub(r.arrival);
                 let e = match why {
                     Reject::QueueFull => Error::unavailable(format!(
@@ -670,6 +669,9 @@ impl LoopContext {
                         "not enough capacity to answer within {left} us: {} requests are ahead; retry later or allow more time",
                         sched.len()
                     )),
+                    Reject::CannotMeetDeadline if fastest.is_infinite() => Error::unavailable(
+                        "no live instance hosts a variant this request may use; retry later or pin another version",
+                    ),
                     Reject::CannotMeetDeadline => Error::new(
                         ErrorCode::DeadlineExceeded,
                         format!(
@@ -709,6 +711,7 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                     sched.remove(id);
                     waiting.remove(&id);
                 }
+                                sched.set_available(&ctx.pool.available(&ctx.entry));
                 let t = Instant::now();
                 let plan = sched.next_batch(micros(ctx.epoch, t));
                 ctx.metrics.decision.observe(t.elapsed().as_secs_f64());
@@ -730,9 +733,18 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                         let predicted = sched.latency(b.variant, rows);
                         // Instance selection; another model's loop may have taken the free
                         // worker since we woke, in which case the batch goes back to the queue.
-                        let Some(slot) = ctx.pool.take(predicted) else {
-                            sched.requeue(b.members);
-                            continue;
+                                                let slot = match ctx.pool.take(&ctx.entry, b.variant, predicted) {
+                            Take::Slot(s) => s,
+                            Take::Busy => {
+                                sched.requeue(b.members);
+                                continue;
+                            }
+                            Take::NoHost => {
+                                // Placement changed since planning: the next plan avoids it.
+                                sched.requeue(b.members);
+                                stalled = true;
+                                continue;
+                            }
                         };
                         let members = b
                             .members

@@ -77,6 +77,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
+        .route("/v2/cluster/nodes/{node}/load", post(load_variant))
+        .route("/v2/cluster/nodes/{node}/unload", post(unload_variant))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
@@ -95,6 +97,41 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
 /// Osprey extension: the cluster's nodes (what `osprey status` shows).
 async fn cluster(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({ "nodes": gw.pool.status() }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VariantRef {
+    model: String,
+    variant: String,
+}
+
+fn variant_ref(body: Result<Bytes, BytesRejection>) -> Result<VariantRef, ApiError> {
+    let body = body.map_err(rejection)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError(Error::invalid(format!("expected {{\"model\": ..., \"variant\": ...}}: {e}"))))
+}
+
+/// Osprey extension: load a variant on a remote node.
+async fn load_variant(
+    State(gw): State<Arc<Gateway>>,
+    Path(node): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let v = variant_ref(body)?;
+    gw.pool.load(&node, &v.model, &v.variant)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Osprey extension: unload a variant from a remote node (refused unless another instance hosts it).
+async fn unload_variant(
+    State(gw): State<Arc<Gateway>>,
+    Path(node): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let v = variant_ref(body)?;
+    gw.pool.unload(&node, &v.model, &v.variant)?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 async fn server_metadata() -> Json<Value> {

@@ -33,6 +33,21 @@ pub struct NodeConfig {
     pub labels: HashMap<String, String>,
     /// Largest message accepted from the gateway, bytes.
     pub max_message_bytes: usize,
+    /// Memory this node offers for model variants, MB (placement budget).
+    pub memory_mb: u64,
+}
+
+/// Memory available on this machine, MB (from /proc/meminfo; 1 GiB when unknown).
+pub fn available_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1024, |kb| kb / 1024)
 }
 
 /// Backoff between reconnection attempts.
@@ -101,7 +116,7 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
             name: node.cfg.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             threads: node.cfg.threads,
-            memory_mb: 0,
+            memory_mb: node.cfg.memory_mb,
             labels: node.cfg.labels.clone(),
             models: node.models.keys().cloned().collect(),
             speed_hint: node.cfg.speed_hint,
@@ -138,6 +153,35 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                 Some(gateway_message::Kind::Welcome(w)) => {
                     tracing::info!(agent_id = %w.agent_id, "joined {}", node.cfg.join);
                     on_joined(&w.agent_id);
+                }
+                Some(gateway_message::Kind::Load(l)) => {
+                    let (node, tx) = (node.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let (m, v) = (l.model.clone(), l.variant.clone());
+                        let n2 = node.clone();
+                        let res = tokio::task::spawn_blocking(move || {
+                            let model = n2.models.get(&m).ok_or_else(|| {
+                                Error::not_found(format!("model '{m}' is not on this node"))
+                            })?;
+                            n2.session(model, &v).map(|_| ())
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err(Error::internal("loading panicked")));
+                        let loaded = agent_pb::Loaded {
+                            model: l.model,
+                            variant: l.variant,
+                            error: res.err().map(|e| e.message).unwrap_or_default(),
+                        };
+                        let _ = tx
+                            .send(agent_pb::AgentMessage { kind: Some(agent_message::Kind::Loaded(loaded)) })
+                            .await;
+                    });
+                }
+                Some(gateway_message::Kind::Unload(u)) => {
+                    if let Ok(mut m) = node.sessions.lock() {
+                        m.remove(&(u.model.clone(), u.variant.clone()));
+                    }
+                    tracing::info!(model = %u.model, variant = %u.variant, "unloaded");
                 }
                 Some(gateway_message::Kind::Run(rb)) => {
                     let (node, tx, workers) = (node.clone(), tx.clone(), workers.clone());

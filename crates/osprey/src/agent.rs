@@ -24,6 +24,9 @@ pub struct AgentArgs {
     /// Speed relative to the machine that measured the profiles.
     #[arg(long, default_value_t = 1.0)]
     speed_hint: f64,
+    /// Memory offered for model variants, MB (default: what the machine has available).
+    #[arg(long)]
+    memory_mb: Option<u64>,
     /// Labels, e.g. --label zone=trusted (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -54,6 +57,7 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
         speed_hint: args.speed_hint,
         labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),
         max_message_bytes: 64 << 20,
+        memory_mb: args.memory_mb.unwrap_or_else(osprey_server::node::available_memory_mb),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {

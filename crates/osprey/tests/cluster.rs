@@ -133,3 +133,60 @@ fn kill_slow_and_restart_agents_under_load() {
     assert_eq!(r["lost"], 0, "{r}");
     assert!(gw.stop().success());
 }
+
+fn post(http: &str, path: &str, body: &str) -> (u16, String) {
+    common::post_as(http, path, None, body)
+}
+
+fn instances(http: &str, node: &str) -> Vec<String> {
+    let resp = http_get(http, "/v2/cluster");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["name"] == node)
+        .flat_map(|n| n["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s.as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn placement_follows_memory_and_unload_waits_for_another_host() {
+    let gw = Server::start(&["--local-agents", "0"]);
+    // 3 MB: digits small (1) + medium (1) + spoken_digits small (1); the large variants (5 and
+    // 9 MB) do not fit.
+    let _small = Agent::start(&gw.grpc, "small", &["--memory-mb", "3"]);
+    let want = vec!["digits/medium".to_string(), "digits/small".into(), "spoken_digits/small".into()];
+    wait_for("variants placed and loaded", Duration::from_secs(20), || instances(&gw.http, "small") == want);
+    let image = format!(
+        r#"{{"inputs":[{{"name":"image","shape":[1,8,8],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec!["0.5"; 64].join(",")
+    );
+    // Unpinned requests run on what is hosted; a pinned variant nobody hosts is refused at once.
+    let (s, b) = post(&gw.http, "/v2/models/digits/infer", &image);
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"variant\":\"medium\""), "{b}");
+    let (s, b) = post(&gw.http, "/v2/models/digits/versions/large/infer", &image);
+    assert_eq!(s, 503, "{b}");
+    assert!(b.contains("no live instance hosts"), "{b}");
+    // Loading beyond the node's memory is refused; unloading the only host is refused.
+    let (s, b) = post(&gw.http, "/v2/cluster/nodes/small/load", r#"{"model":"digits","variant":"large"}"#);
+    assert_eq!(s, 429, "{b}");
+    let (s, b) = post(&gw.http, "/v2/cluster/nodes/small/unload", r#"{"model":"digits","variant":"small"}"#);
+    assert_eq!(s, 503, "{b}");
+    assert!(b.contains("load it on another node before unloading"), "{b}");
+    // With a second host, the unload goes through and traffic keeps being answered.
+    let _big = Agent::start(&gw.grpc, "big", &["--memory-mb", "4096"]);
+    wait_for("big hosts digits/small", Duration::from_secs(20), || {
+        instances(&gw.http, "big").contains(&"digits/small".to_string())
+    });
+    let (s, b) = post(&gw.http, "/v2/cluster/nodes/small/unload", r#"{"model":"digits","variant":"small"}"#);
+    assert_eq!(s, 202, "{b}");
+    assert!(!instances(&gw.http, "small").contains(&"digits/small".to_string()));
+    let (s, b) = post(&gw.http, "/v2/models/digits/versions/small/infer", &image);
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"node\":\"big\""), "{b}");
+    assert!(gw.stop().success());
+}
