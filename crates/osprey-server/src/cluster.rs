@@ -116,6 +116,10 @@ pub struct RemoteAgent {
     health: Mutex<Health>,
     reported_busy: AtomicU32,
     memory_mb: u64,
+    cores: u32,
+    cpu_load: Mutex<f64>,
+    /// What the node reports of its own service times ("model/variant/batch" -> µs).
+    reported_latency: Mutex<HashMap<String, f64>>,
     models: Vec<String>,
     /// Variants loaded and ready on this node.
     hosted: Mutex<HashSet<VariantKey>>,
@@ -163,6 +167,10 @@ pub struct NodeStatus {
     /// `model/variant` loaded on the node (`*` = every served variant).
     pub instances: Vec<String>,
     pub memory_mb: u64,
+    pub cores: u32,
+    pub cpu_load: f64,
+    /// The node's own recent service times per "model/variant/batch", ms.
+    pub latency_ms: std::collections::BTreeMap<String, f64>,
 }
 
 /// Every agent the gateway can dispatch to.
@@ -646,6 +654,9 @@ impl Pool {
                 labels: HashMap::new(),
                 instances: vec!["*".into()],
                 memory_mb: 0,
+                cores: a.workers(),
+                cpu_load: 0.0,
+                latency_ms: Default::default(),
             });
         }
         for r in self.remotes() {
@@ -670,6 +681,13 @@ impl Pool {
                     v
                 },
                 memory_mb: r.memory_mb,
+                cores: r.cores,
+                cpu_load: r.cpu_load.lock().map(|c| *c).unwrap_or(0.0),
+                latency_ms: r
+                    .reported_latency
+                    .lock()
+                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v / 1000.0)).collect())
+                    .unwrap_or_default(),
             });
         }
         out
@@ -772,6 +790,9 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
             health: Mutex::new(Health::default()),
             reported_busy: AtomicU32::new(0),
             memory_mb: reg.memory_mb,
+            cores: reg.cores,
+            cpu_load: Mutex::new(0.0),
+            reported_latency: Mutex::new(HashMap::new()),
             models: reg.models.clone(),
             hosted: Mutex::new(HashSet::new()),
             loading: Mutex::new(HashSet::new()),
@@ -799,6 +820,12 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
                         match m.kind {
                             Some(agent_message::Kind::Heartbeat(h)) => {
                                 agent.reported_busy.store(h.busy, Ordering::Relaxed);
+                                if let Ok(mut c) = agent.cpu_load.lock() {
+                                    *c = h.cpu_load;
+                                }
+                                if let Ok(mut l) = agent.reported_latency.lock() {
+                                    *l = h.latency_us;
+                                }
                             }
                             Some(agent_message::Kind::Result(r)) => pool.finish_remote(&agent, r),
                             Some(agent_message::Kind::Loaded(l)) => {

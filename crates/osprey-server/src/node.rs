@@ -60,6 +60,20 @@ struct Node {
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     busy: AtomicU32,
     errors: AtomicU64,
+    /// "model/variant/batch" -> EWMA of service time, µs.
+    latency: Mutex<HashMap<String, f64>>,
+}
+
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// 1-minute load average per core (0 when unknown).
+fn cpu_load() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .map_or(0.0, |l| l / f64::from(cores()))
 }
 
 /// Runs the agent until `shutdown` resolves. `on_joined` is called with the agent id each time
@@ -78,6 +92,7 @@ pub async fn run(
         sessions: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         errors: AtomicU64::new(0),
+        latency: Mutex::new(HashMap::new()),
         cfg,
     });
     let on_joined = Arc::new(on_joined);
@@ -120,6 +135,8 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
             labels: node.cfg.labels.clone(),
             models: node.models.keys().cloned().collect(),
             speed_hint: node.cfg.speed_hint,
+            cores: cores(),
+            accelerator: String::new(),
         })),
     };
     tx.send(register).await.map_err(|_| Error::internal("outgoing stream closed"))?;
@@ -136,8 +153,9 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                 let hb = agent_pb::AgentMessage {
                     kind: Some(agent_message::Kind::Heartbeat(agent_pb::Heartbeat {
                         busy: node.busy.load(Ordering::Relaxed),
-                        cpu_load: 0.0,
+                        cpu_load: cpu_load(),
                         errors: node.errors.load(Ordering::Relaxed),
+                        latency_us: node.latency.lock().map(|l| l.clone()).unwrap_or_default(),
                     })),
                 };
                 if tx.send(hb).await.is_err() {
@@ -227,6 +245,12 @@ impl Node {
 
     fn execute(&self, rb: agent_pb::RunBatch) -> agent_pb::BatchResult {
         let t = Instant::now();
+        let key = format!(
+            "{}/{}/{}",
+            rb.model,
+            rb.variant,
+            rb.inputs.first().and_then(|i| i.shape.first()).copied().unwrap_or(0)
+        );
         let mut out = agent_pb::BatchResult {
             batch_id: rb.batch_id,
             error: String::new(),
@@ -251,6 +275,12 @@ impl Node {
             std::thread::sleep(elapsed.mul_f64(self.cfg.slowdown - 1.0));
         }
         out.service_us = t.elapsed().as_secs_f64() * 1e6;
+        if out.error.is_empty()
+            && let Ok(mut l) = self.latency.lock()
+        {
+            let e = l.entry(key).or_insert(out.service_us);
+            *e = 0.8 * *e + 0.2 * out.service_us;
+        }
         out
     }
 

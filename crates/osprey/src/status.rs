@@ -55,9 +55,12 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
         "up",
         "workers",
         "busy",
+        "cpu load",
+        "memory MB",
         "slowdown",
         "mean batch ms",
         "recent failures",
+        "instances",
     ]);
     for n in v["nodes"].as_array().into_iter().flatten() {
         table.add_row([
@@ -66,9 +69,15 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
             n["up"].to_string(),
             n["workers"].to_string(),
             n["busy"].to_string(),
+            format!("{:.2}", n["cpu_load"].as_f64().unwrap_or(0.0)),
+            n["memory_mb"].to_string(),
             format!("{:.2}", n["slowdown"].as_f64().unwrap_or(0.0)),
             format!("{:.2}", n["mean_service_ms"].as_f64().unwrap_or(0.0)),
             n["recent_failures"].to_string(),
+            n["instances"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
         ]);
     }
     println!("{table}");
