@@ -13,14 +13,11 @@
 //!   failure-aware; round-robin and least-queue baselines).
 //! - [`quota`]: per-tenant token buckets.
 //! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
-//! - [`select`], [`batcher`]: the simple most-accurate-that-fits rule and FIFO batcher.
 
-pub mod batcher;
 pub mod estimate;
 pub mod instance;
 pub mod quota;
 pub mod scheduler;
-pub mod select;
 pub mod setup;
 
 /// Time on the driver's clock, microseconds.
