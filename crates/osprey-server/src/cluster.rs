@@ -528,34 +528,59 @@ impl Pool {
         self.retry(b, &format!("node '{}' failed: {why}", r.name));
     }
 
+    /// Re-dispatches a failed node's batch on another instance hosting the variant, waiting for
+    /// a free worker while the earliest member's deadline still allows; requests that can no
+    /// longer finish in time are answered UNAVAILABLE at once (the bounded retry: one).
     fn retry(self: &Arc<Self>, b: RemoteBatch, why: &str) {
-        let now = Instant::now();
-        let (keep, late): (Vec<Member>, Vec<Member>) = b
-            .members
-            .into_iter()
-            .partition(|m| now + Duration::from_micros(b.predicted_us as u64) <= m.deadline);
-        fail_all(late, Error::unavailable(format!("{why}; no time left to retry")));
-        if keep.is_empty() {
-            return;
-        }
-        match self.take(&b.model, b.variant, b.predicted_us) {
-            Take::Slot(slot) => {
-                tracing::info!("{why}; retrying {} request(s) on another instance", keep.len());
-                let job = Job {
-                    model: b.model,
-                    variant: b.variant,
-                    members: keep,
-                    dispatched: now,
-                    permit: None,
-                    feedback: b.feedback,
-                    health: None,
-                };
-                self.dispatch(slot, job, b.predicted_us);
+        let pool = self.clone();
+        let why = why.to_string();
+        tokio::spawn(async move {
+            let service = Duration::from_micros(b.predicted_us as u64);
+            let now = Instant::now();
+            let (keep, late): (Vec<Member>, Vec<Member>) =
+                b.members.into_iter().partition(|m| now + service <= m.deadline);
+            fail_all(late, Error::unavailable(format!("{why}; no time left to retry")));
+            let Some(latest_start) =
+                keep.iter().map(|m| m.deadline).min().and_then(|d| d.checked_sub(service))
+            else {
+                fail_all(keep, Error::unavailable(format!("{why}; no time left to retry")));
+                return;
+            };
+            loop {
+                match pool.take(&b.model, b.variant, b.predicted_us) {
+                    Take::Slot(slot) => {
+                        tracing::info!("{why}; retrying {} request(s) on another instance", keep.len());
+                        let job = Job {
+                            model: b.model,
+                            variant: b.variant,
+                            members: keep,
+                            dispatched: Instant::now(),
+                            permit: None,
+                            feedback: b.feedback,
+                            health: None,
+                        };
+                        pool.dispatch(slot, job, b.predicted_us);
+                        return;
+                    }
+                    Take::NoHost => {
+                        fail_all(keep, Error::unavailable(format!("{why}; no other node hosts the variant")));
+                        return;
+                    }
+                    Take::Busy => {
+                        let left = latest_start.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            fail_all(
+                                keep,
+                                Error::unavailable(format!("{why}; no other instance was free in time")),
+                            );
+                            return;
+                        }
+                        let notified = pool.changed.notified();
+                        let _ = tokio::time::timeout(left.min(HEARTBEAT), notified).await;
+                    }
+                }
             }
-            Take::Busy | Take::NoHost => {
-                fail_all(keep, Error::unavailable(format!("{why}; no other instance is free")))
-            }
-        }
+        });
     }
 
     fn finish_remote(self: &Arc<Self>, r: &Arc<RemoteAgent>, res: agent_pb::BatchResult) {
