@@ -182,7 +182,7 @@ impl RawTensor {
         macro_rules! each {
             ($t:ty, $sz:expr) => {
                 for c in b.chunks_exact($sz) {
-                    let x = <$t>::from_le_bytes(c.try_into().expect("chunk size"));
+                    let x = <$t>::from_le_bytes(c.try_into().unwrap_or([0; $sz]));
                     v.push(Value::from(x));
                 }
             };
@@ -205,7 +205,7 @@ impl RawTensor {
             }
             DataType::Fp64 => {
                 for c in b.chunks_exact(8) {
-                    let x = f64::from_le_bytes(c.try_into().expect("chunk size"));
+                    let x = f64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
                     v.push(serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number));
                 }
             }

@@ -330,20 +330,25 @@ impl Scheduler {
     }
 
     /// Decides what a free worker runs next.
-    pub fn next_batch(&mut self, now: Micros) -> Plan {
-        let mut plan = Plan::default();
-        // Expiry.
-        let utility = matches!(self.cfg.rule, Rule::Utility | Rule::Dream);
+    /// Removes and returns the queued requests that can no longer be served in time (the
+    /// utility rule and DREAM drop as soon as no variant can finish; the others once the
+    /// deadline has passed). `next_batch` does this first; drivers also call it while no
+    /// worker is free, so nothing waits past its deadline for a worker that never comes.
+    pub fn expire(&mut self, now: Micros) -> Vec<Request> {
+        let early = matches!(self.cfg.rule, Rule::Utility | Rule::Dream);
+        let mut expired = Vec::new();
         let mut keep = Vec::with_capacity(self.queue.len());
         for r in std::mem::take(&mut self.queue) {
-            let dead = if utility {
-                now as f64 + self.min_latency(&r) > r.deadline as f64
-            } else {
-                r.deadline <= now
-            };
-            if dead { plan.expired.push(r) } else { keep.push(r) }
+            let dead =
+                if early { now as f64 + self.min_latency(&r) > r.deadline as f64 } else { r.deadline <= now };
+            if dead { expired.push(r) } else { keep.push(r) }
         }
         self.queue = keep;
+        expired
+    }
+
+    pub fn next_batch(&mut self, now: Micros) -> Plan {
+        let mut plan = Plan { expired: self.expire(now), batch: None };
         if self.queue.is_empty() {
             return plan;
         }
@@ -676,6 +681,21 @@ mod tests {
         s.observe(9, 1, 1.0);
         s.observe(0, 1, f64::NAN);
         assert_eq!(s.slowdown()[0], 1.0);
+    }
+
+    #[test]
+    fn expire_drops_only_what_cannot_make_it() {
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        s.admit(0, req(1, 0, 10_000, [0.6, 0.8, 0.95])).unwrap();
+        s.admit(0, req(2, 0, 500, [0.6, 0.8, 0.95])).unwrap();
+        // At 400 µs even small (120 µs) cannot finish request 2 by 500 µs.
+        let gone: Vec<u64> = s.expire(400).iter().map(|r| r.id).collect();
+        assert_eq!(gone, vec![2]);
+        assert_eq!(s.len(), 1);
+        // Nothing runs anywhere: the utility rule drops a request once no variant is available.
+        s.set_available(&[false, false, false]);
+        assert_eq!(s.expire(400).len(), 1);
+        assert!(s.is_empty());
     }
 
     #[test]

@@ -67,8 +67,10 @@ impl LocalAgent {
         let workers = workers.max(1);
         let (tx, rx) = std_mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..workers)
-            .map(|i| {
+        // A thread the OS refuses is logged and left out: the agent then offers fewer workers
+        // (with none, its requests expire with explicit errors) rather than crashing the server.
+        let threads: Vec<_> = (0..workers)
+            .filter_map(|i| {
                 let rx = rx.clone();
                 let metrics = metrics.clone();
                 let changed = changed.clone();
@@ -87,9 +89,11 @@ impl LocalAgent {
                             }
                         }
                     })
-                    .expect("spawning an agent worker thread")
+                    .map_err(|e| tracing::error!(agent = name, "cannot start worker thread {i}: {e}"))
+                    .ok()
             })
             .collect();
+        let workers = threads.len() as u32;
         LocalAgent {
             name: name.to_string(),
             workers,

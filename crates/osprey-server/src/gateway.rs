@@ -615,10 +615,31 @@ struct Waiting {
     reply: oneshot::Sender<Result<InferOutcome>>,
 }
 
+/// How often a loop whose queue cannot run checks it for requests past saving.
+const EXPIRY_CHECK: Duration = Duration::from_millis(10);
+
 /// How long a loop with queued work but nothing runnable waits before planning again.
 const REPLAN_INTERVAL: Duration = Duration::from_micros(500);
 
 impl LoopContext {
+    /// Answers requests that can no longer meet their deadline, at once.
+    fn answer_expired(&self, expired: Vec<Request>, waiting: &mut HashMap<u64, Waiting>, now: Instant) {
+        for r in expired {
+            if let Some(w) = waiting.remove(&r.id) {
+                let waited = now.saturating_duration_since(w.enqueued);
+                if let Some(vs) = self.entry.variants.first()
+                    && let Ok(mut s) = vs.stats.lock()
+                {
+                    s.fail.add(waited);
+                }
+                let _ = w.reply.send(Err(Error::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("deadline can no longer be met after {} us in the queue", waited.as_micros()),
+                )));
+            }
+        }
+    }
+
     fn admit(
         &self,
         sched: &mut Scheduler,
@@ -688,6 +709,10 @@ impl LoopContext {
 
 async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sched: Scheduler) {
     let (feedback, mut observed) = mpsc::unbounded_channel::<Observation>();
+    // An interval, not a per-iteration sleep: a steady stream of arrivals must not keep
+    // postponing it.
+    let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut waiting: HashMap<u64, Waiting> = HashMap::new();
     let mut next_id = 0u64;
     let mut stalled = false;
@@ -715,18 +740,7 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                 let t = Instant::now();
                 let plan = sched.next_batch(micros(ctx.epoch, t));
                 ctx.metrics.decision.observe(t.elapsed().as_secs_f64());
-                for r in plan.expired {
-                    if let Some(w) = waiting.remove(&r.id) {
-                        let waited = t.saturating_duration_since(w.enqueued);
-                        if let Some(vs) = ctx.entry.variants.first() && let Ok(mut s) = vs.stats.lock() {
-                            s.fail.add(waited);
-                        }
-                        let _ = w.reply.send(Err(Error::new(
-                            ErrorCode::DeadlineExceeded,
-                            format!("deadline can no longer be met after {} us in the queue", waited.as_micros()),
-                        )));
-                    }
-                }
+                                ctx.answer_expired(plan.expired, &mut waiting, t);
                 match plan.batch {
                     Some(b) => {
                         let rows: u32 = b.members.iter().map(|m| m.rows).sum();
@@ -774,7 +788,13 @@ async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sc
                 }
             },
                         Some(o) = observed.recv() => sched.observe(o.variant, o.rows, o.service_us),
-            _ = tokio::time::sleep(REPLAN_INTERVAL), if stalled => stalled = false,
+                        _ = tokio::time::sleep(REPLAN_INTERVAL), if stalled => stalled = false,
+            // No worker free (or none left): queued requests still end at their deadlines.
+                        _ = expiry.tick(), if !sched.is_empty() => {
+                let t = Instant::now();
+                let expired = sched.expire(micros(ctx.epoch, t));
+                ctx.answer_expired(expired, &mut waiting, t);
+            },
         }
     }
     // The channel closed (shutdown): nothing queued may be left unanswered.

@@ -77,8 +77,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
-        .route("/v2/cluster/nodes/{node}/load", post(load_variant))
-        .route("/v2/cluster/nodes/{node}/unload", post(unload_variant))
+        .route("/v2/cluster/nodes/{node}/{action}", post(place_variant))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
@@ -112,25 +111,19 @@ fn variant_ref(body: Result<Bytes, BytesRejection>) -> Result<VariantRef, ApiErr
         .map_err(|e| ApiError(Error::invalid(format!("expected {{\"model\": ..., \"variant\": ...}}: {e}"))))
 }
 
-/// Osprey extension: load a variant on a remote node.
-async fn load_variant(
+/// Osprey extension: `load` a variant on a remote node, or `unload` it (refused unless another
+/// instance hosts it).
+async fn place_variant(
     State(gw): State<Arc<Gateway>>,
-    Path(node): Path<String>,
+    Path((node, action)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let v = variant_ref(body)?;
-    gw.pool.load(&node, &v.model, &v.variant)?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-/// Osprey extension: unload a variant from a remote node (refused unless another instance hosts it).
-async fn unload_variant(
-    State(gw): State<Arc<Gateway>>,
-    Path(node): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<StatusCode> {
-    let v = variant_ref(body)?;
-    gw.pool.unload(&node, &v.model, &v.variant)?;
+    match action.as_str() {
+        "load" => gw.pool.load(&node, &v.model, &v.variant)?,
+        "unload" => gw.pool.unload(&node, &v.model, &v.variant)?,
+        _ => return Err(Error::not_found("use /v2/cluster/nodes/{node}/load or /unload").into()),
+    }
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -3,10 +3,8 @@
 
 mod common;
 
-use common::{Server, http_get, repo_root};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use common::{Server, http_get, repo_root, spawn_until};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 struct Agent {
@@ -16,25 +14,9 @@ struct Agent {
 impl Agent {
     /// Starts an agent and waits (with a deadline) until the gateway welcomes it.
     fn start(grpc: &str, name: &str, extra: &[&str]) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
-            .args(["agent", "--join", grpc, "--name", name, "--threads", "1"])
-            .args(extra)
-            .current_dir(repo_root())
-            .env("OSPREY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn osprey agent");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("joined ") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60)).expect("agent did not join");
+        let mut args = vec!["agent", "--join", grpc, "--name", name, "--threads", "1"];
+        args.extend_from_slice(extra);
+        let (child, _) = spawn_until(&args, "joined ", Duration::from_secs(60));
         Agent { child }
     }
 
@@ -51,11 +33,15 @@ impl Drop for Agent {
     }
 }
 
-fn nodes(http: &str) -> Vec<(String, bool)> {
+/// `GET /v2/cluster` as JSON.
+fn cluster(http: &str) -> serde_json::Value {
     let resp = http_get(http, "/v2/cluster");
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["nodes"]
+    serde_json::from_str(body).unwrap_or_default()
+}
+
+fn nodes(http: &str) -> Vec<(String, bool)> {
+    cluster(http)["nodes"]
         .as_array()
         .into_iter()
         .flatten()
@@ -139,10 +125,7 @@ fn post(http: &str, path: &str, body: &str) -> (u16, String) {
 }
 
 fn instances(http: &str, node: &str) -> Vec<String> {
-    let resp = http_get(http, "/v2/cluster");
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["nodes"]
+    cluster(http)["nodes"]
         .as_array()
         .into_iter()
         .flatten()

@@ -11,6 +11,35 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Spawns `osprey ARGS` in the repository root and waits (with a deadline) for a stdout line
+/// starting with `prefix`; returns the process and the rest of that line.
+pub fn spawn_until(args: &[&str], prefix: &'static str, within: Duration) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("OSPREY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn osprey");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(within) {
+        Ok(rest) => (child, rest),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("osprey {args:?} printed no '{prefix}' line within {within:?}");
+        }
+    }
+}
+
 pub struct Server {
     pub child: Child,
     pub http: String,
@@ -20,25 +49,9 @@ pub struct Server {
 impl Server {
     /// Starts `osprey serve` on ephemeral ports and waits (with a deadline) for its ready line.
     pub fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .args(extra)
-            .current_dir(repo_root())
-            .env("OSPREY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn osprey serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("ready ") {
-                    let _ = tx.send(rest.to_string());
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("osprey serve did not become ready");
+        let mut args = vec!["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let (child, line) = spawn_until(&args, "ready ", Duration::from_secs(120));
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(String::from))
