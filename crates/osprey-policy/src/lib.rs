@@ -11,11 +11,16 @@
 //!   metrics.
 //! - [`instance`]: which node runs a batch (predicted completion, contention- and
 //!   failure-aware; round-robin and least-queue baselines).
+//! - [`dispatch`]: the cluster dispatcher — every model's scheduler, membership and health,
+//!   free workers and backlog, batches in flight, retry/failover — events in, actions out.
+//! - [`placement`]: which node loads which variant, `solve(problem, previous)`.
 //! - [`quota`]: per-tenant token buckets.
 //! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
 
+pub mod dispatch;
 pub mod estimate;
 pub mod instance;
+pub mod placement;
 pub mod quota;
 pub mod scheduler;
 pub mod setup;

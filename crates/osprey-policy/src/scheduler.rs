@@ -236,6 +236,51 @@ impl Scheduler {
         self.slowdown[v] = (1.0 - SLOWDOWN_ALPHA) * self.slowdown[v] + SLOWDOWN_ALPHA * ratio;
     }
 
+    /// Profiled service time of `rows` samples on `v` at quantile `q`, µs, without the observed
+    /// slowdown (the reference a node's own slowdown is measured against).
+    pub fn profiled_us(&self, v: usize, rows: u32, q: Quantile) -> Option<f64> {
+        self.variants.get(v)?.profile.latency_us(rows, q)
+    }
+
+    /// Number of variants.
+    pub fn variant_count(&self) -> usize {
+        self.variants.len()
+    }
+
+    /// Worker threads that serve this model now (membership changes move it).
+    pub fn set_workers(&mut self, workers: u32) {
+        self.cfg.workers = workers.max(1);
+    }
+
+    /// The queued requests' ids, in queue order.
+    pub fn queued_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().map(|r| r.id)
+    }
+
+    /// Whether request `id` is queued here.
+    pub fn contains(&self, id: u64) -> bool {
+        self.queue.iter().any(|r| r.id == id)
+    }
+
+    /// The earliest time at which [`Scheduler::expire`] would remove a queued request, if any:
+    /// the driver wakes then (and not on a fixed interval). Under the utility rule and DREAM a
+    /// request expires once `now + ℓ_min > d`, i.e. at `⌊d − ℓ_min⌋ + 1`; under the FIFO
+    /// baselines at its deadline `d`.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        let early = matches!(self.cfg.rule, Rule::Utility | Rule::Dream);
+        self.queue
+            .iter()
+            .map(|r| {
+                if early {
+                    let at = r.deadline as f64 - self.min_latency(r);
+                    if at.is_finite() { (at.max(0.0).floor() as Micros).saturating_add(1) } else { 0 }
+                } else {
+                    r.deadline
+                }
+            })
+            .min()
+    }
+
     /// Current slowdown factor of each variant.
     pub fn slowdown(&self) -> &[f64] {
         &self.slowdown

@@ -3,9 +3,53 @@
 //! estimator, so that a policy name means the same thing everywhere.
 
 use crate::estimate::{AccuracyEstimator, DataAware, PerClass, Profiled};
-use crate::scheduler::Rule;
+use crate::scheduler::{Rule, Scheduler, SchedulerConfig, VariantModel};
 use osprey_core::config::{PolicyName, SchedulerSection};
 use osprey_core::model::ModelSpec;
+use osprey_core::profile::{Quantile, VariantProfile};
+
+/// Planning quantile: schedulers plan with p99 service time (p90 left ~2% late answers under
+/// overload in `bench/scheduling.sh`).
+pub const PLAN_QUANTILE: Quantile = Quantile::P99;
+
+/// What a driver knows beyond the policy section when it builds a model's scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Largest batch the server allows (the model's own `max_batch_size` also bounds it).
+    pub max_batch: u32,
+    /// Requests one model's queue may hold.
+    pub max_queue: usize,
+    /// Worker threads that serve the model at start (the dispatcher updates it as nodes come
+    /// and go).
+    pub workers: u32,
+}
+
+/// The one constructor of a model's scheduler, used by the live gateway and the simulator:
+/// the rule from the policy name, the batch bound, the planning quantile and the variants'
+/// profiles (`profiles[i]` belongs to `spec.variants[i]`).
+pub fn scheduler_for(
+    section: &SchedulerSection,
+    spec: &ModelSpec,
+    profiles: Vec<VariantProfile>,
+    cap: Capacity,
+) -> Scheduler {
+    let cfg = SchedulerConfig {
+        rule: rule_for(section, spec),
+        max_rows: cap.max_batch.min(spec.max_batch_size).max(1),
+        max_queue: cap.max_queue,
+        quantile: PLAN_QUANTILE,
+        urgency_weight: section.urgency_weight,
+        miss_penalty: section.miss_penalty,
+        workers: cap.workers.max(1),
+    };
+    let variants = spec
+        .variants
+        .iter()
+        .zip(profiles)
+        .map(|(v, profile)| VariantModel { accuracy: v.accuracy, swap_us: profile.swap_us, profile })
+        .collect();
+    Scheduler::new(cfg, variants)
+}
 
 /// The scheduling rule a policy runs for one model.
 pub fn rule_for(section: &SchedulerSection, spec: &ModelSpec) -> Rule {

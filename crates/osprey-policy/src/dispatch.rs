@@ -1,0 +1,933 @@
+//! The cluster dispatcher: one sans-IO object that owns every model's scheduler, the nodes
+//! (membership, health, placement, free workers and backlog), the batches in flight, and
+//! retry and failover. The live gateway and the simulator both drive it, so no cluster
+//! decision is written twice (quinn-proto's shape: events in, actions out).
+//!
+//! ```text
+//! driver ── handle_arrival / handle_cancel / handle_batch_done / handle_node_join /
+//!           handle_heartbeat / handle_loaded / handle_node_down / handle_timeout(now) ──> Dispatcher
+//! driver <── poll_action():  Run(batch on a node) | Reply(request, error) | Load | Unload | Disconnect
+//! driver <── poll_timeout(): the next time anything is due (expiry, a heartbeat deadline, a
+//!                            batch timeout); the driver sleeps exactly until then
+//! ```
+//!
+//! # When a batch forms, and where it runs
+//! A model plans a batch (its [`Scheduler::next_batch`]) only when some live node that hosts
+//! one of its available variants has a free worker, so batches grow while every worker is
+//! busy. The batch then goes to the instance that [`instance::select`] prefers among the live
+//! nodes hosting its variant that have room: a free worker, or a backlog slot (up to
+//! `backlog_per_worker` batches per worker waiting on the node). Offering busy instances with
+//! their backlog is what lets queueing briefly on a fast node beat a free slow one
+//! (`wait_i` in the selector's formula). Models take turns for free workers (a rotating
+//! start), so one busy model cannot starve another on shared nodes.
+//!
+//! # Health (the quality-driven paper's contention- and failure-awareness)
+//! Per node, from every finished batch: the service time the node measured `t`, and the
+//! profile's median for that batch `ℓ₅₀(b)` on the node (`/ speed`):
+//! ```text
+//! σ_n ← 0.8·σ_n + 0.2·clamp(t / (ℓ₅₀(b) / speed_n), 0.1, 50)        observed slowdown
+//! t̄_n ← 0.8·t̄_n + 0.2·t                                              mean service time
+//! failures_n, successes_n counted over a window halved past 20 batches
+//! ```
+//! The scheduler's own per-variant slowdown is fed `t · speed_n / σ_n` (the node's factors
+//! taken out), so a slow node does not make every node look slow.
+//!
+//! # Retry and failover (one meaning, both drivers)
+//! A node that stops heartbeating for `dead_after_us` (or whose connection ends) is down: it
+//! leaves the pool, the driver is told to close its connection (so a live agent reconnects),
+//! and every batch in flight there fails over. A batch unanswered `batch_timeout_us` after
+//! dispatch fails over the same way. Failing over puts the batch's requests back into their
+//! model's queue (no admission check), where they are planned again, on any live instance,
+//! possibly in other batches or on another variant; a request that has already been retried
+//! `max_retries` times, or whose deadline no variant can still meet, is answered
+//! `UNAVAILABLE` at once. A late answer from a batch that failed over is ignored
+//! ([`Dispatcher::handle_batch_done`] returns `None`): never a duplicate answer.
+
+use crate::Micros;
+use crate::instance::{self, InstanceView, Selector};
+use crate::placement::{self, Need, NodeCapacity, Plan};
+use crate::scheduler::{Reject, Request, Scheduler};
+use osprey_core::error::{Error, ErrorCode};
+use osprey_core::profile::Quantile;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+pub use crate::placement::NodeId;
+/// A batch's id, unique for the dispatcher's lifetime.
+pub type BatchId = u64;
+/// A model's index in the order the dispatcher was given them.
+pub type ModelId = usize;
+
+/// Named timing and bounds of the dispatcher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchConfig {
+    pub selector: Selector,
+    /// A heartbeating node silent this long is down.
+    pub dead_after_us: Micros,
+    /// A batch unanswered this long after dispatch counts as failed on its node.
+    pub batch_timeout_us: Micros,
+    /// Batches that may wait on a node beyond its running ones, per worker.
+    pub backlog_per_worker: u32,
+    /// How often a request may be re-planned after its node failed.
+    pub max_retries: u32,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            selector: Selector::Predicted,
+            dead_after_us: 1_000_000,
+            batch_timeout_us: 10_000_000,
+            backlog_per_worker: 1,
+            max_retries: 1,
+        }
+    }
+}
+
+/// One model as the dispatcher serves it.
+pub struct ModelSetup {
+    pub name: String,
+    pub scheduler: Scheduler,
+    /// Per variant: name and declared memory (placement).
+    pub variants: Vec<(String, u64)>,
+}
+
+/// A node joining the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub workers: u32,
+    /// Relative speed hint (1.0 = the machine that measured the profiles).
+    pub speed: f64,
+    pub memory_mb: u64,
+    /// Models whose files the node has; `None` = all.
+    pub models: Option<Vec<String>>,
+    /// Every variant is already loaded (in-process agents share the gateway's sessions);
+    /// otherwise placement asks the node to load what fits.
+    pub preloaded: bool,
+    /// The node heartbeats (remote agents); one that does not is never timed out for silence.
+    pub heartbeats: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// An in-process node with every variant loaded.
+    pub fn local(name: &str, workers: u32) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            workers,
+            speed: 1.0,
+            memory_mb: u64::MAX,
+            models: None,
+            preloaded: true,
+            heartbeats: false,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a node reports of itself between batches.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Telemetry {
+    pub busy: u32,
+    pub cpu_load: f64,
+    /// The node's own recent service times, "model/variant/batch" -> µs.
+    pub latency_us: BTreeMap<String, f64>,
+}
+
+/// One batch to run: the driver sends it to `node` and reports its end with
+/// [`Dispatcher::handle_batch_done`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub batch: BatchId,
+    pub node: NodeId,
+    pub model: ModelId,
+    pub variant: usize,
+    /// The members' request ids, in batch order.
+    pub members: Vec<u64>,
+    pub rows: u32,
+    /// The scheduler's planned service time, µs.
+    pub planned_us: f64,
+}
+
+/// Why a request is answered with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Refused at admission.
+    Rejected,
+    /// Could no longer meet its deadline in the queue.
+    Expired,
+    /// Its node failed and it could not be retried in time.
+    Failed,
+    /// Its batch failed on the node (an engine error).
+    BatchError,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Run(Run),
+    /// Answer request `request` of `model` with `error`, now.
+    Reply {
+        model: ModelId,
+        request: u64,
+        why: Why,
+        error: Error,
+    },
+    Load {
+        node: NodeId,
+        model: ModelId,
+        variant: usize,
+    },
+    Unload {
+        node: NodeId,
+        model: ModelId,
+        variant: usize,
+    },
+    /// Close the node's connection (it left the pool; a live agent reconnects and joins anew).
+    Disconnect {
+        node: NodeId,
+        reason: String,
+    },
+}
+
+/// How a batch ended on its node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchOutcome {
+    /// Answers are ready; `service_us` is the time the node spent on the batch.
+    Ok { service_us: f64 },
+    /// The node ran the batch and it failed (an engine error): its members are answered
+    /// with this error, not retried.
+    Error(String),
+    /// The node could not take or finish the batch (connection lost, stopped): fail over.
+    Lost(String),
+}
+
+/// A finished batch whose members the driver now answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    pub model: ModelId,
+    pub variant: usize,
+    pub node: NodeId,
+    pub members: Vec<Request>,
+}
+
+/// Observed behaviour of one node, for instance selection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub slowdown: f64,
+    pub mean_service_us: f64,
+    pub failures: u32,
+    pub successes: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health { slowdown: 1.0, mean_service_us: 0.0, failures: 0, successes: 0 }
+    }
+}
+
+impl Health {
+    fn success(&mut self, service_us: f64, reference_us: f64) {
+        if reference_us > 0.0 && service_us.is_finite() {
+            self.slowdown = 0.8 * self.slowdown + 0.2 * (service_us / reference_us).clamp(0.1, 50.0);
+        }
+        self.mean_service_us = if self.mean_service_us == 0.0 {
+            service_us
+        } else {
+            0.8 * self.mean_service_us + 0.2 * service_us
+        };
+        self.successes += 1;
+        self.decay();
+    }
+    fn failure(&mut self) {
+        self.failures += 1;
+        self.decay();
+    }
+    fn decay(&mut self) {
+        if self.failures + self.successes > 20 {
+            self.failures /= 2;
+            self.successes /= 2;
+        }
+    }
+}
+
+/// A node as `osprey status` and the simulator's reports see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub health: Health,
+    /// Batches sent there and not finished (running or in its backlog).
+    pub running: u32,
+    /// `(model, variant)` names loaded there.
+    pub hosted: Vec<(String, String)>,
+    pub telemetry: Telemetry,
+}
+
+struct Node {
+    info: NodeInfo,
+    last_seen: Micros,
+    health: Health,
+    running: u32,
+    hosted: BTreeSet<(ModelId, usize)>,
+    loading: BTreeSet<(ModelId, usize)>,
+    /// Unloads waiting for the node's batches of that variant to finish.
+    unloading: BTreeSet<(ModelId, usize)>,
+    telemetry: Telemetry,
+}
+
+impl Node {
+    fn room(&self, backlog_per_worker: u32) -> bool {
+        self.running < self.info.workers.saturating_mul(1 + backlog_per_worker)
+    }
+    fn free(&self) -> bool {
+        self.running < self.info.workers
+    }
+}
+
+struct InFlight {
+    node: NodeId,
+    model: ModelId,
+    variant: usize,
+    members: Vec<Request>,
+    rows: u32,
+    dispatched: Micros,
+}
+
+struct Model {
+    name: String,
+    sched: Scheduler,
+    variants: Vec<(String, u64)>,
+}
+
+/// Errors of the admin operations (load, unload).
+pub type AdminResult = Result<(), Error>;
+
+pub struct Dispatcher {
+    cfg: DispatchConfig,
+    models: Vec<Model>,
+    nodes: BTreeMap<NodeId, Node>,
+    inflight: BTreeMap<BatchId, InFlight>,
+    /// Times each live request was re-planned after a failure.
+    retries: HashMap<u64, u32>,
+    actions: VecDeque<Action>,
+    next_node: NodeId,
+    next_batch: BatchId,
+    /// Round-robin cursor of the selector.
+    turn: usize,
+    /// The model that plans first at the next free worker.
+    first_model: usize,
+}
+
+impl Dispatcher {
+    pub fn new(cfg: DispatchConfig, models: Vec<ModelSetup>) -> Dispatcher {
+        let models = models
+            .into_iter()
+            .map(|m| Model { name: m.name, sched: m.scheduler, variants: m.variants })
+            .collect();
+        let mut d = Dispatcher {
+            cfg,
+            models,
+            nodes: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            retries: HashMap::new(),
+            actions: VecDeque::new(),
+            next_node: 1,
+            next_batch: 1,
+            turn: 0,
+            first_model: 0,
+        };
+        d.refresh_capacity();
+        d
+    }
+
+    pub fn config(&self) -> &DispatchConfig {
+        &self.cfg
+    }
+
+    /// The model index of `name`.
+    pub fn model_id(&self, name: &str) -> Option<ModelId> {
+        self.models.iter().position(|m| m.name == name)
+    }
+
+    pub fn scheduler(&self, model: ModelId) -> &Scheduler {
+        &self.models[model].sched
+    }
+
+    /// Requests queued over every model.
+    pub fn queued(&self) -> usize {
+        self.models.iter().map(|m| m.sched.len()).sum()
+    }
+
+    /// Batches in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether some live node hosts some variant of `model` (readiness).
+    pub fn model_ready(&self, model: ModelId) -> bool {
+        self.nodes.values().any(|n| n.hosted.iter().any(|&(m, _)| m == model))
+    }
+
+    /// Which variants of `model` some live node hosts now.
+    pub fn available(&self, model: ModelId) -> Vec<bool> {
+        (0..self.models[model].variants.len())
+            .map(|v| self.nodes.values().any(|n| n.hosted.contains(&(model, v))))
+            .collect()
+    }
+
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.nodes.iter().find(|(_, n)| n.info.name == name).map(|(id, _)| *id)
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.nodes
+            .iter()
+            .map(|(&id, n)| NodeView {
+                id,
+                info: n.info.clone(),
+                health: n.health.clone(),
+                running: n.running,
+                hosted: n
+                    .hosted
+                    .iter()
+                    .map(|&(m, v)| (self.models[m].name.clone(), self.models[m].variants[v].0.clone()))
+                    .collect(),
+                telemetry: n.telemetry.clone(),
+            })
+            .collect()
+    }
+
+    /// The next action for the driver.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next time [`Dispatcher::handle_timeout`] has something to do, if any.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        let expiry = self.models.iter().filter_map(|m| m.sched.poll_timeout());
+        let silence = self
+            .nodes
+            .values()
+            .filter(|n| n.info.heartbeats)
+            .map(|n| n.last_seen.saturating_add(self.cfg.dead_after_us).saturating_add(1));
+        let stale = self
+            .inflight
+            .values()
+            .map(|b| b.dispatched.saturating_add(self.cfg.batch_timeout_us).saturating_add(1));
+        expiry.chain(silence).chain(stale).min()
+    }
+
+    // ----- membership -----
+
+    /// A node joins; placement asks it to load what fits (unless it is preloaded).
+    pub fn handle_node_join(&mut self, now: Micros, info: NodeInfo) -> NodeId {
+        let id = self.next_node;
+        self.next_node += 1;
+        let hosted = if info.preloaded {
+            let allowed = self.allowed_models(&info);
+            self.models
+                .iter()
+                .enumerate()
+                .filter(|(m, _)| allowed.as_ref().is_none_or(|a| a.contains(m)))
+                .flat_map(|(m, model)| (0..model.variants.len()).map(move |v| (m, v)))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.nodes.insert(
+            id,
+            Node {
+                info,
+                last_seen: now,
+                health: Health::default(),
+                running: 0,
+                hosted,
+                loading: BTreeSet::new(),
+                unloading: BTreeSet::new(),
+                telemetry: Telemetry::default(),
+            },
+        );
+        self.place();
+        self.refresh_capacity();
+        self.pump(now);
+        id
+    }
+
+    fn allowed_models(&self, info: &NodeInfo) -> Option<BTreeSet<ModelId>> {
+        info.models
+            .as_ref()
+            .map(|names| names.iter().filter_map(|n| self.model_id(n)).collect::<BTreeSet<_>>())
+    }
+
+    /// Asks nodes to load what [`placement::solve`] places on them (never unloads: unloading
+    /// is an explicit, checked operation).
+    fn place(&mut self) {
+        let problem = placement::Problem {
+            nodes: self
+                .nodes
+                .iter()
+                .filter(|(_, n)| !n.info.preloaded)
+                .map(|(&id, n)| NodeCapacity {
+                    node: id,
+                    memory_mb: n.info.memory_mb,
+                    models: self.allowed_models(&n.info),
+                })
+                .collect(),
+            variants: self
+                .models
+                .iter()
+                .enumerate()
+                .flat_map(|(m, model)| {
+                    model.variants.iter().enumerate().map(move |(v, (_, mb))| Need {
+                        model: m,
+                        variant: v,
+                        memory_mb: *mb,
+                    })
+                })
+                .collect(),
+        };
+        let previous: Plan = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.info.preloaded)
+            .map(|(&id, n)| (id, n.hosted.union(&n.loading).copied().collect()))
+            .collect();
+        let plan = placement::solve(&problem, &previous);
+        debug_assert_eq!(placement::check(&problem, &previous, &plan), Ok(()));
+        for (id, slots) in plan {
+            let Some(node) = self.nodes.get_mut(&id) else { continue };
+            for s in slots {
+                if !node.hosted.contains(&s) && node.loading.insert(s) {
+                    self.actions.push_back(Action::Load { node: id, model: s.0, variant: s.1 });
+                }
+            }
+        }
+    }
+
+    /// A node answered a load request; `error` is empty on success.
+    pub fn handle_loaded(&mut self, now: Micros, node: NodeId, model: ModelId, variant: usize, error: &str) {
+        let Some(n) = self.nodes.get_mut(&node) else { return };
+        n.last_seen = n.last_seen.max(now);
+        if n.loading.remove(&(model, variant)) && error.is_empty() {
+            n.hosted.insert((model, variant));
+            self.refresh_capacity();
+            self.pump(now);
+        }
+    }
+
+    pub fn handle_heartbeat(&mut self, now: Micros, node: NodeId, telemetry: Telemetry) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.last_seen = n.last_seen.max(now);
+            n.telemetry = telemetry;
+        }
+    }
+
+    /// Any sign of life from a node other than a heartbeat (a result, a load answer).
+    pub fn handle_seen(&mut self, now: Micros, node: NodeId) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.last_seen = n.last_seen.max(now);
+        }
+    }
+
+    /// A node left (its connection closed, or the driver stopped it): it leaves the pool and
+    /// its batches fail over.
+    pub fn handle_node_down(&mut self, now: Micros, node: NodeId, why: &str) {
+        let Some(n) = self.nodes.remove(&node) else { return };
+        let reason = format!("node '{}' is down: {why}", n.info.name);
+        self.actions.push_back(Action::Disconnect { node, reason: reason.clone() });
+        let lost: Vec<BatchId> =
+            self.inflight.iter().filter(|(_, b)| b.node == node).map(|(id, _)| *id).collect();
+        for id in lost {
+            if let Some(b) = self.inflight.remove(&id) {
+                self.fail_over(now, b, &reason);
+            }
+        }
+        self.refresh_capacity();
+        self.pump(now);
+    }
+
+    // ----- admin -----
+
+    /// Loads a variant on a node, checked against the node's memory.
+    pub fn load(&mut self, node: &str, model: &str, variant: &str) -> AdminResult {
+        let (id, m, v) = self.resolve(node, model, variant)?;
+        let n = &self.nodes[&id];
+        if n.info.preloaded {
+            return Ok(());
+        }
+        let used: u64 = n.hosted.union(&n.loading).map(|&(m, v)| self.models[m].variants[v].1).sum();
+        let need = self.models[m].variants[v].1;
+        if used + need > n.info.memory_mb {
+            return Err(Error::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "node '{node}' has {} MB free, {model}/{variant} needs {need} MB",
+                    n.info.memory_mb.saturating_sub(used)
+                ),
+            ));
+        }
+        if let Some(n) = self.nodes.get_mut(&id)
+            && !n.hosted.contains(&(m, v))
+            && n.loading.insert((m, v))
+        {
+            self.actions.push_back(Action::Load { node: id, model: m, variant: v });
+        }
+        Ok(())
+    }
+
+    /// Unloads a variant from a node once another live node hosts it (load before unload):
+    /// the node gets no new batch of it at once, and the unload is sent when its batches of
+    /// that variant have finished.
+    pub fn unload(&mut self, now: Micros, node: &str, model: &str, variant: &str) -> AdminResult {
+        let (id, m, v) = self.resolve(node, model, variant)?;
+        if !self.nodes[&id].hosted.contains(&(m, v)) {
+            return Err(Error::not_found(format!("node '{node}' does not host {model}/{variant}")));
+        }
+        if !self.nodes.iter().any(|(&o, n)| o != id && n.hosted.contains(&(m, v))) {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "{model}/{variant} is hosted only on '{node}': load it on another node before unloading it"
+                ),
+            ));
+        }
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.hosted.remove(&(m, v));
+            n.unloading.insert((m, v));
+        }
+        self.send_unloads(id);
+        self.refresh_capacity();
+        self.pump(now);
+        Ok(())
+    }
+
+    fn resolve(&self, node: &str, model: &str, variant: &str) -> Result<(NodeId, ModelId, usize), Error> {
+        let id = self.node_id(node).ok_or_else(|| Error::not_found(format!("no live node '{node}'")))?;
+        let m = self.model_id(model).ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?;
+        let v = self.models[m]
+            .variants
+            .iter()
+            .position(|(n, _)| n == variant)
+            .ok_or_else(|| Error::not_found(format!("unknown variant '{variant}' of '{model}'")))?;
+        Ok((id, m, v))
+    }
+
+    fn send_unloads(&mut self, node: NodeId) {
+        let Some(n) = self.nodes.get(&node) else { return };
+        let ready: Vec<(ModelId, usize)> = n
+            .unloading
+            .iter()
+            .copied()
+            .filter(|&(m, v)| {
+                !self.inflight.values().any(|b| b.node == node && b.model == m && b.variant == v)
+            })
+            .collect();
+        for (m, v) in ready {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.unloading.remove(&(m, v));
+            }
+            self.actions.push_back(Action::Unload { node, model: m, variant: v });
+        }
+    }
+
+    // ----- requests -----
+
+    /// A validated request arrives for `model`: it is queued, or answered at once with why not.
+    pub fn handle_arrival(&mut self, now: Micros, model: ModelId, r: Request) {
+        let Some(m) = self.models.get_mut(model) else {
+            self.actions.push_back(Action::Reply {
+                model,
+                request: r.id,
+                why: Why::Rejected,
+                error: Error::not_found("unknown model"),
+            });
+            return;
+        };
+        if let Err((why, r)) = m.sched.admit(now, r) {
+            let error = refusal(m, why, &r);
+            self.actions.push_back(Action::Reply { model, request: r.id, why: Why::Rejected, error });
+            return;
+        }
+        self.pump(now);
+    }
+
+    /// The client of a queued request went away: it is dropped from its queue. (A request
+    /// already in a batch runs; its answer finds no one.)
+    pub fn handle_cancel(&mut self, now: Micros, model: ModelId, request: u64) -> bool {
+        self.retries.remove(&request);
+        let removed = self.models.get_mut(model).and_then(|m| m.sched.remove(request)).is_some();
+        if removed {
+            self.pump(now);
+        }
+        removed
+    }
+
+    /// A batch ended on its node. Returns the members to answer with the node's outputs, or
+    /// `None` when there is nothing to answer (unknown batch, one that failed over already,
+    /// or a failure the dispatcher answers itself).
+    pub fn handle_batch_done(&mut self, now: Micros, batch: BatchId, outcome: BatchOutcome) -> Option<Done> {
+        let b = self.inflight.remove(&batch)?;
+        let node = b.node;
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.running = n.running.saturating_sub(1);
+            n.last_seen = n.last_seen.max(now);
+        }
+        let done = match outcome {
+            BatchOutcome::Ok { service_us } => {
+                let model = &mut self.models[b.model];
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    let speed = n.info.speed.max(1e-6);
+                    let factor = n.health.slowdown / speed;
+                    if let Some(reference) = model.sched.profiled_us(b.variant, b.rows, Quantile::P50) {
+                        n.health.success(service_us, reference / speed);
+                    }
+                    model.sched.observe(b.variant, b.rows, service_us / factor.max(1e-6));
+                } else {
+                    model.sched.observe(b.variant, b.rows, service_us);
+                }
+                for r in &b.members {
+                    self.retries.remove(&r.id);
+                }
+                Some(Done { model: b.model, variant: b.variant, node, members: b.members })
+            }
+            BatchOutcome::Error(msg) => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.health.failure();
+                }
+                let name = self.nodes.get(&node).map_or("?", |n| n.info.name.as_str()).to_string();
+                for r in b.members {
+                    self.retries.remove(&r.id);
+                    self.actions.push_back(Action::Reply {
+                        model: b.model,
+                        request: r.id,
+                        why: Why::BatchError,
+                        error: Error::internal(format!("node '{name}': {msg}")),
+                    });
+                }
+                None
+            }
+            BatchOutcome::Lost(why) => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.health.failure();
+                }
+                let name = self.nodes.get(&node).map_or("?", |n| n.info.name.as_str()).to_string();
+                self.fail_over(now, b, &format!("node '{name}' failed: {why}"));
+                None
+            }
+        };
+        self.send_unloads(node);
+        self.pump(now);
+        done
+    }
+
+    /// Expiry, silent nodes and stale batches, as of `now`.
+    pub fn handle_timeout(&mut self, now: Micros) {
+        for (k, m) in self.models.iter_mut().enumerate() {
+            for r in m.sched.expire(now) {
+                self.retries.remove(&r.id);
+                self.actions.push_back(Action::Reply {
+                    model: k,
+                    request: r.id,
+                    why: Why::Expired,
+                    error: expired(now, &r),
+                });
+            }
+        }
+        let silent: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.info.heartbeats && now > n.last_seen.saturating_add(self.cfg.dead_after_us))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.handle_node_down(now, id, "missed heartbeats");
+        }
+        let stale: Vec<BatchId> = self
+            .inflight
+            .iter()
+            .filter(|(_, b)| now > b.dispatched.saturating_add(self.cfg.batch_timeout_us))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.handle_batch_done(now, id, BatchOutcome::Lost("a batch timed out".into()));
+        }
+        self.pump(now);
+    }
+
+    /// Puts a failed batch's requests back into their queue, or answers them when they may not
+    /// be retried.
+    /// (The caller has already taken the batch off its node.)
+    fn fail_over(&mut self, now: Micros, b: InFlight, why: &str) {
+        let m = &mut self.models[b.model];
+        let mut back = Vec::new();
+        for r in b.members {
+            let tries = self.retries.entry(r.id).or_insert(0);
+            let in_time = now as f64 + m.sched.min_latency(&r) <= r.deadline as f64;
+            if *tries < self.cfg.max_retries && in_time {
+                *tries += 1;
+                back.push(r);
+            } else {
+                self.retries.remove(&r.id);
+                let what = if in_time { "it was retried already" } else { "no time left to retry" };
+                self.actions.push_back(Action::Reply {
+                    model: b.model,
+                    request: r.id,
+                    why: Why::Failed,
+                    error: Error::unavailable(format!("{why}; {what}")),
+                });
+            }
+        }
+        m.sched.requeue(back);
+    }
+
+    /// Capacity the schedulers plan with: live workers and hosted variants.
+    fn refresh_capacity(&mut self) {
+        for k in 0..self.models.len() {
+            let available = self.available(k);
+            let workers: u32 = self
+                .nodes
+                .values()
+                .filter(|n| n.hosted.iter().any(|&(m, _)| m == k))
+                .map(|n| n.info.workers)
+                .sum();
+            let m = &mut self.models[k];
+            m.sched.set_available(&available);
+            m.sched.set_workers(workers);
+        }
+    }
+
+    /// Forms batches while some model has a free worker for it (see the module docs).
+    fn pump(&mut self, now: Micros) {
+        let n = self.models.len();
+        if n == 0 {
+            return;
+        }
+        let mut stuck = vec![false; n];
+        loop {
+            let mut progressed = false;
+            for step in 0..n {
+                let k = (self.first_model + step) % n;
+                if stuck[k] || self.models[k].sched.is_empty() || !self.has_free_worker(k) {
+                    continue;
+                }
+                let plan = self.models[k].sched.next_batch(now);
+                for r in plan.expired {
+                    self.retries.remove(&r.id);
+                    self.actions.push_back(Action::Reply {
+                        model: k,
+                        request: r.id,
+                        why: Why::Expired,
+                        error: expired(now, &r),
+                    });
+                }
+                let Some(batch) = plan.batch else {
+                    stuck[k] = true;
+                    continue;
+                };
+                let rows: u32 = batch.members.iter().map(|r| r.rows).sum();
+                let Some(node) = self.choose(k, batch.variant, rows) else {
+                    // Every host of this variant is full: the batch waits for the next change
+                    // (a finished batch, a join); no spinning.
+                    self.models[k].sched.requeue(batch.members);
+                    stuck[k] = true;
+                    continue;
+                };
+                let id = self.next_batch;
+                self.next_batch += 1;
+                if let Some(nd) = self.nodes.get_mut(&node) {
+                    nd.running += 1;
+                }
+                self.actions.push_back(Action::Run(Run {
+                    batch: id,
+                    node,
+                    model: k,
+                    variant: batch.variant,
+                    members: batch.members.iter().map(|r| r.id).collect(),
+                    rows,
+                    planned_us: batch.planned_us,
+                }));
+                self.inflight.insert(
+                    id,
+                    InFlight {
+                        node,
+                        model: k,
+                        variant: batch.variant,
+                        members: batch.members,
+                        rows,
+                        dispatched: now,
+                    },
+                );
+                self.first_model = (k + 1) % n;
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn has_free_worker(&self, model: ModelId) -> bool {
+        let available = self.available(model);
+        self.nodes.values().any(|n| n.free() && n.hosted.iter().any(|&(m, v)| m == model && available[v]))
+    }
+
+    /// The instance for a batch: among live nodes hosting the variant with room.
+    fn choose(&mut self, model: ModelId, variant: usize, rows: u32) -> Option<NodeId> {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let views: Vec<InstanceView> = ids
+            .iter()
+            .map(|id| {
+                let n = &self.nodes[id];
+                InstanceView {
+                    up: n.hosted.contains(&(model, variant)) && n.room(self.cfg.backlog_per_worker),
+                    speed: n.info.speed,
+                    slowdown: n.health.slowdown,
+                    workers: n.info.workers,
+                    busy: n.running,
+                    mean_service_us: n.health.mean_service_us,
+                    recent_failures: n.health.failures,
+                    recent_successes: n.health.successes,
+                }
+            })
+            .collect();
+        let latency = self.models[model].sched.latency(variant, rows);
+        instance::select(self.cfg.selector, &views, latency, &mut self.turn).map(|i| ids[i])
+    }
+}
+
+fn expired(now: Micros, r: &Request) -> Error {
+    Error::new(
+        ErrorCode::DeadlineExceeded,
+        format!("deadline can no longer be met after {} us in the queue", now.saturating_sub(r.arrival)),
+    )
+}
+
+fn refusal(m: &Model, why: Reject, r: &Request) -> Error {
+    let fastest = m.sched.min_latency(r);
+    let left = r.deadline.saturating_sub(r.arrival);
+    match why {
+        Reject::QueueFull => Error::unavailable(format!(
+            "model '{}' queue is full ({} waiting); retry later",
+            m.name,
+            m.sched.len()
+        )),
+        Reject::Capacity => Error::unavailable(format!(
+            "not enough capacity to answer within {left} us: {} requests are ahead; retry later or allow more time",
+            m.sched.len()
+        )),
+        Reject::CannotMeetDeadline if fastest.is_infinite() => Error::unavailable(
+            "no live instance hosts a variant this request may use; retry later or pin another version",
+        ),
+        Reject::CannotMeetDeadline => Error::new(
+            ErrorCode::DeadlineExceeded,
+            format!(
+                "cannot meet the deadline: the fastest allowed variant needs ~{fastest:.0} us for {} sample(s), the request allows {left} us",
+                r.rows
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod tests;

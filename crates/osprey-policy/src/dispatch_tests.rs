@@ -1,0 +1,419 @@
+//! Dispatcher tests through a virtual-time driver that steps to the next thing due (the next
+//! batch end, arrival or `poll_timeout`), like quinn-proto's `Pair::step`.
+
+use super::*;
+use crate::scheduler::{Rule, SchedulerConfig, VariantModel};
+use osprey_core::profile::{BatchProfile, VariantProfile};
+use proptest::prelude::*;
+
+fn profile(us: f64) -> VariantProfile {
+    let b = |batch: u32| BatchProfile {
+        batch,
+        p50_us: us * (1.0 + 0.25 * f64::from(batch - 1)),
+        p90_us: us * 1.1 * (1.0 + 0.25 * f64::from(batch - 1)),
+        p99_us: us * 1.2 * (1.0 + 0.25 * f64::from(batch - 1)),
+        throughput_rps: 0.0,
+    };
+    VariantProfile { name: String::new(), swap_us: 0.0, batches: vec![b(1), b(8)] }
+}
+
+fn model(name: &str, rule: Rule, base_us: f64) -> ModelSetup {
+    let variants = vec![
+        VariantModel { profile: profile(base_us), accuracy: 0.7, swap_us: 0.0 },
+        VariantModel { profile: profile(base_us * 3.0), accuracy: 0.9, swap_us: 0.0 },
+    ];
+    let cfg = SchedulerConfig { max_queue: 10_000, ..SchedulerConfig::for_test(rule) };
+    ModelSetup {
+        name: name.into(),
+        scheduler: Scheduler::new(cfg, variants),
+        variants: vec![("small".into(), 10), ("large".into(), 30)],
+    }
+}
+
+fn remote(name: &str, workers: u32, speed: f64, memory_mb: u64) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        workers,
+        speed,
+        memory_mb,
+        models: None,
+        preloaded: false,
+        heartbeats: true,
+        labels: BTreeMap::new(),
+    }
+}
+
+fn request(id: u64, now: Micros, budget: Micros, pinned: Option<usize>) -> Request {
+    Request {
+        id,
+        tenant: 0,
+        rows: 1,
+        arrival: now,
+        deadline: now + budget,
+        weight: 1.0,
+        floor: 0.0,
+        pinned,
+        estimate: vec![0.7, 0.9],
+    }
+}
+
+/// The driver: nodes run batches for `profile p50 / speed × true slowdown`; loads are
+/// confirmed at once; heartbeats are sent every `HEARTBEAT` by live nodes.
+struct Pair {
+    d: Dispatcher,
+    now: Micros,
+    running: BTreeMap<BatchId, (Micros, Run)>,
+    /// Per node: (true slowdown, alive).
+    truth: BTreeMap<NodeId, (f64, bool)>,
+    answers: HashMap<u64, u32>,
+    admitted: Vec<u64>,
+    runs: Vec<Run>,
+    next_heartbeat: Micros,
+}
+
+const HEARTBEAT: Micros = 200_000;
+
+impl Pair {
+    fn new(models: Vec<ModelSetup>) -> Pair {
+        Pair {
+            d: Dispatcher::new(DispatchConfig::default(), models),
+            now: 0,
+            running: BTreeMap::new(),
+            truth: BTreeMap::new(),
+            answers: HashMap::new(),
+            admitted: Vec::new(),
+            runs: Vec::new(),
+            next_heartbeat: HEARTBEAT,
+        }
+    }
+
+    fn join(&mut self, info: NodeInfo) -> NodeId {
+        let id = self.d.handle_node_join(self.now, info);
+        self.truth.insert(id, (1.0, true));
+        self.drive();
+        id
+    }
+
+    fn arrive(&mut self, model: ModelId, r: Request) {
+        self.admitted.push(r.id);
+        self.d.handle_arrival(self.now, model, r);
+        self.drive();
+    }
+
+    /// Carries out every pending action.
+    fn drive(&mut self) {
+        while let Some(a) = self.d.poll_action() {
+            match a {
+                Action::Run(r) => {
+                    let (slow, alive) = self.truth[&r.node];
+                    // Never to a node the dispatcher knows is gone.
+                    let view = self
+                        .d
+                        .nodes()
+                        .into_iter()
+                        .find(|n| n.id == r.node)
+                        .expect("sent to a known-dead node");
+                    self.runs.push(r.clone());
+                    if !alive {
+                        continue; // lost with its node; found out by silence
+                    }
+                    let base = self
+                        .d
+                        .scheduler(r.model)
+                        .profiled_us(r.variant, r.rows, Quantile::P50)
+                        .unwrap_or(1.0);
+                    // Batches on one node run one after another per worker: start after the
+                    // node's latest batch when all its workers are taken.
+                    let busy: Vec<Micros> =
+                        self.running.values().filter(|(_, x)| x.node == r.node).map(|(t, _)| *t).collect();
+                    let start = if (busy.len() as u32) < view.info.workers {
+                        self.now
+                    } else {
+                        busy.iter().copied().min().unwrap_or(self.now).max(self.now)
+                    };
+                    let end = start + (base / view.info.speed * slow).ceil() as Micros + 1;
+                    self.running.insert(r.batch, (end, r));
+                }
+                Action::Reply { request, .. } => *self.answers.entry(request).or_default() += 1,
+                Action::Load { node, model, variant } => {
+                    if self.truth.get(&node).is_some_and(|t| t.1) {
+                        self.d.handle_loaded(self.now, node, model, variant, "");
+                    }
+                }
+                Action::Unload { .. } | Action::Disconnect { .. } => {}
+            }
+        }
+    }
+
+    /// Advances virtual time to the next thing due and handles it; false when nothing is.
+    fn step(&mut self, until: Micros) -> bool {
+        let batch = self.running.values().map(|(t, _)| *t).min();
+        let timer = self.d.poll_timeout();
+        let live = self.truth.values().any(|t| t.1);
+        let hb = live.then_some(self.next_heartbeat);
+        let Some(next) = [batch, timer, hb].into_iter().flatten().min() else { return false };
+        if next > until {
+            return false;
+        }
+        self.now = self.now.max(next);
+        if hb == Some(next) {
+            self.next_heartbeat += HEARTBEAT;
+            for (&id, &(_, alive)) in &self.truth {
+                if alive {
+                    self.d.handle_heartbeat(self.now, id, Telemetry::default());
+                }
+            }
+        }
+        if batch == Some(next) {
+            let ids: Vec<BatchId> =
+                self.running.iter().filter(|(_, (t, _))| *t == next).map(|(id, _)| *id).collect();
+            for id in ids {
+                let (_, run) = self.running.remove(&id).expect("running");
+                if !self.truth[&run.node].1 {
+                    continue; // the node died with it: the dispatcher finds out by silence
+                }
+                let base = self
+                    .d
+                    .scheduler(run.model)
+                    .profiled_us(run.variant, run.rows, Quantile::P50)
+                    .unwrap_or(1.0);
+                let speed = self.d.nodes().iter().find(|n| n.id == run.node).map_or(1.0, |n| n.info.speed);
+                let service = base / speed * self.truth[&run.node].0;
+                if let Some(done) =
+                    self.d.handle_batch_done(self.now, id, BatchOutcome::Ok { service_us: service })
+                {
+                    for r in done.members {
+                        *self.answers.entry(r.id).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if timer == Some(next) {
+            self.d.handle_timeout(self.now);
+        }
+        self.drive();
+        true
+    }
+
+    fn run_until(&mut self, t: Micros) {
+        let mut guard = 0;
+        while self.step(t) {
+            guard += 1;
+            assert!(guard < 1_000_000, "the driver did not settle");
+        }
+        self.now = self.now.max(t);
+    }
+
+    fn kill(&mut self, node: NodeId) {
+        if let Some(t) = self.truth.get_mut(&node) {
+            t.1 = false;
+        }
+    }
+
+    fn assert_each_answered_once(&self) {
+        for id in &self.admitted {
+            assert_eq!(self.answers.get(id).copied().unwrap_or(0), 1, "request {id} answered wrongly");
+        }
+    }
+}
+
+#[test]
+fn pinned_request_waits_for_a_busy_host_without_spinning() {
+    // Node a has free workers but does not host `large`; node b hosts it and is busy. The
+    // pinned request must not make the dispatcher re-plan in a loop: no action, and the next
+    // wake-up is a real deadline, not `now`.
+    let mut p = Pair::new(vec![model("m", Rule::Utility, 1000.0)]);
+    let a = p.join(NodeInfo { memory_mb: 10, ..remote("a", 2, 1.0, 10) });
+    let b = p.join(remote("b", 1, 1.0, 100));
+    assert_eq!(p.d.available(0), vec![true, true]);
+    // Fill b's worker and its backlog with pinned `large` batches.
+    for i in 0..2 {
+        p.arrive(0, request(i, 0, 100_000, Some(1)));
+    }
+    assert!(p.running.values().all(|(_, r)| r.node == b));
+    p.arrive(0, request(9, 0, 100_000, Some(1)));
+    assert!(p.d.poll_action().is_none());
+    assert_eq!(p.d.scheduler(0).len(), 1);
+    let wake = p.d.poll_timeout().unwrap();
+    assert!(wake > p.now, "would spin: wake at {wake}, now {}", p.now);
+    // Once b finishes, the waiting request runs there, never on a.
+    p.run_until(50_000);
+    assert!(p.runs.iter().all(|r| r.node != a || r.variant == 0));
+    p.assert_each_answered_once();
+}
+
+#[test]
+fn a_busy_fast_node_can_beat_a_free_slow_one() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    let fast = p.join(remote("fast", 1, 4.0, 100));
+    let slow = p.join(remote("slow", 1, 0.1, 100));
+    p.arrive(0, request(1, 0, 1_000_000, None));
+    assert_eq!(p.runs[0].node, fast);
+    // fast is busy for ~250 µs; slow would need ~10 ms: queueing on fast wins.
+    p.arrive(0, request(2, 0, 1_000_000, None));
+    assert_eq!(p.runs[1].node, fast, "the backlog term should prefer the fast node");
+    // With fast's backlog full, the slow one takes the next.
+    p.arrive(0, request(3, 0, 1_000_000, None));
+    assert_eq!(p.runs[2].node, slow);
+    p.run_until(1_000_000);
+    p.assert_each_answered_once();
+}
+
+#[test]
+fn observed_slowdown_reads_the_injected_factor() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    let n = p.join(remote("n", 1, 1.0, 100));
+    p.truth.get_mut(&n).unwrap().0 = 10.0;
+    for i in 0..40 {
+        let t = p.now;
+        p.arrive(0, request(i, t, 1_000_000, None));
+        p.run_until(t + 20_000);
+    }
+    let s = p.d.nodes()[0].health.slowdown;
+    assert!((s - 10.0).abs() < 0.5, "observed slowdown {s} for an injected 10");
+}
+
+#[test]
+fn a_silent_node_fails_over_and_is_told_to_reconnect() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    let a = p.join(remote("a", 1, 1.0, 100));
+    let b = p.join(remote("b", 1, 1.0, 100));
+    p.arrive(0, request(1, 0, 5_000_000, None));
+    let first = p.runs[0].node;
+    p.kill(first);
+    p.run_until(3_000_000);
+    p.assert_each_answered_once();
+    assert_eq!(p.runs.len(), 2, "retried once");
+    assert_ne!(p.runs[1].node, first);
+    assert!(p.d.node_id(if first == a { "a" } else { "b" }).is_none());
+    let _ = b;
+}
+
+#[test]
+fn readiness_follows_hosting() {
+    let mut p = Pair::new(vec![model("m", Rule::Utility, 1000.0), model("n", Rule::Utility, 1000.0)]);
+    assert!(!p.d.model_ready(0));
+    let mut info = remote("a", 1, 1.0, 100);
+    info.models = Some(vec!["n".into()]);
+    let a = p.join(info);
+    assert!(!p.d.model_ready(0));
+    assert!(p.d.model_ready(1));
+    p.kill(a);
+    p.run_until(2_000_000);
+    assert!(!p.d.model_ready(1));
+}
+
+#[test]
+fn unload_waits_for_the_variants_batches_and_needs_another_host() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    p.join(remote("a", 1, 1.0, 100));
+    assert!(p.d.unload(p.now, "a", "m", "small").is_err(), "only host");
+    p.join(remote("b", 1, 1.0, 100));
+    p.arrive(0, request(1, 0, 1_000_000, None));
+    let on = p.d.nodes().iter().find(|n| n.id == p.runs[0].node).unwrap().info.name.clone();
+    p.d.unload(p.now, &on, "m", "small").unwrap();
+    // Its batch is in flight: no Unload yet.
+    assert!(!std::iter::from_fn(|| p.d.poll_action()).any(|a| matches!(a, Action::Unload { .. })));
+    p.run_until(100_000);
+    p.assert_each_answered_once();
+}
+
+#[test]
+fn two_models_share_the_workers() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0), model("n", Rule::Fixed(0), 1000.0)]);
+    p.join(remote("a", 1, 1.0, 100));
+    for i in 0..20 {
+        p.arrive(0, request(i, 0, 1_000_000, None));
+        p.arrive(1, request(100 + i, 0, 1_000_000, None));
+    }
+    p.run_until(1_000_000);
+    p.assert_each_answered_once();
+    let ms: Vec<ModelId> = p.runs.iter().map(|r| r.model).collect();
+    assert!(ms.contains(&0) && ms.contains(&1));
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Arrive { model: usize, budget_ms: u64, pinned: Option<usize> },
+    Join { workers: u32, speed_x10: u32, memory_mb: u64 },
+    Kill(usize),
+    Slow { node: usize, factor: u32 },
+    Wait(u64),
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        6 => (0usize..2, 1u64..50, proptest::option::weighted(0.2, 0usize..2))
+            .prop_map(|(model, budget_ms, pinned)| Ev::Arrive { model, budget_ms, pinned }),
+        1 => (1u32..3, 2u32..40, prop_oneof![Just(10u64), Just(40), Just(100)])
+            .prop_map(|(workers, speed_x10, memory_mb)| Ev::Join { workers, speed_x10, memory_mb }),
+        1 => (0usize..6).prop_map(Ev::Kill),
+        1 => (0usize..6, 1u32..10).prop_map(|(node, factor)| Ev::Slow { node, factor }),
+        3 => (0u64..5_000).prop_map(Ev::Wait),
+    ]
+}
+
+fn play(events: &[Ev], rule: Rule) -> (Vec<Run>, HashMap<u64, u32>, Vec<u64>) {
+    let mut p = Pair::new(vec![model("m", rule, 500.0), model("n", rule, 800.0)]);
+    let mut joined: Vec<NodeId> = Vec::new();
+    let mut id = 0;
+    for e in events {
+        match *e {
+            Ev::Arrive { model, budget_ms, pinned } => {
+                id += 1;
+                let now = p.now;
+                p.arrive(model, request(id, now, budget_ms * 1000, pinned));
+            }
+            Ev::Join { workers, speed_x10, memory_mb } => {
+                let n = joined.len();
+                joined.push(p.join(remote(
+                    &format!("n{n}"),
+                    workers,
+                    f64::from(speed_x10) / 10.0,
+                    memory_mb,
+                )));
+            }
+            Ev::Kill(i) => {
+                if let Some(&n) = joined.get(i) {
+                    p.kill(n);
+                }
+            }
+            Ev::Slow { node, factor } => {
+                if let Some(n) = joined.get(node)
+                    && let Some(t) = p.truth.get_mut(n)
+                {
+                    t.0 = f64::from(factor);
+                }
+            }
+            Ev::Wait(us) => {
+                let t = p.now + us;
+                p.run_until(t);
+            }
+        }
+    }
+    // Everything ends: deadlines are at most 50 ms away, dead nodes are found within a second.
+    let t = p.now + 15_000_000;
+    p.run_until(t);
+    assert_eq!(p.d.queued(), 0);
+    assert_eq!(p.d.in_flight(), 0, "in flight after the end");
+    (p.runs, p.answers, p.admitted)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn every_request_answered_once_and_runs_are_deterministic(
+        events in proptest::collection::vec(ev(), 1..80),
+        utility in any::<bool>(),
+    ) {
+        let rule = if utility { Rule::Utility } else { Rule::Fixed(0) };
+        let (runs, answers, admitted) = play(&events, rule);
+        for id in &admitted {
+            prop_assert_eq!(answers.get(id).copied().unwrap_or(0), 1, "request {}", id);
+        }
+        prop_assert_eq!(answers.len(), admitted.len());
+        // Same events, same actions.
+        let (again, _, _) = play(&events, rule);
+        prop_assert_eq!(runs, again);
+    }
+}
