@@ -354,6 +354,18 @@ impl EvalSet {
         let n = self.inputs.len() / self.labels.len().max(1);
         &self.inputs[i * n..(i + 1) * n]
     }
+
+    /// The held-out half: odd sample indices. `osprey train-estimator` trains each model's
+    /// `estimator.json` on the even half, so serving, load generation and the simulator draw
+    /// inputs from these only (a one-sample set holds out its only sample).
+    pub fn held_out(&self) -> Vec<usize> {
+        let odd: Vec<usize> = (1..self.len()).step_by(2).collect();
+        if odd.is_empty() { (0..self.len()).collect() } else { odd }
+    }
+
+    /// What [`EvalSet::held_out`] is, for reports.
+    pub const HELD_OUT: &'static str =
+        "held-out half of the evaluation set (odd samples; estimators train on the even half)";
 }
 
 #[cfg(test)]

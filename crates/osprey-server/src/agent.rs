@@ -1,281 +1,286 @@
-//! An in-process node agent: a fixed pool of worker threads (its thread budget) executing
-//! batches. A semaphore with one permit per worker is the backpressure: the scheduling loop
-//! takes a permit before it forms a batch, so batches grow while every worker is busy, and the
-//! permit is released (in `Drop`) when the batch has been answered.
+//! The seam between the live dispatcher and whatever runs a batch: the [`Agent`] trait, the
+//! unit of work it receives, and the [`Completer`] through which it reports back.
+//!
+//! Three implementations: [`LocalAgent`] (in-process worker threads, the embedded default),
+//! `cluster::RemoteAgent` (an `osprey agent` process over `osprey.agent.v1`), and
+//! [`FakeAgent`] (holds batches until a test completes them).
+//!
+//! A [`Work`] item names its unit: a whole variant today; a pipeline stage or a layer range of
+//! a split model are the same item with another [`WorkUnit`], so adding them changes agents, not
+//! the dispatcher. Agents never see tenants or deadlines: the dispatcher owns those.
+//!
+//! The [`Completer`] is a drop guard: an agent that loses a batch without completing it (a
+//! worker that stopped, a channel that closed) reports it lost when the completer is dropped,
+//! and the dispatcher fails it over. No batch can vanish silently.
 
-use crate::gateway::{InferOutcome, ModelEntry, ValidRequest, unix_ms};
-use crate::metrics::{Metrics, VariantLabels};
+use crate::gateway::{ModelEntry, ValidRequest};
 use osprey_core::error::{Error, Result};
 use osprey_core::tensor::RawTensor;
 use osprey_engine::batch;
+use osprey_policy::dispatch::{BatchId, NodeId};
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-/// One request inside a batch.
-pub struct Member {
-    pub req: ValidRequest,
-    pub tenant: String,
-    /// The estimated accuracy of this input on the batch's variant.
-    pub estimate: f64,
-    pub enqueued: Instant,
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<Result<InferOutcome>>,
+/// What a batch runs.
+#[derive(Debug, Clone)]
+pub enum WorkUnit {
+    /// One variant of a model, inputs to outputs.
+    Variant { model: Arc<ModelEntry>, variant: usize },
+    /// Layers `[start, end)` of a model split across nodes: inputs are the previous range's
+    /// activations. No agent runs these yet.
+    Layers { model: Arc<ModelEntry>, variant: usize, layers: Range<u32> },
 }
 
-/// A batch for one variant of one model.
-pub struct Job {
-    pub model: Arc<ModelEntry>,
-    pub variant: usize,
-    pub members: Vec<Member>,
-    pub dispatched: Instant,
-    /// The worker slot it holds on a local agent (released when the batch is done).
-    pub permit: Option<OwnedSemaphorePermit>,
-    /// Where a local agent reports the batch's outcome for instance selection:
-    /// (pool, local index, predicted service time µs).
-    pub health: Option<(Arc<crate::cluster::Pool>, usize, f64)>,
-    /// Where the observed service time goes back to the scheduler.
-    pub feedback: Option<tokio::sync::mpsc::UnboundedSender<Observation>>,
+impl WorkUnit {
+    pub fn model(&self) -> &Arc<ModelEntry> {
+        match self {
+            WorkUnit::Variant { model, .. } | WorkUnit::Layers { model, .. } => model,
+        }
+    }
 }
 
-/// A batch's observed service time, for the scheduler's slowdown estimate.
-#[derive(Debug, Clone, Copy)]
-pub struct Observation {
-    pub variant: usize,
-    pub rows: u32,
+/// One batch for an agent.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub batch: BatchId,
+    pub unit: WorkUnit,
+    /// The members' validated requests, in batch order.
+    pub members: Vec<Arc<ValidRequest>>,
+}
+
+/// What an agent returns for a batch that ran.
+#[derive(Debug)]
+pub struct Executed {
+    /// Outputs per member, in the model's declared output order.
+    pub outputs: Vec<Vec<RawTensor>>,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+    pub compute_output: Duration,
+    /// Time the node spent on the batch (its own clock), µs.
     pub service_us: f64,
 }
 
+/// How a batch failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// It ran and the engine failed: the members get this error.
+    Engine(Error),
+    /// The agent could not run or finish it: fail over.
+    Lost(String),
+}
+
+/// Where completions go (the live cluster; tests may use their own).
+pub trait CompletionSink: Send + Sync {
+    fn complete(&self, node: NodeId, batch: BatchId, result: std::result::Result<Executed, Failure>);
+}
+
+/// Reports one batch's end exactly once; dropped unused, it reports the batch lost.
+pub struct Completer {
+    sink: Arc<dyn CompletionSink>,
+    node: NodeId,
+    batch: BatchId,
+    done: bool,
+}
+
+impl Completer {
+    pub fn new(sink: Arc<dyn CompletionSink>, node: NodeId, batch: BatchId) -> Completer {
+        Completer { sink, node, batch, done: false }
+    }
+
+    pub fn complete(mut self, result: std::result::Result<Executed, Failure>) {
+        self.done = true;
+        self.sink.complete(self.node, self.batch, result);
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.sink.complete(
+                self.node,
+                self.batch,
+                Err(Failure::Lost("the agent dropped the batch".into())),
+            );
+        }
+    }
+}
+
+/// A node that runs batches.
+pub trait Agent: Send + Sync {
+    fn name(&self) -> &str;
+    /// Starts `work`; never blocks. The outcome goes to `done`.
+    fn run(&self, work: Work, done: Completer);
+    /// Loads a variant; the answer comes back as a `Loaded` event (remote agents).
+    fn load(&self, _model: &str, _variant: &str) {}
+    fn unload(&self, _model: &str, _variant: &str) {}
+    /// The node left the pool: close its connection so that it can join anew.
+    fn disconnect(&self, _reason: &str) {}
+    /// Stops after the batches already started.
+    fn stop(&self) {}
+}
+
+/// An in-process agent: a fixed pool of worker threads (its thread budget). Batches beyond
+/// the free workers wait in its channel (the dispatcher bounds that backlog).
 pub struct LocalAgent {
     name: String,
     workers: u32,
-    permits: Arc<Semaphore>,
-    tx: Mutex<Option<std_mpsc::Sender<Job>>>,
+    tx: Mutex<Option<std_mpsc::Sender<(Work, Completer)>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl LocalAgent {
-    /// Starts `workers` threads; `changed` is notified whenever a worker becomes free.
-    pub fn start(
-        name: &str,
-        workers: u32,
-        metrics: Arc<Metrics>,
-        changed: Arc<tokio::sync::Notify>,
-    ) -> LocalAgent {
+    pub fn start(name: &str, workers: u32) -> LocalAgent {
         let workers = workers.max(1);
-        let (tx, rx) = std_mpsc::channel::<Job>();
+        let (tx, rx) = std_mpsc::channel::<(Work, Completer)>();
         let rx = Arc::new(Mutex::new(rx));
-        // A thread the OS refuses is logged and left out: the agent then offers fewer workers
-        // (with none, its requests expire with explicit errors) rather than crashing the server.
+        // A thread the OS refuses is logged and left out: the agent then offers fewer workers.
         let threads: Vec<_> = (0..workers)
             .filter_map(|i| {
                 let rx = rx.clone();
-                let metrics = metrics.clone();
-                let changed = changed.clone();
-                let node = name.to_string();
                 std::thread::Builder::new()
                     .name(format!("{name}-worker-{i}"))
                     .spawn(move || {
                         loop {
-                            let job = match rx.lock() {
-                                Ok(r) => r.recv(),
-                                Err(_) => return,
-                            };
-                            match job {
-                                Ok(job) => run_job(job, &node, &metrics, &changed),
-                                Err(_) => return,
-                            }
+                            let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                            let Ok((work, done)) = next else { return };
+                            done.complete(run_work(&work));
                         }
                     })
                     .map_err(|e| tracing::error!(agent = name, "cannot start worker thread {i}: {e}"))
                     .ok()
             })
             .collect();
-        let workers = threads.len() as u32;
         LocalAgent {
             name: name.to_string(),
-            workers,
-            permits: Arc::new(Semaphore::new(workers as usize)),
+            workers: threads.len() as u32,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Takes a free worker now, if there is one.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
-    }
-
-    pub fn free(&self) -> usize {
-        self.permits.available_permits()
-    }
-
+    /// Worker threads that started.
     pub fn workers(&self) -> u32 {
         self.workers
     }
+}
 
-    /// Waits for a free worker; `None` once the agent is stopped.
-    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().acquire_owned().await.ok()
+impl Agent for LocalAgent {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    pub fn busy(&self) -> bool {
-        self.permits.available_permits() < self.workers as usize
-    }
-
-    pub fn submit(&self, job: Job) {
-        let tx = self.tx.lock().ok().and_then(|t| t.clone());
-        if let Some(tx) = tx {
-            if let Err(std_mpsc::SendError(job)) = tx.send(job) {
-                fail_all(job.members, Error::unavailable("the agent is stopped"));
-            }
-        } else {
-            fail_all(job.members, Error::unavailable("the agent is stopped"));
+    fn run(&self, work: Work, done: Completer) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match tx {
+            // On a send error the pair comes back and the completer reports the batch lost.
+            Some(tx) => drop(tx.send((work, done))),
+            None => done.complete(Err(Failure::Lost("the agent is stopped".into()))),
         }
     }
 
-    /// Stops the workers after the batches already submitted.
-    pub fn stop(&self) {
-        self.permits.close();
-        if let Ok(mut t) = self.tx.lock() {
-            t.take();
-        }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+    fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
         }
     }
 }
 
-pub(crate) fn fail_all(members: Vec<Member>, e: Error) {
-    for m in members {
-        let _ = m.reply.send(Err(e.clone()));
-    }
-}
-
-fn run_job(job: Job, node: &str, metrics: &Metrics, changed: &tokio::sync::Notify) {
-    let Job { model, variant, members, dispatched, permit, feedback, health } = job;
-    let result = catch_unwind(AssertUnwindSafe(|| execute(&model, variant, &members)))
-        .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")));
-    if let Some((pool, i, predicted)) = &health {
-        pool.local_done(*i, result.is_ok(), dispatched.elapsed().as_secs_f64() * 1e6, *predicted);
-    }
-    drop(permit);
-    changed.notify_waiters();
-    deliver(&model, variant, node, members, result, dispatched, feedback.as_ref(), metrics);
-}
-
-/// Answers every member of an executed batch (or fails them all), records statistics and
-/// metrics, and reports the observed service time. Shared by local and remote agents.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn deliver(
-    model: &Arc<ModelEntry>,
-    variant: usize,
-    node: &str,
-    members: Vec<Member>,
-    result: Result<Executed>,
-    dispatched: Instant,
-    feedback: Option<&tokio::sync::mpsc::UnboundedSender<Observation>>,
-    metrics: &Metrics,
-) {
-    let ve = &model.variants[variant];
-    let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
-    let (per_member, t_in, t_infer, t_out) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if let Ok(mut s) = ve.stats.lock() {
-                for m in &members {
-                    s.fail.add(m.enqueued.elapsed());
-                }
-            }
-            tracing::warn!(model = model.name(), variant = %ve.spec.name, node, "batch failed: {e}");
-            fail_all(members, e);
-            return;
-        }
+/// Runs a batch on this process's engine (local agents; a panic is the batch's error).
+pub fn run_work(work: &Work) -> std::result::Result<Executed, Failure> {
+    let WorkUnit::Variant { model, variant } = &work.unit else {
+        return Err(Failure::Engine(Error::internal("this agent runs whole variants only")));
     };
-    let rows: u32 = members.iter().map(|m| m.req.rows).sum();
-    let compute = t_in + t_infer + t_out;
-    metrics.batch_size.get_or_create(&labels).observe(rows as f64);
-    metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
-    metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
-    metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
-    if let Ok(mut s) = ve.stats.lock() {
-        s.execution_count += 1;
-        s.last_inference_ms = unix_ms();
-        let b = s.batches.entry(rows as u64).or_default();
-        b.compute_input.add(t_in);
-        b.compute_infer.add(t_infer);
-        b.compute_output.add(t_out);
-        for m in &members {
-            s.inference_count += m.req.rows as u64;
-            s.success.add(m.enqueued.elapsed());
-            s.queue.add(dispatched.saturating_duration_since(m.enqueued));
-            s.compute_input.add(t_in);
-            s.compute_infer.add(t_infer);
-            s.compute_output.add(t_out);
-        }
-    }
-    let done = Instant::now();
-    if let Some(f) = feedback {
-        let service_us = done.saturating_duration_since(dispatched).as_secs_f64() * 1e6;
-        let _ = f.send(Observation { variant, rows, service_us });
-    }
-    let classes = model.spec.labels.len();
-    for (m, outputs) in members.into_iter().zip(per_member) {
-        if let Some(first) = outputs.first()
-            && classes > 0
-            && let Ok(p) = first.to_f32()
-        {
-            for row in p.chunks_exact(classes) {
-                let arg = (0..classes).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
-                model.estimator.observe(arg);
-            }
-        }
-        let queue = dispatched.saturating_duration_since(m.enqueued);
-        metrics.queue.get_or_create(&labels).observe(queue.as_secs_f64());
-        let outputs = m.req.outputs.iter().filter_map(|&i| outputs.get(i).map(|t| (i, t.clone()))).collect();
-        let _ = m.reply.send(Ok(InferOutcome {
-            model: model.clone(),
-            variant,
-            node: node.to_string(),
-            outputs,
-            queue,
-            compute,
-            deadline_met: done <= m.deadline,
-            estimated_accuracy: m.estimate,
-            batch_size: rows,
-            tenant: m.tenant,
-        }));
-    }
+    catch_unwind(AssertUnwindSafe(|| execute(model, *variant, &work.members)))
+        .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")))
+        .map_err(Failure::Engine)
 }
 
-pub(crate) type Executed = (Vec<Vec<RawTensor>>, Duration, Duration, Duration);
+/// The batch's inputs, one tensor per declared input (members concatenated).
+pub fn concat_inputs(model: &ModelEntry, members: &[Arc<ValidRequest>]) -> Result<Vec<RawTensor>> {
+    (0..model.spec.inputs.len())
+        .map(|i| {
+            let parts: Vec<&RawTensor> = members.iter().map(|m| &m.inputs[i]).collect();
+            if parts.len() == 1 { Ok(parts[0].clone()) } else { batch::concat(&parts) }
+        })
+        .collect()
+}
 
-fn execute(model: &ModelEntry, variant: usize, members: &[Member]) -> Result<Executed> {
-    let t0 = Instant::now();
-    let n_inputs = model.spec.inputs.len();
-    let mut inputs = Vec::with_capacity(n_inputs);
-    for i in 0..n_inputs {
-        let parts: Vec<&RawTensor> = members.iter().map(|m| &m.req.inputs[i]).collect();
-        inputs.push(if parts.len() == 1 { parts[0].clone() } else { batch::concat(&parts)? });
-    }
-    let t1 = Instant::now();
-    let outputs = model.variants[variant].session.run(&inputs)?;
-    let t2 = Instant::now();
-    let sizes: Vec<i64> = members.iter().map(|m| m.req.rows as i64).collect();
+/// Splits a batch's outputs back into per-member outputs.
+pub fn split_outputs(members: &[Arc<ValidRequest>], outputs: Vec<RawTensor>) -> Result<Vec<Vec<RawTensor>>> {
+    let sizes: Vec<i64> = members.iter().map(|m| i64::from(m.rows)).collect();
     let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
-    for out in &outputs {
-        let parts = if sizes.len() == 1 { vec![out.clone()] } else { batch::split(out, &sizes)? };
+    for out in outputs {
+        let parts = if sizes.len() == 1 { vec![out] } else { batch::split(&out, &sizes)? };
         for (k, p) in parts.into_iter().enumerate() {
             per_member[k].push(p);
         }
     }
+    Ok(per_member)
+}
+
+fn execute(model: &ModelEntry, variant: usize, members: &[Arc<ValidRequest>]) -> Result<Executed> {
+    let t0 = Instant::now();
+    let inputs = concat_inputs(model, members)?;
+    let t1 = Instant::now();
+    let outputs = model.variants[variant].session.run(&inputs)?;
+    let t2 = Instant::now();
+    let outputs = split_outputs(members, outputs)?;
     let t3 = Instant::now();
-    Ok((per_member, t1 - t0, t2 - t1, t3 - t2))
+    Ok(Executed {
+        outputs,
+        compute_input: t1 - t0,
+        compute_infer: t2 - t1,
+        compute_output: t3 - t2,
+        service_us: (t3 - t0).as_secs_f64() * 1e6,
+    })
+}
+
+/// A test agent: holds every batch until the test completes it (or drops it).
+#[derive(Default)]
+pub struct FakeAgent {
+    name: String,
+    pub held: Mutex<Vec<(Work, Completer)>>,
+    pub loads: Mutex<Vec<(String, String)>>,
+    pub disconnected: Mutex<Option<String>>,
+}
+
+impl FakeAgent {
+    pub fn new(name: &str) -> FakeAgent {
+        FakeAgent { name: name.into(), ..FakeAgent::default() }
+    }
+
+    /// Takes the batches received so far.
+    pub fn take(&self) -> Vec<(Work, Completer)> {
+        std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs every held batch on the engine and completes it.
+    pub fn run_held(&self) -> usize {
+        let held = self.take();
+        let n = held.len();
+        for (w, c) in held {
+            c.complete(run_work(&w));
+        }
+        n
+    }
+}
+
+impl Agent for FakeAgent {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn run(&self, work: Work, done: Completer) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).push((work, done));
+    }
+    fn load(&self, model: &str, variant: &str) {
+        self.loads.lock().unwrap_or_else(|e| e.into_inner()).push((model.into(), variant.into()));
+    }
+    fn disconnect(&self, reason: &str) {
+        *self.disconnected.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.into());
+    }
 }

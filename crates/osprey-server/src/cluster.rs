@@ -1,43 +1,40 @@
-//! The cluster as the gateway sees it: in-process agents and remote agents (one
-//! `osprey agent` process per node, attached over `osprey.agent.v1.AgentGateway` on the
-//! gateway's gRPC port), membership with failure detection, instance selection per batch and
-//! failover.
+//! The live driver of `osprey_policy::dispatch::Dispatcher`: it turns I/O into dispatcher
+//! events and the dispatcher's actions into I/O, and holds what the sans-IO side must not —
+//! request payloads, reply channels, agents, clocks and timers. Every decision (which batch,
+//! which node, health, retry and failover, placement, expiry) is the dispatcher's.
 //!
 //! ```text
-//! agent ──Attach(stream)──> gateway: Register, then Heartbeat every HEARTBEAT, BatchResult
-//! gateway ──────────────> agent:  Welcome, RunBatch
-//! no heartbeat for DEAD_AFTER, or the stream ends  =>  node down:
-//!     each batch in flight there is re-dispatched to another instance if some member's
-//!     deadline still allows, otherwise its members get an explicit UNAVAILABLE; never silence,
-//!     never a duplicate answer (a batch id is answered at most once).
-//! a batch unanswered BATCH_TIMEOUT after its deadline counts as a failure of that node.
+//! gateway ──submit──┐                          ┌── Run      -> Agent::run(Work, Completer)
+//! agents ──complete─┤   Mutex<Core>            ├── Reply    -> the request's oneshot (an error)
+//! streams ─joined/  ├─> Dispatcher::handle_* ──┼── Load / Unload -> Agent::load / unload
+//!   heartbeat/lost  │   then poll_action()     └── Disconnect    -> Agent::disconnect
+//! timer ────────────┘   and poll_timeout() -> the timer task sleeps until exactly then
 //! ```
 //!
-//! Instance selection is `osprey_policy::instance::select` (predicted completion, observed
-//! slowdown, failure history); this module only keeps the views it reads up to date.
-//!
-//! Placement: when an agent joins, the gateway asks it to load the variants of the models it
-//! has, cheapest in memory first, while their declared `memory_mb` fits the memory the agent
-//! offers. A variant receives batches on a node only after the node reports it `Loaded`.
-//! `unload` is refused unless another instance hosts the variant (load before unload), stops
-//! dispatching there first, and sends `UnloadVariant` once that node has no batch of it in
-//! flight, so no request meets a missing variant.
+//! Actions are drained under the lock (their payloads are taken there) and carried out after
+//! it is released, so an agent is never called with the lock held. Remote agents
+//! (`osprey agent`, one process per node) attach over `osprey.agent.v1.AgentGateway` on the
+//! gateway's gRPC port and dial in, so nodes behind NAT need no open port.
 
-use crate::agent::{Job, LocalAgent, Member, Observation, deliver, fail_all};
+use crate::agent::{Agent, Completer, CompletionSink, Executed, Failure, Work, WorkUnit, concat_inputs};
 use crate::agent_pb::{self, agent_message, gateway_message};
-use crate::gateway::ModelEntry;
-use crate::metrics::Metrics;
+use crate::gateway::{InferOutcome, ModelEntry, ValidRequest, unix_ms};
+use crate::metrics::{Metrics, VariantLabels};
 use osprey_core::error::{Error, Result};
 use osprey_core::tensor::{DataType, RawTensor, byte_size};
 use osprey_engine::batch;
-use osprey_policy::instance::{InstanceView, Selector, select};
-use std::collections::{HashMap, HashSet};
+use osprey_policy::Micros;
+use osprey_policy::dispatch::{
+    Action, BatchId, BatchOutcome, Dispatcher, ModelId, NodeId, NodeInfo, Telemetry, Why,
+};
+use osprey_policy::scheduler::Request;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc};
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::{Request as TonicRequest, Response, Status, Streaming};
 
 /// How often agents report.
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -49,107 +46,43 @@ pub const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest tensor an agent may return, bytes (checked before allocation).
 const MAX_TENSOR_BYTES: usize = 256 << 20;
+/// A joining agent must register within this long.
+const REGISTER_WITHIN: Duration = Duration::from_secs(5);
 
-/// Observed behaviour of one node, for instance selection.
-#[derive(Debug, Clone)]
-struct Health {
-    slowdown: f64,
-    mean_service_us: f64,
-    failures: u32,
-    successes: u32,
+/// A request admitted to the dispatcher, with what only the live side holds.
+pub struct Waiting {
+    pub model: ModelId,
+    pub req: Arc<ValidRequest>,
+    pub tenant: String,
+    pub estimate: Vec<f64>,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<InferOutcome>>,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Health { slowdown: 1.0, mean_service_us: 0.0, failures: 0, successes: 0 }
-    }
-}
-
-impl Health {
-    fn success(&mut self, observed_us: f64, predicted_us: f64) {
-        if predicted_us > 0.0 {
-            self.slowdown = 0.8 * self.slowdown + 0.2 * (observed_us / predicted_us).clamp(0.1, 50.0);
-        }
-        self.mean_service_us = if self.mean_service_us == 0.0 {
-            observed_us
-        } else {
-            0.8 * self.mean_service_us + 0.2 * observed_us
-        };
-        self.successes += 1;
-        self.decay();
-    }
-    fn failure(&mut self) {
-        self.failures += 1;
-        self.decay();
-    }
-    fn decay(&mut self) {
-        if self.failures + self.successes > 20 {
-            self.failures /= 2;
-            self.successes /= 2;
-        }
-    }
-}
-
-type VariantKey = (String, String);
-
-struct RemoteBatch {
-    model: Arc<ModelEntry>,
-    variant: usize,
-    members: Vec<Member>,
-    dispatched: Instant,
-    predicted_us: f64,
-    feedback: Option<mpsc::UnboundedSender<Observation>>,
-}
-
-/// A node agent attached over gRPC.
-pub struct RemoteAgent {
-    pub id: String,
-    pub name: String,
-    pub threads: u32,
-    pub labels: HashMap<String, String>,
-    speed: f64,
-    tx: mpsc::Sender<std::result::Result<agent_pb::GatewayMessage, Status>>,
-    alive: AtomicBool,
-    busy: AtomicU32,
-    last_seen: Mutex<Instant>,
-    inflight: Mutex<HashMap<u64, RemoteBatch>>,
-    health: Mutex<Health>,
-    reported_busy: AtomicU32,
-    memory_mb: u64,
+struct AgentSlot {
+    agent: Arc<dyn Agent>,
+    kind: &'static str,
     cores: u32,
-    cpu_load: Mutex<f64>,
-    /// What the node reports of its own service times ("model/variant/batch" -> µs).
-    reported_latency: Mutex<HashMap<String, f64>>,
-    models: Vec<String>,
-    /// Variants loaded and ready on this node.
-    hosted: Mutex<HashSet<VariantKey>>,
-    /// Variants asked to load and not yet confirmed.
-    loading: Mutex<HashSet<VariantKey>>,
 }
 
-impl RemoteAgent {
-    fn hosts(&self, model: &str, variant: &str) -> bool {
-        self.hosted.lock().map(|h| h.contains(&(model.to_string(), variant.to_string()))).unwrap_or(false)
-    }
-
-    fn send(&self, kind: gateway_message::Kind) -> bool {
-        self.tx.try_send(Ok(agent_pb::GatewayMessage { kind: Some(kind) })).is_ok()
-    }
+struct Core {
+    d: Dispatcher,
+    waiting: HashMap<u64, Waiting>,
+    agents: HashMap<NodeId, AgentSlot>,
+    /// Dispatch time of each batch in flight (queue time of its members).
+    dispatched: HashMap<BatchId, Instant>,
+    next_request: u64,
 }
 
-/// The outcome of looking for an instance.
-pub enum Take {
-    Slot(Slot),
-    /// Instances host the variant but none has a free worker now.
-    Busy,
-    /// No live instance hosts the variant.
-    NoHost,
-}
-
-/// One free execution slot chosen for a batch.
-pub enum Slot {
-    Local(usize, tokio::sync::OwnedSemaphorePermit),
-    Remote(Arc<RemoteAgent>),
+/// What to do once the lock is released.
+enum Todo {
+    Run(Arc<dyn Agent>, Work, NodeId),
+    Reply(Waiting, Error),
+    Answer(Waiting, Result<InferOutcome>),
+    Load(Arc<dyn Agent>, String, String),
+    Unload(Arc<dyn Agent>, String, String),
+    Disconnect(Arc<dyn Agent>, String),
 }
 
 /// What `osprey status` shows of a node.
@@ -163,584 +96,557 @@ pub struct NodeStatus {
     pub slowdown: f64,
     pub mean_service_ms: f64,
     pub recent_failures: u32,
-    pub labels: HashMap<String, String>,
-    /// `model/variant` loaded on the node (`*` = every served variant).
+    pub labels: BTreeMap<String, String>,
+    /// `model/variant` loaded on the node.
     pub instances: Vec<String>,
     pub memory_mb: u64,
     pub cores: u32,
     pub cpu_load: f64,
     /// The node's own recent service times per "model/variant/batch", ms.
-    pub latency_ms: std::collections::BTreeMap<String, f64>,
+    pub latency_ms: BTreeMap<String, f64>,
 }
 
-/// Every agent the gateway can dispatch to.
-pub struct Pool {
-    local: Vec<(Arc<LocalAgent>, Mutex<Health>)>,
-    remote: Mutex<Vec<Arc<RemoteAgent>>>,
-    pub changed: Arc<Notify>,
-    selector: Selector,
-    turn: Mutex<usize>,
-    next_batch: AtomicU64,
-    next_agent: AtomicU64,
+/// The live cluster: one dispatcher, its agents and its timer.
+pub struct Cluster {
+    core: Mutex<Core>,
+    models: Vec<Arc<ModelEntry>>,
+    epoch: Instant,
     metrics: Arc<Metrics>,
-    models: Mutex<Vec<Arc<ModelEntry>>>,
+    /// Wakes the timer task when the next timeout moved earlier.
+    wake: Notify,
+    /// Itself, for the completers of the batches it dispatches.
+    me: std::sync::Weak<Cluster>,
+    /// The time the timer task sleeps until (µs on `epoch`; `u64::MAX` = none).
+    armed: AtomicU64,
+    next_agent: AtomicU64,
 }
 
-impl Pool {
-    pub fn new(
-        local: Vec<Arc<LocalAgent>>,
-        changed: Arc<Notify>,
-        selector: Selector,
-        metrics: Arc<Metrics>,
-    ) -> Pool {
-        Pool {
-            local: local.into_iter().map(|a| (a, Mutex::new(Health::default()))).collect(),
-            remote: Mutex::new(Vec::new()),
-            changed,
-            selector,
-            turn: Mutex::new(0),
-            next_batch: AtomicU64::new(1),
-            next_agent: AtomicU64::new(1),
+impl Cluster {
+    pub fn new(d: Dispatcher, models: Vec<Arc<ModelEntry>>, metrics: Arc<Metrics>) -> Arc<Cluster> {
+        Arc::new_cyclic(|me| Cluster {
+            me: me.clone(),
+            core: Mutex::new(Core {
+                d,
+                waiting: HashMap::new(),
+                agents: HashMap::new(),
+                dispatched: HashMap::new(),
+                next_request: 1,
+            }),
+            models,
+            epoch: Instant::now(),
             metrics,
-            models: Mutex::new(Vec::new()),
-        }
+            wake: Notify::new(),
+            armed: AtomicU64::new(u64::MAX),
+            next_agent: AtomicU64::new(1),
+        })
     }
 
-    /// The served models (placement reads their variants' memory needs).
-    pub fn set_models(&self, models: Vec<Arc<ModelEntry>>) {
-        if let Ok(mut m) = self.models.lock() {
-            *m = models;
-        }
+    /// µs on the dispatcher's clock.
+    pub fn now_us(&self) -> Micros {
+        self.to_us(Instant::now())
     }
 
-    /// Which variants of `model` some live instance hosts now.
-    pub fn available(&self, model: &ModelEntry) -> Vec<bool> {
-        if !self.local.is_empty() {
-            return vec![true; model.variants.len()];
-        }
-        let remotes = self.remotes();
-        model
-            .variants
-            .iter()
-            .map(|v| {
-                remotes.iter().any(|r| r.alive.load(Ordering::Relaxed) && r.hosts(model.name(), &v.spec.name))
-            })
-            .collect()
+    /// µs on the dispatcher's clock of instant `t`.
+    pub fn to_us_pub(&self, t: Instant) -> Micros {
+        self.to_us(t)
     }
 
-    /// Asks `r` to load what fits its memory, cheapest variants first.
-    fn place(&self, r: &Arc<RemoteAgent>) {
-        let models = self.models.lock().map(|m| m.clone()).unwrap_or_default();
-        // Cheapest in memory first; ties in model order, then in the model's variant order.
-        let mut wanted: Vec<(u64, String, usize, String)> = models
-            .iter()
-            .filter(|m| r.models.iter().any(|n| n == m.name()))
-            .flat_map(|m| {
-                m.variants.iter().enumerate().map(move |(i, v)| {
-                    (u64::from(v.spec.memory_mb), m.name().to_string(), i, v.spec.name.clone())
-                })
-            })
-            .collect();
-        wanted.sort();
-        let mut used = 0u64;
-        for (mb, model, _, variant) in wanted {
-            if used + mb > r.memory_mb {
-                tracing::info!(node = %r.name, %model, %variant, "not placed: needs {mb} MB, {} MB left", r.memory_mb - used);
-                continue;
+    fn to_us(&self, t: Instant) -> Micros {
+        t.saturating_duration_since(self.epoch).as_micros() as Micros
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic elsewhere never leaves requests stranded: the state is still served.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn models(&self) -> &[Arc<ModelEntry>] {
+        &self.models
+    }
+
+    /// Runs `f` on the dispatcher, then carries out what it decided.
+    fn with<R>(self: &Arc<Self>, f: impl FnOnce(&mut Core, Micros) -> R) -> R {
+        let mut todo = Vec::new();
+        let r = {
+            let mut core = self.lock();
+            let now = self.now_us();
+            let r = f(&mut core, now);
+            self.drain(&mut core, &mut todo);
+            if let Some(t) = core.d.poll_timeout()
+                && t < self.armed.load(Ordering::Acquire)
+            {
+                self.wake.notify_one();
             }
-            used += mb;
-            if let Ok(mut l) = r.loading.lock() {
-                l.insert((model.clone(), variant.clone()));
-            }
-            r.send(gateway_message::Kind::Load(agent_pb::LoadVariant { model, variant }));
-        }
+            r
+        };
+        self.apply(todo);
+        r
     }
 
-    fn remote_by_name(&self, node: &str) -> Result<Arc<RemoteAgent>> {
-        self.remotes()
-            .into_iter()
-            .find(|r| r.name == node && r.alive.load(Ordering::Relaxed))
-            .ok_or_else(|| Error::not_found(format!("no live remote node '{node}'")))
-    }
-
-    /// Loads a variant on a node (checked against the node's memory).
-    pub fn load(&self, node: &str, model: &str, variant: &str) -> Result<()> {
-        let r = self.remote_by_name(node)?;
-        let models = self.models.lock().map(|m| m.clone()).unwrap_or_default();
-        let entry = models
-            .iter()
-            .find(|m| m.name() == model)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?;
-        let need = u64::from(
-            entry
-                .variants
-                .iter()
-                .find(|v| v.spec.name == variant)
-                .ok_or_else(|| Error::not_found(format!("unknown variant '{variant}'")))?
-                .spec
-                .memory_mb,
-        );
-        let used: u64 = r
-            .hosted
-            .lock()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|(m, v)| {
-                        models
-                            .iter()
-                            .find(|e| e.name() == m)
-                            .and_then(|e| e.variants.iter().find(|x| &x.spec.name == v))
-                    })
-                    .map(|v| u64::from(v.spec.memory_mb))
-                    .sum()
-            })
-            .unwrap_or(0);
-        if used + need > r.memory_mb {
-            return Err(Error::new(
-                osprey_core::ErrorCode::ResourceExhausted,
-                format!(
-                    "node '{node}' has {} MB free, {model}/{variant} needs {need} MB",
-                    r.memory_mb.saturating_sub(used)
-                ),
-            ));
-        }
-        if let Ok(mut l) = r.loading.lock() {
-            l.insert((model.to_string(), variant.to_string()));
-        }
-        r.send(gateway_message::Kind::Load(agent_pb::LoadVariant {
-            model: model.into(),
-            variant: variant.into(),
-        }));
-        Ok(())
-    }
-
-    /// Unloads a variant from a node once another instance hosts it (load before unload).
-    pub fn unload(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
-        let r = self.remote_by_name(node)?;
-        if !r.hosts(model, variant) {
-            return Err(Error::not_found(format!("node '{node}' does not host {model}/{variant}")));
-        }
-        let elsewhere = !self.local.is_empty()
-            || self
-                .remotes()
-                .iter()
-                .any(|o| !Arc::ptr_eq(o, &r) && o.alive.load(Ordering::Relaxed) && o.hosts(model, variant));
-        if !elsewhere {
-            return Err(Error::new(
-                osprey_core::ErrorCode::Unavailable,
-                format!(
-                    "{model}/{variant} is hosted only on '{node}': load it on another node before unloading it"
-                ),
-            ));
-        }
-        if let Ok(mut h) = r.hosted.lock() {
-            h.remove(&(model.to_string(), variant.to_string()));
-        }
-        let (model, variant) = (model.to_string(), variant.to_string());
-        tokio::spawn(async move {
-            // Batches already sent there finish first.
-            let deadline = Instant::now() + BATCH_TIMEOUT;
-            while Instant::now() < deadline {
-                let busy = r
-                    .inflight
-                    .lock()
-                    .map(|f| {
-                        f.values().any(|b| {
-                            b.model.name() == model && b.model.variants[b.variant].spec.name == variant
-                        })
-                    })
-                    .unwrap_or(false);
-                if !busy {
-                    break;
+    /// Takes the dispatcher's actions and their payloads (under the lock).
+    fn drain(&self, core: &mut Core, todo: &mut Vec<Todo>) {
+        while let Some(a) = core.d.poll_action() {
+            match a {
+                Action::Run(run) => {
+                    let members: Vec<Arc<ValidRequest>> = run
+                        .members
+                        .iter()
+                        .filter_map(|id| core.waiting.get(id).map(|w| w.req.clone()))
+                        .collect();
+                    core.dispatched.insert(run.batch, Instant::now());
+                    let Some(slot) = core.agents.get(&run.node) else { continue };
+                    let work = Work {
+                        batch: run.batch,
+                        unit: WorkUnit::Variant {
+                            model: self.models[run.model].clone(),
+                            variant: run.variant,
+                        },
+                        members,
+                    };
+                    todo.push(Todo::Run(slot.agent.clone(), work, run.node));
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            r.send(gateway_message::Kind::Unload(agent_pb::UnloadVariant { model, variant }));
-        });
-        Ok(())
-    }
-
-    fn remotes(&self) -> Vec<Arc<RemoteAgent>> {
-        self.remote.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-
-    /// Whether any live instance has a free worker.
-    pub fn has_free(&self) -> bool {
-        self.local.iter().any(|(a, _)| a.free() > 0)
-            || self
-                .remotes()
-                .iter()
-                .any(|r| r.alive.load(Ordering::Relaxed) && r.busy.load(Ordering::Relaxed) < r.threads)
-    }
-
-    /// Waits until some instance has a free worker.
-    pub async fn wait_free(&self) {
-        loop {
-            let notified = self.changed.notified();
-            if self.has_free() {
-                return;
-            }
-            // Also wake periodically: a remote node may come back without a batch finishing.
-            let _ = tokio::time::timeout(HEARTBEAT, notified).await;
-        }
-    }
-
-    pub fn local_agents(&self) -> impl Iterator<Item = &Arc<LocalAgent>> {
-        self.local.iter().map(|(a, _)| a)
-    }
-
-    /// Chooses a free instance hosting `variant` of `model` for a batch whose profiled service
-    /// time is `latency_us`.
-    pub fn take(&self, model: &ModelEntry, variant: usize, latency_us: f64) -> Take {
-        let vname = &model.variants[variant].spec.name;
-        let hosted = !self.local.is_empty()
-            || self.remotes().iter().any(|r| r.alive.load(Ordering::Relaxed) && r.hosts(model.name(), vname));
-        if !hosted {
-            return Take::NoHost;
-        }
-        match self.take_hosting(model.name(), vname, latency_us) {
-            Some(s) => Take::Slot(s),
-            None => Take::Busy,
-        }
-    }
-
-    fn take_hosting(&self, model: &str, variant: &str, latency_us: f64) -> Option<Slot> {
-        let remotes = self.remotes();
-        let mut views = Vec::with_capacity(self.local.len() + remotes.len());
-        for (a, h) in &self.local {
-            let h = h.lock().map(|h| h.clone()).unwrap_or_default();
-            let free = a.free() as u32;
-            views.push(InstanceView {
-                up: free > 0,
-                speed: 1.0,
-                slowdown: h.slowdown,
-                workers: a.workers(),
-                busy: a.workers().saturating_sub(free),
-                mean_service_us: h.mean_service_us,
-                recent_failures: h.failures,
-                recent_successes: h.successes,
-            });
-        }
-        for r in &remotes {
-            let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();
-            let busy = r.busy.load(Ordering::Relaxed);
-            views.push(InstanceView {
-                up: r.alive.load(Ordering::Relaxed) && busy < r.threads && r.hosts(model, variant),
-                speed: r.speed,
-                slowdown: h.slowdown,
-                workers: r.threads,
-                busy,
-                mean_service_us: h.mean_service_us,
-                recent_failures: h.failures,
-                recent_successes: h.successes,
-            });
-        }
-        let i = {
-            let mut turn = self.turn.lock().ok()?;
-            select(self.selector, &views, latency_us, &mut turn)?
-        };
-        if i < self.local.len() {
-            let permit = self.local[i].0.try_acquire()?;
-            Some(Slot::Local(i, permit))
-        } else {
-            let r = remotes.get(i - self.local.len())?.clone();
-            r.busy.fetch_add(1, Ordering::Relaxed);
-            Some(Slot::Remote(r))
-        }
-    }
-
-    /// Runs a batch on `slot`; the members are answered exactly once.
-    pub fn dispatch(self: &Arc<Self>, slot: Slot, mut job: Job, predicted_us: f64) {
-        match slot {
-            Slot::Local(i, permit) => {
-                job.permit = Some(permit);
-                job.health = Some((self.clone(), i, predicted_us));
-                self.local[i].0.submit(job);
-            }
-            Slot::Remote(r) => self.send_remote(r, job, predicted_us),
-        }
-    }
-
-    pub(crate) fn local_done(&self, i: usize, ok: bool, observed_us: f64, predicted_us: f64) {
-        if let Some((_, h)) = self.local.get(i)
-            && let Ok(mut h) = h.lock()
-        {
-            if ok {
-                h.success(observed_us, predicted_us);
-            } else {
-                h.failure();
-            }
-        }
-    }
-
-    fn send_remote(self: &Arc<Self>, r: Arc<RemoteAgent>, job: Job, predicted_us: f64) {
-        let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
-        let inputs = match concat_inputs(&job.model, &job.members) {
-            Ok(t) => t,
-            Err(e) => {
-                r.busy.fetch_sub(1, Ordering::Relaxed);
-                fail_all(job.members, e);
-                return;
-            }
-        };
-        let msg = agent_pb::GatewayMessage {
-            kind: Some(gateway_message::Kind::Run(agent_pb::RunBatch {
-                batch_id: id,
-                model: job.model.name().to_string(),
-                variant: job.model.variants[job.variant].spec.name.clone(),
-                inputs: inputs
-                    .into_iter()
-                    .map(|t| agent_pb::Tensor {
-                        datatype: t.datatype.as_str().into(),
-                        shape: t.shape,
-                        data: t.data,
-                    })
-                    .collect(),
-            })),
-        };
-        if let Ok(mut f) = r.inflight.lock() {
-            f.insert(
-                id,
-                RemoteBatch {
-                    model: job.model,
-                    variant: job.variant,
-                    members: job.members,
-                    dispatched: job.dispatched,
-                    predicted_us,
-                    feedback: job.feedback,
-                },
-            );
-        }
-        if r.tx.try_send(Ok(msg)).is_err() {
-            // The stream is gone or saturated: treat it as this node failing the batch.
-            self.fail_batch(&r, id, "its connection is closed");
-        }
-    }
-
-    /// A remote batch failed on `r`: retry it elsewhere if time allows, else fail it.
-    fn fail_batch(self: &Arc<Self>, r: &Arc<RemoteAgent>, id: u64, why: &str) {
-        let Some(b) = r.inflight.lock().ok().and_then(|mut f| f.remove(&id)) else { return };
-        r.busy.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut h) = r.health.lock() {
-            h.failure();
-        }
-        self.changed.notify_waiters();
-        self.retry(b, &format!("node '{}' failed: {why}", r.name));
-    }
-
-    /// Re-dispatches a failed node's batch on another instance hosting the variant, waiting for
-    /// a free worker while the earliest member's deadline still allows; requests that can no
-    /// longer finish in time are answered UNAVAILABLE at once (the bounded retry: one).
-    fn retry(self: &Arc<Self>, b: RemoteBatch, why: &str) {
-        let pool = self.clone();
-        let why = why.to_string();
-        tokio::spawn(async move {
-            let service = Duration::from_micros(b.predicted_us as u64);
-            let now = Instant::now();
-            let (keep, late): (Vec<Member>, Vec<Member>) =
-                b.members.into_iter().partition(|m| now + service <= m.deadline);
-            fail_all(late, Error::unavailable(format!("{why}; no time left to retry")));
-            let Some(latest_start) =
-                keep.iter().map(|m| m.deadline).min().and_then(|d| d.checked_sub(service))
-            else {
-                fail_all(keep, Error::unavailable(format!("{why}; no time left to retry")));
-                return;
-            };
-            loop {
-                match pool.take(&b.model, b.variant, b.predicted_us) {
-                    Take::Slot(slot) => {
-                        tracing::info!("{why}; retrying {} request(s) on another instance", keep.len());
-                        let job = Job {
-                            model: b.model,
-                            variant: b.variant,
-                            members: keep,
-                            dispatched: Instant::now(),
-                            permit: None,
-                            feedback: b.feedback,
-                            health: None,
-                        };
-                        pool.dispatch(slot, job, b.predicted_us);
-                        return;
-                    }
-                    Take::NoHost => {
-                        fail_all(keep, Error::unavailable(format!("{why}; no other node hosts the variant")));
-                        return;
-                    }
-                    Take::Busy => {
-                        let left = latest_start.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            fail_all(
-                                keep,
-                                Error::unavailable(format!("{why}; no other instance was free in time")),
-                            );
-                            return;
+                Action::Reply { request, error, why, .. } => {
+                    if let Some(w) = core.waiting.remove(&request) {
+                        if why == Why::Expired
+                            && let Some(v) = self.models[w.model].variants.first()
+                        {
+                            v.stats.lock().unwrap_or_else(|e| e.into_inner()).fail.add(w.enqueued.elapsed());
                         }
-                        let notified = pool.changed.notified();
-                        let _ = tokio::time::timeout(left.min(HEARTBEAT), notified).await;
+                        todo.push(Todo::Reply(w, error));
                     }
                 }
+                Action::Load { node, model, variant } => {
+                    if let Some(s) = core.agents.get(&node) {
+                        let m = &self.models[model];
+                        todo.push(Todo::Load(
+                            s.agent.clone(),
+                            m.name().into(),
+                            m.variants[variant].spec.name.clone(),
+                        ));
+                    }
+                }
+                Action::Unload { node, model, variant } => {
+                    if let Some(s) = core.agents.get(&node) {
+                        let m = &self.models[model];
+                        todo.push(Todo::Unload(
+                            s.agent.clone(),
+                            m.name().into(),
+                            m.variants[variant].spec.name.clone(),
+                        ));
+                    }
+                }
+                Action::Disconnect { node, reason } => {
+                    tracing::warn!("{reason}");
+                    if let Some(s) = core.agents.remove(&node) {
+                        todo.push(Todo::Disconnect(s.agent, reason));
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(self: &Arc<Self>, todo: Vec<Todo>) {
+        for t in todo {
+            match t {
+                Todo::Run(agent, work, node) => {
+                    let done = Completer::new(self.clone(), node, work.batch);
+                    agent.run(work, done);
+                }
+                Todo::Reply(w, e) => {
+                    let _ = w.reply.send(Err(e));
+                }
+                Todo::Answer(w, r) => {
+                    let _ = w.reply.send(r);
+                }
+                Todo::Load(a, m, v) => a.load(&m, &v),
+                Todo::Unload(a, m, v) => a.unload(&m, &v),
+                Todo::Disconnect(a, why) => a.disconnect(&why),
+            }
+        }
+    }
+
+    /// Hands a request to the dispatcher: it is queued, or answered at once through `reply`.
+    pub fn submit(self: &Arc<Self>, mut r: Request, w: Waiting) -> u64 {
+        self.with(|core, now| {
+            let id = core.next_request;
+            core.next_request += 1;
+            r.id = id;
+            let model = w.model;
+            core.waiting.insert(id, w);
+            core.d.handle_arrival(now, model, r);
+            id
+        })
+    }
+
+    /// The client of request `id` went away.
+    pub fn cancel(self: &Arc<Self>, model: ModelId, id: u64) {
+        self.with(|core, now| {
+            if core.d.handle_cancel(now, model, id) {
+                core.waiting.remove(&id);
             }
         });
     }
 
-    fn finish_remote(self: &Arc<Self>, r: &Arc<RemoteAgent>, res: agent_pb::BatchResult) {
-        let Some(b) = r.inflight.lock().ok().and_then(|mut f| f.remove(&res.batch_id)) else {
-            return; // unknown or already answered: never a duplicate answer
-        };
-        r.busy.fetch_sub(1, Ordering::Relaxed);
-        self.changed.notify_waiters();
-        if !res.error.is_empty() {
-            if let Ok(mut h) = r.health.lock() {
-                h.failure();
-            }
-            fail_all(b.members, Error::internal(format!("node '{}': {}", r.name, res.error)));
-            return;
-        }
-        let result = split_outputs(&b.model, &b.members, res.outputs);
-        let observed = b.dispatched.elapsed().as_secs_f64() * 1e6;
-        if let Ok(mut h) = r.health.lock() {
-            if result.is_ok() {
-                h.success(observed, b.predicted_us / r.speed.max(1e-6));
-            } else {
-                h.failure();
-            }
-        }
-        let t = Duration::from_micros(res.service_us.max(0.0) as u64);
-        let executed = result.map(|per| (per, Duration::ZERO, t, Duration::ZERO));
-        deliver(
-            &b.model,
-            b.variant,
-            &r.name,
-            b.members,
-            executed,
-            b.dispatched,
-            b.feedback.as_ref(),
-            &self.metrics,
-        );
+    /// Adds a node; in-process agents are preloaded, remote ones get placement.
+    pub fn join(self: &Arc<Self>, info: NodeInfo, agent: Arc<dyn Agent>, cores: u32) -> NodeId {
+        let kind = if info.preloaded { "local" } else { "remote" };
+        let name = info.name.clone();
+        let id = self.with(|core, now| {
+            // The id the dispatcher will assign is only known after the join; register the
+            // agent under it before any action for it is drained.
+            let id = core.d.handle_node_join(now, info);
+            core.agents.insert(id, AgentSlot { agent, kind, cores });
+            id
+        });
+        tracing::info!(node = %name, "{kind} agent joined as node {id}");
+        id
     }
 
-    /// Marks a node down and fails over everything in flight there.
-    fn node_down(self: &Arc<Self>, r: &Arc<RemoteAgent>, why: &str) {
-        if !r.alive.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        tracing::warn!(node = %r.name, "node down: {why}");
-        let ids: Vec<u64> = r.inflight.lock().map(|f| f.keys().copied().collect()).unwrap_or_default();
-        for id in ids {
-            self.fail_batch(r, id, why);
-        }
-        if let Ok(mut v) = self.remote.lock() {
-            v.retain(|x| !Arc::ptr_eq(x, r));
-        }
-        self.changed.notify_waiters();
+    fn node_down(self: &Arc<Self>, node: NodeId, why: &str) {
+        self.with(|core, now| core.d.handle_node_down(now, node, why));
     }
 
-    /// Failure detection: missed heartbeats and batches far past their time.
-    pub async fn watch(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(HEARTBEAT).await;
-            for r in self.remotes() {
-                let silent = r.last_seen.lock().map(|t| t.elapsed() > DEAD_AFTER).unwrap_or(true);
-                if silent {
-                    self.node_down(&r, "missed heartbeats");
-                    continue;
-                }
-                let stale: Vec<u64> = r
-                    .inflight
-                    .lock()
-                    .map(|f| {
-                        f.iter()
-                            .filter(|(_, b)| b.dispatched.elapsed() > BATCH_TIMEOUT)
-                            .map(|(id, _)| *id)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for id in stale {
-                    self.fail_batch(&r, id, "a batch timed out");
-                }
-            }
+    fn heartbeat(self: &Arc<Self>, node: NodeId, t: Telemetry) {
+        self.with(|core, now| core.d.handle_heartbeat(now, node, t));
+    }
+
+    fn loaded(self: &Arc<Self>, node: NodeId, model: &str, variant: &str, error: &str) {
+        let Some(m) = self.models.iter().position(|e| e.name() == model) else { return };
+        let Some(v) = self.models[m].variant_index(variant) else { return };
+        if !error.is_empty() {
+            tracing::warn!(node, model, variant, "load failed: {error}");
         }
+        self.with(|core, now| core.d.handle_loaded(now, node, m, v, error));
+    }
+
+    /// Loads a variant on a node (checked against its memory).
+    pub fn load(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
+        self.with(|core, _| core.d.load(node, model, variant))
+    }
+
+    /// Unloads a variant from a node once another hosts it.
+    pub fn unload(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
+        self.with(|core, now| core.d.unload(now, node, model, variant))
+    }
+
+    /// Whether some live node hosts a variant of `model`.
+    pub fn model_ready(&self, model: &str) -> bool {
+        let core = self.lock();
+        core.d.model_id(model).is_some_and(|m| core.d.model_ready(m))
+    }
+
+    /// Requests queued or in flight.
+    pub fn outstanding(&self) -> usize {
+        self.lock().waiting.len()
     }
 
     /// Nodes for `osprey status`.
     pub fn status(&self) -> Vec<NodeStatus> {
-        let mut out = Vec::new();
-        for (a, h) in &self.local {
-            let h = h.lock().map(|h| h.clone()).unwrap_or_default();
-            out.push(NodeStatus {
-                name: a.name().to_string(),
-                kind: "local",
-                up: true,
-                workers: a.workers(),
-                busy: a.workers().saturating_sub(a.free() as u32),
-                slowdown: h.slowdown,
-                mean_service_ms: h.mean_service_us / 1000.0,
-                recent_failures: h.failures,
-                labels: HashMap::new(),
-                instances: vec!["*".into()],
-                memory_mb: 0,
-                cores: a.workers(),
-                cpu_load: 0.0,
-                latency_ms: Default::default(),
-            });
+        let core = self.lock();
+        core.d
+            .nodes()
+            .into_iter()
+            .map(|n| {
+                let slot = core.agents.get(&n.id);
+                NodeStatus {
+                    name: n.info.name.clone(),
+                    kind: slot.map_or("remote", |s| s.kind),
+                    up: true,
+                    workers: n.info.workers,
+                    busy: n.running.min(n.info.workers).max(n.telemetry.busy),
+                    slowdown: n.health.slowdown,
+                    mean_service_ms: n.health.mean_service_us / 1000.0,
+                    recent_failures: n.health.failures,
+                    labels: n.info.labels.clone(),
+                    instances: {
+                        let mut v: Vec<String> = n.hosted.iter().map(|(m, v)| format!("{m}/{v}")).collect();
+                        v.sort();
+                        v
+                    },
+                    memory_mb: if n.info.preloaded { 0 } else { n.info.memory_mb },
+                    cores: slot.map_or(0, |s| s.cores),
+                    cpu_load: n.telemetry.cpu_load,
+                    latency_ms: n.telemetry.latency_us.iter().map(|(k, v)| (k.clone(), v / 1000.0)).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Wakes exactly when the dispatcher asks (`poll_timeout`), never on a fixed interval.
+    pub async fn run_timer(self: Arc<Self>) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = self.lock().d.poll_timeout();
+            self.armed.store(next.unwrap_or(u64::MAX), Ordering::Release);
+            match next {
+                Some(t) => {
+                    let at = self.epoch + Duration::from_micros(t);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {
+                            self.armed.store(u64::MAX, Ordering::Release);
+                            self.with(|core, now| core.d.handle_timeout(now));
+                        }
+                        _ = &mut notified => {}
+                    }
+                }
+                None => notified.await,
+            }
         }
-        for r in self.remotes() {
-            let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();
-            out.push(NodeStatus {
-                name: r.name.clone(),
-                kind: "remote",
-                up: r.alive.load(Ordering::Relaxed),
-                workers: r.threads,
-                busy: r.busy.load(Ordering::Relaxed).max(r.reported_busy.load(Ordering::Relaxed)),
-                slowdown: h.slowdown,
-                mean_service_ms: h.mean_service_us / 1000.0,
-                recent_failures: h.failures,
-                labels: r.labels.clone(),
-                instances: {
-                    let mut v: Vec<String> = r
-                        .hosted
-                        .lock()
-                        .map(|h| h.iter().map(|(m, v)| format!("{m}/{v}")).collect())
-                        .unwrap_or_default();
-                    v.sort();
-                    v
-                },
-                memory_mb: r.memory_mb,
-                cores: r.cores,
-                cpu_load: r.cpu_load.lock().map(|c| *c).unwrap_or(0.0),
-                latency_ms: r
-                    .reported_latency
-                    .lock()
-                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v / 1000.0)).collect())
-                    .unwrap_or_default(),
-            });
+    }
+
+    /// Stops every agent after its current batches.
+    pub fn stop_agents(&self) {
+        let agents: Vec<Arc<dyn Agent>> = self.lock().agents.values().map(|s| s.agent.clone()).collect();
+        for a in agents {
+            a.stop();
         }
-        out
+    }
+
+    /// Answers a finished batch's members (outside the lock) and records statistics.
+    fn answer(&self, a: Answered) -> Vec<Todo> {
+        let model = &self.models[a.model];
+        let ve = &model.variants[a.variant];
+        let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
+        let rows: u32 = a.pairs.iter().map(|(w, _)| w.req.rows).sum();
+        let [t_in, t_infer, t_out] = a.times;
+        let compute = t_in + t_infer + t_out;
+        self.metrics.batch_size.get_or_create(&labels).observe(f64::from(rows));
+        self.metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
+        self.metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
+        self.metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
+        {
+            let mut s = ve.stats.lock().unwrap_or_else(|e| e.into_inner());
+            s.execution_count += 1;
+            s.last_inference_ms = unix_ms();
+            let b = s.batches.entry(u64::from(rows)).or_default();
+            b.compute_input.add(t_in);
+            b.compute_infer.add(t_infer);
+            b.compute_output.add(t_out);
+            for (w, _) in &a.pairs {
+                s.inference_count += u64::from(w.req.rows);
+                s.success.add(w.enqueued.elapsed());
+                s.queue.add(a.dispatched.saturating_duration_since(w.enqueued));
+                s.compute_input.add(t_in);
+                s.compute_infer.add(t_infer);
+                s.compute_output.add(t_out);
+            }
+        }
+        let now = Instant::now();
+        let classes = model.spec.labels.len();
+        let queue_hist = self.metrics.queue.get_or_create(&labels).clone();
+        let mut todo = Vec::with_capacity(a.pairs.len());
+        for (w, outputs) in a.pairs {
+            if let Some(first) = outputs.first()
+                && classes > 0
+                && let Ok(p) = first.to_f32()
+            {
+                for row in p.chunks_exact(classes) {
+                    let arg = (0..classes).max_by(|&x, &y| row[x].total_cmp(&row[y])).unwrap_or(0);
+                    model.estimator.observe(arg);
+                }
+            }
+            let queue = a.dispatched.saturating_duration_since(w.enqueued);
+            queue_hist.observe(queue.as_secs_f64());
+            let selected =
+                w.req.outputs.iter().filter_map(|&i| outputs.get(i).map(|t| (i, t.clone()))).collect();
+            let outcome = InferOutcome {
+                model: model.clone(),
+                variant: a.variant,
+                node: a.node.clone(),
+                outputs: selected,
+                queue,
+                compute,
+                deadline_met: now <= w.deadline,
+                estimated_accuracy: w.estimate.get(a.variant).copied().unwrap_or(0.0),
+                batch_size: rows,
+                tenant: w.tenant.clone(),
+            };
+            todo.push(Todo::Answer(w, Ok(outcome)));
+        }
+        todo
     }
 }
 
-/// The batch's inputs, concatenated per declared input.
-fn concat_inputs(model: &ModelEntry, members: &[Member]) -> Result<Vec<RawTensor>> {
-    (0..model.spec.inputs.len())
-        .map(|i| {
-            let parts: Vec<&RawTensor> = members.iter().map(|m| &m.req.inputs[i]).collect();
-            if parts.len() == 1 { Ok(parts[0].clone()) } else { batch::concat(&parts) }
-        })
-        .collect()
+/// A finished batch on its way to its members.
+struct Answered {
+    model: ModelId,
+    variant: usize,
+    pairs: Vec<(Waiting, Vec<RawTensor>)>,
+    /// Compute input, infer, output.
+    times: [Duration; 3],
+    node: String,
+    dispatched: Instant,
+}
+
+impl CompletionSink for Cluster {
+    fn complete(&self, node: NodeId, batch: BatchId, result: std::result::Result<Executed, Failure>) {
+        let Some(cluster) = self.me.upgrade() else { return };
+        let mut answer = None;
+        let outcome = match &result {
+            Ok(ex) => BatchOutcome::Ok { service_us: ex.service_us },
+            Err(Failure::Engine(e)) => BatchOutcome::Error(e.message.clone()),
+            Err(Failure::Lost(why)) => BatchOutcome::Lost(why.clone()),
+        };
+        let mut todo = Vec::new();
+        {
+            let mut core = cluster.lock();
+            let now = cluster.now_us();
+            let dispatched = core.dispatched.remove(&batch);
+            if let Some(done) = core.d.handle_batch_done(now, batch, outcome)
+                && let Ok(ex) = result
+            {
+                let name = core
+                    .agents
+                    .get(&node)
+                    .map_or_else(|| format!("node-{node}"), |s| s.agent.name().to_string());
+                let Executed { outputs, compute_input, compute_infer, compute_output, .. } = ex;
+                let pairs: Vec<(Waiting, Vec<RawTensor>)> = done
+                    .members
+                    .iter()
+                    .zip(outputs)
+                    .filter_map(|(r, out)| core.waiting.remove(&r.id).map(|w| (w, out)))
+                    .collect();
+                let times = [compute_input, compute_infer, compute_output];
+                answer = Some((
+                    done.model,
+                    done.variant,
+                    pairs,
+                    times,
+                    name,
+                    dispatched.unwrap_or_else(Instant::now),
+                ));
+            }
+            cluster.drain(&mut core, &mut todo);
+            if let Some(t) = core.d.poll_timeout()
+                && t < cluster.armed.load(Ordering::Acquire)
+            {
+                cluster.wake.notify_one();
+            }
+        }
+        if let Some((model, variant, pairs, times, name, dispatched)) = answer {
+            todo.extend(cluster.answer(Answered { model, variant, pairs, times, node: name, dispatched }));
+        }
+        cluster.apply(todo);
+    }
+}
+
+// ----- remote agents -----
+
+/// A node agent attached over gRPC.
+pub struct RemoteAgent {
+    name: String,
+    tx: Mutex<Option<mpsc::Sender<std::result::Result<agent_pb::GatewayMessage, Status>>>>,
+    /// Batches sent and not answered: their members (to split outputs) and completers.
+    pending: Mutex<HashMap<BatchId, (Arc<ModelEntry>, Vec<Arc<ValidRequest>>, Completer)>>,
+}
+
+impl RemoteAgent {
+    fn send(&self, kind: gateway_message::Kind) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        tx.is_some_and(|tx| tx.try_send(Ok(agent_pb::GatewayMessage { kind: Some(kind) })).is_ok())
+    }
+
+    fn on_result(&self, res: agent_pb::BatchResult) {
+        let Some((model, members, done)) =
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&res.batch_id)
+        else {
+            return; // unknown or already failed over: never a duplicate answer
+        };
+        if !res.error.is_empty() {
+            done.complete(Err(Failure::Engine(Error::internal(res.error))));
+            return;
+        }
+        let service = Duration::from_secs_f64(res.service_us.max(0.0) / 1e6);
+        let result = check_outputs(&model, &members, res.outputs)
+            .map(|outputs| Executed {
+                outputs,
+                compute_input: Duration::ZERO,
+                compute_infer: service,
+                compute_output: Duration::ZERO,
+                service_us: res.service_us.max(0.0),
+            })
+            .map_err(Failure::Engine);
+        done.complete(result);
+    }
+}
+
+impl Agent for RemoteAgent {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&self, work: Work, done: Completer) {
+        let WorkUnit::Variant { model, variant } = &work.unit else {
+            done.complete(Err(Failure::Engine(Error::internal("remote agents run whole variants only"))));
+            return;
+        };
+        let inputs = match concat_inputs(model, &work.members) {
+            Ok(t) => t,
+            Err(e) => return done.complete(Err(Failure::Engine(e))),
+        };
+        let msg = gateway_message::Kind::Run(agent_pb::RunBatch {
+            batch_id: work.batch,
+            model: model.name().to_string(),
+            variant: model.variants[*variant].spec.name.clone(),
+            inputs: inputs
+                .into_iter()
+                .map(|t| agent_pb::Tensor {
+                    datatype: t.datatype.as_str().into(),
+                    shape: t.shape,
+                    data: t.data,
+                })
+                .collect(),
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(work.batch, (model.clone(), work.members, done));
+        if !self.send(msg) {
+            // The stream is gone or saturated: this node loses the batch (fail over).
+            if let Some((_, _, done)) =
+                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&work.batch)
+            {
+                done.complete(Err(Failure::Lost("its connection is closed or saturated".into())));
+            }
+        }
+    }
+
+    fn load(&self, model: &str, variant: &str) {
+        self.send(gateway_message::Kind::Load(agent_pb::LoadVariant {
+            model: model.into(),
+            variant: variant.into(),
+        }));
+    }
+
+    fn unload(&self, model: &str, variant: &str) {
+        self.send(gateway_message::Kind::Unload(agent_pb::UnloadVariant {
+            model: model.into(),
+            variant: variant.into(),
+        }));
+    }
+
+    fn disconnect(&self, _reason: &str) {
+        // Dropping the sender ends the gateway's half of the stream; the agent sees the end
+        // and reconnects. Pending completers drop as lost (the dispatcher already failed
+        // those batches over, so they are ignored).
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// Checks a peer's output tensors against the model before using them, then splits them.
-fn split_outputs(
+fn check_outputs(
     model: &ModelEntry,
-    members: &[Member],
+    members: &[Arc<ValidRequest>],
     outputs: Vec<agent_pb::Tensor>,
 ) -> Result<Vec<Vec<RawTensor>>> {
-    let rows: i64 = members.iter().map(|m| i64::from(m.req.rows)).sum();
+    let rows: i64 = members.iter().map(|m| i64::from(m.rows)).sum();
     if outputs.len() != model.spec.outputs.len() {
         return Err(Error::internal("a node returned the wrong number of outputs"));
     }
-    let sizes: Vec<i64> = members.iter().map(|m| i64::from(m.req.rows)).collect();
-    let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
+    let mut tensors = Vec::with_capacity(outputs.len());
     for (t, spec) in outputs.into_iter().zip(&model.spec.outputs) {
         let dt = DataType::parse(&t.datatype)
             .map_err(|_| Error::internal("a node returned an unknown datatype"))?;
@@ -751,8 +657,12 @@ fn split_outputs(
         if want > MAX_TENSOR_BYTES || want != t.data.len() {
             return Err(Error::internal("a node returned a tensor of the wrong size"));
         }
-        let tensor = RawTensor::from_bytes(dt, t.shape, t.data)?;
-        let parts = if sizes.len() == 1 { vec![tensor] } else { batch::split(&tensor, &sizes)? };
+        tensors.push(RawTensor::from_bytes(dt, t.shape, t.data)?);
+    }
+    let sizes: Vec<i64> = members.iter().map(|m| i64::from(m.rows)).collect();
+    let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
+    for t in tensors {
+        let parts = if sizes.len() == 1 { vec![t] } else { batch::split(&t, &sizes)? };
         for (k, p) in parts.into_iter().enumerate() {
             per_member[k].push(p);
         }
@@ -762,12 +672,12 @@ fn split_outputs(
 
 /// `osprey.agent.v1.AgentGateway`, served beside the inference service.
 pub struct AgentService {
-    pool: Arc<Pool>,
+    cluster: Arc<Cluster>,
 }
 
 impl AgentService {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        AgentService { pool }
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        AgentService { cluster }
     }
 }
 
@@ -780,10 +690,10 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
 
     async fn attach(
         &self,
-        req: Request<Streaming<agent_pb::AgentMessage>>,
+        req: TonicRequest<Streaming<agent_pb::AgentMessage>>,
     ) -> std::result::Result<Response<OutStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(DEAD_AFTER * 5, inbound.message())
+        let first = tokio::time::timeout(REGISTER_WITHIN, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("register within 5 s of attaching"))??
             .ok_or_else(|| Status::invalid_argument("the stream ended before registering"))?;
@@ -800,82 +710,51 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
             return Err(Status::invalid_argument("register needs a name (≤ 128 bytes) and 1..=1024 threads"));
         }
         let (tx, rx) = mpsc::channel(256);
-        let id = format!("agent-{}", self.pool.next_agent.fetch_add(1, Ordering::Relaxed));
-        let agent = Arc::new(RemoteAgent {
-            id: id.clone(),
-            name: reg.name.clone(),
-            threads: reg.threads,
-            labels: reg.labels.clone(),
-            speed: if reg.speed_hint > 0.0 && reg.speed_hint.is_finite() { reg.speed_hint } else { 1.0 },
-            tx: tx.clone(),
-            alive: AtomicBool::new(true),
-            busy: AtomicU32::new(0),
-            last_seen: Mutex::new(Instant::now()),
-            inflight: Mutex::new(HashMap::new()),
-            health: Mutex::new(Health::default()),
-            reported_busy: AtomicU32::new(0),
-            memory_mb: reg.memory_mb,
-            cores: reg.cores,
-            cpu_load: Mutex::new(0.0),
-            reported_latency: Mutex::new(HashMap::new()),
-            models: reg.models.clone(),
-            hosted: Mutex::new(HashSet::new()),
-            loading: Mutex::new(HashSet::new()),
-        });
+        let seq = self.cluster.next_agent.fetch_add(1, Ordering::Relaxed);
         let welcome = agent_pb::GatewayMessage {
             kind: Some(gateway_message::Kind::Welcome(agent_pb::Welcome {
-                agent_id: id.clone(),
+                agent_id: format!("agent-{seq}"),
                 heartbeat_ms: HEARTBEAT.as_millis() as u32,
             })),
         };
         let _ = tx.send(Ok(welcome)).await;
-        if let Ok(mut v) = self.pool.remote.lock() {
-            v.push(agent.clone());
-        }
-        tracing::info!(node = %reg.name, threads = reg.threads, memory_mb = reg.memory_mb, "agent joined as {id}");
-        self.pool.place(&agent);
-        let pool = self.pool.clone();
+        let agent = Arc::new(RemoteAgent {
+            name: reg.name.clone(),
+            tx: Mutex::new(Some(tx)),
+            pending: Mutex::new(HashMap::new()),
+        });
+        let info = NodeInfo {
+            name: reg.name.clone(),
+            workers: reg.threads,
+            speed: if reg.speed_hint > 0.0 && reg.speed_hint.is_finite() { reg.speed_hint } else { 1.0 },
+            memory_mb: reg.memory_mb,
+            models: Some(reg.models.clone()),
+            preloaded: false,
+            heartbeats: true,
+            labels: reg.labels.clone().into_iter().collect(),
+        };
+        let node = self.cluster.join(info, agent.clone(), reg.cores);
+        let cluster = self.cluster.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(m)) => {
-                        if let Ok(mut t) = agent.last_seen.lock() {
-                            *t = Instant::now();
+                    Ok(Some(m)) => match m.kind {
+                        Some(agent_message::Kind::Heartbeat(h)) => cluster.heartbeat(
+                            node,
+                            Telemetry {
+                                busy: h.busy,
+                                cpu_load: h.cpu_load,
+                                latency_us: h.latency_us.into_iter().collect(),
+                            },
+                        ),
+                        Some(agent_message::Kind::Result(r)) => agent.on_result(r),
+                        Some(agent_message::Kind::Loaded(l)) => {
+                            cluster.loaded(node, &l.model, &l.variant, &l.error)
                         }
-                        match m.kind {
-                            Some(agent_message::Kind::Heartbeat(h)) => {
-                                agent.reported_busy.store(h.busy, Ordering::Relaxed);
-                                if let Ok(mut c) = agent.cpu_load.lock() {
-                                    *c = h.cpu_load;
-                                }
-                                if let Ok(mut l) = agent.reported_latency.lock() {
-                                    *l = h.latency_us;
-                                }
-                            }
-                            Some(agent_message::Kind::Result(r)) => pool.finish_remote(&agent, r),
-                            Some(agent_message::Kind::Loaded(l)) => {
-                                let key = (l.model.clone(), l.variant.clone());
-                                let asked = agent.loading.lock().map(|mut s| s.remove(&key)).unwrap_or(false);
-                                if !l.error.is_empty() {
-                                    tracing::warn!(node = %agent.name, model = %l.model, variant = %l.variant, "load failed: {}", l.error);
-                                } else if asked {
-                                    if let Ok(mut h) = agent.hosted.lock() {
-                                        h.insert(key);
-                                    }
-                                    pool.changed.notify_waiters();
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    Ok(None) => {
-                        pool.node_down(&agent, "its connection closed");
-                        break;
-                    }
-                    Err(e) => {
-                        pool.node_down(&agent, &format!("connection error: {}", e.message()));
-                        break;
-                    }
+                        _ => {}
+                    },
+                    Ok(None) => break cluster.node_down(node, "its connection closed"),
+                    Err(e) => break cluster.node_down(node, &format!("connection error: {}", e.message())),
                 }
             }
         });

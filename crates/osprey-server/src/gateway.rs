@@ -1,38 +1,41 @@
-//! The gateway: the table of served models, request validation, per-model queues and the
-//! scheduling loop that turns queued requests into batches on an agent.
+//! The gateway: the table of served models, request validation, tenant admission, per-input
+//! accuracy estimates, and the hand-off to the cluster's dispatcher.
 //!
 //! ```text
 //! protocol edge --(InputTensor)--> Gateway::validate --(ValidRequest)--> Gateway::infer
 //!   -> tenant: model allowed? quota (429)? deadline = now + min(SLO, timeout, deadline_ms)
-//!   -> accuracy estimate per variant for this input (the model's estimator; cost measured)
-//!   -> bounded channel to the model's scheduling loop (full => UNAVAILABLE)
-//!   -> loop (an actor owning an osprey_policy::scheduler::Scheduler):
-//!        admit -> refuse at once (504 cannot meet / 503 capacity) or queue
-//!        worker free -> next_batch: expired answered 504 now, one batch + variant to run
-//!   -> agent worker runs it and answers every member exactly once
+//!   -> accuracy estimate per variant for this input (the model's estimator; its cost is
+//!      spent before admission, so the policy decides with it already paid)
+//!   -> Cluster::submit -> osprey_policy::dispatch::Dispatcher: admit or refuse at once,
+//!      queue, batch, instance, retry — see `cluster`
+//!   -> the answer (or an explicit error) arrives on the request's oneshot
 //! ```
+//! The request's in-flight count and pending gauge are held by a guard dropped with the
+//! request, and a client that goes away cancels its queued request, so drain never waits on
+//! a request no one will answer.
 
-use crate::agent::{Job, LocalAgent, Member, Observation};
-use crate::cluster::{Pool, Take};
+use crate::agent::{Agent, LocalAgent};
+use crate::cluster::{self, Cluster, Waiting};
 use crate::metrics::{Metrics, ModelLabels};
 use crate::tenants::Tenants;
 use osprey_core::config::AgentConfig;
 use osprey_core::config::{Limits, PolicyName, SchedulerSection, TenantConfig};
-use osprey_core::error::{Error, ErrorCode, Result};
+use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
-use osprey_core::profile::{ModelProfile, Quantile, VariantProfile};
+use osprey_core::profile::{ModelProfile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
+use osprey_policy::dispatch::{DispatchConfig, Dispatcher, ModelSetup, NodeInfo};
 use osprey_policy::estimate::{AccuracyEstimator, DataAware, Sample};
 use osprey_policy::instance::Selector;
-use osprey_policy::scheduler::{Reject, Request, Scheduler, SchedulerConfig, VariantModel};
-use osprey_policy::setup::{estimator_for, rule_for};
-use std::collections::{BTreeMap, HashMap};
+use osprey_policy::scheduler::Request;
+use osprey_policy::setup::{Capacity, estimator_for, scheduler_for};
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// A tensor as decoded from the wire, before it is checked against the model.
 #[derive(Debug)]
@@ -69,6 +72,10 @@ pub struct ValidRequest {
     pub outputs: Vec<usize>,
     /// The tighter of the request's `timeout` and `deadline_ms`, if it named one.
     pub timeout: Option<Duration>,
+    /// Triton's `priority` (1 = highest; 0 = the tenant's weight).
+    pub priority: Option<u64>,
+    /// Raises the tenant's accuracy floor for this request.
+    pub min_accuracy: Option<f64>,
 }
 
 /// What a successful inference returns to the protocol layer.
@@ -136,7 +143,8 @@ pub struct ModelEntry {
     pub spec: ModelSpec,
     pub variants: Vec<VariantEntry>,
     pub estimator: Box<dyn AccuracyEstimator>,
-    queue: mpsc::Sender<Pending>,
+    /// Index in the dispatcher's model list.
+    pub index: usize,
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -170,19 +178,6 @@ impl ModelEntry {
     }
 }
 
-/// A request on its way to a model's scheduling loop.
-pub(crate) struct Pending {
-    pub req: ValidRequest,
-    pub tenant: usize,
-    pub tenant_name: String,
-    pub weight: f64,
-    pub floor: f64,
-    pub estimate: Vec<f64>,
-    pub enqueued: Instant,
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<Result<InferOutcome>>,
-}
-
 /// Everything the gateway needs to start.
 pub struct GatewayConfig {
     pub models: Vec<ModelSpec>,
@@ -206,14 +201,58 @@ pub struct Gateway {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
-    pub pool: Arc<Pool>,
-    inflight: AtomicUsize,
-    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub cluster: Arc<Cluster>,
+    locals: Vec<Arc<LocalAgent>>,
+    /// Admitted requests not yet answered (held by [`InFlight`] guards).
+    inflight: Arc<AtomicUsize>,
+    /// Notified when `inflight` drops to zero.
+    idle: Arc<Notify>,
+    timer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Planning quantile: the scheduler plans with p99 service time (p90 left ~2% late answers
-/// under overload in `bench/scheduling.sh`).
-const PLAN_QUANTILE: Quantile = Quantile::P99;
+/// Counts one admitted request until it is answered or its client goes away; the pending
+/// gauge moves with it. Dropped with the request, so no path can leak the count.
+struct InFlight {
+    count: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl InFlight {
+    fn new(
+        count: Arc<AtomicUsize>,
+        idle: Arc<Notify>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        gauge.inc();
+        InFlight { count, idle, gauge }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// Cancels a queued request when its client goes away (the future is dropped).
+struct CancelOnDrop {
+    cluster: Arc<Cluster>,
+    model: usize,
+    id: Option<u64>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.cluster.cancel(self.model, id);
+        }
+    }
+}
 
 /// Loads a model's trained data-aware estimator, if it has one.
 fn load_data_aware(spec: &ModelSpec) -> Option<DataAware> {
@@ -238,26 +277,16 @@ fn estimator(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator>
 
 impl Gateway {
     /// Loads every model's variants (a variant that fails to load makes its model a problem,
-    /// reported like a broken folder), then starts the agent and one scheduling loop per model.
-    /// `measure(model, variant, session)` supplies a latency profile when the model folder has
-    /// no `profile.toml`.
+    /// reported like a broken folder), then starts the dispatcher, its timer and the local
+    /// agents. `measure(model, variant, session)` supplies a latency profile when the model
+    /// folder has no `profile.toml`.
     pub fn start(
         config: GatewayConfig,
         mut measure: impl FnMut(&ModelSpec, &VariantSpec, &Session) -> VariantProfile,
     ) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::new());
-        let changed = Arc::new(tokio::sync::Notify::new());
-        let locals: Vec<Arc<LocalAgent>> = config
-            .local_agents
-            .iter()
-            .map(|a| Arc::new(LocalAgent::start(&a.name, a.threads, metrics.clone(), changed.clone())))
-            .collect();
-        let total_workers: u32 = config.local_agents.iter().map(|a| a.threads).sum::<u32>().max(1);
-        let pool = Arc::new(Pool::new(locals, changed, config.selector, metrics.clone()));
-        tokio::spawn(pool.clone().watch());
-        let mut models = BTreeMap::new();
+        let mut loaded = BTreeMap::new();
         let mut problems = config.problems;
-        let mut receivers = Vec::new();
         for spec in config.models {
             let profile = spec.dir.join("profile.toml");
             let profile = if profile.exists() {
@@ -294,58 +323,59 @@ impl Gateway {
                 }
             }
             if let Some(error) = failed {
+                tracing::error!(model = %spec.name, "not served: {}", error.message);
                 problems.push(RepositoryProblem { model: spec.name.clone(), error });
                 continue;
             }
-            let (tx, rx) = mpsc::channel(config.limits.max_queue);
-            let estimator = estimator(config.scheduler.policy, &spec);
-            let entry = Arc::new(ModelEntry { spec, variants, estimator, queue: tx });
-            receivers.push((entry.clone(), rx));
-            models.insert(entry.spec.name.clone(), entry);
+            loaded.insert(spec.name.clone(), (spec, variants));
         }
-        let epoch = Instant::now();
-        let gw = Arc::new(Gateway {
+        let workers: u32 = config.local_agents.iter().map(|a| a.threads.max(1)).sum();
+        let cap = Capacity { max_batch: config.max_batch, max_queue: config.limits.max_queue, workers };
+        let mut models = BTreeMap::new();
+        let mut setups = Vec::new();
+        for (index, (name, (spec, variants))) in loaded.into_iter().enumerate() {
+            let profiles = variants.iter().map(|v: &VariantEntry| v.profile.clone()).collect();
+            setups.push(ModelSetup {
+                name: name.clone(),
+                scheduler: scheduler_for(&config.scheduler, &spec, profiles, cap),
+                variants: variants
+                    .iter()
+                    .map(|v| (v.spec.name.clone(), u64::from(v.spec.memory_mb)))
+                    .collect(),
+            });
+            let estimator = estimator(config.scheduler.policy, &spec);
+            models.insert(name, Arc::new(ModelEntry { spec, variants, estimator, index }));
+        }
+        let dispatch = DispatchConfig {
+            selector: config.selector,
+            dead_after_us: cluster::DEAD_AFTER.as_micros() as u64,
+            batch_timeout_us: cluster::BATCH_TIMEOUT.as_micros() as u64,
+            ..DispatchConfig::default()
+        };
+        let entries: Vec<Arc<ModelEntry>> = models.values().cloned().collect();
+        let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries, metrics.clone());
+        let timer = tokio::spawn(cluster.clone().run_timer());
+        let locals: Vec<Arc<LocalAgent>> =
+            config.local_agents.iter().map(|a| Arc::new(LocalAgent::start(&a.name, a.threads))).collect();
+        for a in &locals {
+            let agent: Arc<dyn Agent> = a.clone();
+            cluster.join(NodeInfo::local(a.name(), a.workers()), agent, a.workers());
+        }
+        Arc::new(Gateway {
             models,
             tenants: Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0),
             policy: config.scheduler.policy,
-            epoch,
+            epoch: Instant::now(),
             problems,
             limits: config.limits.clone(),
             metrics,
             draining: AtomicBool::new(false),
-            pool,
-            inflight: AtomicUsize::new(0),
-            loops: Mutex::default(),
-        });
-        gw.pool.set_models(gw.models.values().cloned().collect());
-        let max_batch = config.max_batch;
-        let handles = receivers
-            .into_iter()
-            .map(|(entry, rx)| {
-                let cfg = SchedulerConfig {
-                    rule: rule_for(&config.scheduler, &entry.spec),
-                    max_rows: max_batch.min(entry.spec.max_batch_size).max(1),
-                    max_queue: config.limits.max_queue,
-                    quantile: PLAN_QUANTILE,
-                    urgency_weight: config.scheduler.urgency_weight,
-                    miss_penalty: config.scheduler.miss_penalty,
-                    workers: total_workers,
-                };
-                let variants = entry
-                    .variants
-                    .iter()
-                    .map(|v| VariantModel {
-                        profile: v.profile.clone(),
-                        accuracy: v.spec.accuracy,
-                        swap_us: v.profile.swap_us,
-                    })
-                    .collect();
-                let ctx = LoopContext { entry, pool: gw.pool.clone(), metrics: gw.metrics.clone(), epoch };
-                tokio::spawn(schedule_loop(ctx, rx, Scheduler::new(cfg, variants)))
-            })
-            .collect();
-        *gw.loops.lock().unwrap_or_else(|e| e.into_inner()) = handles;
-        gw
+            cluster,
+            locals,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(Notify::new()),
+            timer: Mutex::new(Some(timer)),
+        })
     }
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<ModelEntry>> {
@@ -357,11 +387,24 @@ impl Gateway {
     }
 
     pub fn agent_name(&self) -> &str {
-        self.pool.local_agents().next().map_or("remote", |a| a.name())
+        self.locals.first().map_or("remote", |a| a.name())
     }
 
+    /// Ready: not draining, and every served model has a live node hosting some variant.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && !self.models.is_empty()
+        !self.draining.load(Ordering::Relaxed)
+            && !self.models.is_empty()
+            && self.models.keys().all(|m| self.cluster.model_ready(m))
+    }
+
+    /// Ready to answer `model`: not draining and some live node hosts one of its variants.
+    pub fn model_is_ready(&self, model: &str) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.cluster.model_ready(model)
+    }
+
+    /// Admitted requests not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
     }
 
     pub fn model(&self, name: &str) -> Result<&Arc<ModelEntry>> {
@@ -464,6 +507,8 @@ impl Gateway {
             rows: rows.unwrap_or(1) as u32,
             outputs: out_idx,
             timeout,
+            priority: opts.priority,
+            min_accuracy: opts.min_accuracy,
         })
     }
 
@@ -479,12 +524,7 @@ impl Gateway {
 
     /// Admits, queues and awaits one request of `tenant`. Every admitted request ends in
     /// exactly one answer: the outcome or an explicit error.
-    pub async fn infer(
-        &self,
-        req: ValidRequest,
-        tenant: usize,
-        opts: &RequestOptions,
-    ) -> Result<InferOutcome> {
+    pub async fn infer(&self, req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
         let entry = req.model.clone();
         let model = entry.name().to_string();
         let tcfg = &self.tenants.get(tenant).config;
@@ -501,59 +541,51 @@ impl Gateway {
         self.tenants.admit(tenant, &model, req.rows, micros(self.epoch, now)).map_err(fail)?;
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
-        let floor = tcfg.accuracy_floor.max(opts.min_accuracy.unwrap_or(0.0));
-        let boost = match opts.priority {
+        let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));
+        let boost = match req.priority {
             Some(p) if p > 0 => 1.0 + 1.0 / p as f64,
             _ => 1.0,
         };
         let weight = tcfg.weight * boost;
-        // Per-input accuracy estimate, averaged over the request's samples.
+        let guard = InFlight::new(
+            self.inflight.clone(),
+            self.idle.clone(),
+            self.metrics.pending.get_or_create(&ModelLabels { model: model.clone() }).clone(),
+        );
+        // Per-input accuracy estimate, averaged over the request's samples. Its time is spent
+        // here, before the dispatcher decides at its own `now`: admission sees it as paid.
         let t0 = Instant::now();
-        let nv = entry.variants.len();
-        let mut estimate = vec![0.0; nv];
-        let mut row = vec![0.0; nv];
-        let input = &req.inputs[0];
-        let per = input.data.len() / (req.rows.max(1) as usize);
-        for chunk in input.data.chunks(per.max(1)).take(req.rows as usize) {
-            entry.estimator.estimate(Sample { datatype: input.datatype, bytes: chunk }, &mut row);
-            for (e, r) in estimate.iter_mut().zip(&row) {
-                *e += r / f64::from(req.rows.max(1));
-            }
-        }
+        let estimate = estimate(&entry, &req);
         self.metrics
             .estimator
             .get_or_create(&ModelLabels { model: model.clone() })
             .observe(t0.elapsed().as_secs_f64());
         let (tx, rx) = oneshot::channel();
-        let pending = Pending {
-            req,
+        let policy_req = Request {
+            id: 0,
             tenant,
-            tenant_name: tenant_name.clone(),
+            rows: req.rows,
+            arrival: self.cluster.to_us_pub(now),
+            deadline: self.cluster.to_us_pub(deadline),
             weight,
             floor,
+            pinned: req.pinned,
+            estimate: estimate.clone(),
+        };
+        let waiting = Waiting {
+            model: entry.index,
+            req: Arc::new(req),
+            tenant: tenant_name.clone(),
             estimate,
             enqueued: now,
             deadline,
             reply: tx,
         };
-        let gauge = self.metrics.pending.get_or_create(&ModelLabels { model: model.clone() }).clone();
-        match entry.queue.try_send(pending) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(fail(Error::unavailable(format!(
-                    "model '{model}' has {} requests waiting; retry later",
-                    self.limits.max_queue
-                ))));
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(fail(Error::unavailable("server is shutting down")));
-            }
-        }
-        gauge.inc();
-        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let id = self.cluster.submit(policy_req, waiting);
+        let mut cancel = CancelOnDrop { cluster: self.cluster.clone(), model: entry.index, id: Some(id) };
         let res = rx.await.unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
-        gauge.dec();
+        cancel.id = None;
+        drop(guard);
         match &res {
             Ok(o) => {
                 let vname = &entry.variants[o.variant].spec.name;
@@ -573,234 +605,44 @@ impl Gateway {
         res
     }
 
-    /// Stops admitting, lets every queued request finish, then stops the agent.
+    /// Stops admitting, lets every admitted request finish (each ends by its deadline at the
+    /// latest), then stops the agents.
     pub async fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        // Scheduling loops end when their queue closes; queues close when the last sender
-        // (held by ModelEntry) is gone, so wait instead for the queues to empty.
-        // Every admitted request holds `inflight` until it is answered; requests end by their
-        // deadlines at the latest, so this wait is bounded.
-        while self.inflight.load(Ordering::Relaxed) > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            let idle = self.idle.notified();
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            idle.await;
         }
-        let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|e| e.into_inner()));
-        for h in loops {
-            h.abort();
+        if let Some(t) = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
         }
-        for a in self.pool.local_agents() {
-            a.stop();
-        }
+        self.cluster.stop_agents();
     }
 }
 
-/// Microseconds since `epoch` (the scheduling loop's clock for the sans-IO policy).
+/// The estimated accuracy of each variant on this request's input, averaged over its samples.
+fn estimate(entry: &ModelEntry, req: &ValidRequest) -> Vec<f64> {
+    let nv = entry.variants.len();
+    let mut estimate = vec![0.0; nv];
+    let mut row = vec![0.0; nv];
+    let input = &req.inputs[0];
+    let rows = req.rows.max(1) as usize;
+    let per = input.data.len() / rows;
+    for chunk in input.data.chunks(per.max(1)).take(rows) {
+        entry.estimator.estimate(Sample { datatype: input.datatype, bytes: chunk }, &mut row);
+        for (e, r) in estimate.iter_mut().zip(&row) {
+            *e += r / rows as f64;
+        }
+    }
+    estimate
+}
+
+/// Microseconds since `epoch`.
 fn micros(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_micros() as u64
-}
-
-struct LoopContext {
-    entry: Arc<ModelEntry>,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
-    epoch: Instant,
-}
-
-/// A request admitted by the scheduler, waiting for its batch.
-struct Waiting {
-    req: ValidRequest,
-    tenant_name: String,
-    estimate: Vec<f64>,
-    enqueued: Instant,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<InferOutcome>>,
-}
-
-/// How often a loop whose queue cannot run checks it for requests past saving.
-const EXPIRY_CHECK: Duration = Duration::from_millis(10);
-
-/// How long a loop with queued work but nothing runnable waits before planning again.
-const REPLAN_INTERVAL: Duration = Duration::from_micros(500);
-
-impl LoopContext {
-    /// Answers requests that can no longer meet their deadline, at once.
-    fn answer_expired(&self, expired: Vec<Request>, waiting: &mut HashMap<u64, Waiting>, now: Instant) {
-        for r in expired {
-            if let Some(w) = waiting.remove(&r.id) {
-                let waited = now.saturating_duration_since(w.enqueued);
-                if let Some(vs) = self.entry.variants.first()
-                    && let Ok(mut s) = vs.stats.lock()
-                {
-                    s.fail.add(waited);
-                }
-                let _ = w.reply.send(Err(Error::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!("deadline can no longer be met after {} us in the queue", waited.as_micros()),
-                )));
-            }
-        }
-    }
-
-    fn admit(
-        &self,
-        sched: &mut Scheduler,
-        waiting: &mut HashMap<u64, Waiting>,
-        next_id: &mut u64,
-        p: Pending,
-    ) {
-        let id = *next_id;
-        *next_id += 1;
-        let r = Request {
-            id,
-            tenant: p.tenant,
-            rows: p.req.rows,
-            arrival: micros(self.epoch, p.enqueued),
-            deadline: micros(self.epoch, p.deadline),
-            weight: p.weight,
-            floor: p.floor,
-            pinned: p.req.pinned,
-            estimate: p.estimate.clone(),
-        };
-        let t = Instant::now();
-        let admitted = sched.admit(micros(self.epoch, t), r);
-        self.metrics.decision.observe(t.elapsed().as_secs_f64());
-        match admitted {
-            Ok(()) => {
-                waiting.insert(
-                    id,
-                    Waiting {
-                        req: p.req,
-                        tenant_name: p.tenant_name,
-                        estimate: p.estimate,
-                        enqueued: p.enqueued,
-                        deadline: p.deadline,
-                        reply: p.reply,
-                    },
-                );
-            }
-            Err((why, r)) => {
-                let fastest = sched.min_latency(&r);
-                let left = r.deadline.saturating_sub(r.arrival);
-                let e = match why {
-                    Reject::QueueFull => Error::unavailable(format!(
-                        "model '{}' queue is full ({} waiting); retry later",
-                        self.entry.name(),
-                        sched.len()
-                    )),
-                    Reject::Capacity => Error::unavailable(format!(
-                        "not enough capacity to answer within {left} us: {} requests are ahead; retry later or allow more time",
-                        sched.len()
-                    )),
-                    Reject::CannotMeetDeadline if fastest.is_infinite() => Error::unavailable(
-                        "no live instance hosts a variant this request may use; retry later or pin another version",
-                    ),
-                    Reject::CannotMeetDeadline => Error::new(
-                        ErrorCode::DeadlineExceeded,
-                        format!(
-                            "cannot meet the deadline: the fastest allowed variant needs ~{fastest:.0} us for {} sample(s), the request allows {left} us",
-                            r.rows
-                        ),
-                    ),
-                };
-                let _ = p.reply.send(Err(e));
-            }
-        }
-    }
-}
-
-async fn schedule_loop(ctx: LoopContext, mut rx: mpsc::Receiver<Pending>, mut sched: Scheduler) {
-    let (feedback, mut observed) = mpsc::unbounded_channel::<Observation>();
-    // An interval, not a per-iteration sleep: a steady stream of arrivals must not keep
-    // postponing it.
-    let mut expiry = tokio::time::interval(EXPIRY_CHECK);
-    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut waiting: HashMap<u64, Waiting> = HashMap::new();
-    let mut next_id = 0u64;
-    let mut stalled = false;
-    loop {
-        tokio::select! {
-            biased;
-            msg = rx.recv() => match msg {
-                Some(p) => {
-                    ctx.admit(&mut sched, &mut waiting, &mut next_id, p);
-                    stalled = false;
-                }
-                None => break,
-            },
-            _ = ctx.pool.wait_free(), if !sched.is_empty() && !stalled => {
-                while let Ok(p) = rx.try_recv() {
-                    ctx.admit(&mut sched, &mut waiting, &mut next_id, p);
-                }
-                // Clients that went away are dropped before planning.
-                let gone: Vec<u64> = waiting.iter().filter(|(_, w)| w.reply.is_closed()).map(|(id, _)| *id).collect();
-                for id in gone {
-                    sched.remove(id);
-                    waiting.remove(&id);
-                }
-                                sched.set_available(&ctx.pool.available(&ctx.entry));
-                let t = Instant::now();
-                let plan = sched.next_batch(micros(ctx.epoch, t));
-                ctx.metrics.decision.observe(t.elapsed().as_secs_f64());
-                                ctx.answer_expired(plan.expired, &mut waiting, t);
-                match plan.batch {
-                    Some(b) => {
-                        let rows: u32 = b.members.iter().map(|m| m.rows).sum();
-                        let predicted = sched.latency(b.variant, rows);
-                        // Instance selection; another model's loop may have taken the free
-                        // worker since we woke, in which case the batch goes back to the queue.
-                                                let slot = match ctx.pool.take(&ctx.entry, b.variant, predicted) {
-                            Take::Slot(s) => s,
-                            Take::Busy => {
-                                sched.requeue(b.members);
-                                continue;
-                            }
-                            Take::NoHost => {
-                                // Placement changed since planning: the next plan avoids it.
-                                sched.requeue(b.members);
-                                stalled = true;
-                                continue;
-                            }
-                        };
-                        let members = b
-                            .members
-                            .iter()
-                            .filter_map(|r| waiting.remove(&r.id))
-                            .map(|w| Member {
-                                estimate: w.estimate.get(b.variant).copied().unwrap_or(0.0),
-                                tenant: w.tenant_name,
-                                req: w.req,
-                                enqueued: w.enqueued,
-                                deadline: w.deadline,
-                                reply: w.reply,
-                            })
-                            .collect::<Vec<_>>();
-                        let job = Job {
-                            model: ctx.entry.clone(),
-                            variant: b.variant,
-                            members,
-                            dispatched: t,
-                            permit: None,
-                            feedback: Some(feedback.clone()),
-                            health: None,
-                        };
-                        ctx.pool.dispatch(slot, job, predicted);
-                    }
-                    None => stalled = !sched.is_empty(),
-                }
-            },
-                        Some(o) = observed.recv() => sched.observe(o.variant, o.rows, o.service_us),
-                        _ = tokio::time::sleep(REPLAN_INTERVAL), if stalled => stalled = false,
-            // No worker free (or none left): queued requests still end at their deadlines.
-                        _ = expiry.tick(), if !sched.is_empty() => {
-                let t = Instant::now();
-                let expired = sched.expire(micros(ctx.epoch, t));
-                ctx.answer_expired(expired, &mut waiting, t);
-            },
-        }
-    }
-    // The channel closed (shutdown): nothing queued may be left unanswered.
-    for w in waiting.into_values() {
-        let _ = w.reply.send(Err(Error::unavailable("server is shutting down")));
-    }
 }
 
 /// Milliseconds since the Unix epoch (statistics' `last_inference`).

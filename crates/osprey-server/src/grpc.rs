@@ -1,12 +1,14 @@
 //! `inference.GRPCInferenceService` over tonic. Inputs arrive as `raw_input_contents` (what
 //! tritonclient sends) or typed `contents`; outputs always go back as `raw_output_contents`,
-//! which is the only form the official client reads.
+//! which is the only form the official client reads. Callers are authenticated once per call
+//! by [`interceptor`] (the same `Gateway::authenticate` the REST layer uses).
 
 use crate::gateway::{Gateway, InputTensor, ModelEntry, RequestOptions, parse_datatype};
 use crate::pb;
 use crate::pb::grpc_inference_service_server::GrpcInferenceService;
+use crate::protocol::{Auth, ParamValue, TenantId, count_edge_error, response_parameters};
 use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
-use osprey_core::error::{Error, ErrorCode};
+use osprey_core::error::Error;
 use osprey_core::tensor::{DataType, RawTensor, byte_size, element_count};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,11 +30,29 @@ pub fn status(e: Error) -> Status {
 
 type R<T> = Result<Response<T>, Status>;
 
+/// The gRPC auth path: resolves the caller from the `authorization` metadata entry and
+/// stores the outcome in the call's extensions.
+pub fn interceptor(gw: Arc<Gateway>) -> impl tonic::service::Interceptor + Clone {
+    move |mut req: Request<()>| {
+        let h = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let auth = gw.authenticate(h).map(TenantId);
+        req.extensions_mut().insert(Auth(auth));
+        Ok(req)
+    }
+}
+
 impl InferenceService {
-    /// Resolves the caller from the `authorization` metadata entry.
+    /// The caller the interceptor authenticated.
     fn tenant<T>(&self, r: &Request<T>) -> Result<usize, Status> {
-        let h = r.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.gw.authenticate(h).map_err(status)
+        match r.extensions().get::<Auth>() {
+            Some(Auth(Ok(t))) => Ok(t.0),
+            Some(Auth(Err(e))) => Err(status(e.clone())),
+            // Served without the interceptor (tests wiring the service by hand).
+            None => {
+                let h = r.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                self.gw.authenticate(h).map_err(status)
+            }
+        }
     }
 }
 
@@ -127,7 +147,7 @@ impl GrpcInferenceService for InferenceService {
     async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
         self.tenant(&r)?;
         let r = r.into_inner();
-        let ready = model_ready(&self.gw, &r.name, &r.version).is_ok() && self.gw.is_ready();
+        let ready = model_ready(&self.gw, &r.name, &r.version).is_ok() && self.gw.model_is_ready(&r.name);
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -325,28 +345,24 @@ impl GrpcInferenceService for InferenceService {
             }
             let names: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
             let valid = gw.validate(&r.model_name, &r.model_version, r.id.clone(), inputs, &names, &opts)?;
-            gw.infer(valid, tenant, &opts).await
+            gw.infer(valid, tenant).await
         }
         .await;
         let o = match result {
             Ok(o) => o,
             Err(e) => {
-                if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound) {
-                    let label = if gw.model(&r.model_name).is_ok() { r.model_name.as_str() } else { "" };
-                    gw.metrics.request(label, "", e.code.label());
-                }
+                count_edge_error(gw, &r.model_name, &e);
                 return Err(status(e));
             }
         };
         use pb::infer_parameter::ParameterChoice as C;
         let mut parameters = HashMap::new();
-        for (k, v) in crate::http::outcome_parameters(&o) {
+        for (k, v) in response_parameters(&o) {
             let choice = match v {
-                serde_json::Value::Bool(b) => C::BoolParam(b),
-                serde_json::Value::Number(n) if n.is_u64() => C::Int64Param(n.as_u64().unwrap_or(0) as i64),
-                serde_json::Value::Number(n) => C::DoubleParam(n.as_f64().unwrap_or(0.0)),
-                serde_json::Value::String(s) => C::StringParam(s),
-                other => C::StringParam(other.to_string()),
+                ParamValue::Bool(b) => C::BoolParam(b),
+                ParamValue::Int(i) => C::Int64Param(i),
+                ParamValue::Double(d) => C::DoubleParam(d),
+                ParamValue::Str(s) => C::StringParam(s),
             };
             parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
         }

@@ -4,6 +4,7 @@
 //! index. Every error is `{"error": "..."}` with the status of its [`ErrorCode`].
 
 use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, VariantStats};
+use crate::protocol::{ModelRef, ParamValue, TenantId, count_edge_error, response_parameters};
 use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use osprey_core::error::{Error, ErrorCode};
+use osprey_core::error::Error;
 use osprey_core::tensor::{RawTensor, byte_size};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -39,10 +40,6 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The authenticated caller, set by the auth layer on every route but health.
-#[derive(Clone, Copy)]
-pub struct TenantId(pub usize);
-
 async fn authenticate(
     State(gw): State<Arc<Gateway>>,
     mut req: axum::extract::Request,
@@ -65,15 +62,15 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2", get(server_metadata))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready))
         .route("/v2/models/{model}/config", get(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config))
         .route("/v2/models/{model}/stats", get(model_stats))
-        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats))
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
@@ -95,7 +92,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
 
 /// Osprey extension: the cluster's nodes (what `osprey status` shows).
 async fn cluster(State(gw): State<Arc<Gateway>>) -> Json<Value> {
-    Json(json!({ "nodes": gw.pool.status() }))
+    Json(json!({ "nodes": gw.cluster.status() }))
 }
 
 #[derive(Deserialize)]
@@ -120,8 +117,8 @@ async fn place_variant(
 ) -> ApiResult<StatusCode> {
     let v = variant_ref(body)?;
     match action.as_str() {
-        "load" => gw.pool.load(&node, &v.model, &v.variant)?,
-        "unload" => gw.pool.unload(&node, &v.model, &v.variant)?,
+        "load" => gw.cluster.load(&node, &v.model, &v.variant)?,
+        "unload" => gw.cluster.unload(&node, &v.model, &v.variant)?,
         _ => return Err(Error::not_found("use /v2/cluster/nodes/{node}/load or /unload").into()),
     }
     Ok(StatusCode::ACCEPTED)
@@ -157,30 +154,20 @@ fn metadata(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(metadata(gw.model(&model)?)))
+/// The model an address names, with its version checked.
+fn addressed<'a>(gw: &'a Gateway, r: &ModelRef) -> Result<&'a Arc<ModelEntry>, Error> {
+    let m = gw.model(&r.model)?;
+    m.resolve_version(&r.version)?;
+    Ok(m)
 }
 
-async fn model_metadata_v(
-    State(gw): State<Arc<Gateway>>,
-    Path((model, version)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let m = gw.model(&model)?;
-    m.resolve_version(&version)?;
-    Ok(Json(metadata(m)))
+async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
+    Ok(Json(metadata(addressed(&gw, &r)?)))
 }
 
-async fn model_ready(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<StatusCode> {
-    gw.model(&model)?;
-    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
-}
-
-async fn model_ready_v(
-    State(gw): State<Arc<Gateway>>,
-    Path((model, version)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
-    gw.model(&model)?.resolve_version(&version)?;
-    Ok(if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+async fn model_ready(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<StatusCode> {
+    addressed(&gw, &r)?;
+    Ok(if gw.model_is_ready(&r.model) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 /// Triton-style model configuration: dims exclude the batch dimension when batching is on.
@@ -200,17 +187,8 @@ pub fn config_json(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_config(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(config_json(gw.model(&model)?)))
-}
-
-async fn model_config_v(
-    State(gw): State<Arc<Gateway>>,
-    Path((model, version)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let m = gw.model(&model)?;
-    m.resolve_version(&version)?;
-    Ok(Json(config_json(m)))
+async fn model_config(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
+    Ok(Json(config_json(addressed(&gw, &r)?)))
 }
 
 fn dur(d: &crate::gateway::Duration2) -> Value {
@@ -252,16 +230,9 @@ async fn all_stats(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({ "model_stats": all }))
 }
 
-async fn model_stats(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({ "model_stats": stats_json(gw.model(&model)?, None) })))
-}
-
-async fn model_stats_v(
-    State(gw): State<Arc<Gateway>>,
-    Path((model, version)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let m = gw.model(&model)?;
-    let v = m.resolve_version(&version)?;
+async fn model_stats(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
+    let m = gw.model(&r.model)?;
+    let v = m.resolve_version(&r.version)?;
     Ok(Json(json!({ "model_stats": stats_json(m, v) })))
 }
 
@@ -345,43 +316,16 @@ fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Erro
 
 async fn infer(
     State(gw): State<Arc<Gateway>>,
-    Path(model): Path<String>,
+    Path(r): Path<ModelRef>,
     axum::Extension(tenant): axum::Extension<TenantId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer_inner(gw, model, String::new(), tenant, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn infer_v(
-    State(gw): State<Arc<Gateway>>,
-    Path((model, version)): Path<(String, String)>,
-    axum::Extension(tenant): axum::Extension<TenantId>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    infer_inner(gw, model, version, tenant, headers, body).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn infer_inner(
-    gw: Arc<Gateway>,
-    model: String,
-    version: String,
-    tenant: TenantId,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let model_label = if gw.model(&model).is_ok() { model.as_str() } else { "" };
-    let result = decode_and_run(&gw, &model, &version, tenant.0, &headers, body).await;
+    let result = decode_and_run(&gw, &r.model, &r.version, tenant.0, &headers, body).await;
     if let Err(ApiError(e)) = &result {
-        // Admission and execution outcomes are counted by the gateway; count edge errors here.
-        if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
-            gw.metrics.request(model_label, "", e.code.label());
-        }
+        count_edge_error(&gw, &r.model, e);
     }
-    result
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn decode_and_run(
@@ -510,27 +454,19 @@ async fn decode_and_run(
     let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
     let id = req.id.unwrap_or_default();
     let valid = gw.validate(model, version, id.clone(), inputs, &names, &opts)?;
-    let outcome = gw.infer(valid, tenant, &opts).await?;
+    let outcome = gw.infer(valid, tenant).await?;
     Ok(encode_response(&outcome, &id, &binary_out, binary_default))
-}
-
-/// Response parameters shared by both protocols.
-pub fn outcome_parameters(o: &InferOutcome) -> Vec<(&'static str, Value)> {
-    vec![
-        ("variant", json!(o.model.variants[o.variant].spec.name)),
-        ("node", json!(o.node)),
-        ("estimated_accuracy", json!(o.estimated_accuracy)),
-        ("queue_us", json!(o.queue.as_micros() as u64)),
-        ("compute_us", json!(o.compute.as_micros() as u64)),
-        ("deadline_met", json!(o.deadline_met)),
-        ("batch_size", json!(o.batch_size)),
-        ("tenant", json!(o.tenant)),
-    ]
 }
 
 fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_default: bool) -> Response {
     let mut params = Map::new();
-    for (k, v) in outcome_parameters(o) {
+    for (k, v) in response_parameters(o) {
+        let v = match v {
+            ParamValue::Bool(b) => json!(b),
+            ParamValue::Int(i) => json!(i),
+            ParamValue::Double(d) => json!(d),
+            ParamValue::Str(s) => json!(s),
+        };
         params.insert(k.to_string(), v);
     }
     let mut tail: Vec<u8> = Vec::new();

@@ -3,10 +3,11 @@
 //!
 //! # Layout
 //! - [`gateway`]: the model table, request validation (only [`gateway::ValidRequest`]s enter
-//!   a queue), per-model scheduling loops that call `osprey-policy`, statistics.
-//! - [`agent`]: an in-process node agent: a bounded pool of worker threads running batches.
-//! - [`cluster`]: local and remote agents, membership, failure detection, instance selection,
-//!   failover; the `osprey.agent.v1.AgentGateway` service remote agents attach to.
+//!   a queue), tenant admission, per-input estimates, statistics.
+//! - [`cluster`]: the live driver of `osprey_policy::dispatch::Dispatcher` (every cluster
+//!   decision is made there); remote agents and the `osprey.agent.v1.AgentGateway` service.
+//! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
+//! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
@@ -21,6 +22,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod protocol;
 pub mod server;
 pub mod tenants;
 

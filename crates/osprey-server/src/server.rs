@@ -51,6 +51,7 @@ pub async fn serve(
     let svc = GrpcInferenceServiceServer::new(InferenceService::new(gw.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, crate::grpc::interceptor(gw.clone()));
     // `serve_with_incoming` ignores tonic's own TCP_NODELAY setting, so set it per connection.
     use tokio_stream::StreamExt;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc).map(|conn| {
@@ -59,7 +60,7 @@ pub async fn serve(
         })
     });
     let agents = crate::agent_pb::agent_gateway_server::AgentGatewayServer::new(
-        crate::cluster::AgentService::new(gw.pool.clone()),
+        crate::cluster::AgentService::new(gw.cluster.clone()),
     )
     .max_decoding_message_size(limit);
     let grpc = tonic::transport::Server::builder()

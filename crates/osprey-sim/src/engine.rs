@@ -1,16 +1,22 @@
-//! The discrete-event engine.
+//! The discrete-event engine: a thin driver of `osprey_policy::dispatch::Dispatcher`, the same
+//! object the live gateway drives.
 //!
 //! Virtual time in microseconds; events are taken from a heap in (time, sequence) order, so
 //! time never goes back and ties resolve in insertion order. Events: arrival, batch end, node
-//! failure, recovery and slowdown, and an interval tick for the time series. Batch start is
-//! not an event of its own: whenever something changes, free workers on live nodes ask the
-//! scheduler for a batch at once, exactly as the live gateway's loop does.
+//! failure / recovery / slowdown, and the dispatcher's own timer (whatever `poll_timeout`
+//! asks for: expiry, stale batches). Every decision — admission, batch and variant, node,
+//! health, retry and failover — is the dispatcher's; this module only models time and nodes:
 //!
-//! The scheduler is an `osprey_policy::scheduler::Scheduler` built by `osprey_policy::setup`
-//! from the policy name, the model's profile and its estimator: the same object the live
-//! gateway drives. Service time of a batch on a node =
-//! `profile_p50(rows) / speed × slowdown(node) × lognormal(jitter_cv)` plus the link's round
-//! trip and transfer time; the scheduler sees observed times through `observe`, as live.
+//! ```text
+//! service(batch on n) = ℓ₅₀(rows) / speed_n × slowdown_n × lognormal(jitter_cv) + 2·link_n + bytes / bandwidth_n
+//! start(batch on n)   = the earliest time one of n's workers is free (batches queue on a node)
+//! ```
+//!
+//! Several models share the nodes, as live. The schedulers and estimators are built by
+//! `osprey_policy::setup` exactly as the gateway builds them. A request's per-input estimate
+//! costs `estimator_us` before admission, and the scheduler plans with its deadline less
+//! `request_overhead_us` (the time outside the worker that live serving spends after the
+//! batch); an answer is on time when `end + request_overhead_us ≤ deadline`.
 //!
 //! Every request ends exactly once: answered (on time or late), rejected at admission, expired
 //! in the queue, or failed (its node died and no retry could still meet the deadline).
@@ -19,17 +25,20 @@ use crate::scenario::{EventKind, Scenario};
 use osprey_core::config::{PolicyName, SchedulerSection};
 use osprey_core::model::{EvalSet, ModelSpec, scan_repository};
 use osprey_core::profile::{ModelProfile, Quantile};
+use osprey_policy::dispatch::{
+    Action, BatchId, BatchOutcome, DispatchConfig, Dispatcher, ModelSetup, NodeId, NodeInfo, Run, Why,
+};
 use osprey_policy::estimate::{AccuracyEstimator, DataAware, Sample};
-use osprey_policy::instance::{InstanceView, Selector, select};
-use osprey_policy::scheduler::{Request, Scheduler, SchedulerConfig, VariantModel};
-use osprey_policy::setup::{estimator_for, rule_for};
+use osprey_policy::instance::Selector;
+use osprey_policy::scheduler::Request;
+use osprey_policy::setup::{Capacity, estimator_for, scheduler_for};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::Path;
 
-/// The model a scenario serves: spec, evaluation set, profile and trained estimator.
+/// One model a scenario serves: spec, evaluation set, profile and trained estimator.
 pub struct ModelContext {
     pub spec: ModelSpec,
     pub eval: EvalSet,
@@ -38,13 +47,17 @@ pub struct ModelContext {
 }
 
 impl ModelContext {
+    /// The scenario's first model.
     pub fn load(scn: &Scenario, base: &Path) -> Result<ModelContext, String> {
-        let repo = base.join(&scn.model_repository);
-        let (models, _) = scan_repository(&repo).map_err(|e| e.to_string())?;
+        load_models(scn, base)?.into_iter().next().ok_or_else(|| "the scenario names no model".to_string())
+    }
+
+    fn load_named(name: &str, repo: &Path) -> Result<ModelContext, String> {
+        let (models, _) = scan_repository(repo).map_err(|e| e.to_string())?;
         let spec = models
             .into_iter()
-            .find(|m| m.name == scn.model)
-            .ok_or_else(|| format!("model '{}' not found in {}", scn.model, repo.display()))?;
+            .find(|m| m.name == name)
+            .ok_or_else(|| format!("model '{name}' not found in {}", repo.display()))?;
         let eval = spec
             .load_eval()
             .map_err(|e| e.to_string())?
@@ -58,32 +71,50 @@ impl ModelContext {
     }
 }
 
-/// One arrival: time, tenant, evaluation sample.
+/// Every model the scenario serves, in its order.
+pub fn load_models(scn: &Scenario, base: &Path) -> Result<Vec<ModelContext>, String> {
+    let repo = base.join(&scn.model_repository);
+    scn.model_shares().iter().map(|m| ModelContext::load_named(&m.name, &repo)).collect()
+}
+
+/// One arrival: time, tenant, model, evaluation sample (from the held-out half).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arrival {
     pub t: u64,
     pub tenant: usize,
+    pub model: usize,
     pub sample: usize,
 }
 
-/// Draws the arrivals of a scenario (shared by every policy it compares).
-pub fn arrivals(scn: &Scenario, base: &Path, samples: usize) -> Result<Vec<Arrival>, String> {
+fn pick(rng: &mut StdRng, shares: &[f64]) -> usize {
+    let total: f64 = shares.iter().map(|s| s.max(0.0)).sum::<f64>().max(1e-12);
+    let mut x = rng.random::<f64>() * total;
+    for (i, s) in shares.iter().enumerate() {
+        if x < s.max(0.0) {
+            return i;
+        }
+        x -= s.max(0.0);
+    }
+    shares.len().saturating_sub(1)
+}
+
+/// Draws the arrivals of a scenario (shared by every policy it compares). Inputs come only
+/// from each model's held-out half ([`EvalSet::held_out`]), never from what trained the
+/// estimators.
+pub fn arrivals(scn: &Scenario, base: &Path, models: &[ModelContext]) -> Result<Vec<Arrival>, String> {
     let times = scn.workload.arrivals(scn.duration_s, scn.seed, base)?;
     let mut rng = StdRng::seed_from_u64(scn.seed ^ 0x9e37_79b9_7f4a_7c15);
-    let total: f64 = scn.tenants.iter().map(|t| t.share.max(0.0)).sum::<f64>().max(1e-12);
+    let tenant_shares: Vec<f64> = scn.tenants.iter().map(|t| t.share).collect();
+    let model_shares: Vec<f64> = scn.model_shares().iter().map(|m| m.share).collect();
+    let held: Vec<Vec<usize>> = models.iter().map(|m| m.eval.held_out()).collect();
     Ok(times
         .into_iter()
         .map(|t| {
-            let mut x = rng.random::<f64>() * total;
-            let mut tenant = scn.tenants.len() - 1;
-            for (i, ts) in scn.tenants.iter().enumerate() {
-                if x < ts.share.max(0.0) {
-                    tenant = i;
-                    break;
-                }
-                x -= ts.share.max(0.0);
-            }
-            Arrival { t, tenant, sample: rng.random_range(0..samples.max(1)) }
+            let tenant = pick(&mut rng, &tenant_shares);
+            let model = if model_shares.len() > 1 { pick(&mut rng, &model_shares) } else { 0 };
+            let h = &held[model.min(held.len().saturating_sub(1))];
+            let sample = h.get(rng.random_range(0..h.len().max(1))).copied().unwrap_or(0);
+            Arrival { t, tenant, model, sample }
         })
         .collect())
 }
@@ -91,10 +122,9 @@ pub fn arrivals(scn: &Scenario, base: &Path, samples: usize) -> Result<Vec<Arriv
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     Arrival(usize),
-    BatchDone(usize),
+    BatchDone(BatchId),
     Node(usize),
-    Tick,
-    Replan,
+    Timer,
 }
 
 /// Totals of one policy's run.
@@ -121,8 +151,11 @@ pub struct Summary {
     pub events: u64,
     pub duration_s: f64,
     pub mean_slo_us: f64,
-    /// Requests answered by each variant (model order).
+    /// Requests answered by each variant, models in order, each model's variants in order
+    /// (names in `variant_names`).
     pub variants: Vec<u64>,
+    /// `model/variant` for each entry of `variants`.
+    pub variant_names: Vec<String>,
 }
 
 /// One time-series bucket.
@@ -136,63 +169,65 @@ pub struct Interval {
     pub cost: f64,
 }
 
-struct InFlight {
-    worker: usize,
-    /// Predicted service time on the node (profile / speed), µs.
-    predicted_us: f64,
-    variant: usize,
-    members: Vec<Request>,
-    service_us: f64,
-    cancelled: bool,
+/// One decision the dispatcher made, as a log line (the live/sim cross-check compares these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub t_us: u64,
+    pub model: usize,
+    pub variant: usize,
+    pub node: String,
+    pub rows: u32,
 }
 
-struct Node {
-    speed: f64,
-    /// True slowdown from scenario events (the selector does not see it).
+struct SimNode {
+    name: String,
+    spec: usize,
+    /// True slowdown from scenario events (the dispatcher only sees its effect).
     slowdown: f64,
-    /// Observed / predicted service time (EWMA): what the selector sees.
-    observed: f64,
-    mean_service_us: f64,
-    recent_failures: u32,
-    recent_successes: u32,
-    up: bool,
-    cost_per_s: f64,
-    link_us: f64,
-    bytes_per_us: Option<f64>,
+    /// When each worker is free next.
+    free_at: Vec<u64>,
+}
+
+struct Running {
+    node: NodeId,
+    model: usize,
+    variant: usize,
+    /// Time the node itself spent (what it reports), µs.
+    service_us: f64,
 }
 
 struct Sim<'a> {
     scn: &'a Scenario,
-    ctx: &'a ModelContext,
-    sched: Scheduler,
-    estimator: Box<dyn AccuracyEstimator>,
-    cache: Vec<Option<Vec<f64>>>,
+    models: &'a [ModelContext],
+    d: Dispatcher,
+    estimators: Vec<Box<dyn AccuracyEstimator>>,
+    cache: Vec<Vec<Option<Vec<f64>>>>,
     heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
     seq: u64,
     now: u64,
-    nodes: Vec<Node>,
-    /// (node, busy batch id)
-    workers: Vec<(usize, Option<usize>)>,
-    batches: Vec<InFlight>,
+    nodes: HashMap<NodeId, SimNode>,
+    /// Scenario node index -> its current dispatcher id (a recovered node joins anew).
+    live: Vec<Option<NodeId>>,
+    running: HashMap<BatchId, Running>,
     arrivals: &'a [Arrival],
-    sample_of: std::collections::HashMap<u64, usize>,
+    ran: HashSet<u64>,
     rng: StdRng,
     out: Summary,
     series: Vec<Interval>,
-    replan_pending: bool,
-    sample_bytes: usize,
-    selector: Selector,
-    turn: usize,
+    timer_at: Option<u64>,
+    sample_bytes: Vec<usize>,
+    variant_base: Vec<usize>,
+    decisions: Vec<Decision>,
 }
 
 /// Runs one policy on the scenario's arrivals with Osprey's instance selection.
 pub fn simulate(
     scn: &Scenario,
-    ctx: &ModelContext,
+    models: &[ModelContext],
     policy: PolicyName,
     arrivals: &[Arrival],
 ) -> (Summary, Vec<Interval>) {
-    simulate_with(scn, ctx, policy, Selector::Predicted, arrivals)
+    simulate_with(scn, models, policy, Selector::Predicted, arrivals)
 }
 
 /// Parses an instance selector name: `predicted`, `round-robin`, `least-queue`.
@@ -208,75 +243,76 @@ pub fn selector(name: &str) -> Option<Selector> {
 /// Runs one policy with one instance selector on the scenario's arrivals.
 pub fn simulate_with(
     scn: &Scenario,
-    ctx: &ModelContext,
+    models: &[ModelContext],
     policy: PolicyName,
     selector: Selector,
     arrivals: &[Arrival],
 ) -> (Summary, Vec<Interval>) {
+    let (s, i, _) = simulate_logged(scn, models, policy, selector, arrivals);
+    (s, i)
+}
+
+/// Like [`simulate_with`], also returning every batch decision in order.
+pub fn simulate_logged(
+    scn: &Scenario,
+    models: &[ModelContext],
+    policy: PolicyName,
+    selector: Selector,
+    arrivals: &[Arrival],
+) -> (Summary, Vec<Interval>, Vec<Decision>) {
     let section = SchedulerSection {
         policy,
         fixed_variant: scn.scheduler.fixed_variant.clone(),
         urgency_weight: scn.scheduler.urgency_weight,
         miss_penalty: scn.scheduler.miss_penalty,
     };
-    let workers: Vec<(usize, Option<usize>)> =
-        scn.nodes.iter().enumerate().flat_map(|(i, n)| (0..n.workers).map(move |_| (i, None))).collect();
-    let cfg = SchedulerConfig {
-        rule: rule_for(&section, &ctx.spec),
-        max_rows: scn.max_batch.min(ctx.spec.max_batch_size).max(1),
-        max_queue: 1 << 16,
-        quantile: Quantile::P99,
-        urgency_weight: section.urgency_weight,
-        miss_penalty: section.miss_penalty,
-        workers: workers.len() as u32,
-    };
-    let variants = ctx
-        .spec
-        .variants
+    let workers: u32 = scn.nodes.iter().map(|n| n.workers).sum();
+    let cap = Capacity { max_batch: scn.max_batch, max_queue: 1 << 16, workers };
+    let setups = models
         .iter()
-        .map(|v| {
-            let profile = ctx.profile.variant(&v.name).cloned().unwrap_or_default();
-            VariantModel { accuracy: v.accuracy, swap_us: profile.swap_us, profile }
+        .map(|m| {
+            let profiles = m
+                .spec
+                .variants
+                .iter()
+                .map(|v| m.profile.variant(&v.name).cloned().unwrap_or_default())
+                .collect();
+            ModelSetup {
+                name: m.spec.name.clone(),
+                scheduler: scheduler_for(&section, &m.spec, profiles, cap),
+                variants: m.spec.variants.iter().map(|v| (v.name.clone(), u64::from(v.memory_mb))).collect(),
+            }
         })
         .collect();
-    let (estimator, _) = estimator_for(policy, &ctx.spec, ctx.data_aware.clone());
-    let nodes = scn
-        .nodes
-        .iter()
-        .map(|n| Node {
-            speed: n.speed,
-            slowdown: 1.0,
-            observed: 1.0,
-            mean_service_us: 0.0,
-            recent_failures: 0,
-            recent_successes: 0,
-            up: true,
-            cost_per_s: n.cost_per_s,
-            link_us: n.link_ms * 1000.0,
-            bytes_per_us: n.bandwidth_mbps.map(|m| m * 1e6 / 8.0 / 1e6),
-        })
-        .collect();
+    let d = Dispatcher::new(DispatchConfig { selector, ..DispatchConfig::default() }, setups);
+    let estimators = models.iter().map(|m| estimator_for(policy, &m.spec, m.data_aware.clone()).0).collect();
     let intervals = (scn.duration_s / scn.interval_s).ceil() as usize;
-    let input = &ctx.spec.inputs[0];
+    let mut variant_base = Vec::new();
+    let mut names = Vec::new();
+    for m in models {
+        variant_base.push(names.len());
+        names.extend(m.spec.variants.iter().map(|v| format!("{}/{}", m.spec.name, v.name)));
+    }
     let mut sim = Sim {
         scn,
-        ctx,
-        sched: Scheduler::new(cfg, variants),
-        estimator,
-        cache: vec![None; ctx.eval.len()],
+        models,
+        d,
+        estimators,
+        cache: models.iter().map(|m| vec![None; m.eval.len()]).collect(),
         heap: BinaryHeap::new(),
         seq: 0,
         now: 0,
-        nodes,
-        workers,
-        batches: Vec::new(),
+        nodes: HashMap::new(),
+        live: vec![None; scn.nodes.len()],
+        running: HashMap::new(),
         arrivals,
-        sample_of: std::collections::HashMap::new(),
+        ran: HashSet::new(),
         rng: StdRng::seed_from_u64(scn.seed.wrapping_add(17)),
         out: Summary {
             policy: policy.as_str().into(),
             duration_s: scn.duration_s,
-            variants: vec![0; ctx.spec.variants.len()],
+            variants: vec![0; names.len()],
+            variant_names: names,
             mean_slo_us: scn.tenants.iter().map(|t| t.latency_slo_ms * 1000.0).sum::<f64>()
                 / scn.tenants.len().max(1) as f64,
             ..Summary::default()
@@ -284,16 +320,21 @@ pub fn simulate_with(
         series: (0..intervals.max(1))
             .map(|i| Interval { t_s: i as f64 * scn.interval_s, ..Interval::default() })
             .collect(),
-        replan_pending: false,
-        sample_bytes: input.sample_elements() * input.datatype.size(),
-        selector,
-        turn: 0,
+        timer_at: None,
+        sample_bytes: models
+            .iter()
+            .map(|m| m.spec.inputs[0].sample_elements() * m.spec.inputs[0].datatype.size())
+            .collect(),
+        variant_base,
+        decisions: Vec::new(),
     };
+    for k in 0..scn.nodes.len() {
+        sim.join(k);
+    }
     sim.run();
-    let total_workers = sim.workers.len() as f64;
-    sim.out.capacity_s = total_workers * scn.duration_s;
+    sim.out.capacity_s = f64::from(workers) * scn.duration_s;
     sim.out.latencies_us.sort_unstable();
-    (sim.out, sim.series)
+    (sim.out, sim.series, sim.decisions)
 }
 
 impl Sim<'_> {
@@ -307,20 +348,31 @@ impl Sim<'_> {
         self.series.get_mut(i)
     }
 
+    fn join(&mut self, k: usize) {
+        let n = &self.scn.nodes[k];
+        let info = NodeInfo { speed: n.speed, ..NodeInfo::local(&n.name, n.workers) };
+        let id = self.d.handle_node_join(self.now, info);
+        self.nodes.insert(
+            id,
+            SimNode {
+                name: n.name.clone(),
+                spec: k,
+                slowdown: 1.0,
+                free_at: vec![self.now; n.workers as usize],
+            },
+        );
+        self.live[k] = Some(id);
+        self.actions();
+    }
+
     fn run(&mut self) {
         for (i, a) in self.arrivals.iter().enumerate() {
-            self.push(a.t, Event::Arrival(i));
+            self.push(a.t + self.scn.estimator_us as u64, Event::Arrival(i));
         }
         for (k, e) in self.scn.events.iter().enumerate() {
             self.push((e.at_s * 1e6) as u64, Event::Node(k));
         }
-        let end = (self.scn.duration_s * 1e6) as u64;
-        let step = (self.scn.interval_s * 1e6) as u64;
-        let mut t = step;
-        while t <= end {
-            self.push(t, Event::Tick);
-            t += step;
-        }
+        self.arm();
         while let Some(Reverse((t, _, e))) = self.heap.pop() {
             debug_assert!(t >= self.now, "time went back");
             self.now = t;
@@ -329,26 +381,40 @@ impl Sim<'_> {
                 Event::Arrival(i) => self.arrive(i),
                 Event::BatchDone(b) => self.finish(b),
                 Event::Node(k) => self.node_event(k),
-                Event::Tick => {}
-                Event::Replan => self.replan_pending = false,
+                Event::Timer => {
+                    self.timer_at = None;
+                    self.d.handle_timeout(self.now);
+                }
             }
-            self.dispatch();
+            self.actions();
+            self.arm();
         }
-        // Drained: everything queued has run or expired, and nothing is in flight.
-        debug_assert!(self.sched.is_empty());
+        debug_assert_eq!(self.d.queued(), 0, "drained");
     }
 
-    fn estimate(&mut self, sample: usize) -> Vec<f64> {
-        let nv = self.ctx.spec.variants.len();
-        let cacheable = self.estimator.name() != "per-class";
-        if cacheable && let Some(e) = &self.cache[sample] {
+    /// Schedules the dispatcher's next wake-up, if it moved earlier.
+    fn arm(&mut self) {
+        if let Some(t) = self.d.poll_timeout() {
+            let t = t.max(self.now);
+            if self.timer_at.is_none_or(|a| t < a) {
+                self.timer_at = Some(t);
+                self.push(t, Event::Timer);
+            }
+        }
+    }
+
+    fn estimate(&mut self, model: usize, sample: usize) -> Vec<f64> {
+        let nv = self.models[model].spec.variants.len();
+        let cacheable = self.estimators[model].name() != "per-class";
+        if cacheable && let Some(e) = &self.cache[model][sample] {
             return e.clone();
         }
         let mut out = vec![0.0; nv];
-        let s = Sample { datatype: self.ctx.spec.inputs[0].datatype, bytes: self.ctx.eval.sample(sample) };
-        self.estimator.estimate(s, &mut out);
+        let m = &self.models[model];
+        let s = Sample { datatype: m.spec.inputs[0].datatype, bytes: m.eval.sample(sample) };
+        self.estimators[model].estimate(s, &mut out);
         if cacheable {
-            self.cache[sample] = Some(out.clone());
+            self.cache[model][sample] = Some(out.clone());
         }
         out
     }
@@ -360,22 +426,20 @@ impl Sim<'_> {
             b.arrivals += 1;
         }
         let t = &self.scn.tenants[a.tenant];
+        let deadline = a.t + (t.latency_slo_ms * 1000.0) as u64;
         let r = Request {
             id: i as u64,
             tenant: a.tenant,
             rows: 1,
             arrival: a.t,
-            deadline: a.t + (t.latency_slo_ms * 1000.0) as u64,
+            // The time answers need after the batch is charged where the decision is made.
+            deadline: deadline.saturating_sub(self.scn.request_overhead_us as u64),
             weight: t.weight,
             floor: t.accuracy_floor,
             pinned: None,
-            estimate: self.estimate(a.sample),
+            estimate: self.estimate(a.model, a.sample),
         };
-        self.sample_of.insert(r.id, a.sample);
-        if self.sched.admit(self.now, r).is_err() {
-            self.out.rejected += 1;
-            self.not_on_time(self.now);
-        }
+        self.d.handle_arrival(self.now, a.model, r);
     }
 
     fn not_on_time(&mut self, t: u64) {
@@ -384,137 +448,108 @@ impl Sim<'_> {
         }
     }
 
-    fn dispatch(&mut self) {
-        loop {
-            if self.sched.is_empty() {
-                return;
-            }
-            let free_on =
-                |sim: &Self, n: usize| sim.workers.iter().filter(|(m, b)| *m == n && b.is_none()).count();
-            if !(0..self.nodes.len()).any(|n| self.nodes[n].up && free_on(self, n) > 0) {
-                return;
-            }
-            let plan = self.sched.next_batch(self.now);
-            for r in &plan.expired {
-                self.out.expired += 1;
-                self.sample_of.remove(&r.id);
-                self.not_on_time(self.now);
-            }
-            let Some(batch) = plan.batch else {
-                if !self.sched.is_empty() && !self.replan_pending {
-                    self.replan_pending = true;
-                    self.push(self.now + 500, Event::Replan);
-                }
-                return;
-            };
-            let rows: u32 = batch.members.iter().map(|m| m.rows).sum();
-            let base = self
-                .ctx
-                .profile
-                .variant(&self.ctx.spec.variants[batch.variant].name)
-                .and_then(|p| p.latency_us(rows, Quantile::P50))
-                .unwrap_or(0.0);
-            // Instance selection among nodes with a free worker (osprey_policy::instance).
-            let views: Vec<InstanceView> = (0..self.nodes.len())
-                .map(|n| {
-                    let node = &self.nodes[n];
-                    let workers = self.workers.iter().filter(|(m, _)| *m == n).count() as u32;
-                    let free = free_on(self, n) as u32;
-                    InstanceView {
-                        up: node.up && free > 0,
-                        speed: node.speed,
-                        slowdown: node.observed,
-                        workers,
-                        busy: workers - free,
-                        mean_service_us: node.mean_service_us,
-                        recent_failures: node.recent_failures,
-                        recent_successes: node.recent_successes,
+    /// Carries out the dispatcher's actions.
+    fn actions(&mut self) {
+        while let Some(a) = self.d.poll_action() {
+            match a {
+                Action::Run(run) => self.start(run),
+                Action::Reply { why, .. } => {
+                    match why {
+                        Why::Rejected => self.out.rejected += 1,
+                        Why::Expired => self.out.expired += 1,
+                        Why::Failed | Why::BatchError => self.out.failed += 1,
                     }
-                })
-                .collect();
-            let Some(n) = select(self.selector, &views, base, &mut self.turn) else { return };
-            let Some(w) =
-                (0..self.workers.len()).find(|&w| self.workers[w].0 == n && self.workers[w].1.is_none())
-            else {
-                return;
-            };
-            let node = &self.nodes[n];
-            let cv = self.scn.jitter_cv.max(0.0);
-            let sigma = (1.0 + cv * cv).ln().sqrt();
-            let z = {
-                let (u1, u2) = (1.0 - self.rng.random::<f64>(), self.rng.random::<f64>());
-                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            };
-            let noise = (sigma * z - sigma * sigma / 2.0).exp();
-            let bytes = (rows as usize * self.sample_bytes) as f64;
-            let transfer = 2.0 * node.link_us + node.bytes_per_us.map_or(0.0, |b| bytes / b.max(1e-9));
-            let service = base / node.speed * node.slowdown * noise + transfer;
-            let id = self.batches.len();
-            let predicted_us = base / node.speed;
-            self.batches.push(InFlight {
-                worker: w,
-                predicted_us,
-                variant: batch.variant,
-                members: batch.members,
-                service_us: service,
-                cancelled: false,
-            });
-            self.workers[w].1 = Some(id);
-            let done = self.now + service.ceil().max(1.0) as u64;
-            self.push(done, Event::BatchDone(id));
+                    self.not_on_time(self.now);
+                }
+                // Simulated nodes host every variant and need no connection.
+                Action::Load { .. } | Action::Unload { .. } | Action::Disconnect { .. } => {}
+            }
         }
     }
 
-    fn finish(&mut self, id: usize) {
-        if self.batches[id].cancelled {
-            return;
-        }
-        let (w, variant, service) =
-            (self.batches[id].worker, self.batches[id].variant, self.batches[id].service_us);
-        self.workers[w].1 = None;
-        let node = self.workers[w].0;
-        let predicted = self.batches[id].predicted_us;
-        {
-            let n = &mut self.nodes[node];
-            if predicted > 0.0 {
-                n.observed = 0.8 * n.observed + 0.2 * (service / predicted).clamp(0.1, 50.0);
-            }
-            n.mean_service_us =
-                if n.mean_service_us == 0.0 { service } else { 0.8 * n.mean_service_us + 0.2 * service };
-            n.recent_successes += 1;
-            if n.recent_successes + n.recent_failures > 20 {
-                n.recent_successes /= 2;
-                n.recent_failures /= 2;
+    fn start(&mut self, run: Run) {
+        for id in &run.members {
+            if !self.ran.insert(*id) {
+                self.out.retried += 1;
             }
         }
-        let cost = service / 1e6 * self.nodes[node].cost_per_s;
+        let Some(node) = self.nodes.get(&run.node) else { return };
+        let spec = &self.scn.nodes[node.spec];
+        let m = &self.models[run.model];
+        let base = m
+            .profile
+            .variant(&m.spec.variants[run.variant].name)
+            .and_then(|p| p.latency_us(run.rows, Quantile::P50))
+            .unwrap_or(0.0);
+        let cv = self.scn.jitter_cv.max(0.0);
+        let sigma = (1.0 + cv * cv).ln().sqrt();
+        let z = {
+            let (u1, u2) = (1.0 - self.rng.random::<f64>(), self.rng.random::<f64>());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        };
+        let noise = (sigma * z - sigma * sigma / 2.0).exp();
+        let bytes = (run.rows as usize * self.sample_bytes[run.model]) as f64;
+        let bandwidth = spec.bandwidth_mbps.map(|m| m / 8.0);
+        let transfer = 2.0 * spec.link_ms * 1000.0 + bandwidth.map_or(0.0, |b| bytes / b.max(1e-9));
+        let service = base / spec.speed * node.slowdown * noise;
+        self.decisions.push(Decision {
+            t_us: self.now,
+            model: run.model,
+            variant: run.variant,
+            node: node.name.clone(),
+            rows: run.rows,
+        });
+        let node = self.nodes.get_mut(&run.node).expect("checked above");
+        // The earliest free worker takes it (batches beyond the workers queue on the node).
+        let w = (0..node.free_at.len()).min_by_key(|&w| node.free_at[w]).unwrap_or(0);
+        let begin = node.free_at.get(w).copied().unwrap_or(self.now).max(self.now);
+        let end = begin + (service + transfer).ceil().max(1.0) as u64;
+        if let Some(f) = node.free_at.get_mut(w) {
+            *f = end;
+        }
+        self.running.insert(
+            run.batch,
+            Running { node: run.node, model: run.model, variant: run.variant, service_us: service },
+        );
+        self.push(end, Event::BatchDone(run.batch));
+    }
+
+    fn finish(&mut self, id: BatchId) {
+        let Some(b) = self.running.remove(&id) else { return };
+        let Some(node) = self.nodes.get(&b.node) else { return }; // died with its node
+        let cost = b.service_us / 1e6 * self.scn.nodes[node.spec].cost_per_s;
+        let Some(done) =
+            self.d.handle_batch_done(self.now, id, BatchOutcome::Ok { service_us: b.service_us })
+        else {
+            return; // failed over already
+        };
         self.out.cost += cost;
-        self.out.busy_s += service / 1e6;
-        let members = std::mem::take(&mut self.batches[id].members);
-        let rows: u32 = members.iter().map(|m| m.rows).sum();
-        self.sched.observe(variant, rows, service);
+        self.out.busy_s += b.service_us / 1e6;
         let now = self.now;
-        if let Some(b) = self.bucket(now) {
-            b.cost += cost;
+        if let Some(bk) = self.bucket(now) {
+            bk.cost += cost;
         }
-        for m in members {
-            let sample = self.sample_of.remove(&m.id).unwrap_or(0);
-            let right = self.ctx.eval.correct[variant][sample];
-            let on_time = now <= m.deadline;
+        let overhead = self.scn.request_overhead_us.max(0.0) as u64;
+        let m = &self.models[b.model];
+        for r in done.members {
+            let a = self.arrivals[r.id as usize];
+            let right = m.eval.correct[b.variant][a.sample];
+            let deadline = a.t + (self.scn.tenants[a.tenant].latency_slo_ms * 1000.0) as u64;
+            let on_time = now + overhead <= deadline;
             self.out.completed += 1;
-            self.out.variants[variant] += 1;
+            self.out.variants[self.variant_base[b.model] + b.variant] += 1;
             self.out.correct += u64::from(right);
             self.out.late += u64::from(!on_time);
             self.out.on_time_correct += u64::from(right && on_time);
-            self.out.latencies_us.push(now - m.arrival + self.scn.request_overhead_us.max(0.0) as u64);
-            if let Some(b) = self.bucket(now) {
-                b.completed += 1;
-                b.correct += u64::from(right);
-                b.not_on_time += u64::from(!on_time);
+            self.out.latencies_us.push(now - a.t + overhead);
+            if let Some(bk) = self.bucket(now) {
+                bk.completed += 1;
+                bk.correct += u64::from(right);
+                bk.not_on_time += u64::from(!on_time);
             }
-            let label = self.ctx.eval.labels[sample] as usize;
-            let predicted = if right { label } else { (label + 1) % self.ctx.spec.labels.len().max(1) };
-            self.estimator.observe(predicted);
+            let label = m.eval.labels[a.sample] as usize;
+            let predicted = if right { label } else { (label + 1) % m.spec.labels.len().max(1) };
+            self.estimators[b.model].observe(predicted);
         }
     }
 
@@ -522,28 +557,24 @@ impl Sim<'_> {
         let e = &self.scn.events[k];
         let Some(n) = self.scn.nodes.iter().position(|x| x.name == e.node) else { return };
         match e.kind {
-            EventKind::Slowdown => self.nodes[n].slowdown = e.factor.max(1e-3),
-            EventKind::Recover => self.nodes[n].up = true,
+            EventKind::Slowdown => {
+                if let Some(id) = self.live[n]
+                    && let Some(node) = self.nodes.get_mut(&id)
+                {
+                    node.slowdown = e.factor.max(1e-3);
+                }
+            }
+            EventKind::Recover => {
+                if self.live[n].is_none() {
+                    self.join(n);
+                }
+            }
             EventKind::Fail => {
-                self.nodes[n].up = false;
-                // Work in flight there is retried if its deadline still allows, else failed.
-                for w in 0..self.workers.len() {
-                    if self.workers[w].0 != n {
-                        continue;
-                    }
-                    let Some(id) = self.workers[w].1.take() else { continue };
-                    self.batches[id].cancelled = true;
-                    self.nodes[n].recent_failures += 1;
-                    let members = std::mem::take(&mut self.batches[id].members);
-                    for m in members {
-                        let id = m.id;
-                        self.out.retried += 1;
-                        if self.sched.admit(self.now, m).is_err() {
-                            self.out.failed += 1;
-                            self.sample_of.remove(&id);
-                            self.not_on_time(self.now);
-                        }
-                    }
+                if let Some(id) = self.live[n].take() {
+                    self.nodes.remove(&id);
+                    // Batches there are failed over by the dispatcher (retried if their
+                    // deadline still allows, else answered).
+                    self.d.handle_node_down(self.now, id, "failed");
                 }
             }
         }

@@ -4,9 +4,9 @@
 //! - [`workload`]: arrival processes (Poisson, gamma, OPD's steady-low / fluctuating /
 //!   steady-high shapes, bursty, CSV trace replay) generated from a seed.
 //! - [`scenario`]: the scenario file (cluster, model, tenants, workload, events, policies).
-//! - [`engine`]: the event loop with a virtual clock. It owns an
-//!   `osprey_policy::scheduler::Scheduler` built by `osprey_policy::setup` exactly as the live
-//!   gateway builds it, and answers every request exactly once.
+//! - [`engine`]: the event loop with a virtual clock, a thin driver of
+//!   `osprey_policy::dispatch::Dispatcher` (the object the live gateway drives), serving one
+//!   or several models on shared nodes; every request ends exactly once.
 //! - [`rohe`]: node speeds imported from ROHE's Jetson-class device profiles.
 //! - [`report`]: summary and time-series CSV, SVG plots.
 //!

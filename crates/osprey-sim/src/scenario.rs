@@ -1,11 +1,12 @@
-//! Scenario files: one TOML describing a virtual cluster, a model from a repository, tenants,
-//! a workload, timed events and the policies to compare, with a seed.
+//! Scenario files: one TOML describing a virtual cluster, one or more models from a repository
+//! (sharing the nodes, as live), tenants, a workload, timed events and the policies to
+//! compare, with a seed.
 //!
 //! ```toml
 //! name = "accuracy-scaling"
 //! seed = 7
 //! duration_s = 60
-//! model = "spoken_digits"
+//! model = "spoken_digits"             # or: models = [{ name = "digits", share = 2 }, ...]
 //! model_repository = "../models"       # relative to this file
 //! policies = ["most-accurate", "fixed", "profiled", "data-aware"]
 //! [[nodes]]
@@ -40,7 +41,12 @@ pub struct Scenario {
     /// Width of one time-series bucket, seconds.
     #[serde(default = "one")]
     pub interval_s: f64,
+    /// The model served (when `models` is empty).
+    #[serde(default)]
     pub model: String,
+    /// Several models on the same nodes; each arrival belongs to one, by share.
+    #[serde(default)]
+    pub models: Vec<ModelShare>,
     #[serde(default = "default_repo")]
     pub model_repository: String,
     #[serde(default = "sixteen")]
@@ -52,6 +58,10 @@ pub struct Scenario {
     /// added to its observed latency; `osprey overhead` measures it (~200-300 µs here).
     #[serde(default)]
     pub request_overhead_us: f64,
+    /// Time the per-input accuracy estimate takes before admission, µs (live, the gateway
+    /// spends it before the dispatcher decides; `/metrics` `osprey_estimator_seconds` shows it).
+    #[serde(default)]
+    pub estimator_us: f64,
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub events: Vec<EventSpec>,
@@ -85,6 +95,16 @@ fn jitter() -> f64 {
 }
 fn one_u32() -> u32 {
     1
+}
+
+/// One of several models a scenario serves.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShare {
+    pub name: String,
+    /// Share of the arrivals for this model (normalised over models).
+    #[serde(default = "one")]
+    pub share: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -209,7 +229,29 @@ impl Scenario {
         Ok((s, base))
     }
 
+    /// The served models with their arrival shares.
+    pub fn model_shares(&self) -> Vec<ModelShare> {
+        if self.models.is_empty() {
+            vec![ModelShare { name: self.model.clone(), share: 1.0 }]
+        } else {
+            self.models.clone()
+        }
+    }
+
     pub fn check(&self) -> Result<(), String> {
+        if self.model.is_empty() == self.models.is_empty() {
+            return Err("name the served model with either `model` or `models` (not both)".into());
+        }
+        if self.models.iter().any(|m| m.share.is_nan() || m.share < 0.0) {
+            return Err("model shares must be non-negative".into());
+        }
+        if self.estimator_us.is_nan()
+            || self.estimator_us < 0.0
+            || self.request_overhead_us.is_nan()
+            || self.request_overhead_us < 0.0
+        {
+            return Err("estimator_us and request_overhead_us must be non-negative".into());
+        }
         if !(self.duration_s > 0.0 && self.interval_s > 0.0) {
             return Err("duration_s and interval_s must be positive".into());
         }

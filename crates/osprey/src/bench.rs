@@ -6,7 +6,7 @@
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_core::config::PolicyName;
-use osprey_sim::engine::{ModelContext, arrivals, selector, simulate_with};
+use osprey_sim::engine::{arrivals, load_models, selector, simulate_with};
 use osprey_sim::report::{bars_svg, line_svg, row, summary_csv, timeseries_csv};
 use osprey_sim::scenario::Scenario;
 use std::path::PathBuf;
@@ -39,8 +39,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         scn.policies = args.policies.clone();
         scn.check()?;
     }
-    let ctx = ModelContext::load(&scn, &base)?;
-    let arr = arrivals(&scn, &base, ctx.eval.len())?;
+    let models = load_models(&scn, &base)?;
+    let arr = arrivals(&scn, &base, &models)?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let runs: Vec<(String, String)> =
         scn.policies.iter().flat_map(|p| scn.selectors.iter().map(move |s| (p.clone(), s.clone()))).collect();
@@ -59,7 +59,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         bar.set_message(label.clone());
         let policy = PolicyName::parse(name).ok_or_else(|| format!("unknown policy '{name}'"))?;
         let selector = selector(sel).ok_or_else(|| format!("unknown selector '{sel}'"))?;
-        let (mut summary, s) = simulate_with(&scn, &ctx, policy, selector, &arr);
+        let (mut summary, s) = simulate_with(&scn, &models, policy, selector, &arr);
         summary.policy = label.clone();
         events += summary.events;
         rows.push(row(&summary, &scn.qos));
@@ -100,11 +100,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         ]);
     }
     println!(
-        "scenario {} ({} s simulated, {} arrivals, seed {})",
+        "scenario {} ({} s simulated, {} arrivals, seed {}; inputs: {})",
         scn.name,
         scn.duration_s,
         arr.len(),
-        scn.seed
+        scn.seed,
+        osprey_core::model::EvalSet::HELD_OUT
     );
     println!("{table}");
     println!("simulated {events} events in {wall:.2} s: {:.0} events/s", events as f64 / wall.max(1e-9));

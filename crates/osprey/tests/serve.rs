@@ -237,8 +237,12 @@ fn simulated_variants(tenants: &[&str], slo_ms: &[f64]) -> Vec<String> {
         .iter()
         .enumerate()
         .map(|(i, _)| {
-            let (summary, _) =
-                simulate(&scn, &ctx, PolicyName::Profiled, &[Arrival { t: 0, tenant: i, sample: 0 }]);
+            let (summary, _) = simulate(
+                &scn,
+                std::slice::from_ref(&ctx),
+                PolicyName::Profiled,
+                &[Arrival { t: 0, tenant: i, model: 0, sample: 0 }],
+            );
             let v = summary.variants.iter().position(|&n| n == 1).expect("answered once");
             ctx.spec.variants[v].name.clone()
         })
