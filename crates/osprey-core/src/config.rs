@@ -39,10 +39,25 @@ pub struct AgentConfig {
     /// Worker threads this agent may use for inference.
     #[serde(default = "default_threads")]
     pub threads: u32,
+    /// The relative speed of the node this agent stands for (1.0 = this machine). Below 1 it
+    /// runs every batch `1 / speed` times as long (it waits out the difference), so one
+    /// machine can emulate a cluster of unequal nodes; the dispatcher plans with it.
+    #[serde(default = "default_speed")]
+    pub speed: f64,
 }
 
 fn default_threads() -> u32 {
     1
+}
+
+fn default_speed() -> f64 {
+    1.0
+}
+
+impl AgentConfig {
+    pub fn new(name: &str, threads: u32) -> AgentConfig {
+        AgentConfig { name: name.into(), threads, speed: 1.0 }
+    }
 }
 
 /// A tenant: who may call, with which objectives and quota.
@@ -244,6 +259,13 @@ impl ServerConfig {
         }
         if c.agents.iter().any(|a| a.threads == 0) {
             return Err(Error::invalid(format!("{}: an agent needs at least one thread", path.display())));
+        }
+        if let Some(a) = c.agents.iter().find(|a| !(a.speed > 0.0 && a.speed <= 1.0)) {
+            return Err(Error::invalid(format!(
+                "{}: agent '{}': speed must be within (0, 1] (an in-process agent cannot run faster than this machine)",
+                path.display(),
+                a.name
+            )));
         }
         Ok(c)
     }

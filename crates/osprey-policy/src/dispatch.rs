@@ -22,15 +22,17 @@
 //! start), so one busy model cannot starve another on shared nodes.
 //!
 //! # Health (the quality-driven paper's contention- and failure-awareness)
-//! Per node, from every finished batch: the service time the node measured `t`, and the
-//! profile's median for that batch `ℓ₅₀(b)` on the node (`/ speed`):
+//! Per node, from every finished batch: the engine time the node measured `e` (what profiles
+//! measure), and the profile's median for that batch `ℓ₅₀(b)` on the node (`/ speed`):
 //! ```text
-//! σ_n ← 0.8·σ_n + 0.2·clamp(t / (ℓ₅₀(b) / speed_n), 0.1, 50)        observed slowdown
-//! t̄_n ← 0.8·t̄_n + 0.2·t                                              mean service time
+//! σ_n ← 0.8·σ_n + 0.2·clamp(e / (ℓ₅₀(b) / speed_n), 0.1, 50)        observed slowdown
+//! t̄_n ← 0.8·t̄_n + 0.2·e                                              mean service time
 //! failures_n, successes_n counted over a window halved past 20 batches
 //! ```
-//! The scheduler's own per-variant slowdown is fed `t · speed_n / σ_n` (the node's factors
-//! taken out), so a slow node does not make every node look slow.
+//! The scheduler's own per-variant slowdown is fed the node's whole time on the batch `t`
+//! (engine plus assembling and splitting) as `t · speed_n / σ_n` (the node's factors taken
+//! out), so a slow node does not make every node look slow, while the serving stack's own
+//! cost still reaches the plan.
 //!
 //! # Retry and failover (one meaning, both drivers)
 //! A node that stops heartbeating for `dead_after_us` (or whose connection ends) is down: it
@@ -192,8 +194,10 @@ pub enum Action {
 /// How a batch ended on its node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BatchOutcome {
-    /// Answers are ready; `service_us` is the time the node spent on the batch.
-    Ok { service_us: f64 },
+    /// Answers are ready. `service_us`: the node's whole time on the batch (assembling,
+    /// running, splitting; what the scheduler plans with); `engine_us`: the engine's part of it
+    /// (what the profile measured; the node's observed slowdown compares it).
+    Ok { service_us: f64, engine_us: f64 },
     /// The node ran the batch and it failed (an engine error): its members are answered
     /// with this error, not retried.
     Error(String),
@@ -673,13 +677,13 @@ impl Dispatcher {
             n.last_seen = n.last_seen.max(now);
         }
         let done = match outcome {
-            BatchOutcome::Ok { service_us } => {
+            BatchOutcome::Ok { service_us, engine_us } => {
                 let model = &mut self.models[b.model];
                 if let Some(n) = self.nodes.get_mut(&node) {
                     let speed = n.info.speed.max(1e-6);
                     let factor = n.health.slowdown / speed;
                     if let Some(reference) = model.sched.profiled_us(b.variant, b.rows, Quantile::P50) {
-                        n.health.success(service_us, reference / speed);
+                        n.health.success(engine_us, reference / speed);
                     }
                     model.sched.observe(b.variant, b.rows, service_us / factor.max(1e-6));
                 } else {

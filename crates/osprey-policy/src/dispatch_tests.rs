@@ -179,9 +179,11 @@ impl Pair {
                     .unwrap_or(1.0);
                 let speed = self.d.nodes().iter().find(|n| n.id == run.node).map_or(1.0, |n| n.info.speed);
                 let service = base / speed * self.truth[&run.node].0;
-                if let Some(done) =
-                    self.d.handle_batch_done(self.now, id, BatchOutcome::Ok { service_us: service })
-                {
+                if let Some(done) = self.d.handle_batch_done(
+                    self.now,
+                    id,
+                    BatchOutcome::Ok { service_us: service, engine_us: service },
+                ) {
                     for r in done.members {
                         *self.answers.entry(r.id).or_default() += 1;
                     }

@@ -61,6 +61,8 @@ pub struct Executed {
     pub compute_output: Duration,
     /// Time the node spent on the batch (its own clock), µs.
     pub service_us: f64,
+    /// The engine's part of it (what profiles measure), µs.
+    pub engine_us: f64,
 }
 
 /// How a batch failed.
@@ -127,13 +129,17 @@ pub trait Agent: Send + Sync {
 pub struct LocalAgent {
     name: String,
     workers: u32,
+    speed: f64,
     tx: Mutex<Option<std_mpsc::Sender<(Work, Completer)>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl LocalAgent {
-    pub fn start(name: &str, workers: u32) -> LocalAgent {
+    /// Starts `workers` threads. `speed` < 1 emulates a slower node: each batch then takes
+    /// `1 / speed` times as long (the worker waits out the difference).
+    pub fn start(name: &str, workers: u32, speed: f64) -> LocalAgent {
         let workers = workers.max(1);
+        let speed = if speed > 0.0 && speed <= 1.0 { speed } else { 1.0 };
         let (tx, rx) = std_mpsc::channel::<(Work, Completer)>();
         let rx = Arc::new(Mutex::new(rx));
         // A thread the OS refuses is logged and left out: the agent then offers fewer workers.
@@ -146,7 +152,7 @@ impl LocalAgent {
                         loop {
                             let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                             let Ok((work, done)) = next else { return };
-                            done.complete(run_work(&work));
+                            done.complete(run_at_speed(&work, speed));
                         }
                     })
                     .map_err(|e| tracing::error!(agent = name, "cannot start worker thread {i}: {e}"))
@@ -156,6 +162,7 @@ impl LocalAgent {
         LocalAgent {
             name: name.to_string(),
             workers: threads.len() as u32,
+            speed,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
         }
@@ -165,6 +172,25 @@ impl LocalAgent {
     pub fn workers(&self) -> u32 {
         self.workers
     }
+
+    /// The relative speed it stands for.
+    pub fn speed(&self) -> f64 {
+        self.speed
+    }
+}
+
+/// Runs a batch and stretches it to `1 / speed` of its time (an emulated slower node).
+fn run_at_speed(work: &Work, speed: f64) -> std::result::Result<Executed, Failure> {
+    let t = Instant::now();
+    let mut r = run_work(work);
+    if speed < 1.0 {
+        std::thread::sleep(t.elapsed().mul_f64(1.0 / speed - 1.0));
+        if let Ok(ex) = &mut r {
+            ex.service_us = t.elapsed().as_secs_f64() * 1e6;
+            ex.engine_us /= speed;
+        }
+    }
+    r
 }
 
 impl Agent for LocalAgent {
@@ -237,6 +263,7 @@ fn execute(model: &ModelEntry, variant: usize, members: &[Arc<ValidRequest>]) ->
         compute_infer: t2 - t1,
         compute_output: t3 - t2,
         service_us: (t3 - t0).as_secs_f64() * 1e6,
+        engine_us: (t2 - t1).as_secs_f64() * 1e6,
     })
 }
 

@@ -485,7 +485,7 @@ impl CompletionSink for Cluster {
         let Some(cluster) = self.me.upgrade() else { return };
         let mut answer = None;
         let outcome = match &result {
-            Ok(ex) => BatchOutcome::Ok { service_us: ex.service_us },
+            Ok(ex) => BatchOutcome::Ok { service_us: ex.service_us, engine_us: ex.engine_us },
             Err(Failure::Engine(e)) => BatchOutcome::Error(e.message.clone()),
             Err(Failure::Lost(why)) => BatchOutcome::Lost(why.clone()),
         };
@@ -566,6 +566,7 @@ impl RemoteAgent {
                 compute_infer: service,
                 compute_output: Duration::ZERO,
                 service_us: res.service_us.max(0.0),
+                engine_us: res.service_us.max(0.0),
             })
             .map_err(Failure::Engine);
         done.complete(result);

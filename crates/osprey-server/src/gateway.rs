@@ -355,11 +355,15 @@ impl Gateway {
         let entries: Vec<Arc<ModelEntry>> = models.values().cloned().collect();
         let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries, metrics.clone());
         let timer = tokio::spawn(cluster.clone().run_timer());
-        let locals: Vec<Arc<LocalAgent>> =
-            config.local_agents.iter().map(|a| Arc::new(LocalAgent::start(&a.name, a.threads))).collect();
+        let locals: Vec<Arc<LocalAgent>> = config
+            .local_agents
+            .iter()
+            .map(|a| Arc::new(LocalAgent::start(&a.name, a.threads, a.speed)))
+            .collect();
         for a in &locals {
             let agent: Arc<dyn Agent> = a.clone();
-            cluster.join(NodeInfo::local(a.name(), a.workers()), agent, a.workers());
+            let info = NodeInfo { speed: a.speed(), ..NodeInfo::local(a.name(), a.workers()) };
+            cluster.join(info, agent, a.workers());
         }
         Arc::new(Gateway {
             models,

@@ -518,9 +518,11 @@ impl Sim<'_> {
         let Some(b) = self.running.remove(&id) else { return };
         let Some(node) = self.nodes.get(&b.node) else { return }; // died with its node
         let cost = b.service_us / 1e6 * self.scn.nodes[node.spec].cost_per_s;
-        let Some(done) =
-            self.d.handle_batch_done(self.now, id, BatchOutcome::Ok { service_us: b.service_us })
-        else {
+        let Some(done) = self.d.handle_batch_done(
+            self.now,
+            id,
+            BatchOutcome::Ok { service_us: b.service_us, engine_us: b.service_us },
+        ) else {
             return; // failed over already
         };
         self.out.cost += cost;

@@ -136,7 +136,9 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
 fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<Sample> {
     let input = &spec.inputs[0];
     let per = input.sample_elements() * input.datatype.size();
-    let n_samples = eval.map_or(1, |e| e.len().max(1));
+    // Only the held-out half: the other half trained the model's estimator.
+    let held: Vec<usize> = eval.map_or_else(|| vec![0], EvalSet::held_out);
+    let n_samples = held.len().max(1);
     let requests = n_samples.div_ceil(args.batch).clamp(1, 256);
     let mut params = serde_json::Map::new();
     if let Some(d) = args.deadline_ms {
@@ -144,7 +146,9 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
     }
     (0..requests)
         .map(|r| {
-            let idx: Vec<usize> = (0..args.batch).map(|k| (r * args.batch + k) % n_samples).collect();
+            let idx: Vec<usize> = (0..args.batch)
+                .map(|k| held.get((r * args.batch + k) % n_samples).copied().unwrap_or(0))
+                .collect();
             let data: Vec<u8> = match eval {
                 Some(e) => idx.iter().flat_map(|&i| e.sample(i).to_vec()).collect(),
                 None => vec![0u8; per * args.batch],
@@ -456,7 +460,8 @@ fn report(args: &LoadgenArgs, t: &Tally) {
             "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost, "late": t.late, "late_pct": late_pct, "utility": utility,
             "throughput_rps": throughput, "p50_ms": p50, "p99_ms": p99,
             "accuracy": accuracy,
-                        "variants": t.variants,
+            "inputs": if t.labelled > 0 { EvalSet::HELD_OUT } else { "zeros (the model has no evaluation set)" },
+            "variants": t.variants,
             "nodes": t.nodes,
             "first_error": t.first_error,
         });
@@ -496,6 +501,9 @@ fn report(args: &LoadgenArgs, t: &Tally) {
     let v: Vec<String> = t.variants.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     if !v.is_empty() {
         println!("answered by variant: {}", v.join(", "));
+    }
+    if t.labelled > 0 {
+        println!("inputs: {}", EvalSet::HELD_OUT);
     }
     if let Some(e) = &t.first_error {
         println!("first error: {e}");

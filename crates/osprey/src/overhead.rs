@@ -49,7 +49,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 problems: Vec::new(),
                 limits: Limits::default(),
                 max_batch: 16,
-                local_agents: vec![osprey_core::config::AgentConfig { name: "local-0".into(), threads: 1 }],
+                local_agents: vec![osprey_core::config::AgentConfig::new("local-0", 1)],
                 selector: osprey_policy::instance::Selector::Predicted,
                 tenants: Vec::new(),
                 scheduler: Default::default(),

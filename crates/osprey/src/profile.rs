@@ -43,7 +43,9 @@ pub fn inputs_for(model: &ModelSpec, eval: Option<&EvalSet>, batch: u32) -> Resu
             let per = spec.sample_elements() * spec.datatype.size();
             let data: Vec<u8> = match eval {
                 Some(ev) if k == 0 && !ev.is_empty() => {
-                    (0..batch as usize).flat_map(|i| ev.sample(i % ev.len()).to_vec()).collect()
+                    // The held-out half (the other half trained the estimator).
+                    let held = ev.held_out();
+                    (0..batch as usize).flat_map(|i| ev.sample(held[i % held.len()]).to_vec()).collect()
                 }
                 _ => vec![0u8; per * batch as usize],
             };

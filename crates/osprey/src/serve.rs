@@ -55,9 +55,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let wanted = args.local_agents.unwrap_or(config.agents.len().max(1));
     let local_agents: Vec<osprey_core::config::AgentConfig> = (0..wanted)
         .map(|i| {
-            config.agents.get(i).cloned().unwrap_or(osprey_core::config::AgentConfig {
-                name: format!("local-{i}"),
-                threads: if wanted == 1 { default_threads } else { 1 },
+            config.agents.get(i).cloned().unwrap_or_else(|| {
+                osprey_core::config::AgentConfig::new(
+                    &format!("local-{i}"),
+                    if wanted == 1 { default_threads } else { 1 },
+                )
             })
         })
         .collect();
