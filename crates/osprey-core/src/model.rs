@@ -372,6 +372,21 @@ impl EvalSet {
 mod tests {
     use super::*;
 
+    #[test]
+    fn held_out_is_the_odd_half() {
+        let spec = TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1, 1] };
+        let ev = |n: usize| EvalSet {
+            input: spec.clone(),
+            inputs: vec![0; 4 * n],
+            labels: vec![0; n],
+            variants: vec![],
+            correct: vec![],
+        };
+        assert_eq!(ev(5).held_out(), vec![1, 3]);
+        assert!(ev(10).held_out().iter().all(|i| i % 2 == 1), "never the even (training) half");
+        assert_eq!(ev(1).held_out(), vec![0]);
+    }
+
     const GOOD: &str = r#"
 task = "t"
 modality = "image"

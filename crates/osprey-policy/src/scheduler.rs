@@ -184,6 +184,9 @@ pub struct Scheduler {
     rng: u64,
     /// Variants some instance can run now (the driver reports placement).
     available: Vec<bool>,
+    /// Cached [`Scheduler::poll_timeout`] (`None` = to recompute): drivers ask after every
+    /// event, the queue changes far less often.
+    next_expiry: std::cell::Cell<Option<Option<Micros>>>,
 }
 
 /// Weight of a new observation in the slowdown average.
@@ -203,7 +206,16 @@ impl Scheduler {
             _ => 1,
         };
         let available = vec![true; variants.len()];
-        Scheduler { cfg, variants, queue: Vec::new(), last_variant: None, slowdown, rng, available }
+        Scheduler {
+            cfg,
+            variants,
+            queue: Vec::new(),
+            last_variant: None,
+            slowdown,
+            rng,
+            available,
+            next_expiry: std::cell::Cell::new(Some(None)),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -234,6 +246,7 @@ impl Scheduler {
         }
         let ratio = (observed_us / profiled).clamp(0.5, 20.0);
         self.slowdown[v] = (1.0 - SLOWDOWN_ALPHA) * self.slowdown[v] + SLOWDOWN_ALPHA * ratio;
+        self.next_expiry.set(None);
     }
 
     /// Profiled service time of `rows` samples on `v` at quantile `q`, µs, without the observed
@@ -267,18 +280,29 @@ impl Scheduler {
     /// request expires once `now + ℓ_min > d`, i.e. at `⌊d − ℓ_min⌋ + 1`; under the FIFO
     /// baselines at its deadline `d`.
     pub fn poll_timeout(&self) -> Option<Micros> {
-        let early = matches!(self.cfg.rule, Rule::Utility | Rule::Dream);
-        self.queue
-            .iter()
-            .map(|r| {
-                if early {
-                    let at = r.deadline as f64 - self.min_latency(r);
-                    if at.is_finite() { (at.max(0.0).floor() as Micros).saturating_add(1) } else { 0 }
-                } else {
-                    r.deadline
-                }
-            })
-            .min()
+        if let Some(t) = self.next_expiry.get() {
+            return t;
+        }
+        let t = self.queue.iter().map(|r| self.expiry_of(r)).min();
+        self.next_expiry.set(Some(t));
+        t
+    }
+
+    fn expiry_of(&self, r: &Request) -> Micros {
+        if matches!(self.cfg.rule, Rule::Utility | Rule::Dream) {
+            let at = r.deadline as f64 - self.min_latency(r);
+            if at.is_finite() { (at.max(0.0).floor() as Micros).saturating_add(1) } else { 0 }
+        } else {
+            r.deadline
+        }
+    }
+
+    /// Keeps the cached next expiry right as `r` joins the queue.
+    fn note_queued(&self, r: &Request) {
+        if let Some(cached) = self.next_expiry.get() {
+            let e = self.expiry_of(r);
+            self.next_expiry.set(Some(Some(cached.map_or(e, |c| c.min(e)))));
+        }
     }
 
     /// Current slowdown factor of each variant.
@@ -311,7 +335,10 @@ impl Scheduler {
     /// planned (a request that can only run on one of them expires at its deadline).
     pub fn set_available(&mut self, available: &[bool]) {
         for (a, &b) in self.available.iter_mut().zip(available) {
-            *a = b;
+            if *a != b {
+                *a = b;
+                self.next_expiry.set(None);
+            }
         }
     }
 
@@ -352,6 +379,7 @@ impl Scheduler {
                 return Err((Reject::Capacity, r));
             }
         }
+        self.note_queued(&r);
         self.queue.push(r);
         Ok(())
     }
@@ -359,6 +387,9 @@ impl Scheduler {
     /// Puts planned requests back (the driver could not run their batch after all), without
     /// admission checks, in arrival order.
     pub fn requeue(&mut self, reqs: Vec<Request>) {
+        for r in &reqs {
+            self.note_queued(r);
+        }
         self.queue.extend(reqs);
         self.queue.sort_by_key(|r| (r.arrival, r.id));
     }
@@ -366,11 +397,13 @@ impl Scheduler {
     /// Removes a queued request (its client went away).
     pub fn remove(&mut self, id: u64) -> Option<Request> {
         let i = self.queue.iter().position(|r| r.id == id)?;
+        self.next_expiry.set(None);
         Some(self.queue.remove(i))
     }
 
     /// Removes and returns every queued request (shutdown, tests).
     pub fn drain(&mut self) -> Vec<Request> {
+        self.next_expiry.set(Some(None));
         std::mem::take(&mut self.queue)
     }
 
@@ -389,6 +422,7 @@ impl Scheduler {
             if dead { expired.push(r) } else { keep.push(r) }
         }
         self.queue = keep;
+        self.next_expiry.set(None);
         expired
     }
 
@@ -405,6 +439,7 @@ impl Scheduler {
             sorted.sort_unstable_by(|a, b| b.cmp(a));
             for i in sorted {
                 members.push(self.queue.remove(i));
+                self.next_expiry.set(None);
             }
             members.reverse();
             // Keep the members in the order they were picked for the batch.
@@ -657,6 +692,22 @@ mod tests {
             floor: 0.0,
             pinned: None,
             estimate: est.to_vec(),
+        }
+    }
+
+    #[test]
+    fn poll_timeout_is_exactly_when_expire_first_removes() {
+        for rule in [Rule::Utility, Rule::Fixed(1)] {
+            let mut s = Scheduler::new(SchedulerConfig::for_test(rule), zoo());
+            assert_eq!(s.poll_timeout(), None);
+            s.admit(0, req(1, 0, 20_000, [0.6, 0.8, 0.95])).unwrap();
+            s.admit(0, req(2, 0, 50_000, [0.6, 0.8, 0.95])).unwrap();
+            let t = s.poll_timeout().unwrap();
+            assert!(t > 0 && t <= 20_000, "{rule:?}: {t}");
+            assert!(s.expire(t - 1).is_empty(), "{rule:?}: nothing is due before the timeout");
+            let gone = s.expire(t);
+            assert_eq!(gone.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1], "{rule:?}");
+            assert!(s.poll_timeout().unwrap() > t);
         }
     }
 

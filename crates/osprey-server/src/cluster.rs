@@ -534,12 +534,16 @@ impl CompletionSink for Cluster {
 
 // ----- remote agents -----
 
+/// A batch sent to a remote node: its model and members (to check and split the outputs) and
+/// its completer.
+type Sent = (Arc<ModelEntry>, Vec<Arc<ValidRequest>>, Completer);
+
 /// A node agent attached over gRPC.
 pub struct RemoteAgent {
     name: String,
     tx: Mutex<Option<mpsc::Sender<std::result::Result<agent_pb::GatewayMessage, Status>>>>,
     /// Batches sent and not answered: their members (to split outputs) and completers.
-    pending: Mutex<HashMap<BatchId, (Arc<ModelEntry>, Vec<Arc<ValidRequest>>, Completer)>>,
+    pending: Mutex<HashMap<BatchId, Sent>>,
 }
 
 impl RemoteAgent {

@@ -381,10 +381,13 @@ impl Sim<'_> {
                 Event::Arrival(i) => self.arrive(i),
                 Event::BatchDone(b) => self.finish(b),
                 Event::Node(k) => self.node_event(k),
-                Event::Timer => {
+                // Only the armed timer counts; one superseded by an earlier wake-up is stale
+                // (re-arming from stale timers would multiply them).
+                Event::Timer if self.timer_at == Some(self.now) => {
                     self.timer_at = None;
                     self.d.handle_timeout(self.now);
                 }
+                Event::Timer => {}
             }
             self.actions();
             self.arm();

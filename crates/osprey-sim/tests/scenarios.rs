@@ -58,6 +58,16 @@ fn shipped_scenarios_run_conserve_requests_and_reproduce() {
                 s.failed
             );
             assert_eq!(s.variants.iter().sum::<u64>(), s.completed);
+            // The engine wakes when the dispatcher asks, no more: events stay proportional to
+            // requests (stale timers once multiplied into millions of empty wake-ups).
+            assert!(
+                s.events <= 8 * s.requests + 1000,
+                "{} / {}: {} events for {} requests",
+                path.display(),
+                s.policy,
+                s.events,
+                s.requests
+            );
             assert!(s.late <= s.completed && s.correct <= s.completed);
         }
         let header = csv.lines().next().unwrap();
@@ -120,4 +130,62 @@ rate = 3000
     let during = series[1].completed;
     let after = series[2].completed;
     assert!(after > during, "{during} then {after}");
+}
+
+fn one_node(extra: &str) -> Scenario {
+    let text = format!(
+        r#"
+name = "charges"
+seed = 2
+duration_s = 1
+model = "digits"
+model_repository = "../../models"
+jitter_cv = 0.0
+policies = ["data-aware"]
+{extra}
+[[nodes]]
+name = "a"
+[[tenants]]
+name = "t"
+latency_slo_ms = 2
+[workload]
+kind = "poisson"
+rate = 200
+"#
+    );
+    let scn: Scenario = toml::from_str(&text).unwrap();
+    scn.check().unwrap();
+    scn
+}
+
+#[test]
+fn inputs_come_from_the_held_out_half_only() {
+    let scn = one_node("");
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let models = load_models(&scn, &base).unwrap();
+    let arr = arrivals(&scn, &base, &models).unwrap();
+    assert!(arr.len() > 50);
+    assert!(arr.iter().all(|a| a.sample % 2 == 1), "even samples trained the estimator");
+}
+
+#[test]
+fn request_overhead_and_estimator_cost_are_charged_where_the_decision_is_made() {
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let run = |extra: &str| {
+        let scn = one_node(extra);
+        let models = load_models(&scn, &base).unwrap();
+        let arr = arrivals(&scn, &base, &models).unwrap();
+        simulate(&scn, &models, PolicyName::DataAware, &arr).0
+    };
+    let free = run("");
+    assert!(free.completed > 0 && free.late == 0, "{free:?}");
+    // 2.5 ms spent outside the worker cannot fit a 2 ms objective: refused at once, never
+    // answered "on time" after the fact.
+    let costly = run("request_overhead_us = 2500.0");
+    assert_eq!(costly.completed, 0, "{costly:?}");
+    assert_eq!(costly.rejected, costly.requests);
+    // The estimate's time is spent before admission.
+    let slow_estimate = run("estimator_us = 2500.0");
+    assert_eq!(slow_estimate.completed, 0, "{slow_estimate:?}");
+    assert!(run("estimator_us = 100.0").latencies_us.first() > free.latencies_us.first());
 }
