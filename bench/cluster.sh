@@ -13,7 +13,7 @@ DEADLINE=${3:-20}
 MODEL=${4:-digits}
 SLOW=${5:-6}
 cargo build --release --quiet
-BIN=target/release/osprey
+BIN=${OSPREY_BIN:-target/release/osprey}   # OSPREY_BIN: compare another build
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }

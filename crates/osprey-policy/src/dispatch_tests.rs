@@ -69,6 +69,8 @@ struct Pair {
     admitted: Vec<u64>,
     runs: Vec<Run>,
     next_heartbeat: Micros,
+    /// Memory of loads asked and not yet confirmed, per node.
+    loading: BTreeMap<NodeId, Vec<u64>>,
 }
 
 const HEARTBEAT: Micros = 200_000;
@@ -84,6 +86,7 @@ impl Pair {
             admitted: Vec::new(),
             runs: Vec::new(),
             next_heartbeat: HEARTBEAT,
+            loading: BTreeMap::new(),
         }
     }
 
@@ -136,8 +139,26 @@ impl Pair {
                 }
                 Action::Reply { request, .. } => *self.answers.entry(request).or_default() += 1,
                 Action::Load { node, model, variant } => {
+                    // Placement never exceeds a node's memory (hosted + this load; `model()`
+                    // declares small = 10 MB, large = 30 MB).
+                    let view = self.d.nodes().into_iter().find(|n| n.id == node).expect("known node");
+                    let mb = |v: &str| if v == "small" { 10 } else { 30 };
+                    let used: u64 = view.hosted.iter().map(|(_, v)| mb(v)).sum();
+                    self.loading.entry(node).or_default().push(mb(if variant == 0 {
+                        "small"
+                    } else {
+                        "large"
+                    }));
+                    let pending: u64 = self.loading[&node].iter().sum();
+                    assert!(
+                        used + pending <= view.info.memory_mb,
+                        "node {node} over memory: {used} + {pending} MB"
+                    );
                     if self.truth.get(&node).is_some_and(|t| t.1) {
                         self.d.handle_loaded(self.now, node, model, variant, "");
+                        if let Some(l) = self.loading.get_mut(&node) {
+                            l.pop();
+                        }
                     }
                 }
                 Action::Unload { .. } | Action::Disconnect { .. } => {}

@@ -609,10 +609,11 @@ impl Agent for RemoteAgent {
             .unwrap_or_else(|e| e.into_inner())
             .insert(work.batch, (model.clone(), work.members, done));
         if !self.send(msg) {
-            // The stream is gone or saturated: this node loses the batch (fail over).
-            if let Some((_, _, done)) =
-                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&work.batch)
-            {
+            // The stream is gone or saturated: this node loses the batch (fail over). The
+            // entry is taken out before completing: completing re-enters the dispatcher, which
+            // may send this agent another batch (a held `pending` lock would deadlock).
+            let sent = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&work.batch);
+            if let Some((_, _, done)) = sent {
                 done.complete(Err(Failure::Lost("its connection is closed or saturated".into())));
             }
         }
@@ -637,7 +638,10 @@ impl Agent for RemoteAgent {
         // and reconnects. Pending completers drop as lost (the dispatcher already failed
         // those batches over, so they are ignored).
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Taken out first, dropped after the lock is released (a dropped completer re-enters
+        // the dispatcher).
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(pending);
     }
 }
 
@@ -764,5 +768,67 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::{Gateway, GatewayConfig, InputTensor, RequestOptions};
+    use osprey_core::config::{Limits, SchedulerSection};
+    use osprey_core::tensor::DataType;
+    use osprey_policy::instance::Selector;
+
+    /// A remote node whose connection closed before the gateway noticed: every send fails, the
+    /// dispatcher retries on the same node (it is still the only one), and the request must be
+    /// answered, not deadlock on the agent's own `pending` lock.
+    #[test]
+    fn a_closed_remote_stream_fails_requests_instead_of_deadlocking() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let r = rt.block_on(async {
+                let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
+                let (models, _) = osprey_core::model::scan_repository(&repo).unwrap();
+                let gw = Gateway::start(
+                    GatewayConfig {
+                        models,
+                        problems: vec![],
+                        limits: Limits::default(),
+                        max_batch: 8,
+                        local_agents: vec![],
+                        selector: Selector::Predicted,
+                        tenants: vec![],
+                        scheduler: SchedulerSection::default(),
+                    },
+                    |_, _, _| osprey_core::profile::VariantProfile::default(),
+                );
+                let (tx, rx) = mpsc::channel(4);
+                drop(rx);
+                let agent = Arc::new(RemoteAgent {
+                    name: "gone".into(),
+                    tx: Mutex::new(Some(tx)),
+                    pending: Mutex::new(HashMap::new()),
+                });
+                let info = NodeInfo { heartbeats: true, ..NodeInfo::local("gone", 1) };
+                gw.cluster.join(info, agent, 1);
+                let t = RawTensor::from_bytes(DataType::Fp32, vec![1, 8, 8], vec![0; 256]).unwrap();
+                let input = InputTensor { name: "image".into(), tensor: t };
+                let req = gw.validate(
+                    "digits",
+                    "small",
+                    String::new(),
+                    vec![input],
+                    &[],
+                    &RequestOptions::default(),
+                );
+                gw.infer(req.unwrap(), 0).await
+            });
+            let _ = done_tx.send(r);
+        });
+        let r = done_rx.recv_timeout(Duration::from_secs(20)).expect("answered, not deadlocked");
+        let e = r.unwrap_err();
+        assert_eq!(e.code, osprey_core::ErrorCode::Unavailable, "{e:?}");
     }
 }
