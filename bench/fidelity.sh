@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
-SCN=scenarios/accuracy-scaling.toml   # spoken_digits, 1 worker, Poisson 900/s, 50 ms objective
+SCN=scenarios/accuracy-scaling.toml   # spoken_digits, 1 worker, Poisson (its rate), 50 ms objective
+RATE=$(sed -n "s/^rate = \([0-9.]*\)$/\1/p" "$SCN")   # the live run offers the same rate
 cargo build --release --quiet
 BIN=target/release/osprey
 TMP=$(mktemp -d)
@@ -32,7 +33,7 @@ CONF
   PID=$!
   for _ in $(seq 1 600); do grep -q '^ready ' "$TMP/serve.log" && break; sleep 0.1; done
   HTTP=$(sed -n 's/^ready http=\([^ ]*\) grpc=.*/\1/p' "$TMP/serve.log")
-  $BIN loadgen --model spoken_digits --target "$HTTP" --rate 900 --duration "$DUR" --json | tail -1 >"$TMP/live-$policy.json"
+  $BIN loadgen --model spoken_digits --target "$HTTP" --rate "$RATE" --duration "$DUR" --json | tail -1 >"$TMP/live-$policy.json"
   kill -TERM $PID; wait $PID || true
 done
 python3 - "$TMP" $POLICIES <<'PY'
