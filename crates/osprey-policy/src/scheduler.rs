@@ -192,6 +192,15 @@ pub struct Scheduler {
 /// Weight of a new observation in the slowdown average.
 const SLOWDOWN_ALPHA: f64 = 0.2;
 
+/// A request's weight `w_r`: its tenant's weight, times `1 + 1/p` for Triton's `priority`
+/// level p ≥ 1 (1 = the highest); 0 or none leaves the tenant's weight.
+pub fn request_weight(tenant_weight: f64, priority: Option<u64>) -> f64 {
+    match priority {
+        Some(p) if p > 0 => tenant_weight * (1.0 + 1.0 / p as f64),
+        _ => tenant_weight,
+    }
+}
+
 /// Priority of a request (see the module docs).
 pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, beta: f64) -> f64 {
     let urgency = (-(slack_us.max(0.0)) / tau_us.max(1.0)).exp();

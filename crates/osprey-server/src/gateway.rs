@@ -546,11 +546,7 @@ impl Gateway {
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
         let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));
-        let boost = match req.priority {
-            Some(p) if p > 0 => 1.0 + 1.0 / p as f64,
-            _ => 1.0,
-        };
-        let weight = tcfg.weight * boost;
+        let weight = osprey_policy::scheduler::request_weight(tcfg.weight, req.priority);
         let guard = InFlight::new(
             self.inflight.clone(),
             self.idle.clone(),
