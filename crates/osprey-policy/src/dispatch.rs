@@ -726,16 +726,9 @@ impl Dispatcher {
 
     /// Expiry, silent nodes and stale batches, as of `now`.
     pub fn handle_timeout(&mut self, now: Micros) {
-        for (k, m) in self.models.iter_mut().enumerate() {
-            for r in m.sched.expire(now) {
-                self.retries.remove(&r.id);
-                self.actions.push_back(Action::Reply {
-                    model: k,
-                    request: r.id,
-                    why: Why::Expired,
-                    error: expired(now, &r),
-                });
-            }
+        for k in 0..self.models.len() {
+            let gone = self.models[k].sched.expire(now);
+            self.answer_expired(now, k, gone);
         }
         let silent: Vec<NodeId> = self
             .nodes
@@ -756,6 +749,15 @@ impl Dispatcher {
             self.handle_batch_done(now, id, BatchOutcome::Lost("a batch timed out".into()));
         }
         self.pump(now);
+    }
+
+    /// Answers requests that can no longer meet their deadline.
+    fn answer_expired(&mut self, now: Micros, model: ModelId, gone: Vec<Request>) {
+        for r in gone {
+            self.retries.remove(&r.id);
+            let error = expired(now, &r);
+            self.actions.push_back(Action::Reply { model, request: r.id, why: Why::Expired, error });
+        }
     }
 
     /// Puts a failed batch's requests back into their queue, or answers them when they may not
@@ -815,15 +817,7 @@ impl Dispatcher {
                     continue;
                 }
                 let plan = self.models[k].sched.next_batch(now);
-                for r in plan.expired {
-                    self.retries.remove(&r.id);
-                    self.actions.push_back(Action::Reply {
-                        model: k,
-                        request: r.id,
-                        why: Why::Expired,
-                        error: expired(now, &r),
-                    });
-                }
+                self.answer_expired(now, k, plan.expired);
                 let Some(batch) = plan.batch else {
                     stuck[k] = true;
                     continue;
@@ -870,9 +864,9 @@ impl Dispatcher {
         }
     }
 
+    /// Some live node hosting a variant of `model` has a free worker.
     fn has_free_worker(&self, model: ModelId) -> bool {
-        let available = self.available(model);
-        self.nodes.values().any(|n| n.free() && n.hosted.iter().any(|&(m, v)| m == model && available[v]))
+        self.nodes.values().any(|n| n.free() && n.hosted.range((model, 0)..(model + 1, 0)).next().is_some())
     }
 
     /// The instance for a batch: among live nodes hosting the variant with room.

@@ -80,8 +80,7 @@ enum Todo {
     Run(Arc<dyn Agent>, Work, NodeId),
     Reply(Waiting, Error),
     Answer(Waiting, Result<InferOutcome>),
-    Load(Arc<dyn Agent>, String, String),
-    Unload(Arc<dyn Agent>, String, String),
+    Place { agent: Arc<dyn Agent>, load: bool, model: String, variant: String },
     Disconnect(Arc<dyn Agent>, String),
 }
 
@@ -215,24 +214,17 @@ impl Cluster {
                         todo.push(Todo::Reply(w, error));
                     }
                 }
-                Action::Load { node, model, variant } => {
+                Action::Load { node, model, variant } | Action::Unload { node, model, variant } => {
                     if let Some(s) = core.agents.get(&node) {
+                        let load = matches!(a, Action::Load { .. });
                         let m = &self.models[model];
-                        todo.push(Todo::Load(
-                            s.agent.clone(),
-                            m.name().into(),
-                            m.variants[variant].spec.name.clone(),
-                        ));
-                    }
-                }
-                Action::Unload { node, model, variant } => {
-                    if let Some(s) = core.agents.get(&node) {
-                        let m = &self.models[model];
-                        todo.push(Todo::Unload(
-                            s.agent.clone(),
-                            m.name().into(),
-                            m.variants[variant].spec.name.clone(),
-                        ));
+                        let v = m.variants[variant].spec.name.clone();
+                        todo.push(Todo::Place {
+                            agent: s.agent.clone(),
+                            load,
+                            model: m.name().into(),
+                            variant: v,
+                        });
                     }
                 }
                 Action::Disconnect { node, reason } => {
@@ -258,8 +250,8 @@ impl Cluster {
                 Todo::Answer(w, r) => {
                     let _ = w.reply.send(r);
                 }
-                Todo::Load(a, m, v) => a.load(&m, &v),
-                Todo::Unload(a, m, v) => a.unload(&m, &v),
+                Todo::Place { agent, load: true, model, variant } => agent.load(&model, &variant),
+                Todo::Place { agent, load: false, model, variant } => agent.unload(&model, &variant),
                 Todo::Disconnect(a, why) => a.disconnect(&why),
             }
         }
@@ -775,9 +767,7 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
 mod tests {
     use super::*;
     use crate::gateway::{Gateway, GatewayConfig, InputTensor, RequestOptions};
-    use osprey_core::config::{Limits, SchedulerSection};
     use osprey_core::tensor::DataType;
-    use osprey_policy::instance::Selector;
 
     /// A remote node whose connection closed before the gateway noticed: every send fails, the
     /// dispatcher retries on the same node (it is still the only one), and the request must be
@@ -791,19 +781,9 @@ mod tests {
             let r = rt.block_on(async {
                 let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
                 let (models, _) = osprey_core::model::scan_repository(&repo).unwrap();
-                let gw = Gateway::start(
-                    GatewayConfig {
-                        models,
-                        problems: vec![],
-                        limits: Limits::default(),
-                        max_batch: 8,
-                        local_agents: vec![],
-                        selector: Selector::Predicted,
-                        tenants: vec![],
-                        scheduler: SchedulerSection::default(),
-                    },
-                    |_, _, _| osprey_core::profile::VariantProfile::default(),
-                );
+                let gw = Gateway::start(GatewayConfig::for_test(models), |_, _, _| {
+                    osprey_core::profile::VariantProfile::default()
+                });
                 let (tx, rx) = mpsc::channel(4);
                 drop(rx);
                 let agent = Arc::new(RemoteAgent {

@@ -192,6 +192,23 @@ pub struct GatewayConfig {
     pub scheduler: SchedulerSection,
 }
 
+impl GatewayConfig {
+    /// The given models with default limits, no local agents (tests join their own), the
+    /// default tenant and policy.
+    pub fn for_test(models: Vec<ModelSpec>) -> GatewayConfig {
+        GatewayConfig {
+            models,
+            problems: Vec::new(),
+            limits: Limits::default(),
+            max_batch: 8,
+            local_agents: Vec::new(),
+            selector: Selector::Predicted,
+            tenants: Vec::new(),
+            scheduler: SchedulerSection::default(),
+        }
+    }
+}
+
 pub struct Gateway {
     models: BTreeMap<String, Arc<ModelEntry>>,
     pub tenants: Tenants,

@@ -1,12 +1,10 @@
 //! The gateway, its cluster driver and node handling, tested through the fake agent (which
 //! holds batches until the test decides what happens to them), on the bundled models.
 
-use osprey_core::config::{Limits, SchedulerSection};
 use osprey_core::model::scan_repository;
 use osprey_core::profile::VariantProfile;
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_policy::dispatch::NodeInfo;
-use osprey_policy::instance::Selector;
 use osprey_server::agent::{Agent, Failure, FakeAgent};
 use osprey_server::gateway::{Gateway, GatewayConfig, InputTensor, RequestOptions};
 use std::path::PathBuf;
@@ -16,19 +14,9 @@ use std::time::{Duration, Instant};
 fn gateway() -> Arc<Gateway> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let (models, problems) = scan_repository(&repo).expect("bundled models");
-    Gateway::start(
-        GatewayConfig {
-            models,
-            problems,
-            limits: Limits::default(),
-            max_batch: 8,
-            local_agents: vec![],
-            selector: Selector::Predicted,
-            tenants: vec![],
-            scheduler: SchedulerSection::default(),
-        },
-        |_, _, _| VariantProfile::default(),
-    )
+    Gateway::start(GatewayConfig { problems, ..GatewayConfig::for_test(models) }, |_, _, _| {
+        VariantProfile::default()
+    })
 }
 
 fn fake(gw: &Gateway, name: &str, workers: u32) -> Arc<FakeAgent> {

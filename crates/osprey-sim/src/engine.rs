@@ -502,7 +502,7 @@ impl Sim<'_> {
             node: node.name.clone(),
             rows: run.rows,
         });
-        let node = self.nodes.get_mut(&run.node).expect("checked above");
+        let Some(node) = self.nodes.get_mut(&run.node) else { return };
         // The earliest free worker takes it (batches beyond the workers queue on the node).
         let w = (0..node.free_at.len()).min_by_key(|&w| node.free_at[w]).unwrap_or(0);
         let begin = node.free_at.get(w).copied().unwrap_or(self.now).max(self.now);

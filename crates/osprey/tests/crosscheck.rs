@@ -9,7 +9,7 @@
 //! least 90% of the decisions identical (live service times vary, and the observed slowdown
 //! they feed back may move a decision near a boundary).
 
-use osprey_core::config::{AgentConfig, Limits, PolicyName, SchedulerSection, TenantConfig};
+use osprey_core::config::{AgentConfig, PolicyName, SchedulerSection, TenantConfig};
 use osprey_core::model::{EvalSet, scan_repository};
 use osprey_core::profile::{ModelProfile, VariantProfile};
 use osprey_core::tensor::RawTensor;
@@ -79,15 +79,10 @@ fn live_and_simulated_dispatch_decide_alike() {
         let m2 = measured.clone();
         let gw = Gateway::start(
             GatewayConfig {
-                models: specs.clone(),
-                problems: vec![],
-                limits: Limits::default(),
-                max_batch: 8,
                 local_agents: NODES
                     .iter()
                     .map(|(n, s)| AgentConfig { speed: *s, ..AgentConfig::new(n, 1) })
                     .collect(),
-                selector: Selector::Predicted,
                 tenants: TENANTS
                     .iter()
                     .map(|(t, slo)| TenantConfig {
@@ -102,6 +97,7 @@ fn live_and_simulated_dispatch_decide_alike() {
                     })
                     .collect(),
                 scheduler: SchedulerSection { policy: PolicyName::DataAware, ..SchedulerSection::default() },
+                ..GatewayConfig::for_test(specs.clone())
             },
             move |spec, v, session| {
                 let settings = ProfileSettings { batch_sizes: vec![1, 8], iterations: 40, warmup: 5 };
