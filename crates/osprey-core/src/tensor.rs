@@ -174,6 +174,68 @@ impl RawTensor {
         Ok(RawTensor { datatype, shape, data: out })
     }
 
+    /// Decodes the protocol's JSON `data` (flat or nested arrays, row-major) straight from its
+    /// text into raw bytes, without building a JSON tree; the same checks and messages as
+    /// [`RawTensor::from_json`].
+    pub fn from_json_text(datatype: DataType, shape: Vec<i64>, text: &str, name: &str) -> Result<RawTensor> {
+        let want = element_count(&shape)?;
+        let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
+        let mut e = Elements { dt: datatype, out: &mut out, count: 0, limit: want, name, error: None };
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed = serde::de::DeserializeSeed::deserialize(Seed(&mut e), &mut de).and_then(|()| de.end());
+        if let Some(err) = e.error.take() {
+            return Err(err);
+        }
+        parsed.map_err(|err| Error::invalid(format!("input '{name}': 'data' is not valid: {err}")))?;
+        if e.count != want {
+            return Err(Error::invalid(format!(
+                "input '{name}': shape {shape:?} needs {want} elements, 'data' has {}",
+                e.count
+            )));
+        }
+        Ok(RawTensor { datatype, shape, data: out })
+    }
+
+    /// Appends the elements as a JSON array (numbers, booleans for BOOL; non-finite floats as
+    /// `null`), flattened row-major, without building a JSON tree. FP32 is written at f32
+    /// precision (the shortest text that reads back as the same f32).
+    pub fn write_json_data(&self, out: &mut Vec<u8>) {
+        let b = &self.data;
+        out.push(b'[');
+        macro_rules! each {
+            ($t:ty, $sz:expr) => {
+                for (i, c) in b.chunks_exact($sz).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let x = <$t>::from_le_bytes(c.try_into().unwrap_or([0; $sz]));
+                    let _ = serde_json::to_writer(&mut *out, &x);
+                }
+            };
+        }
+        match self.datatype {
+            DataType::Bool => {
+                for (i, &x) in b.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(if x != 0 { b"true" } else { b"false" });
+                }
+            }
+            DataType::Uint8 => each!(u8, 1),
+            DataType::Uint16 => each!(u16, 2),
+            DataType::Uint32 => each!(u32, 4),
+            DataType::Uint64 => each!(u64, 8),
+            DataType::Int8 => each!(i8, 1),
+            DataType::Int16 => each!(i16, 2),
+            DataType::Int32 => each!(i32, 4),
+            DataType::Int64 => each!(i64, 8),
+            DataType::Fp32 => each!(f32, 4),
+            DataType::Fp64 => each!(f64, 8),
+        }
+        out.push(b']');
+    }
+
     /// The elements as JSON numbers (booleans for BOOL), flattened row-major.
     pub fn to_json_data(&self) -> Vec<Value> {
         let b = &self.data;
@@ -211,6 +273,141 @@ impl RawTensor {
             }
         }
         v
+    }
+}
+
+/// The JSON scalars `data` may hold.
+#[derive(Clone, Copy)]
+enum Scalar {
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Bool(b) => write!(f, "{b}"),
+            Scalar::I64(i) => write!(f, "{i}"),
+            Scalar::U64(u) => write!(f, "{u}"),
+            Scalar::F64(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// Streaming decoder state of [`RawTensor::from_json_text`]; the first error is kept here
+/// (serde only carries text).
+struct Elements<'a> {
+    dt: DataType,
+    out: &'a mut Vec<u8>,
+    count: usize,
+    limit: usize,
+    name: &'a str,
+    error: Option<Error>,
+}
+
+impl Elements<'_> {
+    fn push<E: serde::de::Error>(&mut self, v: Scalar) -> std::result::Result<(), E> {
+        self.count += 1;
+        let fail = |me: &mut Self, e: Error| {
+            me.error = Some(e);
+            E::custom("invalid element")
+        };
+        if self.count > self.limit {
+            let e = Error::invalid(format!(
+                "input '{}': 'data' has more elements than its shape allows ({})",
+                self.name, self.limit
+            ));
+            return Err(fail(self, e));
+        }
+        let (dt, name, k) = (self.dt, self.name, self.count - 1);
+        let bad = || Error::invalid(format!("input '{name}': element {k} ({v}) is not a valid {dt}"));
+        macro_rules! int {
+            ($t:ty) => {{
+                let x = match v {
+                    Scalar::I64(i) => <$t>::try_from(i).ok(),
+                    Scalar::U64(u) => <$t>::try_from(u).ok(),
+                    _ => None,
+                };
+                match x {
+                    Some(x) => self.out.extend_from_slice(&x.to_le_bytes()),
+                    None => return Err(fail(self, bad())),
+                }
+            }};
+        }
+        let float = |v: Scalar| match v {
+            Scalar::I64(i) => Some(i as f64),
+            Scalar::U64(u) => Some(u as f64),
+            Scalar::F64(x) => Some(x),
+            Scalar::Bool(_) => None,
+        };
+        match dt {
+            DataType::Bool => match v {
+                Scalar::Bool(b) => self.out.push(b as u8),
+                _ => return Err(fail(self, bad())),
+            },
+            DataType::Uint8 => int!(u8),
+            DataType::Uint16 => int!(u16),
+            DataType::Uint32 => int!(u32),
+            DataType::Uint64 => int!(u64),
+            DataType::Int8 => int!(i8),
+            DataType::Int16 => int!(i16),
+            DataType::Int32 => int!(i32),
+            DataType::Int64 => int!(i64),
+            DataType::Fp32 => match float(v) {
+                Some(x) => self.out.extend_from_slice(&(x as f32).to_le_bytes()),
+                None => return Err(fail(self, bad())),
+            },
+            DataType::Fp64 => match float(v) {
+                Some(x) => self.out.extend_from_slice(&x.to_le_bytes()),
+                None => return Err(fail(self, bad())),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Visits `data`: arrays are flattened, scalars appended.
+struct Seed<'s, 'a>(&'s mut Elements<'a>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Seed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Seed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number, a boolean or an array of them")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        while seq.next_element_seed(Seed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<(), E> {
+        self.0.push(Scalar::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<(), E> {
+        self.0.push(Scalar::I64(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<(), E> {
+        self.0.push(Scalar::U64(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<(), E> {
+        self.0.push(Scalar::F64(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<(), E> {
+        let e = self.0;
+        e.count += 1;
+        let k = e.count - 1;
+        e.error = Some(Error::invalid(format!(
+            "input '{}': element {k} (\"{v}\") is not a valid {}",
+            e.name, e.dt
+        )));
+        Err(E::custom("invalid element"))
     }
 }
 
@@ -300,6 +497,59 @@ mod tests {
         assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
         let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!([1, 2]), "x").unwrap_err();
         assert!(e.message.contains("more elements"), "{e}");
+    }
+
+    #[test]
+    fn json_text_decoding_matches_the_tree_decoder() {
+        let cases: &[(DataType, Vec<i64>, &str)] = &[
+            (DataType::Int16, vec![2, 2], "[[1, -2], [300, -32768]]"),
+            (DataType::Fp32, vec![3], "[0.5, 1, -2.25]"),
+            (DataType::Bool, vec![2], "[true, false]"),
+            (DataType::Uint64, vec![1], "[18446744073709551615]"),
+            (DataType::Fp64, vec![2, 1], "[[1e300], [-0.125]]"),
+            (DataType::Int8, vec![1], "[200]"),
+            (DataType::Fp32, vec![1], "[\"a\"]"),
+            (DataType::Uint8, vec![1], "[-1]"),
+            (DataType::Fp32, vec![2, 2], "[1, 2, 3]"),
+            (DataType::Fp32, vec![1], "[1, 2]"),
+            (DataType::Bool, vec![1], "[1]"),
+            (DataType::Fp32, vec![1], "[1,"),
+            (DataType::Fp32, vec![1], "[{}]"),
+        ];
+        for (dt, shape, text) in cases {
+            let tree = serde_json::from_str::<Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| RawTensor::from_json(*dt, shape.clone(), &v, "x").map_err(|e| e.message));
+            let direct = RawTensor::from_json_text(*dt, shape.clone(), text, "x").map_err(|e| e.message);
+            match (&tree, &direct) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(_), Err(b)) => assert!(b.contains("input 'x'"), "{text}: {b}"),
+                _ => panic!("{text}: tree {tree:?} vs direct {direct:?}"),
+            }
+        }
+        let e = RawTensor::from_json_text(DataType::Int8, vec![1], "[200]", "x").unwrap_err();
+        assert!(e.message.contains("element 0 (200) is not a valid INT8"), "{e}");
+        let e = RawTensor::from_json_text(DataType::Fp32, vec![2, 2], "[1, 2, 3]", "x").unwrap_err();
+        assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
+    }
+
+    #[test]
+    fn json_writing_reads_back_the_same_values() {
+        let f = RawTensor::from_json(DataType::Fp32, vec![4], &json!([0.1, -2.5, 1e-7, 3]), "x").unwrap();
+        let mut out = Vec::new();
+        f.write_json_data(&mut out);
+        assert_eq!(std::str::from_utf8(&out).unwrap(), "[0.1,-2.5,1e-7,3.0]");
+        let back =
+            RawTensor::from_json_text(DataType::Fp32, vec![4], std::str::from_utf8(&out).unwrap(), "x");
+        assert_eq!(back.unwrap(), f);
+        let b = RawTensor::from_json(DataType::Bool, vec![2], &json!([true, false]), "x").unwrap();
+        let mut out = Vec::new();
+        b.write_json_data(&mut out);
+        assert_eq!(out, b"[true,false]");
+        let nan = RawTensor::from_bytes(DataType::Fp32, vec![1], f32::NAN.to_le_bytes().to_vec()).unwrap();
+        let mut out = Vec::new();
+        nan.write_json_data(&mut out);
+        assert_eq!(out, b"[null]");
     }
 
     #[test]

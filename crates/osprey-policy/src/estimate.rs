@@ -97,12 +97,15 @@ const SEGMENTS: usize = 8;
 
 /// Converts raw little-endian elements to f32 (16-bit and 8-bit integers scaled to about
 /// [-1, 1], as audio and pixels are), with the datatype dispatch outside the loop.
-fn to_f32(dt: DataType, b: &[u8]) -> Vec<f32> {
+/// Converts a sample to f32 (integers scaled to about [-1, 1]) into `out`, reusing its buffer.
+fn to_f32_into(dt: DataType, b: &[u8], out: &mut Vec<f32>) {
+    out.clear();
     macro_rules! conv {
         ($t:ty, $n:expr, $scale:expr) => {
-            b.chunks_exact($n)
-                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f32 * $scale)
-                .collect()
+            out.extend(
+                b.chunks_exact($n)
+                    .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f32 * $scale),
+            )
         };
     }
     match dt {
@@ -110,9 +113,9 @@ fn to_f32(dt: DataType, b: &[u8]) -> Vec<f32> {
         DataType::Fp64 => conv!(f64, 8, 1.0),
         DataType::Int16 => conv!(i16, 2, 1.0 / 32768.0),
         DataType::Uint16 => conv!(u16, 2, 1.0 / 65535.0),
-        DataType::Uint8 => b.iter().map(|&v| f32::from(v) / 255.0).collect(),
-        DataType::Int8 => b.iter().map(|&v| f32::from(v as i8) / 128.0).collect(),
-        DataType::Bool => b.iter().map(|&v| f32::from(v)).collect(),
+        DataType::Uint8 => out.extend(b.iter().map(|&v| f32::from(v) / 255.0)),
+        DataType::Int8 => out.extend(b.iter().map(|&v| f32::from(v as i8) / 128.0)),
+        DataType::Bool => out.extend(b.iter().map(|&v| f32::from(v))),
         DataType::Int32 => conv!(i32, 4, 1.0),
         DataType::Uint32 => conv!(u32, 4, 1.0),
         DataType::Int64 => conv!(i64, 8, 1.0),
@@ -120,10 +123,102 @@ fn to_f32(dt: DataType, b: &[u8]) -> Vec<f32> {
     }
 }
 
-/// Cheap, modality-agnostic features of one sample, in one pass:
+thread_local! {
+    /// The f32 copy of the sample being featurised (reused across requests on a thread).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Lanes of the vectorised passes below: independent accumulators let the compiler use SIMD
+/// (a single running f32 sum is a serial dependency chain it may not reorder).
+const LANES: usize = 8;
+
+/// Sum, sum of squares, sum of |x|, max and min of `x`.
+fn moments(x: &[f32]) -> (f32, f32, f32, f32, f32) {
+    let (mut s, mut q, mut a) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    let (mut hi, mut lo) = ([f32::MIN; LANES], [f32::MAX; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            s[j] += c[j];
+            q[j] += c[j] * c[j];
+            a[j] += c[j].abs();
+            hi[j] = hi[j].max(c[j]);
+            lo[j] = lo[j].min(c[j]);
+        }
+    }
+    for (j, &v) in rest.iter().enumerate() {
+        s[j] += v;
+        q[j] += v * v;
+        a[j] += v.abs();
+        hi[j] = hi[j].max(v);
+        lo[j] = lo[j].min(v);
+    }
+    let max = hi.iter().fold(f32::MIN, |m, &v| m.max(v));
+    let min = lo.iter().fold(f32::MAX, |m, &v| m.min(v));
+    (s.iter().sum(), q.iter().sum(), a.iter().sum(), max, min)
+}
+
+/// Zero crossings and Σ |x_i − x_{i−1}| over consecutive pairs.
+fn crossings(x: &[f32]) -> (f32, f32) {
+    if x.len() < 2 {
+        return (0.0, 0.0);
+    }
+    let (prev, next) = (&x[..x.len() - 1], &x[1..]);
+    let (mut zc, mut rough) = ([0f32; LANES], [0f32; LANES]);
+    let (pc, nc) = (prev.chunks_exact(LANES), next.chunks_exact(LANES));
+    let (pr, nr) = (pc.remainder(), nc.remainder());
+    for (p, n) in pc.zip(nc) {
+        for j in 0..LANES {
+            zc[j] += f32::from(u8::from((n[j] >= 0.0) != (p[j] >= 0.0)));
+            rough[j] += (n[j] - p[j]).abs();
+        }
+    }
+    for (j, (&p, &n)) in pr.iter().zip(nr).enumerate() {
+        zc[j] += f32::from(u8::from((n >= 0.0) != (p >= 0.0)));
+        rough[j] += (n - p).abs();
+    }
+    (zc.iter().sum(), rough.iter().sum())
+}
+
+/// How many |x| are under `t`.
+fn below(x: &[f32], t: f32) -> f32 {
+    let mut n = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            n[j] += f32::from(u8::from(c[j].abs() < t));
+        }
+    }
+    n.iter().sum::<f32>() + rest.iter().filter(|v| v.abs() < t).count() as f32
+}
+
+/// Σ (x − m)² and Σ |x|.
+fn spread(x: &[f32], m: f32) -> (f32, f32) {
+    let (mut d, mut a) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            d[j] += (c[j] - m) * (c[j] - m);
+            a[j] += c[j].abs();
+        }
+    }
+    for (j, &v) in rest.iter().enumerate() {
+        d[j] += (v - m) * (v - m);
+        a[j] += v.abs();
+    }
+    (d.iter().sum(), a.iter().sum())
+}
+
+/// Cheap, modality-agnostic features of one sample:
 /// mean, std, mean |x|, max, min, sparsity (share of |x| under 10% of the peak), zero-crossing
 /// rate, roughness (mean |x_i − x_{i−1}|, high for noise); then mean |x| and std of each of 8
-/// equal segments of the flattened sample (where the energy is).
+/// equal segments of the flattened sample (where the energy is). Computed once per sample in a
+/// few vectorised passes over one reused f32 buffer (~1-2 µs for a 6400-sample clip here,
+/// against ~100 µs for the cheapest audio variant); the sums are taken in lanes, so they may
+/// differ from a sequential sum in the last bits.
 pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
     let size = s.datatype.size();
     let n = s.bytes.len() / size;
@@ -131,35 +226,29 @@ pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
     if n == 0 {
         return f;
     }
-    let x = to_f32(s.datatype, s.bytes);
-    let nf = n as f32;
-    let (mut sum, mut sum_sq, mut sum_abs) = (0f32, 0f32, 0f32);
-    let (mut max, mut min) = (f32::MIN, f32::MAX);
-    let (mut zc, mut rough) = (0u32, 0f32);
-    let mut prev = x[0];
-    for &v in &x {
-        sum += v;
-        sum_sq += v * v;
-        sum_abs += v.abs();
-        max = max.max(v);
-        min = min.min(v);
-        zc += u32::from((v >= 0.0) != (prev >= 0.0));
-        rough += (v - prev).abs();
-        prev = v;
-    }
-    let mean = sum / nf;
-    let var = (sum_sq / nf - mean * mean).max(0.0);
-    let abs_mean = sum_abs / nf;
-    let peak = max.abs().max(min.abs()).max(1e-9);
-    let sparse = x.iter().filter(|v| v.abs() < 0.1 * peak).count() as f32 / nf;
-    let (zc, rough) = (zc as f32 / nf, rough / nf);
-    f[..8].copy_from_slice(&[mean, var.sqrt(), abs_mean, max, min, sparse, zc, rough]);
-    for k in 0..SEGMENTS {
-        let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];
-        let m = seg.iter().sum::<f32>() / seg.len() as f32;
-        f[8 + k] = seg.iter().map(|v| v.abs()).sum::<f32>() / seg.len() as f32;
-        f[8 + SEGMENTS + k] = (seg.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / seg.len() as f32).sqrt();
-    }
+    SCRATCH.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        to_f32_into(s.datatype, s.bytes, &mut buf);
+        let x = &buf[..];
+        let nf = n as f32;
+        let (sum, sum_sq, sum_abs, max, min) = moments(x);
+        let (zc, rough) = crossings(x);
+        let mean = sum / nf;
+        let var = (sum_sq / nf - mean * mean).max(0.0);
+        let abs_mean = sum_abs / nf;
+        let peak = max.abs().max(min.abs()).max(1e-9);
+        let sparse = below(x, 0.1 * peak) / nf;
+        let (zc, rough) = (zc / nf, rough / nf);
+        f[..8].copy_from_slice(&[mean, var.sqrt(), abs_mean, max, min, sparse, zc, rough]);
+        for k in 0..SEGMENTS {
+            let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];
+            let len = seg.len() as f32;
+            let m = moments(seg).0 / len;
+            let (dev, abs) = spread(seg, m);
+            f[8 + k] = abs / len;
+            f[8 + SEGMENTS + k] = (dev / len).sqrt();
+        }
+    });
     f
 }
 
@@ -311,6 +400,57 @@ mod tests {
 
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The plain sequential definition of [`features`] (one running sum per statistic).
+    fn features_reference(x: &[f32]) -> [f32; FEATURES] {
+        let n = x.len();
+        let nf = n as f32;
+        let mut f = [0f32; FEATURES];
+        let mean = x.iter().sum::<f32>() / nf;
+        let var = (x.iter().map(|v| v * v).sum::<f32>() / nf - mean * mean).max(0.0);
+        let max = x.iter().fold(f32::MIN, |m, &v| m.max(v));
+        let min = x.iter().fold(f32::MAX, |m, &v| m.min(v));
+        let peak = max.abs().max(min.abs()).max(1e-9);
+        let zc = x.windows(2).filter(|w| (w[1] >= 0.0) != (w[0] >= 0.0)).count() as f32;
+        let rough: f32 = x.windows(2).map(|w| (w[1] - w[0]).abs()).sum();
+        let sparse = x.iter().filter(|v| v.abs() < 0.1 * peak).count() as f32;
+        let abs = x.iter().map(|v| v.abs()).sum::<f32>() / nf;
+        f[..8].copy_from_slice(&[mean, var.sqrt(), abs, max, min, sparse / nf, zc / nf, rough / nf]);
+        for k in 0..SEGMENTS {
+            let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];
+            let m = seg.iter().sum::<f32>() / seg.len() as f32;
+            f[8 + k] = seg.iter().map(|v| v.abs()).sum::<f32>() / seg.len() as f32;
+            f[8 + SEGMENTS + k] =
+                (seg.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / seg.len() as f32).sqrt();
+        }
+        f
+    }
+
+    #[test]
+    fn vectorised_features_equal_the_sequential_definition() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for n in [1usize, 3, 7, 8, 9, 64, 65, 1000, 6400] {
+            let x: Vec<f32> = (0..n).map(|i| 0.3 * next() + if i % 50 < 10 { 0.5 } else { 0.0 }).collect();
+            let got = features(Sample { datatype: DataType::Fp32, bytes: &f32s(&x) });
+            let want = features_reference(&x);
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "n={n} feature {k}: {g} vs {w}");
+            }
+            // Integer audio goes through the same scaling as before.
+            let pcm: Vec<u8> = x.iter().flat_map(|v| ((v * 20000.0) as i16).to_le_bytes()).collect();
+            let scaled: Vec<f32> =
+                pcm.chunks_exact(2).map(|c| f32::from(i16::from_le_bytes([c[0], c[1]])) / 32768.0).collect();
+            let got = features(Sample { datatype: DataType::Int16, bytes: &pcm });
+            let want = features_reference(&scaled);
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "int16 n={n} feature {k}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]

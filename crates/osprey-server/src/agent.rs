@@ -49,6 +49,8 @@ pub struct Work {
     pub unit: WorkUnit,
     /// The members' validated requests, in batch order.
     pub members: Vec<Arc<ValidRequest>>,
+    /// The dispatcher's planned service time, µs (in-process agents run short batches inline).
+    pub planned_us: f64,
 }
 
 /// What an agent returns for a batch that ran.
@@ -124,48 +126,155 @@ pub trait Agent: Send + Sync {
     fn stop(&self) {}
 }
 
-/// An in-process agent: a fixed pool of worker threads (its thread budget). Batches beyond
-/// the free workers wait in its channel (the dispatcher bounds that backlog).
+/// Batches planned to take at most this long (µs) run on a runtime thread — the request's own
+/// connection task when a worker is free at its arrival — instead of being handed to a worker
+/// thread: for small models the hand-off (a futex wake and two context switches) costs more
+/// than the batch. Longer batches go to the worker threads, so that the runtime's threads keep
+/// serving connections.
+pub const INLINE_BELOW_US: f64 = 250.0;
+
+thread_local! {
+    /// Set while this thread runs a batch (and on worker threads, always). A batch dispatched
+    /// from inside one (its completion freed a worker) does not run there: a connection task
+    /// never runs other requests' batches before answering its own. It is spawned as a runtime
+    /// task instead (it runs once this thread is free) or handed to a worker thread.
+    static RUNNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+type Job = (Work, Completer);
+
+/// An in-process agent with a thread budget of `workers` batches at a time. Cheap batches run
+/// on the runtime's threads (see [`INLINE_BELOW_US`]), others on its `workers` worker threads;
+/// either way one of `workers` slots is held while a batch runs. Batches beyond the free slots
+/// wait in the agent (the dispatcher bounds that backlog) and start as slots free.
 pub struct LocalAgent {
     name: String,
     workers: u32,
-    speed: f64,
-    tx: Mutex<Option<std_mpsc::Sender<(Work, Completer)>>>,
+    shared: Arc<Shared>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    speed: f64,
+    slots: Mutex<Slots>,
+    /// Worker threads' queue (batches that already hold a slot).
+    tx: Mutex<Option<std_mpsc::Sender<Job>>>,
+    /// The runtime that cheap batches are spawned on; none outside one.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+struct Slots {
+    free: u32,
+    waiting: std::collections::VecDeque<Job>,
+    stopped: bool,
+}
+
+impl Shared {
+    /// Whether `work` may run on a runtime thread.
+    fn cheap(&self, work: &Work) -> bool {
+        self.speed >= 1.0 && work.planned_us <= INLINE_BELOW_US
+    }
+
+    /// Starts a batch that holds a slot: here when allowed and not already inside a batch,
+    /// else on a runtime task, else on a worker thread.
+    fn start(self: &Arc<Self>, work: Work, done: Completer, here: bool) {
+        if self.cheap(&work) {
+            if here && !RUNNING.get() {
+                self.run_here(work, done);
+                return;
+            }
+            if let Some(rt) = &self.runtime {
+                let me = self.clone();
+                rt.spawn(async move { me.run_here(work, done) });
+                return;
+            }
+        }
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx {
+            // On a send error the pair comes back and is dropped: the completer reports the
+            // batch lost.
+            if let Err(std_mpsc::SendError((_, done))) = tx.send((work, done)) {
+                self.release();
+                done.complete(Err(Failure::Lost("the agent is stopped".into())));
+            }
+        } else {
+            self.release();
+            done.complete(Err(Failure::Lost("the agent is stopped".into())));
+        }
+    }
+
+    /// Runs a slot-holding batch on this thread, completes it, then starts the next waiting one
+    /// elsewhere.
+    fn run_here(self: &Arc<Self>, work: Work, done: Completer) {
+        let was = RUNNING.replace(true);
+        let result = run_at_speed(&work, self.speed);
+        let next = self.release();
+        done.complete(result);
+        RUNNING.set(was);
+        if let Some((w, d)) = next {
+            self.start(w, d, false);
+        }
+    }
+
+    /// Gives a slot back, or hands it to the next waiting batch (returned, to be started).
+    fn release(&self) -> Option<Job> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match s.waiting.pop_front() {
+            Some(job) if !s.stopped => Some(job),
+            _ => {
+                s.free += 1;
+                None
+            }
+        }
+    }
 }
 
 impl LocalAgent {
     /// Starts `workers` threads. `speed` < 1 emulates a slower node: each batch then takes
-    /// `1 / speed` times as long (the worker waits out the difference).
+    /// `1 / speed` times as long (the worker waits out the difference; such batches always run
+    /// on the worker threads).
     pub fn start(name: &str, workers: u32, speed: f64) -> LocalAgent {
         let workers = workers.max(1);
         let speed = if speed > 0.0 && speed <= 1.0 { speed } else { 1.0 };
-        let (tx, rx) = std_mpsc::channel::<(Work, Completer)>();
+        let (tx, rx) = std_mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Shared {
+            speed,
+            slots: Mutex::new(Slots { free: 0, waiting: Default::default(), stopped: false }),
+            tx: Mutex::new(Some(tx)),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        });
         // A thread the OS refuses is logged and left out: the agent then offers fewer workers.
         let threads: Vec<_> = (0..workers)
             .filter_map(|i| {
-                let rx = rx.clone();
+                let (rx, shared) = (rx.clone(), shared.clone());
                 std::thread::Builder::new()
                     .name(format!("{name}-worker-{i}"))
                     .spawn(move || {
+                        RUNNING.set(true);
                         loop {
                             let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                            let Ok((work, done)) = next else { return };
-                            done.complete(run_at_speed(&work, speed));
+                            let Ok(mut job) = next else { return };
+                            // Worker threads run whatever waits next, cheap or not.
+                            loop {
+                                let (work, done) = job;
+                                let result = run_at_speed(&work, shared.speed);
+                                let next = shared.release();
+                                done.complete(result);
+                                match next {
+                                    Some(j) => job = j,
+                                    None => break,
+                                }
+                            }
                         }
                     })
                     .map_err(|e| tracing::error!(agent = name, "cannot start worker thread {i}: {e}"))
                     .ok()
             })
             .collect();
-        LocalAgent {
-            name: name.to_string(),
-            workers: threads.len() as u32,
-            speed,
-            tx: Mutex::new(Some(tx)),
-            threads: Mutex::new(threads),
-        }
+        let workers = threads.len() as u32;
+        shared.slots.lock().unwrap_or_else(|e| e.into_inner()).free = workers;
+        LocalAgent { name: name.to_string(), workers, shared, threads: Mutex::new(threads) }
     }
 
     /// Worker threads that started.
@@ -175,7 +284,7 @@ impl LocalAgent {
 
     /// The relative speed it stands for.
     pub fn speed(&self) -> f64 {
-        self.speed
+        self.shared.speed
     }
 }
 
@@ -199,16 +308,31 @@ impl Agent for LocalAgent {
     }
 
     fn run(&self, work: Work, done: Completer) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match tx {
-            // On a send error the pair comes back and the completer reports the batch lost.
-            Some(tx) => drop(tx.send((work, done))),
-            None => done.complete(Err(Failure::Lost("the agent is stopped".into()))),
+        {
+            let mut s = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if s.stopped {
+                drop(s);
+                done.complete(Err(Failure::Lost("the agent is stopped".into())));
+                return;
+            }
+            if s.free == 0 {
+                s.waiting.push_back((work, done));
+                return;
+            }
+            s.free -= 1;
         }
+        self.shared.start(work, done, true);
     }
 
     fn stop(&self) {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Batches still waiting for a slot are dropped: their completers report them lost.
+        let waiting = {
+            let mut s = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+            s.stopped = true;
+            std::mem::take(&mut s.waiting)
+        };
+        drop(waiting);
+        self.shared.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -251,9 +375,17 @@ pub fn split_outputs(members: &[Arc<ValidRequest>], outputs: Vec<RawTensor>) -> 
 
 fn execute(model: &ModelEntry, variant: usize, members: &[Arc<ValidRequest>]) -> Result<Executed> {
     let t0 = Instant::now();
-    let inputs = concat_inputs(model, members)?;
+    // A batch of one runs on its request's tensors as they are (no copy).
+    let concatenated;
+    let inputs = match members {
+        [one] => &one.inputs[..],
+        _ => {
+            concatenated = concat_inputs(model, members)?;
+            &concatenated[..]
+        }
+    };
     let t1 = Instant::now();
-    let outputs = model.variants[variant].session.run(&inputs)?;
+    let outputs = model.variants[variant].session.run(inputs)?;
     let t2 = Instant::now();
     let outputs = split_outputs(members, outputs)?;
     let t3 = Instant::now();

@@ -19,7 +19,6 @@
 use crate::agent::{Agent, Completer, CompletionSink, Executed, Failure, Work, WorkUnit, concat_inputs};
 use crate::agent_pb::{self, agent_message, gateway_message};
 use crate::gateway::{InferOutcome, ModelEntry, ValidRequest, unix_ms};
-use crate::metrics::{Metrics, VariantLabels};
 use osprey_core::error::{Error, Result};
 use osprey_core::tensor::{DataType, RawTensor, byte_size};
 use osprey_engine::batch;
@@ -53,7 +52,7 @@ const REGISTER_WITHIN: Duration = Duration::from_secs(5);
 pub struct Waiting {
     pub model: ModelId,
     pub req: Arc<ValidRequest>,
-    pub tenant: String,
+    pub tenant: Arc<str>,
     pub estimate: Vec<f64>,
     pub enqueued: Instant,
     pub deadline: Instant,
@@ -62,6 +61,8 @@ pub struct Waiting {
 
 struct AgentSlot {
     agent: Arc<dyn Agent>,
+    /// `agent.name()`, shared by the answers it runs.
+    name: Arc<str>,
     kind: &'static str,
     cores: u32,
 }
@@ -110,7 +111,6 @@ pub struct Cluster {
     core: Mutex<Core>,
     models: Vec<Arc<ModelEntry>>,
     epoch: Instant,
-    metrics: Arc<Metrics>,
     /// Wakes the timer task when the next timeout moved earlier.
     wake: Notify,
     /// Itself, for the completers of the batches it dispatches.
@@ -121,7 +121,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(d: Dispatcher, models: Vec<Arc<ModelEntry>>, metrics: Arc<Metrics>) -> Arc<Cluster> {
+    pub fn new(d: Dispatcher, models: Vec<Arc<ModelEntry>>) -> Arc<Cluster> {
         Arc::new_cyclic(|me| Cluster {
             me: me.clone(),
             core: Mutex::new(Core {
@@ -133,7 +133,6 @@ impl Cluster {
             }),
             models,
             epoch: Instant::now(),
-            metrics,
             wake: Notify::new(),
             armed: AtomicU64::new(u64::MAX),
             next_agent: AtomicU64::new(1),
@@ -201,6 +200,7 @@ impl Cluster {
                             variant: run.variant,
                         },
                         members,
+                        planned_us: run.planned_us,
                     };
                     todo.push(Todo::Run(slot.agent.clone(), work, run.node));
                 }
@@ -287,7 +287,8 @@ impl Cluster {
             // The id the dispatcher will assign is only known after the join; register the
             // agent under it before any action for it is drained.
             let id = core.d.handle_node_join(now, info);
-            core.agents.insert(id, AgentSlot { agent, kind, cores });
+            let name = agent.name().into();
+            core.agents.insert(id, AgentSlot { agent, name, kind, cores });
             id
         });
         tracing::info!(node = %name, "{kind} agent joined as node {id}");
@@ -400,14 +401,14 @@ impl Cluster {
     fn answer(&self, a: Answered) -> Vec<Todo> {
         let model = &self.models[a.model];
         let ve = &model.variants[a.variant];
-        let labels = VariantLabels { model: model.name().to_string(), variant: ve.spec.name.clone() };
+        let series = &model.metrics.variants[a.variant];
         let rows: u32 = a.pairs.iter().map(|(w, _)| w.req.rows).sum();
         let [t_in, t_infer, t_out] = a.times;
         let compute = t_in + t_infer + t_out;
-        self.metrics.batch_size.get_or_create(&labels).observe(f64::from(rows));
-        self.metrics.compute_input.get_or_create(&labels).observe(t_in.as_secs_f64());
-        self.metrics.compute_infer.get_or_create(&labels).observe(t_infer.as_secs_f64());
-        self.metrics.compute_output.get_or_create(&labels).observe(t_out.as_secs_f64());
+        series.batch_size.observe(f64::from(rows));
+        series.compute_input.observe(t_in.as_secs_f64());
+        series.compute_infer.observe(t_infer.as_secs_f64());
+        series.compute_output.observe(t_out.as_secs_f64());
         {
             let mut s = ve.stats.lock().unwrap_or_else(|e| e.into_inner());
             s.execution_count += 1;
@@ -427,7 +428,6 @@ impl Cluster {
         }
         let now = Instant::now();
         let classes = model.spec.labels.len();
-        let queue_hist = self.metrics.queue.get_or_create(&labels).clone();
         let mut todo = Vec::with_capacity(a.pairs.len());
         for (w, outputs) in a.pairs {
             if let Some(first) = outputs.first()
@@ -440,9 +440,19 @@ impl Cluster {
                 }
             }
             let queue = a.dispatched.saturating_duration_since(w.enqueued);
-            queue_hist.observe(queue.as_secs_f64());
-            let selected =
-                w.req.outputs.iter().filter_map(|&i| outputs.get(i).map(|t| (i, t.clone()))).collect();
+            series.queue.observe(queue.as_secs_f64());
+            // Outputs move into the answer; one requested twice is copied.
+            let mut outputs: Vec<Option<RawTensor>> = outputs.into_iter().map(Some).collect();
+            let mut selected = Vec::with_capacity(w.req.outputs.len());
+            for (k, &i) in w.req.outputs.iter().enumerate() {
+                let again = w.req.outputs[k + 1..].contains(&i);
+                let t = match outputs.get_mut(i) {
+                    Some(slot) if again => slot.clone(),
+                    Some(slot) => slot.take(),
+                    None => None,
+                };
+                selected.extend(t.map(|t| (i, t)));
+            }
             let outcome = InferOutcome {
                 model: model.clone(),
                 variant: a.variant,
@@ -468,7 +478,7 @@ struct Answered {
     pairs: Vec<(Waiting, Vec<RawTensor>)>,
     /// Compute input, infer, output.
     times: [Duration; 3],
-    node: String,
+    node: Arc<str>,
     dispatched: Instant,
 }
 
@@ -489,10 +499,8 @@ impl CompletionSink for Cluster {
             if let Some(done) = core.d.handle_batch_done(now, batch, outcome)
                 && let Ok(ex) = result
             {
-                let name = core
-                    .agents
-                    .get(&node)
-                    .map_or_else(|| format!("node-{node}"), |s| s.agent.name().to_string());
+                let name =
+                    core.agents.get(&node).map_or_else(|| format!("node-{node}").into(), |s| s.name.clone());
                 let Executed { outputs, compute_input, compute_infer, compute_output, .. } = ex;
                 let pairs: Vec<(Waiting, Vec<RawTensor>)> = done
                     .members

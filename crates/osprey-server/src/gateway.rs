@@ -16,7 +16,7 @@
 
 use crate::agent::{Agent, LocalAgent};
 use crate::cluster::{self, Cluster, Waiting};
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::tenants::Tenants;
 use osprey_core::config::AgentConfig;
 use osprey_core::config::{Limits, PolicyName, SchedulerSection, TenantConfig};
@@ -83,7 +83,7 @@ pub struct ValidRequest {
 pub struct InferOutcome {
     pub model: Arc<ModelEntry>,
     pub variant: usize,
-    pub node: String,
+    pub node: Arc<str>,
     /// Requested outputs, in the requested order, with their declared index.
     pub outputs: Vec<(usize, RawTensor)>,
     pub queue: Duration,
@@ -92,7 +92,7 @@ pub struct InferOutcome {
     /// The estimate for this input on the variant that answered.
     pub estimated_accuracy: f64,
     pub batch_size: u32,
-    pub tenant: String,
+    pub tenant: Arc<str>,
 }
 
 /// Cumulative duration, as the statistics extension reports it.
@@ -145,6 +145,8 @@ pub struct ModelEntry {
     pub estimator: Box<dyn AccuracyEstimator>,
     /// Index in the dispatcher's model list.
     pub index: usize,
+    /// The series its requests update.
+    pub metrics: ModelMetrics,
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -348,6 +350,8 @@ impl Gateway {
         }
         let workers: u32 = config.local_agents.iter().map(|a| a.threads.max(1)).sum();
         let cap = Capacity { max_batch: config.max_batch, max_queue: config.limits.max_queue, workers };
+        let tenants = Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0);
+        let tenant_names: Vec<String> = tenants.names().map(String::from).collect();
         let mut models = BTreeMap::new();
         let mut setups = Vec::new();
         for (index, (name, (spec, variants))) in loaded.into_iter().enumerate() {
@@ -361,7 +365,9 @@ impl Gateway {
                     .collect(),
             });
             let estimator = estimator(config.scheduler.policy, &spec);
-            models.insert(name, Arc::new(ModelEntry { spec, variants, estimator, index }));
+            let names: Vec<String> = variants.iter().map(|v| v.spec.name.clone()).collect();
+            let metrics = metrics.for_model(&name, &names, &tenant_names);
+            models.insert(name, Arc::new(ModelEntry { spec, variants, estimator, index, metrics }));
         }
         let dispatch = DispatchConfig {
             selector: config.selector,
@@ -370,7 +376,7 @@ impl Gateway {
             ..DispatchConfig::default()
         };
         let entries: Vec<Arc<ModelEntry>> = models.values().cloned().collect();
-        let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries, metrics.clone());
+        let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries);
         let timer = tokio::spawn(cluster.clone().run_timer());
         let locals: Vec<Arc<LocalAgent>> = config
             .local_agents
@@ -384,7 +390,7 @@ impl Gateway {
         }
         Arc::new(Gateway {
             models,
-            tenants: Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0),
+            tenants,
             policy: config.scheduler.policy,
             epoch: Instant::now(),
             problems,
@@ -547,36 +553,27 @@ impl Gateway {
     /// exactly one answer: the outcome or an explicit error.
     pub async fn infer(&self, req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
         let entry = req.model.clone();
-        let model = entry.name().to_string();
         let tcfg = &self.tenants.get(tenant).config;
-        let tenant_name = tcfg.name.clone();
         let fail = |e: Error| {
-            self.metrics.request(&model, "", e.code.label());
-            self.metrics.tenant_outcome(&tenant_name, &model, e.code.label());
+            self.metrics.request(entry.name(), "", e.code.label());
+            self.metrics.tenant_outcome(&tcfg.name, entry.name(), e.code.label());
             e
         };
         if self.draining.load(Ordering::Relaxed) {
             return Err(fail(Error::unavailable("server is shutting down")));
         }
         let now = Instant::now();
-        self.tenants.admit(tenant, &model, req.rows, micros(self.epoch, now)).map_err(fail)?;
+        self.tenants.admit(tenant, entry.name(), req.rows, micros(self.epoch, now)).map_err(fail)?;
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
         let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));
         let weight = osprey_policy::scheduler::request_weight(tcfg.weight, req.priority);
-        let guard = InFlight::new(
-            self.inflight.clone(),
-            self.idle.clone(),
-            self.metrics.pending.get_or_create(&ModelLabels { model: model.clone() }).clone(),
-        );
+        let guard = InFlight::new(self.inflight.clone(), self.idle.clone(), entry.metrics.pending.clone());
         // Per-input accuracy estimate, averaged over the request's samples. Its time is spent
         // here, before the dispatcher decides at its own `now`: admission sees it as paid.
         let t0 = Instant::now();
         let estimate = estimate(&entry, &req);
-        self.metrics
-            .estimator
-            .get_or_create(&ModelLabels { model: model.clone() })
-            .observe(t0.elapsed().as_secs_f64());
+        entry.metrics.estimator.observe(t0.elapsed().as_secs_f64());
         let (tx, rx) = oneshot::channel();
         let policy_req = Request {
             id: 0,
@@ -592,7 +589,7 @@ impl Gateway {
         let waiting = Waiting {
             model: entry.index,
             req: Arc::new(req),
-            tenant: tenant_name.clone(),
+            tenant: self.tenants.get(tenant).name.clone(),
             estimate,
             enqueued: now,
             deadline,
@@ -605,18 +602,15 @@ impl Gateway {
         drop(guard);
         match &res {
             Ok(o) => {
-                let vname = &entry.variants[o.variant].spec.name;
-                self.metrics.request(&model, vname, "success");
-                self.metrics.tenant_outcome(
-                    &tenant_name,
-                    &model,
-                    if o.deadline_met { "met" } else { "late" },
-                );
-                self.metrics.tenant_accuracy(&tenant_name, &model, o.estimated_accuracy);
+                entry.metrics.variants[o.variant].success.inc();
+                if let Some(t) = entry.metrics.tenants.get(tenant) {
+                    if o.deadline_met { &t.met } else { &t.late }.inc();
+                    t.accuracy.observe(o.estimated_accuracy);
+                }
             }
             Err(e) => {
-                self.metrics.request(&model, "", e.code.label());
-                self.metrics.tenant_outcome(&tenant_name, &model, e.code.label());
+                self.metrics.request(entry.name(), "", e.code.label());
+                self.metrics.tenant_outcome(&tcfg.name, entry.name(), e.code.label());
             }
         }
         res

@@ -290,12 +290,22 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
+        let t0 = std::time::Instant::now();
+        let res = self.infer(r).await;
+        self.gw.metrics.grpc_duration.observe(t0.elapsed().as_secs_f64());
+        res
+    }
+}
+
+impl InferenceService {
+    async fn infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
         let tenant = self.tenant(&r)?;
-        let r = r.into_inner();
+        let mut r = r.into_inner();
         self.gw.tenants.check_model(tenant, &r.model_name).map_err(status)?;
         let gw = &self.gw;
+        // Raw contents move into the tensors (no copy).
+        let mut raw = std::mem::take(&mut r.raw_input_contents);
         let result = async {
-            let raw = &r.raw_input_contents;
             if !raw.is_empty() && raw.len() != r.inputs.len() {
                 return Err(Error::invalid(format!(
                     "raw_input_contents has {} entries for {} inputs",
@@ -306,7 +316,7 @@ impl GrpcInferenceService for InferenceService {
             let mut inputs = Vec::with_capacity(r.inputs.len());
             for (i, inp) in r.inputs.iter().enumerate() {
                 let dt = parse_datatype(&inp.datatype, &inp.name)?;
-                let tensor = if let Some(bytes) = raw.get(i) {
+                let tensor = if let Some(bytes) = raw.get_mut(i) {
                     if inp.contents.is_some() {
                         return Err(Error::invalid(format!(
                             "input '{}' has both contents and raw contents",
@@ -322,7 +332,7 @@ impl GrpcInferenceService for InferenceService {
                             bytes.len()
                         )));
                     }
-                    RawTensor::from_bytes(dt, inp.shape.clone(), bytes.to_vec())?
+                    RawTensor::from_bytes(dt, inp.shape.clone(), std::mem::take(bytes))?
                 } else {
                     let c = inp
                         .contents
@@ -348,7 +358,7 @@ impl GrpcInferenceService for InferenceService {
             gw.infer(valid, tenant).await
         }
         .await;
-        let o = match result {
+        let mut o = match result {
             Ok(o) => o,
             Err(e) => {
                 count_edge_error(gw, &r.model_name, &e);
@@ -362,21 +372,21 @@ impl GrpcInferenceService for InferenceService {
                 ParamValue::Bool(b) => C::BoolParam(b),
                 ParamValue::Int(i) => C::Int64Param(i),
                 ParamValue::Double(d) => C::DoubleParam(d),
-                ParamValue::Str(s) => C::StringParam(s),
+                ParamValue::Str(s) => C::StringParam(s.to_string()),
             };
             parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
         }
         let mut outputs = Vec::with_capacity(o.outputs.len());
         let mut raw = Vec::with_capacity(o.outputs.len());
-        for (idx, t) in &o.outputs {
+        for (idx, t) in std::mem::take(&mut o.outputs) {
             outputs.push(pb::model_infer_response::InferOutputTensor {
-                name: o.model.spec.outputs[*idx].name.clone(),
+                name: o.model.spec.outputs[idx].name.clone(),
                 datatype: t.datatype.as_str().into(),
-                shape: t.shape.clone(),
+                shape: t.shape,
                 parameters: HashMap::new(),
                 contents: None,
             });
-            raw.push(t.data.clone());
+            raw.push(t.data);
         }
         Ok(Response::new(pb::ModelInferResponse {
             model_name: o.model.name().into(),

@@ -49,7 +49,14 @@ async fn authenticate(
     match gw.authenticate(h) {
         Ok(t) => {
             req.extensions_mut().insert(TenantId(t));
-            next.run(req).await
+            if req.uri().path().ends_with("/infer") {
+                let t0 = std::time::Instant::now();
+                let resp = next.run(req).await;
+                gw.metrics.http_duration.observe(t0.elapsed().as_secs_f64());
+                resp
+            } else {
+                next.run(req).await
+            }
         }
         Err(e) => ApiError(e).into_response(),
     }
@@ -276,25 +283,27 @@ fn rejection(r: BytesRejection) -> ApiError {
 // ------------------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
-struct InferRequestJson {
+struct InferRequestJson<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Map<String, Value>,
-    inputs: Vec<InputJson>,
+    #[serde(borrow)]
+    inputs: Vec<InputJson<'a>>,
     #[serde(default)]
     outputs: Vec<OutputJson>,
 }
 
 #[derive(Deserialize)]
-struct InputJson {
+struct InputJson<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Map<String, Value>,
-    #[serde(default)]
-    data: Option<Value>,
+    /// Decoded once the datatype is known, straight into the tensor's bytes.
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -403,10 +412,10 @@ async fn decode_and_run(
                 RawTensor::from_bytes(dt, inp.shape, chunk.to_vec())?
             }
             None => {
-                let data = inp.data.as_ref().ok_or_else(|| {
+                let data = inp.data.ok_or_else(|| {
                     Error::invalid(format!("input '{}' has neither 'data' nor binary_data_size", inp.name))
                 })?;
-                RawTensor::from_json(dt, inp.shape, data, &inp.name)?
+                RawTensor::from_json_text(dt, inp.shape, data.get(), &inp.name)?
             }
         };
         inputs.push(InputTensor { name: inp.name, tensor });
@@ -458,51 +467,73 @@ async fn decode_and_run(
     Ok(encode_response(&outcome, &id, &binary_out, binary_default))
 }
 
+/// Writes the response straight into one buffer (JSON header, then the binary outputs, if
+/// any, in Triton's binary form).
 fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_default: bool) -> Response {
-    let mut params = Map::new();
-    for (k, v) in response_parameters(o) {
-        let v = match v {
-            ParamValue::Bool(b) => json!(b),
-            ParamValue::Int(i) => json!(i),
-            ParamValue::Double(d) => json!(d),
-            ParamValue::Str(s) => json!(s),
-        };
-        params.insert(k.to_string(), v);
+    fn text(out: &mut Vec<u8>, s: &str) {
+        let _ = serde_json::to_writer(&mut *out, s);
     }
-    let mut tail: Vec<u8> = Vec::new();
-    let outputs: Vec<Value> = o
-        .outputs
-        .iter()
-        .enumerate()
-        .map(|(k, (idx, t))| {
-            let spec = &o.model.spec.outputs[*idx];
-            let binary = binary_out.get(k).copied().unwrap_or(binary_default);
-            if binary {
-                tail.extend_from_slice(&t.data);
-                json!({ "name": spec.name, "datatype": t.datatype.as_str(), "shape": t.shape,
-                        "parameters": { "binary_data_size": t.data.len() } })
-            } else {
-                json!({ "name": spec.name, "datatype": t.datatype.as_str(), "shape": t.shape, "data": t.to_json_data() })
-            }
-        })
-        .collect();
-    let mut body = json!({
-        "model_name": o.model.name(),
-        "model_version": o.model.variants[o.variant].spec.name,
-        "outputs": outputs,
-        "parameters": params,
-    });
+    let tail: usize = o.outputs.iter().map(|(_, t)| t.data.len()).sum();
+    let mut out = Vec::with_capacity(320 + tail * 2);
+    out.extend_from_slice(b"{");
     if !id.is_empty() {
-        body["id"] = json!(id);
+        out.extend_from_slice(b"\"id\":");
+        text(&mut out, id);
+        out.push(b',');
     }
-    let header = serde_json::to_vec(&body).unwrap_or_default();
-    if tail.is_empty() {
-        return ([(axum::http::header::CONTENT_TYPE, "application/json")], header).into_response();
+    out.extend_from_slice(b"\"model_name\":");
+    text(&mut out, o.model.name());
+    out.extend_from_slice(b",\"model_version\":");
+    text(&mut out, &o.model.variants[o.variant].spec.name);
+    out.extend_from_slice(b",\"outputs\":[");
+    let mut any_binary = false;
+    for (k, (idx, t)) in o.outputs.iter().enumerate() {
+        if k > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"name\":");
+        text(&mut out, &o.model.spec.outputs[*idx].name);
+        out.extend_from_slice(b",\"datatype\":\"");
+        out.extend_from_slice(t.datatype.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"shape\":");
+        let _ = serde_json::to_writer(&mut out, &t.shape);
+        if binary_out.get(k).copied().unwrap_or(binary_default) {
+            any_binary = true;
+            out.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+            let _ = serde_json::to_writer(&mut out, &t.data.len());
+            out.extend_from_slice(b"}}");
+        } else {
+            out.extend_from_slice(b",\"data\":");
+            t.write_json_data(&mut out);
+            out.push(b'}');
+        }
     }
-    let header_len = header.len();
-    let mut bytes = header;
-    bytes.extend_from_slice(&tail);
-    let mut resp = bytes.into_response();
+    out.extend_from_slice(b"],\"parameters\":{");
+    for (i, (k, v)) in response_parameters(o).into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        text(&mut out, k);
+        out.push(b':');
+        let _ = match v {
+            ParamValue::Bool(b) => serde_json::to_writer(&mut out, &b),
+            ParamValue::Int(i) => serde_json::to_writer(&mut out, &i),
+            // Non-finite numbers are not JSON: written as null.
+            ParamValue::Double(d) => serde_json::to_writer(&mut out, &d),
+            ParamValue::Str(s) => serde_json::to_writer(&mut out, s),
+        };
+    }
+    out.extend_from_slice(b"}}");
+    if !any_binary {
+        return ([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response();
+    }
+    let header_len = out.len();
+    for (k, (_, t)) in o.outputs.iter().enumerate() {
+        if binary_out.get(k).copied().unwrap_or(binary_default) {
+            out.extend_from_slice(&t.data);
+        }
+    }
+    let mut resp = out.into_response();
     let h = resp.headers_mut();
     h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(HEADER_LENGTH, HeaderValue::from(header_len));

@@ -34,24 +34,24 @@ pub struct ModelRef {
 
 /// A typed response parameter; each protocol renders it natively.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ParamValue {
+pub enum ParamValue<'a> {
     Bool(bool),
     Int(i64),
     Double(f64),
-    Str(String),
+    Str(&'a str),
 }
 
 /// The parameters every inference response carries (see the README's table).
-pub fn response_parameters(o: &InferOutcome) -> [(&'static str, ParamValue); 8] {
+pub fn response_parameters(o: &InferOutcome) -> [(&'static str, ParamValue<'_>); 8] {
     [
-        ("variant", ParamValue::Str(o.model.variants[o.variant].spec.name.clone())),
-        ("node", ParamValue::Str(o.node.clone())),
+        ("variant", ParamValue::Str(&o.model.variants[o.variant].spec.name)),
+        ("node", ParamValue::Str(&o.node)),
         ("estimated_accuracy", ParamValue::Double(o.estimated_accuracy)),
         ("queue_us", ParamValue::Int(o.queue.as_micros() as i64)),
         ("compute_us", ParamValue::Int(o.compute.as_micros() as i64)),
         ("deadline_met", ParamValue::Bool(o.deadline_met)),
         ("batch_size", ParamValue::Int(i64::from(o.batch_size))),
-        ("tenant", ParamValue::Str(o.tenant.clone())),
+        ("tenant", ParamValue::Str(&o.tenant)),
     ]
 }
 

@@ -15,6 +15,8 @@ use std::sync::Mutex;
 
 pub struct Tenant {
     pub config: TenantConfig,
+    /// `config.name`, shared by the answers of this tenant's requests.
+    pub name: std::sync::Arc<str>,
     hashes: Vec<[u8; 32]>,
     bucket: Option<Mutex<TokenBucket>>,
 }
@@ -65,6 +67,7 @@ impl Tenants {
         let list = configs
             .into_iter()
             .map(|c| Tenant {
+                name: c.name.as_str().into(),
                 hashes: c.api_keys.iter().filter_map(|k| parse_hash(k)).collect(),
                 bucket: c.rate.map(|r| {
                     Mutex::new(TokenBucket::new(

@@ -99,7 +99,7 @@ async fn a_batch_the_agent_drops_is_retried_and_answered() {
     until("retried", Duration::from_secs(2), || !f.held.lock().unwrap().is_empty()).await;
     assert_eq!(f.run_held(), 1);
     let out = task.await.unwrap().expect("answered after the retry");
-    assert_eq!(out.node, "fake");
+    assert_eq!(&*out.node, "fake");
     assert_eq!(out.model.variants[out.variant].spec.name, "small");
 }
 

@@ -2,6 +2,12 @@
 //! run. For each model and batch size it times (1) `Session::run` called directly and
 //! (2) sequential requests to an in-process `osprey serve` on loopback over HTTP (binary
 //! tensors) and gRPC, pinned to the same variant and batch. Overhead = served − direct.
+//! Server time is read from the server's own `osprey_request_duration_seconds` histogram
+//! (request routed to response handed back, so the client and the kernel's loopback are not
+//! in it), as the change of its buckets over each cell; `server_us_p50` is its p50 minus the
+//! engine's. The transport floor is the same client's round trip to the liveness route
+//! (`GET /v2/health/live`, gRPC `ServerLive`): what any request costs here before Osprey does
+//! anything (client, loopback, connection task), measured in the same run.
 
 use bytes::Bytes;
 use comfy_table::Table;
@@ -29,6 +35,47 @@ pub struct OverheadArgs {
     /// Requests per measurement.
     #[arg(long, default_value_t = 2000)]
     requests: usize,
+    /// One JSON object per model, variant and batch size instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Cumulative bucket counts `(le, count)` of one protocol's server-time histogram.
+fn server_buckets(gw: &Gateway, protocol: &str) -> Vec<(f64, u64)> {
+    let want = format!("protocol=\"{protocol}\"");
+    gw.metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("osprey_request_duration_seconds_bucket{") && l.contains(&want))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The q-quantile (µs) of what was observed between two snapshots, interpolated in its bucket.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let delta: Vec<(f64, u64)> =
+        after.iter().zip(before).map(|(&(le, a), &(_, b))| (le, a.saturating_sub(b))).collect();
+    let Some(&(_, total)) = delta.last() else { return f64::NAN };
+    if total == 0 {
+        return f64::NAN;
+    }
+    let rank = q * total as f64;
+    let mut lower = (0.0, 0u64);
+    for &(le, c) in &delta {
+        if c as f64 >= rank {
+            if !le.is_finite() {
+                return lower.0 * 1e6;
+            }
+            let frac = (rank - lower.1 as f64) / ((c - lower.1).max(1)) as f64;
+            return (lower.0 + frac * (le - lower.0)) * 1e6;
+        }
+        lower = (le, c);
+    }
+    f64::NAN
 }
 
 pub fn run(args: OverheadArgs) -> Result<(), String> {
@@ -61,9 +108,11 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             },
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(osprey_server::serve(osprey_server::Listeners { http, grpc }, gw, async {
-            let _ = stop_rx.await;
-        }));
+        let server_gw = gw.clone();
+        let server =
+            tokio::spawn(osprey_server::serve(osprey_server::Listeners { http, grpc }, server_gw, async {
+                let _ = stop_rx.await;
+            }));
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build::<_, Full<Bytes>>({
                 let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -87,6 +136,28 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             "HTTP ratio",
             "gRPC ratio",
         ]);
+        // Transport floor: the same clients on the cheapest route.
+        let live = format!("http://{haddr}/v2/health/live");
+        let mut floor_http = Vec::with_capacity(args.requests);
+        let mut floor_grpc = Vec::with_capacity(args.requests);
+        for k in 0..args.requests + args.requests / 10 {
+            let req = hyper::Request::get(live.as_str())
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let resp = client.request(req).await.map_err(|e| e.to_string())?;
+            let _ = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+            let dt = t.elapsed().as_secs_f64() * 1e6;
+            let t = Instant::now();
+            gclient.server_live(pb::ServerLiveRequest {}).await.map_err(|e| e.to_string())?;
+            if k >= args.requests / 10 {
+                floor_http.push(dt);
+                floor_grpc.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        floor_http.sort_by(f64::total_cmp);
+        floor_grpc.sort_by(f64::total_cmp);
+        let (fh, fg) = (quantile(&floor_http, 0.5), quantile(&floor_grpc, 0.5));
         for m in &models {
             let v = match &args.variant {
                 Some(name) => m.variant(name).ok_or_else(|| format!("{} has no variant {name}", m.name))?,
@@ -118,6 +189,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 body.extend_from_slice(&x.data);
                 let body = Bytes::from(body);
                 let uri = format!("http://{haddr}/v2/models/{}/versions/{}/infer", m.name, v.name);
+                let http_before = server_buckets(&gw, "http");
                 let mut over_http = Vec::with_capacity(args.requests);
                 for k in 0..args.requests + args.requests / 10 {
                     let req = hyper::Request::post(uri.as_str())
@@ -148,6 +220,8 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                     raw_input_contents: vec![x.data.clone()],
                     ..Default::default()
                 };
+                let http_after = server_buckets(&gw, "http");
+                let grpc_before = server_buckets(&gw, "grpc");
                 let mut over_grpc = Vec::with_capacity(args.requests);
                 for k in 0..args.requests + args.requests / 10 {
                     let t = Instant::now();
@@ -156,11 +230,32 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                         over_grpc.push(t.elapsed().as_secs_f64() * 1e6);
                     }
                 }
+                let grpc_after = server_buckets(&gw, "grpc");
                 for v in [&mut direct, &mut over_http, &mut over_grpc] {
                     v.sort_by(f64::total_cmp);
                 }
                 let (d, h, g) =
                     (quantile(&direct, 0.5), quantile(&over_http, 0.5), quantile(&over_grpc, 0.5));
+                // Warm-up requests are in the server's histogram too; a tenth of the cell
+                // barely moves its p50.
+                let server_http = bucket_quantile(&http_before, &http_after, 0.5);
+                let server_grpc = bucket_quantile(&grpc_before, &grpc_after, 0.5);
+                if args.json {
+                    let row = serde_json::json!({
+                        "model": m.name, "variant": v.name, "batch": b,
+                        "engine_us_p50": d, "engine_us_p99": quantile(&direct, 0.99),
+                        "http_us_p50": h, "http_us_p99": quantile(&over_http, 0.99),
+                        "grpc_us_p50": g, "grpc_us_p99": quantile(&over_grpc, 0.99),
+                        "http_overhead_us_p50": h - d, "http_overhead_us_p99": quantile(&over_http, 0.99) - d,
+                        "grpc_overhead_us_p50": g - d, "grpc_overhead_us_p99": quantile(&over_grpc, 0.99) - d,
+                        "server_us_p50": server_http - d, "server_grpc_us_p50": server_grpc - d,
+                        "server_total_us_p50": server_http, "requests": args.requests,
+                        "http_floor_us_p50": fh, "grpc_floor_us_p50": fg,
+                        "http_over_floor_us_p50": h - d - fh, "grpc_over_floor_us_p50": g - d - fg,
+                    });
+                    println!("{row}");
+                    continue;
+                }
                 table.add_row([
                     m.name.clone(),
                     v.name.clone(),
@@ -175,11 +270,14 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 ]);
             }
         }
-        println!("{table}");
-        println!(
-            "(sequential requests, one agent thread, {} timed requests per cell, loopback)",
-            args.requests
-        );
+        if !args.json {
+            println!("{table}");
+            println!(
+                "(sequential requests, one agent thread, {} timed requests per cell, loopback; \
+                 transport floor (liveness route) p50: HTTP {fh:.0} us, gRPC {fg:.0} us)",
+                args.requests
+            );
+        }
         let _ = stop_tx.send(());
         let _ = server.await;
         Ok(())

@@ -134,7 +134,12 @@ fn live_and_simulated_dispatch_decide_alike() {
             let req =
                 gw.validate(name, "", format!("{i}"), vec![input], &[], &RequestOptions::default()).unwrap();
             let o = gw.infer(req, a.tenant).await.unwrap();
-            out.push((a.model, o.model.variants[o.variant].spec.name.clone(), o.node, o.batch_size));
+            out.push((
+                a.model,
+                o.model.variants[o.variant].spec.name.clone(),
+                o.node.to_string(),
+                o.batch_size,
+            ));
         }
         gw.drain().await;
         out
