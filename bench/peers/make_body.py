@@ -14,3 +14,14 @@ header = json.dumps({"inputs": [dict(tensor, parameters={"binary_data_size": 256
 with open(f"{out}/body.bin", "wb") as f:
     f.write(header + struct.pack("<64f", *values))
 print(len(header))
+
+# The bundled audio model's request in binary form (one held-out clip, INT16 [1, 6400]), for
+# batching under load (bench/batching.sh); its header length goes to body-spoken.hl.
+clip = open(f"{repo}/spoken_digits/eval/inputs.bin", "rb").read(6400 * 2)
+header = json.dumps({"inputs": [{"name": "waveform", "shape": [1, 6400], "datatype": "INT16",
+                                 "parameters": {"binary_data_size": len(clip)}}],
+                     "parameters": {"binary_data_output": True}}).encode()
+with open(f"{out}/body-spoken.bin", "wb") as f:
+    f.write(header + clip)
+with open(f"{out}/body-spoken.hl", "w") as f:
+    f.write(str(len(header)))
