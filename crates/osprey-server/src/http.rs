@@ -9,7 +9,7 @@ use crate::{EXTENSIONS, SERVER_NAME, SERVER_VERSION};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -323,11 +323,28 @@ fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Erro
     }
 }
 
+/// The two request headers inference reads (taken alone: the `HeaderMap` extractor would copy
+/// every header of every request).
+struct InferHeaders {
+    content_encoding: Option<HeaderValue>,
+    header_length: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for InferHeaders {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(InferHeaders {
+            content_encoding: parts.headers.get(axum::http::header::CONTENT_ENCODING).cloned(),
+            header_length: parts.headers.get(HEADER_LENGTH).cloned(),
+        })
+    }
+}
+
 async fn infer(
     State(gw): State<Arc<Gateway>>,
     Path(r): Path<ModelRef>,
     axum::Extension(tenant): axum::Extension<TenantId>,
-    headers: HeaderMap,
+    headers: InferHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = decode_and_run(&gw, &r.model, &r.version, tenant.0, &headers, body).await;
@@ -342,17 +359,17 @@ async fn decode_and_run(
     model: &str,
     version: &str,
     tenant: usize,
-    headers: &HeaderMap,
+    headers: &InferHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     gw.tenants.check_model(tenant, model)?;
     let body = body.map_err(rejection)?;
-    if let Some(enc) = headers.get(axum::http::header::CONTENT_ENCODING)
+    if let Some(enc) = &headers.content_encoding
         && enc.as_bytes() != b"identity"
     {
         return Err(Error::invalid("Content-Encoding is not supported; send the body uncompressed").into());
     }
-    let (json_part, mut binary) = match headers.get(HEADER_LENGTH) {
+    let (json_part, mut binary) = match &headers.header_length {
         Some(h) => {
             let n: usize = h
                 .to_str()
