@@ -2,7 +2,8 @@
 # Dynamic batching under load: does served throughput pass the engine's batch-1 throughput?
 # A release `osprey serve` with ONE agent worker thread, the variant pinned, wrk at 1, 8 and 32
 # connections with Triton's binary body (one held-out input), per model: requests/s, p50, p99,
-# mean batch size formed (from /metrics), server CPU per request, and served requests/s over
+# mean batch size formed and mean per-request accuracy-estimate time (both from /metrics),
+# server CPU per request, and served requests/s over
 # the engine's batch-1 single-thread calls/s (1e6 / `osprey overhead`'s engine p50, measured in
 # the same run).
 # Usage: bench/batching.sh [DURATION_S] [MODEL:VARIANT ...]
@@ -23,8 +24,8 @@ cp "$TMP/body.bin" "$TMP/digits.bin"
 cp "$TMP/body-spoken.bin" "$TMP/spoken_digits.bin"; cp "$TMP/body-spoken.hl" "$TMP/spoken_digits.hl"
 printf '[[agents]]\nname = "local-0"\nthreads = 1\n' >"$TMP/one-worker.toml"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-echo "| model | variant | connections | req/s | p50 ms | p99 ms | mean batch | server CPU µs/req | engine b1 calls/s | served / engine b1 |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| model | variant | connections | req/s | p50 ms | p99 ms | mean batch | estimate µs/req | server CPU µs/req | engine b1 calls/s | served / engine b1 |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for pair in $PAIRS; do
   model=${pair%%:*}; variant=${pair#*:}
   "$BIN" overhead --variant "$variant" --batch-sizes 1 --requests 2000 --json 2>/dev/null >"$TMP/overhead.json"
@@ -49,8 +50,11 @@ cpu = (float(after.split()[0]) - float(before.split()[0])) * 1e6 / max(req, 1)
 lab = f'{{model="{model}",variant="{variant}"}}'
 val = {l.split()[0]: float(l.split()[1]) for l in open(metrics) if l.startswith("osprey_batch_size_") and lab in l}
 batch = val.get(f"osprey_batch_size_sum{lab}", 0) / max(val.get(f"osprey_batch_size_count{lab}", 0), 1)
+elab = f'{{model="{model}"}}'
+est = {l.split()[0]: float(l.split()[1]) for l in open(metrics) if l.startswith("osprey_estimator_duration_seconds_") and elab in l}
+est_us = 1e6 * est.get(f"osprey_estimator_duration_seconds_sum{elab}", 0) / max(est.get(f"osprey_estimator_duration_seconds_count{elab}", 0), 1)
 rps, eng = req / dur, 1e6 / float(engine)
-print(f"| {model} | {variant} | {c} | {rps:.0f} | {p50/1e3:.2f} | {p99/1e3:.2f} | {batch:.2f} | {cpu:.1f} | {eng:.0f} | {rps/eng:.2f}x |")
+print(f"| {model} | {variant} | {c} | {rps:.0f} | {p50/1e3:.2f} | {p99/1e3:.2f} | {batch:.2f} | {est_us:.1f} | {cpu:.1f} | {eng:.0f} | {rps/eng:.2f}x |")
 PY
   done
 done

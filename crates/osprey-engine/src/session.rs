@@ -14,6 +14,10 @@ use tract_onnx::prelude::*;
 
 pub struct Session {
     plan: Arc<TypedRunnableModel>,
+    /// Run states kept between calls (one per concurrent caller at most): a state costs
+    /// allocations to build, and tract resets it (values and resolved symbols) after each run,
+    /// so reusing one is the same computation. A state whose run failed is dropped.
+    states: std::sync::Mutex<Vec<TypedSimpleState>>,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
 }
@@ -51,7 +55,7 @@ impl Session {
             model.set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims)).map_err(fail)?;
         }
         let plan = model.into_optimized().map_err(fail)?.into_runnable().map_err(fail)?;
-        Ok(Session { plan, inputs: inputs.to_vec(), outputs: outputs.to_vec() })
+        Ok(Session { plan, states: Default::default(), inputs: inputs.to_vec(), outputs: outputs.to_vec() })
     }
 
     /// Runs one batch. `inputs` are in the model's declared input order and agree on rows.
@@ -71,7 +75,14 @@ impl Session {
                 .map_err(|e| Error::internal(format!("building input '{}': {e}", spec.name)))?;
             values.push(tensor.into_tvalue());
         }
-        let out = self.plan.run(values).map_err(|e| Error::internal(format!("inference failed: {e:#}")))?;
+        let fail = |e: TractError| Error::internal(format!("inference failed: {e:#}"));
+        let pooled = self.states.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut state = match pooled {
+            Some(s) => s,
+            None => self.plan.spawn().map_err(fail)?,
+        };
+        let out = state.run(values).map_err(fail)?;
+        self.states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
         out.iter()
             .zip(&self.outputs)
             .map(|(v, spec)| {
@@ -98,6 +109,28 @@ impl Session {
 mod tests {
     use super::*;
     use osprey_core::model::scan_repository;
+
+    #[test]
+    fn a_reused_run_state_gives_the_same_outputs_across_batch_sizes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let (models, _) = scan_repository(&root).unwrap();
+        let m = models.iter().find(|m| m.name == "digits").unwrap();
+        let ev = m.load_eval().unwrap().unwrap();
+        let s = Session::load(m, &m.variants[1]).unwrap();
+        let batch = |n: usize| {
+            let bytes: Vec<u8> = (0..n).flat_map(|i| ev.sample(i).to_vec()).collect();
+            RawTensor::from_bytes(DataType::Fp32, vec![n as i64, 8, 8], bytes).unwrap()
+        };
+        let five = s.run(&[batch(5)]).unwrap();
+        let one = s.run(&[batch(1)]).unwrap();
+        assert_eq!(one[0].shape, vec![1, 10]);
+        assert_eq!(one[0].data, five[0].data[..40].to_vec(), "row 0 alone equals row 0 of the batch");
+        assert_eq!(s.run(&[batch(5)]).unwrap(), five);
+        // A refused input (wrong shape) leaves the pooled state as it was.
+        let bad = RawTensor::from_bytes(DataType::Fp32, vec![1, 4, 16], vec![0; 256]).unwrap();
+        assert!(s.run(&[bad]).is_err());
+        assert_eq!(s.run(&[batch(5)]).unwrap(), five);
+    }
 
     #[test]
     fn every_bundled_variant_runs_at_batch_1_and_5_and_matches_its_eval_labels() {

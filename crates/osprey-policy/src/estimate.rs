@@ -128,31 +128,33 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Lanes of the vectorised passes below: independent accumulators let the compiler use SIMD
-/// (a single running f32 sum is a serial dependency chain it may not reorder).
-const LANES: usize = 8;
+/// Lanes of the vectorised passes below: independent accumulators let the compiler use SIMD (a
+/// single running f32 sum is a serial dependency chain it may not reorder). 16 ran the audio
+/// clip's pass ~3× faster than 4 or 8 on this machine's baseline x86-64 target.
+const LANES: usize = 16;
 
 /// Sum, sum of squares, sum of |x|, max and min of `x`.
 fn moments(x: &[f32]) -> (f32, f32, f32, f32, f32) {
     let (mut s, mut q, mut a) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
     let (mut hi, mut lo) = ([f32::MIN; LANES], [f32::MAX; LANES]);
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
+    let (chunks, rest) = x.as_chunks::<LANES>();
     for c in chunks {
         for j in 0..LANES {
-            s[j] += c[j];
-            q[j] += c[j] * c[j];
-            a[j] += c[j].abs();
-            hi[j] = hi[j].max(c[j]);
-            lo[j] = lo[j].min(c[j]);
+            let v = c[j];
+            s[j] += v;
+            q[j] += v * v;
+            a[j] += v.abs();
+            // Plain comparisons (not f32::max's NaN rules) compile to packed max/min.
+            hi[j] = if v > hi[j] { v } else { hi[j] };
+            lo[j] = if v < lo[j] { v } else { lo[j] };
         }
     }
     for (j, &v) in rest.iter().enumerate() {
         s[j] += v;
         q[j] += v * v;
         a[j] += v.abs();
-        hi[j] = hi[j].max(v);
-        lo[j] = lo[j].min(v);
+        hi[j] = if v > hi[j] { v } else { hi[j] };
+        lo[j] = if v < lo[j] { v } else { lo[j] };
     }
     let max = hi.iter().fold(f32::MIN, |m, &v| m.max(v));
     let min = lo.iter().fold(f32::MAX, |m, &v| m.min(v));
@@ -165,20 +167,20 @@ fn crossings(x: &[f32]) -> (f32, f32) {
         return (0.0, 0.0);
     }
     let (prev, next) = (&x[..x.len() - 1], &x[1..]);
-    let (mut zc, mut rough) = ([0f32; LANES], [0f32; LANES]);
+    let (mut zc, mut rough) = ([0u32; LANES], [0f32; LANES]);
     let (pc, nc) = (prev.chunks_exact(LANES), next.chunks_exact(LANES));
     let (pr, nr) = (pc.remainder(), nc.remainder());
     for (p, n) in pc.zip(nc) {
         for j in 0..LANES {
-            zc[j] += f32::from(u8::from((n[j] >= 0.0) != (p[j] >= 0.0)));
+            zc[j] += u32::from((n[j] >= 0.0) != (p[j] >= 0.0));
             rough[j] += (n[j] - p[j]).abs();
         }
     }
     for (j, (&p, &n)) in pr.iter().zip(nr).enumerate() {
-        zc[j] += f32::from(u8::from((n >= 0.0) != (p >= 0.0)));
+        zc[j] += u32::from((n >= 0.0) != (p >= 0.0));
         rough[j] += (n - p).abs();
     }
-    (zc.iter().sum(), rough.iter().sum())
+    (zc.iter().sum::<u32>() as f32, rough.iter().sum())
 }
 
 /// How many |x| are under `t`.
@@ -194,31 +196,14 @@ fn below(x: &[f32], t: f32) -> f32 {
     n.iter().sum::<f32>() + rest.iter().filter(|v| v.abs() < t).count() as f32
 }
 
-/// Σ (x − m)² and Σ |x|.
-fn spread(x: &[f32], m: f32) -> (f32, f32) {
-    let (mut d, mut a) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..LANES {
-            d[j] += (c[j] - m) * (c[j] - m);
-            a[j] += c[j].abs();
-        }
-    }
-    for (j, &v) in rest.iter().enumerate() {
-        d[j] += (v - m) * (v - m);
-        a[j] += v.abs();
-    }
-    (d.iter().sum(), a.iter().sum())
-}
-
 /// Cheap, modality-agnostic features of one sample:
 /// mean, std, mean |x|, max, min, sparsity (share of |x| under 10% of the peak), zero-crossing
 /// rate, roughness (mean |x_i − x_{i−1}|, high for noise); then mean |x| and std of each of 8
-/// equal segments of the flattened sample (where the energy is). Computed once per sample in a
-/// few vectorised passes over one reused f32 buffer (~1-2 µs for a 6400-sample clip here,
-/// against ~100 µs for the cheapest audio variant); the sums are taken in lanes, so they may
-/// differ from a sequential sum in the last bits.
+/// equal segments of the flattened sample (where the energy is). Computed once per sample in
+/// three vectorised passes over one reused f32 buffer (a few µs for a 6400-sample clip here,
+/// against ~85-105 µs for the cheapest audio variant, measured by `osprey overhead`); sums are
+/// taken in lanes and the segments' std as √(E[x²] − m²), so figures may differ from the
+/// sequential two-pass definition in the last bits (a test bounds the difference).
 pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
     let size = s.datatype.size();
     let n = s.bytes.len() / size;
@@ -231,7 +216,17 @@ pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
         to_f32_into(s.datatype, s.bytes, &mut buf);
         let x = &buf[..];
         let nf = n as f32;
-        let (sum, sum_sq, sum_abs, max, min) = moments(x);
+        // Per-segment moments; when the segments partition the sample (n ≥ 8) the totals are
+        // their sums, so the sample is read once for both.
+        let bounds = |k: usize| k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n);
+        let segs: [(f32, f32, f32, f32, f32); SEGMENTS] = std::array::from_fn(|k| moments(&x[bounds(k)]));
+        let (sum, sum_sq, sum_abs, max, min) = if n >= SEGMENTS {
+            segs.iter().fold((0.0, 0.0, 0.0, f32::MIN, f32::MAX), |t, s| {
+                (t.0 + s.0, t.1 + s.1, t.2 + s.2, t.3.max(s.3), t.4.min(s.4))
+            })
+        } else {
+            moments(x)
+        };
         let (zc, rough) = crossings(x);
         let mean = sum / nf;
         let var = (sum_sq / nf - mean * mean).max(0.0);
@@ -240,13 +235,11 @@ pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
         let sparse = below(x, 0.1 * peak) / nf;
         let (zc, rough) = (zc / nf, rough / nf);
         f[..8].copy_from_slice(&[mean, var.sqrt(), abs_mean, max, min, sparse, zc, rough]);
-        for k in 0..SEGMENTS {
-            let seg = &x[k * n / SEGMENTS..((k + 1) * n / SEGMENTS).max(k * n / SEGMENTS + 1).min(n)];
-            let len = seg.len() as f32;
-            let m = moments(seg).0 / len;
-            let (dev, abs) = spread(seg, m);
-            f[8 + k] = abs / len;
-            f[8 + SEGMENTS + k] = (dev / len).sqrt();
+        for (k, s) in segs.iter().enumerate() {
+            let len = bounds(k).len() as f32;
+            let m = s.0 / len;
+            f[8 + k] = s.2 / len;
+            f[8 + SEGMENTS + k] = (s.1 / len - m * m).max(0.0).sqrt();
         }
     });
     f

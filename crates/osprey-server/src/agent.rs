@@ -230,7 +230,9 @@ impl Shared {
     fn release(&self) -> Option<(Work, Completer, bool)> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         match s.waiting.pop_front() {
-            Some((w, d)) if !s.stopped => Some((w, d, s.free + 1 == self.workers.load(std::sync::atomic::Ordering::Relaxed))),
+            Some((w, d)) if !s.stopped => {
+                Some((w, d, s.free + 1 == self.workers.load(std::sync::atomic::Ordering::Relaxed)))
+            }
             _ => {
                 s.free += 1;
                 None

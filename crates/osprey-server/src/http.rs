@@ -332,7 +332,10 @@ struct InferHeaders {
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for InferHeaders {
     type Rejection = std::convert::Infallible;
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
         Ok(InferHeaders {
             content_encoding: parts.headers.get(axum::http::header::CONTENT_ENCODING).cloned(),
             header_length: parts.headers.get(HEADER_LENGTH).cloned(),
