@@ -14,7 +14,7 @@ DUR=${1:-8}
 shift $(( $# < 1 ? $# : 1 ))
 PAIRS=${*:-digits:medium spoken_digits:small}
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
-[ -n "${OSPREY_BIN:-}" ] || cargo build --release --quiet
+cargo build --release --quiet
 BIN=${OSPREY_BIN:-target/release/osprey}
 TMP=$(mktemp -d)
 PID=
@@ -28,7 +28,9 @@ echo "| model | variant | connections | req/s | p50 ms | p99 ms | mean batch | e
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for pair in $PAIRS; do
   model=${pair%%:*}; variant=${pair#*:}
-  "$BIN" overhead --variant "$variant" --batch-sizes 1 --requests 2000 --json 2>/dev/null >"$TMP/overhead.json"
+  # The engine figure comes from this checkout's build unless ENGINE_BIN says otherwise (an
+  # older OSPREY_BIN may have no `overhead --json`).
+  "${ENGINE_BIN:-target/release/osprey}" overhead --variant "$variant" --batch-sizes 1 --requests 2000 --json 2>/dev/null >"$TMP/overhead.json"
   engine=$(python3 -c "import json,sys; print(next(json.loads(l)['engine_us_p50'] for l in open(sys.argv[1]) if json.loads(l)['model']=='$model'))" "$TMP/overhead.json")
   for c in 1 8 32; do
     "$BIN" serve --config "$TMP/one-worker.toml" --http-addr 127.0.0.1:"$PORT" --grpc-addr 127.0.0.1:0 >"$TMP/serve.log" 2>&1 &

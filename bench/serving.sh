@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-5}
 cargo build --release --quiet
-BIN=target/release/osprey
+BIN=${OSPREY_BIN:-target/release/osprey}   # OSPREY_BIN: measure another build
 echo "== per-request overhead over direct engine calls (osprey overhead)"
 $BIN overhead --requests 2000
 LOG=$(mktemp)

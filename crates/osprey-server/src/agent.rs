@@ -127,17 +127,14 @@ pub trait Agent: Send + Sync {
 }
 
 /// Batches planned to take at most this long (µs) run on a runtime thread — the request's own
-/// connection task when a worker is free at its arrival — when no other batch is running on
-/// the agent: for small models the hand-off to a worker thread (a futex wake and two context
-/// switches) costs more than the batch. Longer batches go to the worker threads, so that the
-/// runtime's threads keep serving connections.
+/// connection task when a slot is free at its arrival — instead of being handed to a worker
+/// thread: for small models the hand-off (a futex wake and two context switches) costs more
+/// than the batch, and for mid-sized ones it still cost more throughput than it gave (see
+/// bench/RESULTS.md: handing batches of 100-250 µs to workers whenever another batch ran, so
+/// that the runtime kept reading and queues grew, formed larger batches but served fewer
+/// requests). Longer batches go to the worker threads, so that the runtime's threads keep
+/// serving connections.
 pub const INLINE_BELOW_US: f64 = 250.0;
-/// Batches planned under this (µs) run on a runtime thread even while others run: below the
-/// cost of a hand-off, no batching gain can pay for one. Between the two, a busy agent hands
-/// batches to its worker threads, so that the runtime's threads keep reading requests while
-/// they run — that is what lets the queue, and so batches, grow under load (on a runtime
-/// thread, nothing would be read while a batch runs, and every batch would be of one).
-pub const ALWAYS_INLINE_BELOW_US: f64 = 25.0;
 
 thread_local! {
     /// Set while this thread runs a batch (and on worker threads, always). A batch dispatched
@@ -162,8 +159,6 @@ pub struct LocalAgent {
 
 struct Shared {
     speed: f64,
-    /// Slots (worker threads that started; set once they have).
-    workers: std::sync::atomic::AtomicU32,
     slots: Mutex<Slots>,
     /// Worker threads' queue (batches that already hold a slot).
     tx: Mutex<Option<std_mpsc::Sender<Job>>>,
@@ -178,16 +173,15 @@ struct Slots {
 }
 
 impl Shared {
-    /// Whether `work` may run on a runtime thread; `alone`: no other batch holds a slot.
-    fn cheap(&self, work: &Work, alone: bool) -> bool {
-        self.speed >= 1.0
-            && (work.planned_us <= ALWAYS_INLINE_BELOW_US || (alone && work.planned_us <= INLINE_BELOW_US))
+    /// Whether `work` may run on a runtime thread.
+    fn cheap(&self, work: &Work) -> bool {
+        self.speed >= 1.0 && work.planned_us <= INLINE_BELOW_US
     }
 
     /// Starts a batch that holds a slot: here when allowed and not already inside a batch,
     /// else on a runtime task, else on a worker thread.
-    fn start(self: &Arc<Self>, work: Work, done: Completer, here: bool, alone: bool) {
-        if self.cheap(&work, alone) {
+    fn start(self: &Arc<Self>, work: Work, done: Completer, here: bool) {
+        if self.cheap(&work) {
             if here && !RUNNING.get() {
                 self.run_here(work, done);
                 return;
@@ -220,19 +214,16 @@ impl Shared {
         let next = self.release();
         done.complete(result);
         RUNNING.set(was);
-        if let Some((w, d, alone)) = next {
-            self.start(w, d, false, alone);
+        if let Some((w, d)) = next {
+            self.start(w, d, false);
         }
     }
 
-    /// Gives a slot back, or hands it to the next waiting batch (returned, to be started, with
-    /// whether it is then the only batch running).
-    fn release(&self) -> Option<(Work, Completer, bool)> {
+    /// Gives a slot back, or hands it to the next waiting batch (returned, to be started).
+    fn release(&self) -> Option<Job> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         match s.waiting.pop_front() {
-            Some((w, d)) if !s.stopped => {
-                Some((w, d, s.free + 1 == self.workers.load(std::sync::atomic::Ordering::Relaxed)))
-            }
+            Some(job) if !s.stopped => Some(job),
             _ => {
                 s.free += 1;
                 None
@@ -252,7 +243,6 @@ impl LocalAgent {
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             speed,
-            workers: Default::default(),
             slots: Mutex::new(Slots { free: 0, waiting: Default::default(), stopped: false }),
             tx: Mutex::new(Some(tx)),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -274,7 +264,7 @@ impl LocalAgent {
                                 let next = shared.release();
                                 done.complete(result);
                                 match next {
-                                    Some((w, d, _)) => (work, done) = (w, d),
+                                    Some((w, d)) => (work, done) = (w, d),
                                     None => break,
                                 }
                             }
@@ -285,7 +275,6 @@ impl LocalAgent {
             })
             .collect();
         let workers = threads.len() as u32;
-        shared.workers.store(workers, std::sync::atomic::Ordering::Relaxed);
         shared.slots.lock().unwrap_or_else(|e| e.into_inner()).free = workers;
         LocalAgent { name: name.to_string(), workers, shared, threads: Mutex::new(threads) }
     }
@@ -321,7 +310,7 @@ impl Agent for LocalAgent {
     }
 
     fn run(&self, work: Work, done: Completer) {
-        let alone = {
+        {
             let mut s = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
             if s.stopped {
                 drop(s);
@@ -333,9 +322,8 @@ impl Agent for LocalAgent {
                 return;
             }
             s.free -= 1;
-            s.free + 1 == self.shared.workers.load(std::sync::atomic::Ordering::Relaxed)
-        };
-        self.shared.start(work, done, true, alone);
+        }
+        self.shared.start(work, done, true);
     }
 
     fn stop(&self) {
