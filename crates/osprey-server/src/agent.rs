@@ -209,11 +209,18 @@ impl Shared {
     /// Runs a slot-holding batch on this thread, completes it, then starts the next waiting one
     /// elsewhere.
     fn run_here(self: &Arc<Self>, work: Work, done: Completer) {
-        let was = RUNNING.replace(true);
+        /// Restores the flag even if completing panics (the runtime thread lives on).
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                RUNNING.set(self.0);
+            }
+        }
+        let restore = Restore(RUNNING.replace(true));
         let result = run_at_speed(&work, self.speed);
         let next = self.release();
         done.complete(result);
-        RUNNING.set(was);
+        drop(restore);
         if let Some((w, d)) = next {
             self.start(w, d, false);
         }
