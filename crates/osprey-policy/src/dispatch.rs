@@ -25,10 +25,15 @@
 //! Per node, from every finished batch: the engine time the node measured `e` (what profiles
 //! measure), and the profile's median for that batch `ℓ₅₀(b)` on the node (`/ speed`):
 //! ```text
-//! σ_n ← 0.8·σ_n + 0.2·clamp(e / (ℓ₅₀(b) / speed_n), 0.1, 50)        observed slowdown
+//! σ_n ← 0.8·σ_n + 0.2·clamp((e + J) / (ℓ₅₀(b) / speed_n + J), 0.1, 50)   observed slowdown
 //! t̄_n ← 0.8·t̄_n + 0.2·e                                              mean service time
 //! failures_n, successes_n counted over a window halved past 20 batches
 //! ```
+//! `J` (= [`JITTER_US`], 20 µs) is timing jitter no node is judged by: a 2 µs batch that a
+//! page fault or a preemption stretches to 20 µs is not a 10× slower node (without it, one
+//! such hiccup on a tiny model steered traffic off a healthy node for several batches), while a
+//! 1.7 ms batch that takes 10× longer still reads as ~10×. This departs from the paper's plain
+//! ratio; on tiny models it under-reports real contention, which there costs microseconds.
 //! The scheduler's own per-variant slowdown is fed the node's whole time on the batch `t`
 //! (engine plus assembling and splitting) as `t · speed_n / σ_n` (the node's factors taken
 //! out), so a slow node does not make every node look slow, while the serving stack's own
@@ -229,10 +234,14 @@ impl Default for Health {
     }
 }
 
+/// Timing jitter (µs) added to both sides of the observed-slowdown ratio (module docs).
+pub const JITTER_US: f64 = 20.0;
+
 impl Health {
     fn success(&mut self, service_us: f64, reference_us: f64) {
         if reference_us > 0.0 && service_us.is_finite() {
-            self.slowdown = 0.8 * self.slowdown + 0.2 * (service_us / reference_us).clamp(0.1, 50.0);
+            let ratio = (service_us + JITTER_US) / (reference_us + JITTER_US);
+            self.slowdown = 0.8 * self.slowdown + 0.2 * ratio.clamp(0.1, 50.0);
         }
         self.mean_service_us = if self.mean_service_us == 0.0 {
             service_us

@@ -440,3 +440,23 @@ proptest! {
         prop_assert_eq!(runs, again);
     }
 }
+
+#[test]
+fn microsecond_jitter_is_not_a_slow_node_but_a_slow_long_batch_is() {
+    // A 2 µs batch stretched to 20 µs (a preemption, a page fault): barely moves the estimate.
+    let mut tiny = Health::default();
+    tiny.success(20.0, 2.0);
+    assert!(tiny.slowdown < 1.2, "{}", tiny.slowdown);
+    // A 1.7 ms batch taking 10× longer reads as ~10× within a few batches.
+    let mut long = Health::default();
+    for _ in 0..15 {
+        long.success(17_000.0, 1_700.0);
+    }
+    assert!(long.slowdown > 9.0, "{}", long.slowdown);
+    // A healthy node stays at ~1.
+    let mut ok = Health::default();
+    for _ in 0..15 {
+        ok.success(1_700.0, 1_700.0);
+    }
+    assert!((ok.slowdown - 1.0).abs() < 1e-9);
+}
