@@ -3,10 +3,9 @@
 //! A [`RawTensor`] holds its elements as little-endian bytes in row-major order, which is what
 //! Triton's binary extension, gRPC `raw_*_contents` and the engine all use, so the hot path
 //! never converts element by element. JSON is converted at the edge ([`RawTensor::from_json`],
-//! [`RawTensor::to_json_data`]), with every element checked against its datatype's range.
+//! [`RawTensor::write_json_data`]), with every element checked against its datatype's range.
 
 use crate::error::{Error, Result};
-use serde_json::Value;
 
 /// Tensor element types of the Open Inference Protocol that Osprey can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -159,25 +158,10 @@ impl RawTensor {
         Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Builds a tensor from the protocol's JSON `data` (flat or nested arrays), checking each
-    /// element's type and range. `limit` bounds the element count before allocation.
-    pub fn from_json(datatype: DataType, shape: Vec<i64>, data: &Value, name: &str) -> Result<RawTensor> {
-        let want = element_count(&shape)?;
-        let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
-        let mut count = 0usize;
-        push_json(datatype, data, &mut out, &mut count, want, name)?;
-        if count != want {
-            return Err(Error::invalid(format!(
-                "input '{name}': shape {shape:?} needs {want} elements, 'data' has {count}"
-            )));
-        }
-        Ok(RawTensor { datatype, shape, data: out })
-    }
-
     /// Decodes the protocol's JSON `data` (flat or nested arrays, row-major) straight from its
-    /// text into raw bytes, without building a JSON tree; the same checks and messages as
-    /// [`RawTensor::from_json`].
-    pub fn from_json_text(datatype: DataType, shape: Vec<i64>, text: &str, name: &str) -> Result<RawTensor> {
+    /// text into raw bytes, without building a JSON tree: every element checked against the
+    /// datatype's range, the element count against the shape.
+    pub fn from_json(datatype: DataType, shape: Vec<i64>, text: &str, name: &str) -> Result<RawTensor> {
         let want = element_count(&shape)?;
         let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
         let mut e = Elements { dt: datatype, out: &mut out, count: 0, limit: want, name, error: None };
@@ -235,45 +219,6 @@ impl RawTensor {
         }
         out.push(b']');
     }
-
-    /// The elements as JSON numbers (booleans for BOOL), flattened row-major.
-    pub fn to_json_data(&self) -> Vec<Value> {
-        let b = &self.data;
-        let n = self.elements();
-        let mut v = Vec::with_capacity(n);
-        macro_rules! each {
-            ($t:ty, $sz:expr) => {
-                for c in b.chunks_exact($sz) {
-                    let x = <$t>::from_le_bytes(c.try_into().unwrap_or([0; $sz]));
-                    v.push(Value::from(x));
-                }
-            };
-        }
-        match self.datatype {
-            DataType::Bool => v.extend(b.iter().map(|&x| Value::Bool(x != 0))),
-            DataType::Uint8 => each!(u8, 1),
-            DataType::Uint16 => each!(u16, 2),
-            DataType::Uint32 => each!(u32, 4),
-            DataType::Uint64 => each!(u64, 8),
-            DataType::Int8 => each!(i8, 1),
-            DataType::Int16 => each!(i16, 2),
-            DataType::Int32 => each!(i32, 4),
-            DataType::Int64 => each!(i64, 8),
-            DataType::Fp32 => {
-                for c in b.chunks_exact(4) {
-                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    v.push(serde_json::Number::from_f64(x as f64).map_or(Value::Null, Value::Number));
-                }
-            }
-            DataType::Fp64 => {
-                for c in b.chunks_exact(8) {
-                    let x = f64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-                    v.push(serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number));
-                }
-            }
-        }
-        v
-    }
 }
 
 /// The JSON scalars `data` may hold.
@@ -296,7 +241,7 @@ impl std::fmt::Display for Scalar {
     }
 }
 
-/// Streaming decoder state of [`RawTensor::from_json_text`]; the first error is kept here
+/// Streaming decoder state of [`RawTensor::from_json`]; the first error is kept here
 /// (serde only carries text).
 struct Elements<'a> {
     dt: DataType,
@@ -411,145 +356,71 @@ impl<'de> serde::de::Visitor<'de> for Seed<'_, '_> {
     }
 }
 
-fn push_json(
-    dt: DataType,
-    value: &Value,
-    out: &mut Vec<u8>,
-    count: &mut usize,
-    limit: usize,
-    name: &str,
-) -> Result<()> {
-    if let Value::Array(items) = value {
-        for item in items {
-            push_json(dt, item, out, count, limit, name)?;
-        }
-        return Ok(());
-    }
-    *count += 1;
-    if *count > limit {
-        return Err(Error::invalid(format!(
-            "input '{name}': 'data' has more elements than its shape allows ({limit})"
-        )));
-    }
-    let bad =
-        || Error::invalid(format!("input '{name}': element {} ({value}) is not a valid {dt}", *count - 1));
-    macro_rules! int {
-        ($t:ty) => {{
-            let x = if let Some(i) = value.as_i64() {
-                <$t>::try_from(i).map_err(|_| bad())?
-            } else if let Some(u) = value.as_u64() {
-                <$t>::try_from(u).map_err(|_| bad())?
-            } else {
-                return Err(bad());
-            };
-            out.extend_from_slice(&x.to_le_bytes());
-        }};
-    }
-    match dt {
-        DataType::Bool => out.push(value.as_bool().ok_or_else(bad)? as u8),
-        DataType::Uint8 => int!(u8),
-        DataType::Uint16 => int!(u16),
-        DataType::Uint32 => int!(u32),
-        DataType::Uint64 => int!(u64),
-        DataType::Int8 => int!(i8),
-        DataType::Int16 => int!(i16),
-        DataType::Int32 => int!(i32),
-        DataType::Int64 => int!(i64),
-        DataType::Fp32 => {
-            let x = value.as_f64().ok_or_else(bad)?;
-            out.extend_from_slice(&(x as f32).to_le_bytes())
-        }
-        DataType::Fp64 => out.extend_from_slice(&value.as_f64().ok_or_else(bad)?.to_le_bytes()),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn written(t: &RawTensor) -> String {
+        let mut out = Vec::new();
+        t.write_json_data(&mut out);
+        String::from_utf8(out).unwrap()
+    }
 
     #[test]
     fn json_round_trip_keeps_values() {
-        let t =
-            RawTensor::from_json(DataType::Int16, vec![2, 2], &json!([[1, -2], [300, -32768]]), "x").unwrap();
+        let t = RawTensor::from_json(DataType::Int16, vec![2, 2], "[[1, -2], [300, -32768]]", "x").unwrap();
         assert_eq!(t.data.len(), 8);
-        assert_eq!(t.to_json_data(), vec![json!(1), json!(-2), json!(300), json!(-32768)]);
-        let f = RawTensor::from_json(DataType::Fp32, vec![3], &json!([0.5, 1, -2.25]), "x").unwrap();
+        assert_eq!(written(&t), "[1,-2,300,-32768]");
+        let f = RawTensor::from_json(DataType::Fp32, vec![3], "[0.5, 1, -2.25]", "x").unwrap();
         assert_eq!(f.to_f32().unwrap(), vec![0.5, 1.0, -2.25]);
-        let b = RawTensor::from_json(DataType::Bool, vec![2], &json!([true, false]), "x").unwrap();
-        assert_eq!(b.to_json_data(), vec![json!(true), json!(false)]);
+        let b = RawTensor::from_json(DataType::Bool, vec![2], "[true, false]", "x").unwrap();
+        assert_eq!(written(&b), "[true,false]");
+        let u = RawTensor::from_json(DataType::Uint64, vec![1], "[18446744073709551615]", "x").unwrap();
+        assert_eq!(written(&u), "[18446744073709551615]");
+        let d = RawTensor::from_json(DataType::Fp64, vec![2, 1], "[[1e300], [-0.125]]", "x").unwrap();
+        assert_eq!(written(&d), "[1e+300,-0.125]");
     }
 
     #[test]
     fn json_rejects_out_of_range_and_wrong_types() {
-        let e = RawTensor::from_json(DataType::Int8, vec![1], &json!([200]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Int8, vec![1], "[200]", "x").unwrap_err();
         assert!(e.message.contains("not a valid INT8"), "{e}");
-        let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!(["a"]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Fp32, vec![1], "[\"a\"]", "x").unwrap_err();
         assert!(e.message.contains("not a valid FP32"), "{e}");
-        let e = RawTensor::from_json(DataType::Uint8, vec![1], &json!([-1]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Uint8, vec![1], "[-1]", "x").unwrap_err();
         assert!(e.message.contains("UINT8"), "{e}");
     }
 
     #[test]
     fn json_checks_element_count_both_ways() {
-        let e = RawTensor::from_json(DataType::Fp32, vec![2, 2], &json!([1, 2, 3]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Fp32, vec![2, 2], "[1, 2, 3]", "x").unwrap_err();
         assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
-        let e = RawTensor::from_json(DataType::Fp32, vec![1], &json!([1, 2]), "x").unwrap_err();
+        let e = RawTensor::from_json(DataType::Fp32, vec![1], "[1, 2]", "x").unwrap_err();
         assert!(e.message.contains("more elements"), "{e}");
     }
 
     #[test]
-    fn json_text_decoding_matches_the_tree_decoder() {
-        let cases: &[(DataType, Vec<i64>, &str)] = &[
-            (DataType::Int16, vec![2, 2], "[[1, -2], [300, -32768]]"),
-            (DataType::Fp32, vec![3], "[0.5, 1, -2.25]"),
-            (DataType::Bool, vec![2], "[true, false]"),
-            (DataType::Uint64, vec![1], "[18446744073709551615]"),
-            (DataType::Fp64, vec![2, 1], "[[1e300], [-0.125]]"),
-            (DataType::Int8, vec![1], "[200]"),
-            (DataType::Fp32, vec![1], "[\"a\"]"),
-            (DataType::Uint8, vec![1], "[-1]"),
-            (DataType::Fp32, vec![2, 2], "[1, 2, 3]"),
-            (DataType::Fp32, vec![1], "[1, 2]"),
-            (DataType::Bool, vec![1], "[1]"),
-            (DataType::Fp32, vec![1], "[1,"),
-            (DataType::Fp32, vec![1], "[{}]"),
-        ];
-        for (dt, shape, text) in cases {
-            let tree = serde_json::from_str::<Value>(text)
-                .map_err(|e| e.to_string())
-                .and_then(|v| RawTensor::from_json(*dt, shape.clone(), &v, "x").map_err(|e| e.message));
-            let direct = RawTensor::from_json_text(*dt, shape.clone(), text, "x").map_err(|e| e.message);
-            match (&tree, &direct) {
-                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
-                (Err(_), Err(b)) => assert!(b.contains("input 'x'"), "{text}: {b}"),
-                _ => panic!("{text}: tree {tree:?} vs direct {direct:?}"),
-            }
+    fn json_refuses_what_is_not_a_tensor() {
+        for (dt, text, want) in [
+            (DataType::Bool, "[1]", "element 0 (1) is not a valid BOOL"),
+            (DataType::Fp32, "[1,", "'data' is not valid"),
+            (DataType::Fp32, "[{}]", "'data' is not valid"),
+            (DataType::Fp32, "[1] 2", "'data' is not valid"),
+        ] {
+            let e = RawTensor::from_json(dt, vec![1], text, "x").unwrap_err();
+            assert!(e.message.contains(want), "{text}: {e}");
+            assert!(e.message.contains("input 'x'"), "{text}: {e}");
         }
-        let e = RawTensor::from_json_text(DataType::Int8, vec![1], "[200]", "x").unwrap_err();
-        assert!(e.message.contains("element 0 (200) is not a valid INT8"), "{e}");
-        let e = RawTensor::from_json_text(DataType::Fp32, vec![2, 2], "[1, 2, 3]", "x").unwrap_err();
-        assert!(e.message.contains("needs 4 elements, 'data' has 3"), "{e}");
     }
 
     #[test]
     fn json_writing_reads_back_the_same_values() {
-        let f = RawTensor::from_json(DataType::Fp32, vec![4], &json!([0.1, -2.5, 1e-7, 3]), "x").unwrap();
-        let mut out = Vec::new();
-        f.write_json_data(&mut out);
-        assert_eq!(std::str::from_utf8(&out).unwrap(), "[0.1,-2.5,1e-7,3.0]");
-        let back =
-            RawTensor::from_json_text(DataType::Fp32, vec![4], std::str::from_utf8(&out).unwrap(), "x");
-        assert_eq!(back.unwrap(), f);
-        let b = RawTensor::from_json(DataType::Bool, vec![2], &json!([true, false]), "x").unwrap();
-        let mut out = Vec::new();
-        b.write_json_data(&mut out);
-        assert_eq!(out, b"[true,false]");
+        let f = RawTensor::from_json(DataType::Fp32, vec![4], "[0.1, -2.5, 1e-7, 3]", "x").unwrap();
+        let text = written(&f);
+        assert_eq!(text, "[0.1,-2.5,1e-7,3.0]");
+        assert_eq!(RawTensor::from_json(DataType::Fp32, vec![4], &text, "x").unwrap(), f);
         let nan = RawTensor::from_bytes(DataType::Fp32, vec![1], f32::NAN.to_le_bytes().to_vec()).unwrap();
-        let mut out = Vec::new();
-        nan.write_json_data(&mut out);
-        assert_eq!(out, b"[null]");
+        assert_eq!(written(&nan), "[null]");
     }
 
     #[test]

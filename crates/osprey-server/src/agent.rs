@@ -193,15 +193,14 @@ impl Shared {
             }
         }
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(tx) = tx {
-            // On a send error the pair comes back and is dropped: the completer reports the
-            // batch lost.
-            if let Err(std_mpsc::SendError((_, done))) = tx.send((work, done)) {
-                self.release();
-                done.complete(Err(Failure::Lost("the agent is stopped".into())));
-            }
-        } else {
-            self.release();
+        // A stopped agent (no sender, or no worker left to receive) gives the slot back and
+        // reports the batch lost.
+        let refused = match tx {
+            Some(tx) => tx.send((work, done)).err().map(|std_mpsc::SendError((_, done))| done),
+            None => Some(done),
+        };
+        if let Some(done) = refused {
+            drop(self.release());
             done.complete(Err(Failure::Lost("the agent is stopped".into())));
         }
     }

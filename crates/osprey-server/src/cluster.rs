@@ -21,7 +21,6 @@ use crate::agent_pb::{self, agent_message, gateway_message};
 use crate::gateway::{InferOutcome, ModelEntry, ValidRequest, unix_ms};
 use osprey_core::error::{Error, Result};
 use osprey_core::tensor::{DataType, RawTensor, byte_size};
-use osprey_engine::batch;
 use osprey_policy::Micros;
 use osprey_policy::dispatch::{
     Action, BatchId, BatchOutcome, Dispatcher, ModelId, NodeId, NodeInfo, Telemetry, Why,
@@ -668,15 +667,7 @@ fn check_outputs(
         }
         tensors.push(RawTensor::from_bytes(dt, t.shape, t.data)?);
     }
-    let sizes: Vec<i64> = members.iter().map(|m| i64::from(m.rows)).collect();
-    let mut per_member: Vec<Vec<RawTensor>> = (0..members.len()).map(|_| Vec::new()).collect();
-    for t in tensors {
-        let parts = if sizes.len() == 1 { vec![t] } else { batch::split(&t, &sizes)? };
-        for (k, p) in parts.into_iter().enumerate() {
-            per_member[k].push(p);
-        }
-    }
-    Ok(per_member)
+    crate::agent::split_outputs(members, tensors)
 }
 
 /// `osprey.agent.v1.AgentGateway`, served beside the inference service.

@@ -435,7 +435,7 @@ async fn decode_and_run(
                 let data = inp.data.ok_or_else(|| {
                     Error::invalid(format!("input '{}' has neither 'data' nor binary_data_size", inp.name))
                 })?;
-                RawTensor::from_json_text(dt, inp.shape, data.get(), &inp.name)?
+                RawTensor::from_json(dt, inp.shape, data.get(), &inp.name)?
             }
         };
         inputs.push(InputTensor { name: inp.name, tensor });
