@@ -259,6 +259,15 @@ pub struct DataAware {
     pub bias: Vec<f32>,
 }
 
+/// Bound on a standardised feature: |z| beyond this is far outside anything seen in training.
+pub const Z_LIMIT: f64 = 10.0;
+
+/// (x − μ)/σ in f64, clamped to ±[`Z_LIMIT`]; NaN (from the input or a zero σ) maps to 0.
+fn standardise(x: f32, mean: f32, std: f32) -> f64 {
+    let z = (f64::from(x) - f64::from(mean)) / f64::from(std);
+    if z.is_nan() { 0.0 } else { z.clamp(-Z_LIMIT, Z_LIMIT) }
+}
+
 fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -280,6 +289,11 @@ impl DataAware {
     }
 
     /// Estimates from precomputed features (also used by training and evaluation).
+    ///
+    /// Total on any input: NaN, ±∞ and huge values are valid tensor data, so each standardised
+    /// feature is clamped to ±[`Z_LIMIT`] (a NaN feature counts as the training mean, z = 0)
+    /// and the estimate is always a probability in [0, 1]. An input far outside the training
+    /// distribution thus gets the estimate of the nearest point the model knows, not NaN.
     pub fn estimate_features(&self, f: &[f32], out: &mut [f64]) {
         for (v, o) in out.iter_mut().enumerate() {
             let (Some(w), Some(b)) = (self.weights.get(v), self.bias.get(v)) else {
@@ -290,10 +304,11 @@ impl DataAware {
                 .zip(&self.mean)
                 .zip(&self.std)
                 .zip(w)
-                .map(|(((x, m), s), w)| f64::from((x - m) / s * w))
+                .map(|(((x, m), s), w)| standardise(*x, *m, *s) * f64::from(*w))
                 .sum::<f64>()
                 + f64::from(*b);
-            *o = sigmoid(z);
+            let p = sigmoid(z);
+            *o = if p.is_nan() { 0.5 } else { p };
         }
     }
 
@@ -311,8 +326,10 @@ impl DataAware {
         let std: Vec<f32> = (0..d)
             .map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt().max(1e-6))
             .collect();
-        let z: Vec<Vec<f32>> =
-            x.iter().map(|r| r.iter().enumerate().map(|(j, v)| (v - mean[j]) / std[j]).collect()).collect();
+        let z: Vec<Vec<f32>> = x
+            .iter()
+            .map(|r| r.iter().enumerate().map(|(j, v)| standardise(*v, mean[j], std[j]) as f32).collect())
+            .collect();
         let mut weights = Vec::new();
         let mut bias = Vec::new();
         for y in correct {
@@ -508,5 +525,48 @@ mod tests {
         pc.estimate(s, &mut out);
         assert!(out[0] > 0.95, "{out:?}");
         assert!((out[1] - 0.5).abs() < 1e-9);
+    }
+
+    /// A real estimator, trained on clean digit-like rows, for the totality property below.
+    fn trained() -> DataAware {
+        let mut x = Vec::new();
+        let mut correct = vec![Vec::new(), Vec::new()];
+        for i in 0..64 {
+            let row: Vec<f32> = (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32 / 17.0).collect();
+            x.push(features(Sample { datatype: DataType::Fp32, bytes: &f32s(&row) }).to_vec());
+            correct[0].push(i % 3 == 0);
+            correct[1].push(i % 5 != 0);
+        }
+        DataAware::train(vec!["a".into(), "b".into()], &x, &correct, &TrainSettings::default())
+    }
+
+    proptest::proptest! {
+        /// NaN, ±∞, subnormals and values at the type's limits are valid tensor data: every
+        /// estimate is a probability, whatever the bytes.
+        #[test]
+        fn estimates_are_probabilities_for_arbitrary_data(
+            bits in proptest::collection::vec(proptest::num::u32::ANY, 0..300),
+            dt in 0usize..4,
+        ) {
+            let m = trained();
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let datatype = [DataType::Fp32, DataType::Int16, DataType::Uint8, DataType::Fp64][dt];
+            let n = bytes.len() / datatype.size() * datatype.size();
+            let mut out = [f64::NAN; 2];
+            m.estimate(Sample { datatype, bytes: &bytes[..n] }, &mut out);
+            for p in out {
+                proptest::prop_assert!((0.0..=1.0).contains(&p), "{p} from {:?}", &bits[..bits.len().min(8)]);
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_inputs_get_finite_estimates() {
+        let m = trained();
+        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 1e-45] {
+            let mut out = [f64::NAN; 2];
+            m.estimate(Sample { datatype: DataType::Fp32, bytes: &f32s(&[v; 64]) }, &mut out);
+            assert!(out.iter().all(|p| (0.0..=1.0).contains(p)), "{v}: {out:?}");
+        }
     }
 }

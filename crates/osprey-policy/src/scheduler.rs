@@ -368,7 +368,17 @@ impl Scheduler {
     }
 
     /// Admits `r` into the queue or refuses it now.
-    pub fn admit(&mut self, now: Micros, r: Request) -> Result<(), (Reject, Request)> {
+    pub fn admit(&mut self, now: Micros, mut r: Request) -> Result<(), (Reject, Request)> {
+        // Decisions compare estimates; one NaN would make every comparison false and leave the
+        // request unplanned until it expired. Whatever an estimator returned, plan with
+        // probabilities.
+        for e in &mut r.estimate {
+            *e = if e.is_nan() { 0.0 } else { e.clamp(0.0, 1.0) };
+        }
+        r.floor = if r.floor.is_nan() { 0.0 } else { r.floor.clamp(0.0, 1.0) };
+        if !r.weight.is_finite() {
+            r.weight = 1.0;
+        }
         if self.queue.len() >= self.cfg.max_queue {
             return Err((Reject::QueueFull, r));
         }
@@ -717,6 +727,19 @@ mod tests {
             let gone = s.expire(t);
             assert_eq!(gone.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1], "{rule:?}");
             assert!(s.poll_timeout().unwrap() > t);
+        }
+    }
+
+    #[test]
+    fn non_finite_estimates_cannot_stall_a_request() {
+        // A NaN estimate once made every candidate filter false: the request sat until expiry.
+        for est in [[f64::NAN; 3], [f64::INFINITY, f64::NEG_INFINITY, f64::NAN], [-3.0, 7.0, f64::NAN]] {
+            let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+            let mut r = req(1, 0, 10_000, est);
+            r.floor = f64::NAN;
+            s.admit(0, r).unwrap();
+            let b = s.next_batch(0).batch.expect("planned at once");
+            assert_eq!(b.members.len(), 1, "{est:?}");
         }
     }
 
