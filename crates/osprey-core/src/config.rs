@@ -197,6 +197,17 @@ pub struct ServerConfig {
     /// `limits.default_timeout_ms` as its latency objective.
     pub tenants: Vec<TenantConfig>,
     pub scheduler: SchedulerSection,
+    pub cluster: ClusterSection,
+}
+
+/// How remote agents join.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// File holding the join token; created (mode 0600) with a random token when missing.
+    /// Default: `$OSPREY_STATE_DIR/join-token`, else `$XDG_STATE_HOME/osprey/join-token`, else
+    /// `~/.local/state/osprey/join-token`. `$OSPREY_JOIN_TOKEN` overrides the file.
+    pub join_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -210,6 +221,7 @@ impl Default for ServerConfig {
             agents: Vec::new(),
             tenants: Vec::new(),
             scheduler: SchedulerSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }

@@ -673,11 +673,12 @@ fn check_outputs(
 /// `osprey.agent.v1.AgentGateway`, served beside the inference service.
 pub struct AgentService {
     cluster: Arc<Cluster>,
+    token: crate::join::JoinToken,
 }
 
 impl AgentService {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        AgentService { cluster }
+    pub fn new(cluster: Arc<Cluster>, token: crate::join::JoinToken) -> Self {
+        AgentService { cluster, token }
     }
 }
 
@@ -692,6 +693,14 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
         &self,
         req: TonicRequest<Streaming<agent_pb::AgentMessage>>,
     ) -> std::result::Result<Response<OutStream>, Status> {
+        let presented = req.metadata().get(crate::join::METADATA_KEY).and_then(|v| v.to_str().ok());
+        if !self.token.verify(presented) {
+            tracing::warn!(peer = ?req.remote_addr(), "refused an agent without a valid join token");
+            return Err(Status::unauthenticated(format!(
+                "attaching needs the cluster join token in '{}' (osprey agent --token)",
+                crate::join::METADATA_KEY
+            )));
+        }
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_WITHIN, inbound.message())
             .await

@@ -16,6 +16,7 @@
 
 use crate::agent::{Agent, LocalAgent};
 use crate::cluster::{self, Cluster, Waiting};
+use crate::join::JoinToken;
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::tenants::Tenants;
 use osprey_core::config::AgentConfig;
@@ -192,6 +193,9 @@ pub struct GatewayConfig {
     pub selector: Selector,
     pub tenants: Vec<TenantConfig>,
     pub scheduler: SchedulerSection,
+    /// What remote agents must present to attach; `None`: a token nobody knows (no remote
+    /// agent can attach).
+    pub join_token: Option<JoinToken>,
 }
 
 impl GatewayConfig {
@@ -207,6 +211,7 @@ impl GatewayConfig {
             selector: Selector::Predicted,
             tenants: Vec::new(),
             scheduler: SchedulerSection::default(),
+            join_token: None,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
     pub cluster: Arc<Cluster>,
+    /// Checked on every agent `Attach`.
+    pub join_token: JoinToken,
     locals: Vec<Arc<LocalAgent>>,
     /// Admitted requests not yet answered (held by [`InFlight`] guards).
     inflight: Arc<AtomicUsize>,
@@ -398,6 +405,7 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             cluster,
+            join_token: config.join_token.clone().unwrap_or_else(JoinToken::unguessable),
             locals,
             inflight: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),

@@ -10,6 +10,7 @@
 //! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
+//! - [`join`]: the cluster join token agents present on `Attach`.
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod grpc;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

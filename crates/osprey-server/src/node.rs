@@ -24,6 +24,8 @@ use tokio::sync::{Semaphore, mpsc};
 pub struct NodeConfig {
     pub name: String,
     pub join: String,
+    /// The cluster join token (see [`crate::join`]).
+    pub token: String,
     pub threads: u32,
     pub model_repository: PathBuf,
     /// Injected slowdown for tests and demos: each batch takes this many times longer.
@@ -103,6 +105,8 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
             r = session(node.clone(), on_joined.clone()) => {
                 match r {
+                    // Retrying cannot fix a wrong token: say so and stop.
+                    Err(e) if e.code == osprey_core::error::ErrorCode::Unauthenticated => return Err(e),
                     Ok(()) => tracing::warn!("the gateway closed the session; reconnecting"),
                     Err(e) => tracing::warn!("session ended: {e}; reconnecting in {backoff:?}"),
                 }
@@ -140,11 +144,20 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
         })),
     };
     tx.send(register).await.map_err(|_| Error::internal("outgoing stream closed"))?;
-    let mut inbound = client
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| Error::unavailable(format!("attach refused: {}", e.message())))?
-        .into_inner();
+    let mut attach = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let token = tonic::metadata::MetadataValue::try_from(node.cfg.token.as_str())
+        .map_err(|_| Error::invalid("the join token must be visible ASCII"))?;
+    attach.metadata_mut().insert(crate::join::METADATA_KEY, token);
+    let mut inbound = match client.attach(attach).await {
+        Ok(r) => r.into_inner(),
+        Err(e) if e.code() == tonic::Code::Unauthenticated => {
+            return Err(Error::new(
+                osprey_core::error::ErrorCode::Unauthenticated,
+                format!("the gateway refused the join token: {}", e.message()),
+            ));
+        }
+        Err(e) => return Err(Error::unavailable(format!("attach refused: {}", e.message()))),
+    };
     let heartbeat = {
         let (tx, node) = (tx.clone(), node.clone());
         tokio::spawn(async move {

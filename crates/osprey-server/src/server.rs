@@ -60,7 +60,7 @@ pub async fn serve(
         })
     });
     let agents = crate::agent_pb::agent_gateway_server::AgentGatewayServer::new(
-        crate::cluster::AgentService::new(gw.cluster.clone()),
+        crate::cluster::AgentService::new(gw.cluster.clone(), gw.join_token.clone()),
     )
     .max_decoding_message_size(limit);
     let grpc = tonic::transport::Server::builder()

@@ -7,6 +7,7 @@
 //! key keeps `osprey serve` working out of the box; as soon as any key is configured, every
 //! route but health needs one.
 
+use crate::join::ct_eq;
 use osprey_core::config::TenantConfig;
 use osprey_core::error::{Error, ErrorCode, Result};
 use osprey_policy::quota::TokenBucket;
@@ -40,10 +41,6 @@ fn parse_hash(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
-}
-
-fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Tenants {

@@ -9,6 +9,13 @@ pub struct AgentArgs {
     /// The gateway's gRPC address (host:port).
     #[arg(long)]
     join: String,
+    /// The cluster join token the gateway printed or wrote to its token file (default:
+    /// $OSPREY_JOIN_TOKEN).
+    #[arg(long, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the join token (e.g. the gateway's join-token file, or a mounted Secret).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Node name (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -43,6 +50,16 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
     if args.threads == 0 || bad(args.slowdown, 1.0) || bad(args.speed_hint, 1e-6) {
         return Err("--threads must be positive, --slowdown at least 1 and --speed-hint positive".into());
     }
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => osprey_server::join::read_token_file(p).map_err(|e| e.to_string())?,
+        (None, None) => std::env::var(osprey_server::join::ENV).ok().filter(|t| !t.is_empty()).ok_or_else(|| {
+            format!(
+                "a join token is needed: --token, --token-file or ${}; the gateway prints where it keeps one at start",
+                osprey_server::join::ENV
+            )
+        })?,
+    };
     let name = args.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
@@ -51,6 +68,7 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
     let cfg = NodeConfig {
         name: name.clone(),
         join: args.join.clone(),
+        token,
         threads: args.threads,
         model_repository: args.model_repository.clone().unwrap_or_else(crate::default_repository),
         slowdown: args.slowdown,

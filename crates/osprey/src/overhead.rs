@@ -100,6 +100,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 selector: osprey_policy::instance::Selector::Predicted,
                 tenants: Vec::new(),
                 scheduler: Default::default(),
+                join_token: None,
             },
             |_, v, _| osprey_core::profile::VariantProfile {
                 name: v.name.clone(),

@@ -82,6 +82,9 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         let grpc = tokio::net::TcpListener::bind(&config.grpc_addr)
             .await
             .map_err(|e| format!("binding gRPC {}: {e}", config.grpc_addr))?;
+        let (join_token, source) =
+            osprey_server::join::JoinToken::resolve(config.cluster.join_token_file.as_deref())
+                .map_err(|e| e.to_string())?;
         let gw = Gateway::start(
             GatewayConfig {
                 models,
@@ -92,6 +95,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 selector,
                 tenants: config.tenants.clone(),
                 scheduler: config.scheduler.clone(),
+                join_token: Some(join_token),
             },
             quick_profile,
         );
@@ -114,6 +118,17 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             gw.policy.as_str(),
             gw.tenants.names().collect::<Vec<_>>().join(", ")
         );
+        use osprey_server::join::TokenSource;
+        match &source {
+            TokenSource::Environment => {
+                println!("agents join with the token in ${}", osprey_server::join::ENV)
+            }
+            TokenSource::File(p) | TokenSource::Generated(p) => println!(
+                "join agents: osprey agent --join {grpc_addr} --token-file {}{}",
+                p.display(),
+                if matches!(source, TokenSource::Generated(_)) { "  (token generated now)" } else { "" }
+            ),
+        }
         println!("ready http={http_addr} grpc={grpc_addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -120,6 +120,51 @@ fn kill_slow_and_restart_agents_under_load() {
     assert!(gw.stop().success());
 }
 
+#[test]
+fn agents_attach_only_with_the_join_token() {
+    // Zero config: the gateway generates a token into a private file and says how to join.
+    let state = std::env::temp_dir().join(format!("osprey-join-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let state_s = state.to_string_lossy().to_string();
+    let env = [("OSPREY_JOIN_TOKEN", None), ("OSPREY_STATE_DIR", Some(state_s.as_str()))];
+    let gw = Server::start_with_env(&["--local-agents", "0"], &env);
+    let file = state.join("join-token");
+    let token = std::fs::read_to_string(&file).expect("token file written");
+    assert_eq!(token.trim().len(), 64);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // No token, a wrong one: refused, and the agent stops with the reason instead of retrying.
+    for extra in [vec![], vec!["--token", "not-the-token-0123456789"]] {
+        let mut args = vec!["agent", "--join", gw.grpc.as_str(), "--name", "intruder"];
+        args.extend(extra.iter().copied());
+        let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
+            .args(&args)
+            .env_remove("OSPREY_JOIN_TOKEN")
+            .current_dir(repo_root())
+            .output()
+            .expect("agent runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("join token"), "{err}");
+    }
+    assert!(nodes(&gw.http).is_empty(), "nobody attached without the token");
+
+    // The token file joins.
+    let file_s = file.to_string_lossy().to_string();
+    let (mut ok, _) = common::spawn_with_env(
+        &["agent", "--join", &gw.grpc, "--name", "member", "--token-file", &file_s],
+        &[("OSPREY_JOIN_TOKEN", None)],
+        "joined ",
+        Duration::from_secs(60),
+    );
+    wait_for("member registered", Duration::from_secs(10), || nodes(&gw.http).len() == 1);
+    let _ = ok.kill();
+    let _ = ok.wait();
+    assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 fn post(http: &str, path: &str, body: &str) -> (u16, String) {
     common::post_as(http, path, None, body)
 }

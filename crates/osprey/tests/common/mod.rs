@@ -7,6 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The join token every spawned gateway and agent shares (through `OSPREY_JOIN_TOKEN`).
+pub const TEST_JOIN_TOKEN: &str = "osprey-test-join-token-0123456789";
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -14,14 +17,25 @@ pub fn repo_root() -> PathBuf {
 /// Spawns `osprey ARGS` in the repository root and waits (with a deadline) for a stdout line
 /// starting with `prefix`; returns the process and the rest of that line.
 pub fn spawn_until(args: &[&str], prefix: &'static str, within: Duration) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_osprey"))
-        .args(args)
-        .current_dir(repo_root())
-        .env("OSPREY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn osprey");
+    spawn_with_env(args, &[("OSPREY_JOIN_TOKEN", Some(TEST_JOIN_TOKEN))], prefix, within)
+}
+
+/// [`spawn_until`] with environment changes (`None` removes a variable).
+pub fn spawn_with_env(
+    args: &[&str],
+    env: &[(&str, Option<&str>)],
+    prefix: &'static str,
+    within: Duration,
+) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_osprey"));
+    cmd.args(args).current_dir(repo_root()).env("OSPREY_LOG", "warn");
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn osprey");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -49,9 +63,14 @@ pub struct Server {
 impl Server {
     /// Starts `osprey serve` on ephemeral ports and waits (with a deadline) for its ready line.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[("OSPREY_JOIN_TOKEN", Some(TEST_JOIN_TOKEN))])
+    }
+
+    /// [`Server::start`] with environment changes (`None` removes a variable).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, Option<&str>)]) -> Server {
         let mut args = vec!["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let (child, line) = spawn_until(&args, "ready ", Duration::from_secs(120));
+        let (child, line) = spawn_with_env(&args, env, "ready ", Duration::from_secs(120));
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(String::from))
