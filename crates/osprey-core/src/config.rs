@@ -84,6 +84,39 @@ pub struct TenantConfig {
     /// Models this tenant may use; empty means all.
     #[serde(default)]
     pub models: Vec<String>,
+    /// What the tenant's keys may do beyond inference (see [`Role`]).
+    #[serde(default)]
+    pub role: Role,
+    /// Cost quota: compute milliseconds per second, counted by the profiled latency of the
+    /// cheapest variant the request may use at its batch size (so a batch of 48 on the largest
+    /// variant costs what it occupies, not 48 "samples"); none means unlimited.
+    pub compute_rate_ms: Option<f64>,
+    /// Burst allowance of the cost quota, compute milliseconds (default: one second's worth).
+    pub compute_burst_ms: Option<f64>,
+}
+
+/// Roles, each including the one before it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Inference, metadata, readiness and statistics of the models the tenant may use.
+    #[default]
+    Tenant,
+    /// Also `/metrics`, `/v2/cluster`, every model's metadata and statistics, the repository's
+    /// problems: read-only operations (a Prometheus scraper's key).
+    Monitor,
+    /// Also changes to the cluster: loading and unloading variants on nodes.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Tenant => "tenant",
+            Role::Monitor => "monitor",
+            Role::Admin => "admin",
+        }
+    }
 }
 
 fn default_slo_ms() -> u64 {
@@ -258,8 +291,15 @@ impl ServerConfig {
             if !(t.weight > 0.0 && t.weight.is_finite() && (0.0..=1.0).contains(&t.accuracy_floor)) {
                 return Err(bad("weight must be positive and accuracy_floor within 0..1".into()));
             }
-            if t.latency_slo_ms == 0 || t.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-                return Err(bad("latency_slo_ms and rate must be positive".into()));
+            let positive = |x: Option<f64>| x.is_none_or(|r| r > 0.0 && r.is_finite());
+            if t.latency_slo_ms == 0
+                || !positive(t.rate)
+                || !positive(t.compute_rate_ms)
+                || !positive(t.compute_burst_ms)
+            {
+                return Err(bad(
+                    "latency_slo_ms, rate, compute_rate_ms and compute_burst_ms must be positive".into(),
+                ));
             }
         }
         let s = &c.scheduler;

@@ -918,6 +918,15 @@ fn refusal(m: &Model, why: Reject, r: &Request) -> Error {
             m.name,
             m.sched.len()
         )),
+        Reject::TenantShare => Error::new(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "this tenant holds its whole share of model '{}' queue ({} of {} waiting); retry later",
+                m.name,
+                m.sched.len(),
+                m.sched.config().max_queue
+            ),
+        ),
         Reject::Capacity => Error::unavailable(format!(
             "not enough capacity to answer within {left} us: {} requests are ahead; retry later or allow more time",
             m.sched.len()

@@ -104,6 +104,24 @@ pub struct SchedulerConfig {
     pub miss_penalty: f64,
     /// Worker threads serving this model (for the admission backlog estimate).
     pub workers: u32,
+    /// Per-tenant bound on queued requests (`tenant_queue[t]`, see [`tenant_queue_bounds`]);
+    /// empty or missing entries: only `max_queue` bounds a tenant.
+    pub tenant_queue: Vec<usize>,
+}
+
+/// Each tenant's share of a model queue of `max_queue` entries: ⌊max_queue · w_t / Σ w⌋, at
+/// least 1. The shares add up to at most the queue, so a tenant that floods the queue fills
+/// only its own share, and every other tenant finds its share free (per-tenant bounded queues
+/// inside one model queue; the scheduler still orders and batches all of them together).
+pub fn tenant_queue_bounds(max_queue: usize, weights: &[f64]) -> Vec<usize> {
+    let total: f64 = weights.iter().filter(|w| w.is_finite() && **w > 0.0).sum();
+    weights
+        .iter()
+        .map(|&w| {
+            let share = if total > 0.0 && w.is_finite() && w > 0.0 { w / total } else { 0.0 };
+            ((max_queue as f64 * share).floor() as usize).max(1)
+        })
+        .collect()
 }
 
 impl SchedulerConfig {
@@ -116,6 +134,7 @@ impl SchedulerConfig {
             urgency_weight: 1.0,
             miss_penalty: 1.0,
             workers: 1,
+            tenant_queue: Vec::new(),
         }
     }
 }
@@ -152,6 +171,8 @@ pub struct Request {
 pub enum Reject {
     /// The queue is at its bound.
     QueueFull,
+    /// The request's tenant holds its whole share of the queue.
+    TenantShare,
     /// No variant can finish before the deadline even with an idle worker.
     CannotMeetDeadline,
     /// The backlog ahead makes the deadline unreachable now.
@@ -382,17 +403,44 @@ impl Scheduler {
         if self.queue.len() >= self.cfg.max_queue {
             return Err((Reject::QueueFull, r));
         }
+        if let Some(&bound) = self.cfg.tenant_queue.get(r.tenant)
+            && bound < self.cfg.max_queue
+            && self.queue.iter().filter(|q| q.tenant == r.tenant).count() >= bound
+        {
+            return Err((Reject::TenantShare, r));
+        }
         if self.cfg.rule == Rule::Utility {
             let need = self.min_latency(&r);
             if now as f64 + need > r.deadline as f64 {
                 return Err((Reject::CannotMeetDeadline, r));
             }
-            // Optimistic backlog: everything queued runs on the fastest variant at full batches.
-            let fastest = (0..self.variants.len())
-                .min_by(|&a, &b| self.latency(a, 1).total_cmp(&self.latency(b, 1)))
-                .unwrap_or(0);
-            let per_row = self.latency(fastest, self.cfg.max_rows) / f64::from(self.cfg.max_rows.max(1));
-            let backlog: f64 = self.queue.iter().map(|q| f64::from(q.rows) * per_row).sum();
+            // Optimistic backlog: every queued request runs on its fastest allowed variant
+            // (its pinned one, when pinned) at full batches. Assuming the model's fastest
+            // variant for all once admitted far more pinned requests than could be served:
+            // they waited out their deadlines in the queue instead of being refused at once.
+            let rows = self.cfg.max_rows.max(1);
+            let per_row: Vec<f64> =
+                (0..self.variants.len())
+                    .map(|v| {
+                        if self.available[v] {
+                            self.latency(v, rows) / f64::from(rows)
+                        } else {
+                            f64::INFINITY
+                        }
+                    })
+                    .collect();
+            let fastest = per_row.iter().copied().fold(f64::INFINITY, f64::min);
+            let backlog: f64 = self
+                .queue
+                .iter()
+                .map(|q| {
+                    let cost = match q.pinned {
+                        Some(p) => per_row.get(p).copied().unwrap_or(fastest),
+                        None => fastest,
+                    };
+                    f64::from(q.rows) * if cost.is_finite() { cost } else { 0.0 }
+                })
+                .sum();
             let wait = backlog / f64::from(self.cfg.workers.max(1));
             if now as f64 + wait + need > r.deadline as f64 {
                 return Err((Reject::Capacity, r));
@@ -728,6 +776,32 @@ mod tests {
             assert_eq!(gone.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1], "{rule:?}");
             assert!(s.poll_timeout().unwrap() > t);
         }
+    }
+
+    #[test]
+    fn a_tenant_fills_only_its_share_of_the_queue() {
+        let mut cfg = SchedulerConfig::for_test(Rule::Fixed(0));
+        cfg.tenant_queue = tenant_queue_bounds(cfg.max_queue, &[1.0, 3.0]);
+        assert_eq!(cfg.tenant_queue, vec![16, 48]);
+        let mut s = Scheduler::new(cfg, zoo());
+        let of = |tenant, id| Request { tenant, ..req(id, 0, 1_000_000, [0.6, 0.8, 0.95]) };
+        let admitted = (0..100).filter(|&i| s.admit(0, of(0, i)).is_ok()).count();
+        assert_eq!(admitted, 16, "the aggressor stops at its share");
+        assert_eq!(s.admit(0, of(0, 500)).unwrap_err().0, Reject::TenantShare);
+        let admitted = (0..48).filter(|&i| s.admit(0, of(1, 1000 + i)).is_ok()).count();
+        assert_eq!(admitted, 48, "the victim finds its whole share free");
+        assert_eq!(tenant_queue_bounds(10, &[1.0]), vec![10]);
+        assert_eq!(tenant_queue_bounds(10, &[1.0, f64::NAN, 0.0]), vec![10, 1, 1]);
+    }
+
+    #[test]
+    fn the_admission_backlog_counts_pinned_requests_at_their_own_variant() {
+        // Pinned to the large variant (1000 µs/row beyond its base), 100 requests are ~100 ms
+        // of work; counting them at the small variant's speed admitted them all.
+        let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+        let pinned = |id| Request { pinned: Some(2), ..req(id, 0, 30_000, [0.6, 0.8, 0.95]) };
+        let admitted = (0..100).filter(|&i| s.admit(0, pinned(i)).is_ok()).count();
+        assert!((20..=40).contains(&admitted), "{admitted} admitted for a 30 ms budget");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn scheduler_for(
     spec: &ModelSpec,
     profiles: Vec<VariantProfile>,
     cap: Capacity,
+    tenant_weights: &[f64],
 ) -> Scheduler {
     let cfg = SchedulerConfig {
         rule: rule_for(section, spec),
@@ -41,6 +42,7 @@ pub fn scheduler_for(
         urgency_weight: section.urgency_weight,
         miss_penalty: section.miss_penalty,
         workers: cap.workers.max(1),
+        tenant_queue: crate::scheduler::tenant_queue_bounds(cap.max_queue, tenant_weights),
     };
     let variants = spec
         .variants

@@ -359,13 +359,14 @@ impl Gateway {
         let cap = Capacity { max_batch: config.max_batch, max_queue: config.limits.max_queue, workers };
         let tenants = Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0);
         let tenant_names: Vec<String> = tenants.names().map(String::from).collect();
+        let weights: Vec<f64> = (0..tenant_names.len()).map(|t| tenants.get(t).config.weight).collect();
         let mut models = BTreeMap::new();
         let mut setups = Vec::new();
         for (index, (name, (spec, variants))) in loaded.into_iter().enumerate() {
             let profiles = variants.iter().map(|v: &VariantEntry| v.profile.clone()).collect();
             setups.push(ModelSetup {
                 name: name.clone(),
-                scheduler: scheduler_for(&config.scheduler, &spec, profiles, cap),
+                scheduler: scheduler_for(&config.scheduler, &spec, profiles, cap, &weights),
                 variants: variants
                     .iter()
                     .map(|v| (v.spec.name.clone(), u64::from(v.spec.memory_mb)))
@@ -571,7 +572,9 @@ impl Gateway {
             return Err(fail(Error::unavailable("server is shutting down")));
         }
         let now = Instant::now();
-        self.tenants.admit(tenant, entry.name(), req.rows, micros(self.epoch, now)).map_err(fail)?;
+        self.tenants
+            .admit(tenant, entry.name(), req.rows, cost_ms(&entry, &req), micros(self.epoch, now))
+            .map_err(fail)?;
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
         let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));
@@ -643,6 +646,21 @@ impl Gateway {
 }
 
 /// The estimated accuracy of each variant on this request's input, averaged over its samples.
+/// What a request costs a cost quota: the profiled p50 latency, in milliseconds, of its batch
+/// alone on its pinned variant, else on the cheapest variant (the least it will occupy).
+fn cost_ms(entry: &ModelEntry, req: &ValidRequest) -> f64 {
+    let at = |v: &VariantEntry| {
+        v.profile.latency_us(req.rows, osprey_core::profile::Quantile::P50).unwrap_or(0.0) / 1e3
+    };
+    match req.pinned.and_then(|p| entry.variants.get(p)) {
+        Some(v) => at(v),
+        None => {
+            let c = entry.variants.iter().map(at).fold(f64::INFINITY, f64::min);
+            if c.is_finite() { c } else { 0.0 }
+        }
+    }
+}
+
 fn estimate(entry: &ModelEntry, req: &ValidRequest) -> Vec<f64> {
     let nv = entry.variants.len();
     let mut estimate = vec![0.0; nv];

@@ -64,7 +64,14 @@ fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_respons
     }
 }
 
-fn model_ready<'a>(gw: &'a Gateway, name: &str, version: &str) -> Result<&'a Arc<ModelEntry>, Status> {
+/// The model a call names, with the caller's right to see it and the version checked.
+fn model_ready<'a>(
+    gw: &'a Gateway,
+    tenant: usize,
+    name: &str,
+    version: &str,
+) -> Result<&'a Arc<ModelEntry>, Status> {
+    gw.tenants.check_visible(tenant, name).map_err(status)?;
     let m = gw.model(name).map_err(status)?;
     m.resolve_version(version).map_err(status)?;
     Ok(m)
@@ -145,9 +152,10 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> R<pb::ModelReadyResponse> {
-        self.tenant(&r)?;
+        let t = self.tenant(&r)?;
         let r = r.into_inner();
-        let ready = model_ready(&self.gw, &r.name, &r.version).is_ok() && self.gw.model_is_ready(&r.name);
+        self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
+        let ready = model_ready(&self.gw, t, &r.name, &r.version).is_ok() && self.gw.model_is_ready(&r.name);
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -161,9 +169,9 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
-        self.tenant(&r)?;
+        let t = self.tenant(&r)?;
         let r = r.into_inner();
-        let m = model_ready(&self.gw, &r.name, &r.version)?;
+        let m = model_ready(&self.gw, t, &r.name, &r.version)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name().into(),
             versions: m.variants.iter().map(|v| v.spec.name.clone()).collect(),
@@ -174,9 +182,9 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_config(&self, r: Request<pb::ModelConfigRequest>) -> R<pb::ModelConfigResponse> {
-        self.tenant(&r)?;
+        let t = self.tenant(&r)?;
         let r = r.into_inner();
-        let m = model_ready(&self.gw, &r.name, &r.version)?;
+        let m = model_ready(&self.gw, t, &r.name, &r.version)?;
         let config = pb::ModelConfig {
             name: m.name().into(),
             platform: "onnxruntime_onnx".into(),
@@ -210,11 +218,12 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::ModelStatisticsRequest>,
     ) -> R<pb::ModelStatisticsResponse> {
-        self.tenant(&r)?;
+        let t = self.tenant(&r)?;
         let r = r.into_inner();
         let models: Vec<&Arc<ModelEntry>> = if r.name.is_empty() {
-            self.gw.models().collect()
+            self.gw.models().filter(|m| self.gw.tenants.may_see(t, m.name())).collect()
         } else {
+            self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
             vec![self.gw.model(&r.name).map_err(status)?]
         };
         let only = match models.first() {
@@ -263,12 +272,13 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::RepositoryIndexRequest>,
     ) -> R<pb::RepositoryIndexResponse> {
-        self.tenant(&r)?;
+        let t = self.tenant(&r)?;
         use pb::repository_index_response::ModelIndex;
         let ready_only = r.into_inner().ready;
         let mut models: Vec<ModelIndex> = self
             .gw
             .models()
+            .filter(|m| self.gw.tenants.may_see(t, m.name()))
             .flat_map(|m| {
                 m.variants.iter().map(move |v| ModelIndex {
                     name: m.name().into(),
@@ -278,7 +288,7 @@ impl GrpcInferenceService for InferenceService {
                 })
             })
             .collect();
-        if !ready_only {
+        if !ready_only && self.gw.tenants.role(t) >= osprey_core::config::Role::Monitor {
             models.extend(self.gw.problems().iter().map(|p| ModelIndex {
                 name: p.model.clone(),
                 version: String::new(),

@@ -12,7 +12,8 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use osprey_core::config::Role;
 use osprey_core::error::Error;
 use osprey_core::tensor::{RawTensor, byte_size};
 use serde::Deserialize;
@@ -98,8 +99,12 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
 }
 
 /// Osprey extension: the cluster's nodes (what `osprey status` shows).
-async fn cluster(State(gw): State<Arc<Gateway>>) -> Json<Value> {
-    Json(json!({ "nodes": gw.cluster.status() }))
+async fn cluster(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.require(t.0, Role::Monitor)?;
+    Ok(Json(json!({ "nodes": gw.cluster.status() })))
 }
 
 #[derive(Deserialize)]
@@ -119,9 +124,11 @@ fn variant_ref(body: Result<Bytes, BytesRejection>) -> Result<VariantRef, ApiErr
 /// instance hosts it).
 async fn place_variant(
     State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
     Path((node, action)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
+    gw.tenants.require(t.0, Role::Admin)?;
     let v = variant_ref(body)?;
     match action.as_str() {
         "load" => gw.cluster.load(&node, &v.model, &v.variant)?,
@@ -135,11 +142,13 @@ async fn server_metadata() -> Json<Value> {
     Json(json!({ "name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS }))
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    (
+async fn metrics(State(gw): State<Arc<Gateway>>, Extension(t): Extension<TenantId>) -> ApiResult<Response> {
+    gw.tenants.require(t.0, Role::Monitor)?;
+    Ok((
         [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         gw.metrics.encode(),
     )
+        .into_response())
 }
 
 pub fn tensor_meta(t: &osprey_core::model::TensorSpec) -> Value {
@@ -161,19 +170,28 @@ fn metadata(m: &ModelEntry) -> Value {
     })
 }
 
-/// The model an address names, with its version checked.
-fn addressed<'a>(gw: &'a Gateway, r: &ModelRef) -> Result<&'a Arc<ModelEntry>, Error> {
+/// The model an address names, with the caller's right to see it and the version checked.
+fn addressed<'a>(gw: &'a Gateway, t: TenantId, r: &ModelRef) -> Result<&'a Arc<ModelEntry>, Error> {
+    gw.tenants.check_visible(t.0, &r.model)?;
     let m = gw.model(&r.model)?;
     m.resolve_version(&r.version)?;
     Ok(m)
 }
 
-async fn model_metadata(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
-    Ok(Json(metadata(addressed(&gw, &r)?)))
+async fn model_metadata(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(r): Path<ModelRef>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(metadata(addressed(&gw, t, &r)?)))
 }
 
-async fn model_ready(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<StatusCode> {
-    addressed(&gw, &r)?;
+async fn model_ready(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(r): Path<ModelRef>,
+) -> ApiResult<StatusCode> {
+    addressed(&gw, t, &r)?;
     Ok(if gw.model_is_ready(&r.model) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
@@ -194,8 +212,12 @@ pub fn config_json(m: &ModelEntry) -> Value {
     })
 }
 
-async fn model_config(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
-    Ok(Json(config_json(addressed(&gw, &r)?)))
+async fn model_config(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(r): Path<ModelRef>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(config_json(addressed(&gw, t, &r)?)))
 }
 
 fn dur(d: &crate::gateway::Duration2) -> Value {
@@ -232,12 +254,18 @@ fn stats_json(m: &ModelEntry, only: Option<usize>) -> Vec<Value> {
         .collect()
 }
 
-async fn all_stats(State(gw): State<Arc<Gateway>>) -> Json<Value> {
-    let all: Vec<Value> = gw.models().flat_map(|m| stats_json(m, None)).collect();
+async fn all_stats(State(gw): State<Arc<Gateway>>, Extension(t): Extension<TenantId>) -> Json<Value> {
+    let all: Vec<Value> =
+        gw.models().filter(|m| gw.tenants.may_see(t.0, m.name())).flat_map(|m| stats_json(m, None)).collect();
     Json(json!({ "model_stats": all }))
 }
 
-async fn model_stats(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) -> ApiResult<Json<Value>> {
+async fn model_stats(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(r): Path<ModelRef>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.check_visible(t.0, &r.model)?;
     let m = gw.model(&r.model)?;
     let v = m.resolve_version(&r.version)?;
     Ok(Json(json!({ "model_stats": stats_json(m, v) })))
@@ -245,6 +273,7 @@ async fn model_stats(State(gw): State<Arc<Gateway>>, Path(r): Path<ModelRef>) ->
 
 async fn repository_index(
     State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let body = body.map_err(rejection)?;
@@ -256,13 +285,15 @@ async fn repository_index(
     }
     let mut out: Vec<Value> = gw
         .models()
+        .filter(|m| gw.tenants.may_see(t.0, m.name()))
         .flat_map(|m| {
             m.variants
                 .iter()
                 .map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
         })
         .collect();
-    if !ready_only {
+    // The repository's problems (file names, parse errors) are for operators.
+    if !ready_only && gw.tenants.role(t.0) >= Role::Monitor {
         out.extend(gw.problems().iter().map(
             |p| json!({ "name": p.model, "version": "", "state": "UNAVAILABLE", "reason": p.error.message }),
         ));

@@ -8,7 +8,7 @@
 //! route but health needs one.
 
 use crate::join::ct_eq;
-use osprey_core::config::TenantConfig;
+use osprey_core::config::{Role, TenantConfig};
 use osprey_core::error::{Error, ErrorCode, Result};
 use osprey_policy::quota::TokenBucket;
 use sha2::{Digest, Sha256};
@@ -20,6 +20,8 @@ pub struct Tenant {
     pub name: std::sync::Arc<str>,
     hashes: Vec<[u8; 32]>,
     bucket: Option<Mutex<TokenBucket>>,
+    /// Compute milliseconds per second.
+    cost_bucket: Option<Mutex<TokenBucket>>,
 }
 
 pub struct Tenants {
@@ -56,6 +58,10 @@ impl Tenants {
                 rate: None,
                 burst: None,
                 models: Vec::new(),
+                // With no keys nobody can be told apart: the open default may do everything.
+                role: Role::Admin,
+                compute_rate_ms: None,
+                compute_burst_ms: None,
             }]
         } else {
             configs.to_vec()
@@ -73,6 +79,9 @@ impl Tenants {
                         now_us,
                     ))
                 }),
+                cost_bucket: c
+                    .compute_rate_ms
+                    .map(|r| Mutex::new(TokenBucket::with_burst(r, c.compute_burst_ms.unwrap_or(r), now_us))),
                 config: c,
             })
             .collect();
@@ -116,7 +125,39 @@ impl Tenants {
         found.ok_or_else(unauth)
     }
 
-    /// Checks the tenant may use `model`.
+    pub fn role(&self, tenant: usize) -> Role {
+        self.get(tenant).config.role
+    }
+
+    /// Checks the tenant's role includes `role`.
+    pub fn require(&self, tenant: usize, role: Role) -> Result<()> {
+        let t = self.get(tenant);
+        if t.config.role < role {
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "this needs the {} role; tenant '{}' has the {} role",
+                    role.as_str(),
+                    t.config.name,
+                    t.config.role.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the tenant may see `model`'s metadata, readiness and statistics: a model it
+    /// may use, or any model for monitors and admins.
+    pub fn may_see(&self, tenant: usize, model: &str) -> bool {
+        self.role(tenant) >= Role::Monitor || self.check_model(tenant, model).is_ok()
+    }
+
+    /// [`Tenants::may_see`] as an error.
+    pub fn check_visible(&self, tenant: usize, model: &str) -> Result<()> {
+        if self.may_see(tenant, model) { Ok(()) } else { self.check_model(tenant, model) }
+    }
+
+    /// Checks the tenant may run `model`.
     pub fn check_model(&self, tenant: usize, model: &str) -> Result<()> {
         let t = self.get(tenant);
         if !t.config.models.is_empty() && !t.config.models.iter().any(|m| m == model) {
@@ -128,13 +169,32 @@ impl Tenants {
         Ok(())
     }
 
-    /// Checks the tenant may use `model` and takes `rows` from its quota at `now_us`.
-    pub fn admit(&self, tenant: usize, model: &str, rows: u32, now_us: u64) -> Result<()> {
+    /// Checks the tenant may use `model` and takes `rows` samples and `cost_ms` compute
+    /// milliseconds from its quotas at `now_us` (both or neither).
+    pub fn admit(&self, tenant: usize, model: &str, rows: u32, cost_ms: f64, now_us: u64) -> Result<()> {
         self.check_model(tenant, model)?;
         let t = self.get(tenant);
+        if let Some(b) = &t.cost_bucket {
+            let ok = b.lock().map(|mut b| b.try_take_amount(now_us, cost_ms)).unwrap_or(false);
+            if !ok {
+                return Err(Error::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "tenant '{}' is over its compute quota ({} compute ms/s; this request costs {cost_ms:.2} ms); slow down",
+                        t.config.name,
+                        t.config.compute_rate_ms.unwrap_or(0.0),
+                    ),
+                ));
+            }
+        }
         if let Some(b) = &t.bucket {
             let ok = b.lock().map(|mut b| b.try_take(now_us, rows)).unwrap_or(false);
             if !ok {
+                if let Some(c) = &t.cost_bucket
+                    && let Ok(mut c) = c.lock()
+                {
+                    c.refund(cost_ms);
+                }
                 return Err(Error::new(
                     ErrorCode::ResourceExhausted,
                     format!(
@@ -164,6 +224,9 @@ mod tests {
             rate: Some(2.0),
             burst: Some(2),
             models: vec!["digits".into()],
+            role: Role::Tenant,
+            compute_rate_ms: None,
+            compute_burst_ms: None,
         }
     }
 
@@ -182,18 +245,18 @@ mod tests {
         let ts = Tenants::new(&[], 5000, 0);
         assert_eq!(ts.authenticate(None).unwrap(), 0);
         assert_eq!(ts.get(0).config.latency_slo_ms, 5000);
-        assert!(ts.admit(0, "anything", 1000, 0).is_ok());
+        assert!(ts.admit(0, "anything", 1000, 0.0, 0).is_ok());
     }
 
     #[test]
     fn models_and_quotas_are_enforced_per_tenant() {
         let ts = Tenants::new(&[tenant("a", Some("ka")), tenant("b", Some("kb"))], 1000, 0);
-        assert_eq!(ts.admit(0, "spoken_digits", 1, 0).unwrap_err().code, ErrorCode::PermissionDenied);
-        assert!(ts.admit(0, "digits", 2, 0).is_ok());
-        assert_eq!(ts.admit(0, "digits", 1, 0).unwrap_err().code, ErrorCode::ResourceExhausted);
+        assert_eq!(ts.admit(0, "spoken_digits", 1, 0.0, 0).unwrap_err().code, ErrorCode::PermissionDenied);
+        assert!(ts.admit(0, "digits", 2, 0.0, 0).is_ok());
+        assert_eq!(ts.admit(0, "digits", 1, 0.0, 0).unwrap_err().code, ErrorCode::ResourceExhausted);
         // Tenant b's quota is untouched by a's burst.
-        assert!(ts.admit(1, "digits", 2, 0).is_ok());
-        assert!(ts.admit(0, "digits", 1, 600_000).is_ok());
+        assert!(ts.admit(1, "digits", 2, 0.0, 0).is_ok());
+        assert!(ts.admit(0, "digits", 1, 0.0, 600_000).is_ok());
     }
 
     #[test]

@@ -268,6 +268,7 @@ pub fn simulate_logged(
     };
     let workers: u32 = scn.nodes.iter().map(|n| n.workers).sum();
     let cap = Capacity { max_batch: scn.max_batch, max_queue: 1 << 16, workers };
+    let weights: Vec<f64> = scn.tenants.iter().map(|t| t.weight).collect();
     let setups = models
         .iter()
         .map(|m| {
@@ -279,7 +280,7 @@ pub fn simulate_logged(
                 .collect();
             ModelSetup {
                 name: m.spec.name.clone(),
-                scheduler: scheduler_for(&section, &m.spec, profiles, cap),
+                scheduler: scheduler_for(&section, &m.spec, profiles, cap, &weights),
                 variants: m.spec.variants.iter().map(|v| (v.name.clone(), u64::from(v.memory_mb))).collect(),
             }
         })

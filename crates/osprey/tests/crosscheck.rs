@@ -96,6 +96,9 @@ fn live_and_simulated_dispatch_decide_alike() {
                         rate: None,
                         burst: None,
                         models: vec![],
+                        role: Default::default(),
+                        compute_rate_ms: None,
+                        compute_burst_ms: None,
                     })
                     .collect(),
                 scheduler: SchedulerSection { policy: PolicyName::DataAware, ..SchedulerSection::default() },

@@ -132,9 +132,16 @@ accuracy_floor = 0.9
 weight = 2.0
 rate = 2.0
 burst = 3
+
+[[tenants]]
+name = "ops"
+api_keys = ["{}"]
+role = "monitor"
+models = ["none"]
 "#,
         hash("rt-key"),
-        hash("q-key")
+        hash("q-key"),
+        hash("ops-key")
     );
     std::fs::write(dir.join("osprey.toml"), config).unwrap();
     let server = Server::start(&["--config", dir.join("osprey.toml").to_str().unwrap()]);
@@ -203,13 +210,45 @@ burst = 3
         assert!(c.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
     });
     drop(rt);
-    // Per-tenant metrics.
-    let (s, m) = {
-        let resp = http(
+    // Roles: tenants see the models they may use and nothing of the cluster; a monitor reads
+    // metrics and the cluster but changes nothing and runs nothing it was not given.
+    let get_as = |path: &str, key: &str| {
+        http(
             &server.http,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer q-key\r\n\r\n"
-                .into(),
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\r\n"
+            ),
+        )
+    };
+    for (path, key, want) in [
+        ("/metrics", "q-key", "403"),
+        ("/v2/cluster", "rt-key", "403"),
+        ("/v2/models/digits", "rt-key", "403"),
+        ("/v2/models/digits/stats", "rt-key", "403"),
+        ("/v2/models/spoken_digits", "rt-key", "200"),
+        ("/v2/cluster", "ops-key", "200"),
+        ("/v2/models/digits", "ops-key", "200"),
+    ] {
+        let resp = get_as(path, key);
+        assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{key} {path}: {resp}");
+        assert!(want == "200" || resp.contains("\"error\""), "{resp}");
+    }
+    let (s, b) = post_as(&server.http, "/v2/repository/index", Some("rt-key"), "");
+    assert!(s == 200 && b.contains("spoken_digits") && !b.contains("\"digits\""), "{b}");
+    for key in ["rt-key", "ops-key"] {
+        let (s, b) = post_as(
+            &server.http,
+            "/v2/cluster/nodes/local-0/unload",
+            Some(key),
+            r#"{"model":"digits","variant":"small"}"#,
         );
+        assert_eq!(s, 403, "{key}: {b}");
+        assert!(b.contains("admin role"), "{b}");
+    }
+    assert_eq!(post_as(&server.http, path, Some("ops-key"), &body).0, 403);
+    // Per-tenant metrics, for the monitor.
+    let (s, m) = {
+        let resp = get_as("/metrics", "ops-key");
         (resp.starts_with("HTTP/1.1 200"), resp)
     };
     assert!(
