@@ -63,8 +63,10 @@ def load_model(models_dir, name):
 
 
 def http_raw(base, path, body=b"", headers=None, method="POST"):
+    # urllib would label a body as a form; the inference routes read JSON.
+    headers = {"Content-Type": "application/json", **(headers or {})}
     req = urllib.request.Request(f"http://{base}{path}", data=body if method == "POST" else None,
-                                 headers=headers or {}, method=method)
+                                 headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read()

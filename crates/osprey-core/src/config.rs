@@ -18,6 +18,13 @@ pub struct Limits {
     pub max_queue: usize,
     /// Deadline applied when a request names none, milliseconds.
     pub default_timeout_ms: u64,
+    /// Open HTTP connections at most; more are answered 503 at once.
+    pub max_connections: usize,
+    /// Time a connection has to send a request's line and headers, milliseconds; it is also
+    /// the longest a kept-alive connection may wait idle for its next request.
+    pub header_read_timeout_ms: u64,
+    /// Time a request's body has to arrive after its headers, milliseconds (408 after).
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -27,6 +34,9 @@ impl Default for Limits {
             max_request_batch: 256,
             max_queue: 1024,
             default_timeout_ms: 5_000,
+            max_connections: 1024,
+            header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 30_000,
         }
     }
 }
@@ -268,9 +278,16 @@ impl ServerConfig {
 
     pub fn parse(text: &str, path: &Path) -> Result<ServerConfig> {
         let c: ServerConfig = toml::from_str(text).map_err(|e| crate::model::toml_error(text, path, &e))?;
-        if c.max_batch == 0 || c.limits.max_request_batch == 0 || c.limits.max_queue == 0 {
+        let l = &c.limits;
+        if c.max_batch == 0
+            || l.max_request_batch == 0
+            || l.max_queue == 0
+            || l.max_connections == 0
+            || l.header_read_timeout_ms == 0
+            || l.body_read_timeout_ms == 0
+        {
             return Err(Error::invalid(format!(
-                "{}: max_batch, max_request_batch and max_queue must be positive",
+                "{}: max_batch, max_request_batch, max_queue, max_connections and the read timeouts must be positive",
                 path.display()
             )));
         }

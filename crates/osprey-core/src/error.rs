@@ -27,6 +27,10 @@ pub enum ErrorCode {
     PermissionDenied,
     /// A bug or an engine failure; the message is generic.
     Internal,
+    /// The request's Content-Type is not one the route reads.
+    UnsupportedMediaType,
+    /// The client did not send its request in time.
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -41,6 +45,8 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => 401,
             ErrorCode::PermissionDenied => 403,
             ErrorCode::Internal => 500,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::RequestTimeout => 408,
         }
     }
 
@@ -56,6 +62,8 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => 16,
             ErrorCode::PermissionDenied => 7,
             ErrorCode::Internal => 13,
+            ErrorCode::UnsupportedMediaType => 3,
+            ErrorCode::RequestTimeout => 4,
         }
     }
 
@@ -70,6 +78,8 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 }

@@ -86,6 +86,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
+        .method_not_allowed_fallback(|| async {
+            let mut r = ApiError(Error::invalid("this route does not take that method")).into_response();
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(gw)
 }
@@ -304,6 +309,8 @@ async fn repository_index(
 fn rejection(r: BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError(Error::too_large("request body exceeds the server's max_body_bytes limit"))
+    } else if r.body_text().contains(crate::listener::BODY_TIMEOUT) {
+        ApiError(Error::new(osprey_core::error::ErrorCode::RequestTimeout, crate::listener::BODY_TIMEOUT))
     } else {
         ApiError(Error::invalid(format!("could not read the request body: {r}")))
     }
@@ -354,9 +361,31 @@ fn param_u64(params: &Map<String, Value>, key: &str) -> Result<Option<u64>, Erro
     }
 }
 
-/// The two request headers inference reads (taken alone: the `HeaderMap` extractor would copy
+/// Inference bodies are JSON, optionally followed by binary tensors: `application/json`,
+/// `application/octet-stream` (what Triton's binary extension sends), or no Content-Type at all
+/// (tritonclient sends none). Anything else, e.g. curl's default form encoding, is refused
+/// with 415 rather than guessed at.
+fn check_content_type(ct: Option<&HeaderValue>) -> Result<(), Error> {
+    let Some(ct) = ct else { return Ok(()) };
+    let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" | "application/octet-stream" | "application/vnd.sagemaker-triton.binary+json" => {
+            Ok(())
+        }
+        _ => Err(Error::new(
+            osprey_core::error::ErrorCode::UnsupportedMediaType,
+            format!(
+                "Content-Type '{}' is not accepted for inference; send application/json (or application/octet-stream with binary tensors)",
+                ct.to_str().unwrap_or("?")
+            ),
+        )),
+    }
+}
+
+/// The request headers inference reads (taken alone: the `HeaderMap` extractor would copy
 /// every header of every request).
 struct InferHeaders {
+    content_type: Option<HeaderValue>,
     content_encoding: Option<HeaderValue>,
     header_length: Option<HeaderValue>,
 }
@@ -368,6 +397,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for InferHeaders {
         _: &S,
     ) -> Result<Self, Self::Rejection> {
         Ok(InferHeaders {
+            content_type: parts.headers.get(axum::http::header::CONTENT_TYPE).cloned(),
             content_encoding: parts.headers.get(axum::http::header::CONTENT_ENCODING).cloned(),
             header_length: parts.headers.get(HEADER_LENGTH).cloned(),
         })
@@ -397,6 +427,7 @@ async fn decode_and_run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     gw.tenants.check_model(tenant, model)?;
+    check_content_type(headers.content_type.as_ref())?;
     let body = body.map_err(rejection)?;
     if let Some(enc) = &headers.content_encoding
         && enc.as_bytes() != b"identity"

@@ -11,6 +11,7 @@
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
 //! - [`join`]: the cluster join token agents present on `Attach`.
+//! - [`listener`]: HTTP connections: count, timeouts, framing and size checks.
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
@@ -22,6 +23,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod join;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

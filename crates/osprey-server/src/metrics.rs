@@ -80,6 +80,10 @@ pub struct Metrics {
     /// to the response message.
     pub http_duration: Histogram,
     pub grpc_duration: Histogram,
+    /// Open HTTP connections.
+    pub connections_open: Gauge,
+    /// HTTP connections answered 503 because `limits.max_connections` were open.
+    pub connections_refused: Counter,
     registry: Registry,
 }
 
@@ -163,7 +167,17 @@ impl Metrics {
         );
         registry.register("batch_size", "Samples per executed batch", batch_size.clone());
         registry.register("pending_requests", "Requests admitted and not yet answered", pending.clone());
+        let connections_open = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register("http_connections_open", "Open HTTP connections", connections_open.clone());
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused at accept because limits.max_connections were open",
+            connections_refused.clone(),
+        );
         Metrics {
+            connections_open,
+            connections_refused,
             requests,
             queue,
             compute_input,

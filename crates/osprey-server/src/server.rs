@@ -41,12 +41,7 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let app = crate::http::router(gw.clone());
-    // Small request/response exchanges must not wait on Nagle's algorithm.
-    use axum::serve::ListenerExt;
-    let http_listener = listeners.http.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(wait(rx.clone()));
+    let http = crate::listener::serve_http(listeners.http, app, gw.clone(), rx.clone());
     let limit = gw.limits.max_body_bytes;
     let svc = GrpcInferenceServiceServer::new(InferenceService::new(gw.clone()))
         .max_decoding_message_size(limit)
@@ -64,10 +59,14 @@ pub async fn serve(
     )
     .max_decoding_message_size(limit);
     let grpc = tonic::transport::Server::builder()
+        // Dead peers (a cable pulled, a node powered off) are found by pings, not left open.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
         .add_service(svc)
         .add_service(agents)
         .serve_with_incoming_shutdown(incoming, wait(rx.clone()));
-    let servers = async { tokio::join!(http.into_future(), grpc) };
+    let servers = async { tokio::join!(http, grpc) };
     let grace = async {
         wait(rx.clone()).await;
         tokio::time::sleep(DRAIN_GRACE).await;
