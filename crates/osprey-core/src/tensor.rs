@@ -68,6 +68,11 @@ impl DataType {
     }
 
     /// Bytes per element.
+    /// Signed or unsigned integer types (not BOOL, not floating point).
+    pub fn is_integer(self) -> bool {
+        !matches!(self, DataType::Bool | DataType::Fp32 | DataType::Fp64)
+    }
+
     pub fn size(self) -> usize {
         match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,

@@ -11,6 +11,7 @@ use osprey_core::tensor::{DataType, RawTensor};
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 pub struct Session {
     plan: Arc<TypedRunnableModel>,
@@ -20,6 +21,146 @@ pub struct Session {
     states: std::sync::Mutex<Vec<TypedSimpleState>>,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
+    /// Per output: whether the engine types it symbolically (`TDim`, as tract does for shape
+    /// arithmetic such as an ArgMax label) and it is cast to the declared integer type.
+    casts: Vec<bool>,
+}
+
+/// Name of a graph input or output: the ONNX value name, as tract labels the outlet.
+fn outlet_name<F, O>(model: &Graph<F, O>, o: OutletId) -> String
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    model.outlet_label(o).map(String::from).unwrap_or_else(|| model.node(o.node).name.clone())
+}
+
+fn mismatch(path: &Path, kind: &str, name: &str, what: &str, declared: String, graph: String) -> Error {
+    Error::invalid(format!(
+        "{}: {kind} '{name}': model.toml declares {what} {declared}, the graph has {graph}",
+        path.display()
+    ))
+}
+
+/// `model.toml`'s inputs against the graph's, by position: same count, same names, and the
+/// datatype and per-sample dimensions wherever the graph fixes them (a symbolic or unknown
+/// dimension accepts any declared size).
+fn check_inputs(path: &Path, model: &InferenceModel, declared: &[TensorSpec]) -> Result<()> {
+    let outlets = model.input_outlets().map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    if outlets.len() != declared.len() {
+        return Err(Error::invalid(format!(
+            "{}: model.toml declares {} input(s), the graph has {}",
+            path.display(),
+            declared.len(),
+            outlets.len()
+        )));
+    }
+    for (&o, spec) in outlets.iter().zip(declared) {
+        let name = outlet_name(model, o);
+        if name != spec.name {
+            return Err(mismatch(
+                path,
+                "input",
+                &spec.name,
+                "the name",
+                format!("'{}'", spec.name),
+                format!("'{name}'"),
+            ));
+        }
+        let fact = model.outlet_fact(o).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        if let Some(dt) = fact.datum_type.concretize()
+            && dt != datum(spec.datatype)
+        {
+            return Err(mismatch(
+                path,
+                "input",
+                &spec.name,
+                "datatype",
+                spec.datatype.to_string(),
+                format!("{dt:?}"),
+            ));
+        }
+        // A closed shape has a known rank; its dimensions may still be unknown or symbolic.
+        if !fact.shape.is_open() {
+            let graph: Vec<Option<i64>> =
+                fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
+            let fits = graph.len() == spec.shape.len()
+                && graph.iter().zip(&spec.shape).skip(1).all(|(g, &d)| g.is_none_or(|g| g == d));
+            if !fits {
+                return Err(mismatch(
+                    path,
+                    "input",
+                    &spec.name,
+                    "shape",
+                    format!("{:?}", spec.shape),
+                    shape_text(&graph),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shape_text(dims: &[Option<i64>]) -> String {
+    let parts: Vec<String> = dims.iter().map(|d| d.map_or("?".into(), |d| d.to_string())).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// `model.toml`'s outputs against the optimised graph's, by position: count, names,
+/// datatypes (a symbolic integer output declared as an integer type is cast, see
+/// [`Session::run`]) and per-sample dimensions. Returns which outputs are cast.
+fn check_outputs(path: &Path, model: &TypedModel, declared: &[TensorSpec]) -> Result<Vec<bool>> {
+    let outlets = model.output_outlets().map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    if outlets.len() != declared.len() {
+        return Err(Error::invalid(format!(
+            "{}: model.toml declares {} output(s), the graph has {}",
+            path.display(),
+            declared.len(),
+            outlets.len()
+        )));
+    }
+    let mut casts = Vec::with_capacity(declared.len());
+    for (&o, spec) in outlets.iter().zip(declared) {
+        let name = outlet_name(model, o);
+        if name != spec.name {
+            return Err(mismatch(
+                path,
+                "output",
+                &spec.name,
+                "the name",
+                format!("'{}'", spec.name),
+                format!("'{name}'"),
+            ));
+        }
+        let fact = model.outlet_fact(o).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let want = datum(spec.datatype);
+        let cast = fact.datum_type == DatumType::TDim && spec.datatype.is_integer();
+        if fact.datum_type != want && !cast {
+            return Err(mismatch(
+                path,
+                "output",
+                &spec.name,
+                "datatype",
+                spec.datatype.to_string(),
+                format!("{:?}", fact.datum_type),
+            ));
+        }
+        casts.push(cast);
+        let graph: Vec<Option<i64>> = fact.shape.iter().map(|d| d.to_i64().ok()).collect();
+        let fits = graph.len() == spec.shape.len()
+            && graph.iter().zip(&spec.shape).skip(1).all(|(g, &d)| g.is_none_or(|g| g == d));
+        if !fits {
+            return Err(mismatch(
+                path,
+                "output",
+                &spec.name,
+                "shape",
+                format!("{:?}", spec.shape),
+                shape_text(&graph),
+            ));
+        }
+    }
+    Ok(casts)
 }
 
 fn datum(dt: DataType) -> DatumType {
@@ -45,17 +186,28 @@ impl Session {
         Self::load_path(&path, &model.inputs, &model.outputs)
     }
 
+    /// Loads the graph at `path` for tensors declared as `inputs` and `outputs`, after
+    /// checking the declaration against the graph (see [`check_graph`]).
     pub fn load_path(path: &Path, inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Result<Session> {
         let fail = |e: TractError| Error::invalid(format!("{}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(fail)?;
+        check_inputs(path, &model, inputs)?;
         let batch = model.symbols.sym("N");
         for (i, spec) in inputs.iter().enumerate() {
             let mut dims: Vec<TDim> = vec![batch.clone().into()];
             dims.extend(spec.sample_shape().iter().map(|&d| TDim::from(d)));
             model.set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims)).map_err(fail)?;
         }
-        let plan = model.into_optimized().map_err(fail)?.into_runnable().map_err(fail)?;
-        Ok(Session { plan, states: Default::default(), inputs: inputs.to_vec(), outputs: outputs.to_vec() })
+        let typed = model.into_optimized().map_err(fail)?;
+        let casts = check_outputs(path, &typed, outputs)?;
+        let plan = typed.into_runnable().map_err(fail)?;
+        Ok(Session {
+            casts,
+            plan,
+            states: Default::default(),
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+        })
     }
 
     /// Runs one batch. `inputs` are in the model's declared input order and agree on rows.
@@ -85,7 +237,15 @@ impl Session {
         self.states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
         out.iter()
             .zip(&self.outputs)
-            .map(|(v, spec)| {
+            .zip(&self.casts)
+            .map(|((v, spec), &cast)| {
+                let casted;
+                let v = if cast {
+                    casted = v.cast_to_dt(datum(spec.datatype)).map_err(fail)?.into_owned();
+                    &casted
+                } else {
+                    &**v
+                };
                 if v.datum_type() != datum(spec.datatype) {
                     return Err(Error::internal(format!(
                         "output '{}' is {:?}, the model declares {}",
@@ -165,5 +325,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
+        TensorSpec { name: name.into(), datatype, shape: shape.to_vec() }
+    }
+
+    #[test]
+    fn a_declaration_that_disagrees_with_the_graph_is_refused_naming_both() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits/small.onnx");
+        let image = spec("image", DataType::Fp32, &[-1, 8, 8]);
+        let probs = spec("probabilities", DataType::Fp32, &[-1, 10]);
+        assert!(
+            Session::load_path(&root, std::slice::from_ref(&image), std::slice::from_ref(&probs)).is_ok()
+        );
+        let cases = [
+            (vec![spec("img", DataType::Fp32, &[-1, 8, 8])], vec![probs.clone()], "input 'img'", "'image'"),
+            (
+                vec![image.clone()],
+                vec![spec("probabilities", DataType::Fp32, &[-1, 12])],
+                "output 'probabilities'",
+                "[-1, 12]",
+            ),
+            (
+                vec![image.clone()],
+                vec![spec("probabilities", DataType::Int64, &[-1, 10])],
+                "datatype INT64",
+                "F32",
+            ),
+            (
+                vec![image.clone()],
+                vec![spec("probs", DataType::Fp32, &[-1, 10])],
+                "output 'probs'",
+                "'probabilities'",
+            ),
+            (vec![image.clone()], vec![probs.clone(), probs.clone()], "2 output(s)", "has 1"),
+        ];
+        for (inputs, outputs, a, b) in cases {
+            let e = Session::load_path(&root, &inputs, &outputs).err().expect("refused");
+            assert!(
+                e.message.contains("small.onnx") && e.message.contains(a) && e.message.contains(b),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symbolically_typed_integer_output_is_cast_to_the_declared_type() {
+        // scikit-learn's MLP exported by skl2onnx as shipped: tract types `label` as TDim.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let s = Session::load_path(
+            &dir.join("sklearn_mlp.onnx"),
+            &[spec("X", DataType::Fp32, &[-1, 64])],
+            &[spec("label", DataType::Int64, &[-1]), spec("probabilities", DataType::Fp32, &[-1, 10])],
+        )
+        .unwrap();
+        assert_eq!(s.casts, vec![true, false], "the label is typed TDim by the engine");
+        let x = std::fs::read(dir.join("sklearn_mlp_inputs.bin")).unwrap();
+        let want: Vec<i64> = std::fs::read_to_string(dir.join("sklearn_mlp_labels.txt"))
+            .unwrap()
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let out = s.run(&[RawTensor::from_bytes(DataType::Fp32, vec![8, 64], x).unwrap()]).unwrap();
+        assert_eq!(out[0].datatype, DataType::Int64);
+        let got: Vec<i64> =
+            out[0].data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, want, "the labels scikit-learn predicts");
     }
 }
