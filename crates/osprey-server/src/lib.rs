@@ -6,6 +6,7 @@
 //!   a queue), tenant admission, per-input estimates, statistics.
 //! - [`cluster`]: the live driver of `osprey_policy::dispatch::Dispatcher` (every cluster
 //!   decision is made there); remote agents and the `osprey.agent.v1.AgentGateway` service.
+//! - [`codec`]: the gRPC codec (undecodable messages are INVALID_ARGUMENT).
 //! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
 //! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod codec;
 pub mod gateway;
 pub mod grpc;
 pub mod http;

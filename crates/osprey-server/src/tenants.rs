@@ -107,9 +107,11 @@ impl Tenants {
                 "a valid API key is required: send 'Authorization: Bearer <key>'",
             )
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let key = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
+            .and_then(|h| h.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, k)| k.trim())
             .filter(|k| !k.is_empty())
             .ok_or_else(unauth)?;
         let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -235,7 +237,11 @@ mod tests {
         let ts = Tenants::new(&[tenant("a", Some("ka")), tenant("b", Some("kb"))], 1000, 0);
         assert_eq!(ts.authenticate(Some("Bearer kb")).unwrap(), 1);
         assert_eq!(ts.authenticate(Some("Bearer ka")).unwrap(), 0);
-        for bad in [None, Some("Bearer nope"), Some("ka"), Some("Bearer ")] {
+        assert_eq!(ts.authenticate(Some("BEARER ka")).unwrap(), 0);
+        assert_eq!(ts.authenticate(Some("bearer  kb ")).unwrap(), 1);
+        for bad in
+            [None, Some("Bearer nope"), Some("ka"), Some("Bearer "), Some("Basic ka"), Some("Bearerka")]
+        {
             assert_eq!(ts.authenticate(bad).unwrap_err().code, ErrorCode::Unauthenticated);
         }
     }
