@@ -514,6 +514,9 @@ impl Gateway {
                 .iter()
                 .position(|o| &o.name == name)
                 .ok_or_else(|| Error::invalid(format!("model '{model}' has no output '{name}'")))?;
+            if out_idx.contains(&i) {
+                return Err(Error::invalid(format!("output '{name}' is requested twice")));
+            }
             out_idx.push(i);
         }
         if out_idx.is_empty() {
@@ -630,22 +633,34 @@ impl Gateway {
     /// Stops admitting, lets every admitted request finish (each ends by its deadline at the
     /// latest), then stops the agents.
     pub async fn drain(&self) {
+        self.drain_within(Duration::MAX).await;
+    }
+
+    /// [`Gateway::drain`], waiting at most `grace` for admitted requests; returns how many were
+    /// still unanswered when it gave up (their clients' connections close with the process).
+    pub async fn drain_within(&self, grace: Duration) -> usize {
         self.draining.store(true, Ordering::Relaxed);
-        loop {
-            let idle = self.idle.notified();
-            if self.inflight.load(Ordering::Acquire) == 0 {
-                break;
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.inflight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
             }
-            idle.await;
-        }
+        };
+        let left = match tokio::time::timeout(grace, wait).await {
+            Ok(()) => 0,
+            Err(_) => self.inflight.load(Ordering::Acquire),
+        };
         if let Some(t) = self.timer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
         self.cluster.stop_agents();
+        left
     }
 }
 
-/// The estimated accuracy of each variant on this request's input, averaged over its samples.
 /// What a request costs a cost quota: the profiled p50 latency, in milliseconds, of its batch
 /// alone on its pinned variant, else on the cheapest variant (the least it will occupy).
 fn cost_ms(entry: &ModelEntry, req: &ValidRequest) -> f64 {
@@ -661,6 +676,7 @@ fn cost_ms(entry: &ModelEntry, req: &ValidRequest) -> f64 {
     }
 }
 
+/// The estimated accuracy of each variant on this request's input, averaged over its samples.
 fn estimate(entry: &ModelEntry, req: &ValidRequest) -> Vec<f64> {
     let nv = entry.variants.len();
     let mut estimate = vec![0.0; nv];

@@ -53,6 +53,10 @@ async fn authenticate(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // An empty segment (`/versions//infer`) would read as "no version": refuse it.
+    if req.uri().path().contains("//") {
+        return ApiError(Error::not_found("the path has an empty segment")).into_response();
+    }
     let h = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match gw.authenticate(h) {
         Ok(t) => {
@@ -99,7 +103,32 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             r
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(gw)
+}
+
+/// Every error carries the protocol's JSON body: the framework's own rejections (a path
+/// segment that is not UTF-8, a malformed query) come as plain text and are wrapped.
+async fn json_errors(resp: Response) -> Response {
+    let s = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(s.is_client_error() || s.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if text.trim().is_empty() {
+        s.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text.trim().to_string()
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(json!({ "error": message }).to_string()))
 }
 
 async fn live() -> StatusCode {

@@ -207,6 +207,9 @@ pub async fn serve_http(
             gw.metrics.connections_open.dec();
         });
     }
+    // Closed now, not when the open connections are done: a client dialing during the drain
+    // is refused at once instead of waiting in the accept backlog.
+    drop(listener);
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

@@ -7,7 +7,8 @@
 //!                                                               │  a client that never
 //!                                                               │  closes its connection
 //!                                                               v  cannot hold us forever)
-//!            gateway drains (no new admissions, queued requests run) -> workers stop -> return
+//!            gateway drains (no new admissions, queued requests run; at most DRAIN_GRACE
+//!            again) -> workers stop -> return
 //! ```
 
 use crate::gateway::Gateway;
@@ -78,6 +79,9 @@ pub async fn serve(
             Ok(())
         }
     };
-    gw.drain().await;
+    let left = gw.drain_within(DRAIN_GRACE).await;
+    if left > 0 {
+        tracing::warn!("{left} admitted request(s) still unanswered after the grace period; stopping anyway");
+    }
     result
 }
