@@ -34,7 +34,7 @@ impl Default for Limits {
             max_request_batch: 256,
             max_queue: 1024,
             default_timeout_ms: 5_000,
-            max_connections: 1024,
+            max_connections: 4096,
             header_read_timeout_ms: 30_000,
             body_read_timeout_ms: 30_000,
         }

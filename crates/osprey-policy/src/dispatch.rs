@@ -695,6 +695,7 @@ impl Dispatcher {
                         n.health.success(engine_us, reference / speed);
                     }
                     model.sched.observe(b.variant, b.rows, service_us / factor.max(1e-6));
+                    self.refresh_speed(b.model);
                 } else {
                     model.sched.observe(b.variant, b.rows, service_us);
                 }
@@ -808,6 +809,21 @@ impl Dispatcher {
             let m = &mut self.models[k];
             m.sched.set_available(&available);
             m.sched.set_workers(workers);
+            self.refresh_speed(k);
+        }
+    }
+
+    /// What model `k`'s hosts serve in profile-speed workers: Σ workers · speed / slowdown
+    /// (the admission estimate's divisor); refreshed as node health moves.
+    fn refresh_speed(&mut self, k: usize) {
+        let effective: f64 = self
+            .nodes
+            .values()
+            .filter(|n| n.hosted.iter().any(|&(m, _)| m == k))
+            .map(|n| f64::from(n.info.workers) * n.info.speed.max(1e-6) / n.health.slowdown.max(0.1))
+            .sum();
+        if let Some(m) = self.models.get_mut(k) {
+            m.sched.set_capacity(effective);
         }
     }
 

@@ -263,11 +263,10 @@ async fn refuse_busy(tcp: tokio::net::TcpStream, max: usize) {
         body.len()
     );
     let mut tcp = tcp;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = tcp.write_all(resp.as_bytes()).await;
-        let _ = tcp.shutdown().await;
-    })
-    .await;
+    if tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await.is_ok() {
+        // The request is still unread: drain it so that the client reads the 503.
+        linger(tcp, 64 * 1024).await;
+    }
 }
 
 #[cfg(test)]

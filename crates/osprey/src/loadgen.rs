@@ -9,6 +9,12 @@
 //! - `failed`: any other explicit error;
 //! - `lost`: sent but never answered (transport error, or no answer within `--timeout`).
 //!
+//! Every request carries a unique `id`; an answer whose `id` is not its request's, or an `id`
+//! answered twice, counts in `duplicates` (must be 0). `expired` counts the rejections that
+//! are deadline errors (504 / DEADLINE_EXCEEDED: the request waited and then gave up) among
+//! `rejected`; `reject_p50_ms`/`reject_p99_ms` are how fast refusals came back.
+//! `--timeseries FILE` writes one CSV row per second of the run (by answer time).
+//!
 //! Of the `ok` answers, `late` ones came back with the server's `deadline_met = false`.
 //! `late_pct` counts every request not answered on time (late, rejected, failed, lost);
 //! `accuracy` is over answered samples with a label; `utility` per request is +1 for a right
@@ -65,6 +71,10 @@ pub struct LoadgenArgs {
     /// API key of the tenant to send as (`Authorization: Bearer`).
     #[arg(long)]
     api_key: Option<String>,
+    /// Write a per-second CSV time series here (second, sent, ok, goodput, rejected, expired,
+    /// failed, lost, ok_p99_ms, reject_p99_ms).
+    #[arg(long)]
+    timeseries: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -76,9 +86,36 @@ pub enum Protocol {
 /// A prepared request body: sample index range and encoded payloads.
 struct Sample {
     labels: Vec<u32>,
-    http_body: Bytes,
-    http_header_len: usize,
+    /// The JSON header without its opening brace (the request's `id` goes first).
+    http_rest: Vec<u8>,
+    http_data: Bytes,
     grpc: pb::ModelInferRequest,
+}
+
+impl Sample {
+    /// The HTTP body for request `id` and its JSON header's length.
+    fn http_body(&self, id: u64) -> (Bytes, usize) {
+        let mut b = Vec::with_capacity(self.http_rest.len() + self.http_data.len() + 24);
+        b.extend_from_slice(format!("{{\"id\":\"{id}\",").as_bytes());
+        b.extend_from_slice(&self.http_rest);
+        let header_len = b.len();
+        b.extend_from_slice(&self.http_data);
+        (Bytes::from(b), header_len)
+    }
+}
+
+/// One second of the run, by answer time.
+#[derive(Default, Clone)]
+struct Second {
+    sent: u64,
+    ok: u64,
+    goodput: u64,
+    rejected: u64,
+    expired: u64,
+    failed: u64,
+    lost: u64,
+    ok_ms: Vec<f64>,
+    reject_ms: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -93,14 +130,19 @@ struct Tally {
     correct: u64,
     labelled: u64,
     latencies_ms: Vec<f64>,
+    reject_ms: Vec<f64>,
+    expired: u64,
+    duplicates: u64,
+    answered_ids: std::collections::HashSet<u64>,
+    seconds: Vec<Second>,
     variants: std::collections::BTreeMap<String, u64>,
     nodes: std::collections::BTreeMap<String, u64>,
     first_error: Option<String>,
 }
 
 enum Outcome {
-    Ok { latency: Duration, argmax: Vec<usize>, variant: String, node: String, met: bool },
-    Rejected(String),
+    Ok { latency: Duration, argmax: Vec<usize>, variant: String, node: String, met: bool, id: String },
+    Rejected { msg: String, latency: Duration, expired: bool },
     Failed(String),
     Lost(String),
 }
@@ -162,9 +204,9 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
                 "outputs": [{ "name": spec.outputs[0].name, "parameters": { "binary_data": true } }],
                 "parameters": params,
             });
-            let mut body = serde_json::to_vec(&header).unwrap_or_default();
-            let header_len = body.len();
-            body.extend_from_slice(&data);
+            let header = serde_json::to_vec(&header).unwrap_or_default();
+            let http_rest = header.get(1..).unwrap_or_default().to_vec();
+            let http_data = Bytes::from(data.clone());
             let mut gparams = std::collections::HashMap::new();
             if let Some(d) = args.deadline_ms {
                 gparams.insert(
@@ -189,7 +231,7 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
                 outputs: vec![],
                 raw_input_contents: vec![data],
             };
-            Sample { labels, http_body: Bytes::from(body), http_header_len: header_len, grpc }
+            Sample { labels, http_rest, http_data, grpc }
         })
         .collect()
 }
@@ -239,6 +281,7 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
         }
     };
     let tally = Arc::new(Mutex::new(Tally::default()));
+    let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(args.duration);
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
@@ -246,15 +289,16 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
     let progress = !args.json;
     if let Some(c) = args.concurrency {
         for w in 0..c {
-            let (conn, samples, tally) = (conn.clone(), samples.clone(), tally.clone());
+            let (conn, samples, tally, ids) = (conn.clone(), samples.clone(), tally.clone(), next_id.clone());
             tasks.spawn(async move {
                 let mut i = w;
                 while Instant::now() < end {
                     let s = &samples[i % samples.len()];
                     i += c;
-                    tally.lock().map(|mut t| t.sent += 1).ok();
-                    let o = one(&conn, s, timeout).await;
-                    record(&tally, s, o);
+                    let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sent(&tally, start);
+                    let o = one(&conn, s, id, timeout).await;
+                    record(&tally, s, id, o, start);
                 }
             });
         }
@@ -265,12 +309,13 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
         while next < end {
             tokio::time::sleep_until(next.into()).await;
             let (conn, samples, tally) = (conn.clone(), samples.clone(), tally.clone());
-            tally.lock().map(|mut t| t.sent += 1).ok();
+            sent(&tally, start);
             let k = i;
+            let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tasks.spawn(async move {
                 let s = &samples[k % samples.len()];
-                let o = one(&conn, s, timeout).await;
-                record(&tally, s, o);
+                let o = one(&conn, s, id, timeout).await;
+                record(&tally, s, id, o, start);
             });
             i += 1;
             next += interval;
@@ -284,6 +329,7 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
     while tasks.join_next().await.is_some() {}
     let mut t = std::mem::take(&mut *tally.lock().map_err(|_| "tally poisoned")?);
     t.latencies_ms.sort_by(f64::total_cmp);
+    t.reject_ms.sort_by(f64::total_cmp);
     // Throughput over the sending window (answers that arrive after it still count).
     t.latencies_ms.shrink_to_fit();
     Ok(t)
@@ -303,19 +349,21 @@ fn argmax_rows(data: &[u8], rows: usize) -> Vec<usize> {
         .collect()
 }
 
-async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
+async fn one(conn: &Conn, s: &Sample, id: u64, timeout: Duration) -> Outcome {
     let t = Instant::now();
     let rows = s.labels.len().max(1);
+    let rejected = |msg: String, expired: bool| Outcome::Rejected { msg, latency: t.elapsed(), expired };
     match conn {
         Conn::Http { client, uri, auth } => {
             let mut req = hyper::Request::post(uri.as_str());
             if let Some(a) = auth {
                 req = req.header("authorization", a.as_str());
             }
+            let (body, header_len) = s.http_body(id);
             let req = req
                 .header("content-type", "application/octet-stream")
-                .header("inference-header-content-length", s.http_header_len)
-                .body(Full::new(s.http_body.clone()));
+                .header("inference-header-content-length", header_len)
+                .body(Full::new(body));
             let req = match req {
                 Ok(r) => r,
                 Err(e) => return Outcome::Failed(e.to_string()),
@@ -344,17 +392,23 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                         let met = param("deadline_met").and_then(|v| v.as_bool()).unwrap_or(true);
                         let node =
                             param("node").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                        let id = head
+                            .as_ref()
+                            .and_then(|v| v["id"].as_str().map(String::from))
+                            .unwrap_or_default();
                         Outcome::Ok {
                             latency: t.elapsed(),
                             argmax: argmax_rows(&body[hl..], rows),
                             variant,
                             node,
                             met,
+                            id,
                         }
                     } else {
                         let msg = format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body));
                         match status.as_u16() {
-                            429 | 503 | 504 => Outcome::Rejected(msg),
+                            429 | 503 => rejected(msg, false),
+                            504 => rejected(msg, true),
                             _ => Outcome::Failed(msg),
                         }
                     }
@@ -363,7 +417,8 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
         }
         Conn::Grpc(client, auth) => {
             let mut client = client.clone();
-            let mut request = tonic::Request::new(s.grpc.clone());
+            let mut request =
+                tonic::Request::new(pb::ModelInferRequest { id: id.to_string(), ..s.grpc.clone() });
             if let Some(a) = auth.as_ref().and_then(|a| a.parse().ok()) {
                 request.metadata_mut().insert("authorization", a);
             }
@@ -383,7 +438,7 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                         Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => s.clone(),
                         _ => String::new(),
                     };
-                    Outcome::Ok { latency: t.elapsed(), argmax, variant, node, met }
+                    Outcome::Ok { latency: t.elapsed(), argmax, variant, node, met, id: r.id }
                 }
                 Ok(Err(st)) => {
                     use tonic::Code;
@@ -394,7 +449,8 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
                             if st.code() == Code::Unavailable && st.message().contains("transport") {
                                 Outcome::Lost(msg)
                             } else {
-                                Outcome::Rejected(msg)
+                                let expired = st.code() == Code::DeadlineExceeded;
+                                rejected(msg, expired)
                             }
                         }
                         Code::Unknown | Code::Cancelled => Outcome::Lost(msg),
@@ -406,10 +462,34 @@ async fn one(conn: &Conn, s: &Sample, timeout: Duration) -> Outcome {
     }
 }
 
-fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
+fn second(t: &mut Tally, start: Instant) -> &mut Second {
+    let k = start.elapsed().as_secs() as usize;
+    if t.seconds.len() <= k {
+        t.seconds.resize(k + 1, Second::default());
+    }
+    &mut t.seconds[k]
+}
+
+fn sent(tally: &Mutex<Tally>, start: Instant) {
+    if let Ok(mut t) = tally.lock() {
+        t.sent += 1;
+        second(&mut t, start).sent += 1;
+    }
+}
+
+fn record(tally: &Mutex<Tally>, s: &Sample, sent_id: u64, o: Outcome, start: Instant) {
     let Ok(mut t) = tally.lock() else { return };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     match o {
-        Outcome::Ok { latency, argmax, variant, node, met } => {
+        Outcome::Ok { latency, argmax, variant, node, met, id } => {
+            // An answer that is not this request's, or a request answered twice.
+            if id != sent_id.to_string() || !t.answered_ids.insert(sent_id) {
+                t.duplicates += 1;
+            }
+            let sec = second(&mut t, start);
+            sec.ok += 1;
+            sec.goodput += u64::from(met);
+            sec.ok_ms.push(ms(latency));
             *t.nodes.entry(node).or_default() += 1;
             t.ok += 1;
             t.late += u64::from(!met);
@@ -423,16 +503,24 @@ fn record(tally: &Mutex<Tally>, s: &Sample, o: Outcome) {
             }
             t.on_time_correct += u64::from(met && all_right);
         }
-        Outcome::Rejected(e) => {
+        Outcome::Rejected { msg, latency, expired } => {
             t.rejected += 1;
-            t.first_error.get_or_insert(e);
+            t.expired += u64::from(expired);
+            t.reject_ms.push(ms(latency));
+            let sec = second(&mut t, start);
+            sec.rejected += 1;
+            sec.expired += u64::from(expired);
+            sec.reject_ms.push(ms(latency));
+            t.first_error.get_or_insert(msg);
         }
         Outcome::Failed(e) => {
             t.failed += 1;
+            second(&mut t, start).failed += 1;
             t.first_error.get_or_insert(e);
         }
         Outcome::Lost(e) => {
             t.lost += 1;
+            second(&mut t, start).lost += 1;
             t.first_error.get_or_insert(e);
         }
     }
@@ -442,8 +530,40 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     osprey_engine::profile::quantile(sorted, q)
 }
 
+/// Writes the per-second series (`--timeseries`).
+fn write_timeseries(path: &std::path::Path, t: &Tally) -> Result<(), String> {
+    let mut out =
+        String::from("second,sent,ok,goodput,rejected,expired,failed,lost,ok_p99_ms,reject_p99_ms\n");
+    for (k, s) in t.seconds.iter().enumerate() {
+        let mut ok = s.ok_ms.clone();
+        ok.sort_by(f64::total_cmp);
+        let mut rej = s.reject_ms.clone();
+        rej.sort_by(f64::total_cmp);
+        out.push_str(&format!(
+            "{k},{},{},{},{},{},{},{},{:.3},{:.3}\n",
+            s.sent,
+            s.ok,
+            s.goodput,
+            s.rejected,
+            s.expired,
+            s.failed,
+            s.lost,
+            quantile(&ok, 0.99),
+            quantile(&rej, 0.99)
+        ));
+    }
+    std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 fn report(args: &LoadgenArgs, t: &Tally) {
+    if let Some(p) = &args.timeseries
+        && let Err(e) = write_timeseries(p, t)
+    {
+        eprintln!("{e}");
+    }
     let throughput = t.ok as f64 / args.duration;
+    let goodput = (t.ok - t.late.min(t.ok)) as f64 / args.duration;
+    let (rp50, rp99) = (quantile(&t.reject_ms, 0.5), quantile(&t.reject_ms, 0.99));
     let p50 = quantile(&t.latencies_ms, 0.5);
     let p99 = quantile(&t.latencies_ms, 0.99);
     let not_on_time = t.late + t.rejected + t.failed + t.lost;
@@ -458,7 +578,9 @@ fn report(args: &LoadgenArgs, t: &Tally) {
             "rate": args.rate,
             "duration_s": args.duration,
             "sent": t.sent, "ok": t.ok, "rejected": t.rejected, "failed": t.failed, "lost": t.lost, "late": t.late, "late_pct": late_pct, "utility": utility,
-            "throughput_rps": throughput, "p50_ms": p50, "p99_ms": p99,
+            "throughput_rps": throughput, "goodput_rps": goodput, "p50_ms": p50, "p99_ms": p99,
+            "expired": t.expired, "duplicates": t.duplicates,
+            "reject_p50_ms": rp50, "reject_p99_ms": rp99,
             "accuracy": accuracy,
             "inputs": if t.labelled > 0 { EvalSet::HELD_OUT } else { "zeros (the model has no evaluation set)" },
             "variants": t.variants,
@@ -504,6 +626,15 @@ fn report(args: &LoadgenArgs, t: &Tally) {
     }
     if t.labelled > 0 {
         println!("inputs: {}", EvalSet::HELD_OUT);
+    }
+    if t.rejected > 0 {
+        println!(
+            "refusals answered in p50 {rp50:.2} ms, p99 {rp99:.2} ms; {} of them expired after waiting",
+            t.expired
+        );
+    }
+    if t.duplicates > 0 {
+        println!("DUPLICATE or crossed answers: {}", t.duplicates);
     }
     if let Some(e) = &t.first_error {
         println!("first error: {e}");
