@@ -632,6 +632,12 @@ impl Agent for RemoteAgent {
         }));
     }
 
+    fn stop(&self) {
+        // At shutdown, after the drain: end the stream so that the gRPC server's graceful
+        // shutdown is not held open by attached agents.
+        self.disconnect("the gateway is shutting down");
+    }
+
     fn disconnect(&self, _reason: &str) {
         // Dropping the sender ends the gateway's half of the stream; the agent sees the end
         // and reconnects. Pending completers drop as lost (the dispatcher already failed

@@ -3,12 +3,10 @@
 //! Shutdown timeline:
 //!
 //! ```text
-//! signal ──> both servers stop accepting; open requests finish ──┐ (at most DRAIN_GRACE:
-//!                                                               │  a client that never
-//!                                                               │  closes its connection
-//!                                                               v  cannot hold us forever)
-//!            gateway drains (no new admissions, queued requests run; at most DRAIN_GRACE
-//!            again) -> workers stop -> return
+//! signal ─┬─> both servers stop accepting; idle connections close; open ones finish their
+//!         │   request (at most 2 × DRAIN_GRACE: a client that never closes cannot hold us)
+//!         └─> gateway drains: new requests 503, admitted ones run (at most DRAIN_GRACE)
+//!             -> agents stop (remote agents' streams end) -> both done -> return
 //! ```
 
 use crate::gateway::Gateway;
@@ -70,18 +68,27 @@ pub async fn serve(
     let servers = async { tokio::join!(http, grpc) };
     let grace = async {
         wait(rx.clone()).await;
-        tokio::time::sleep(DRAIN_GRACE).await;
+        tokio::time::sleep(DRAIN_GRACE * 2).await;
     };
-    let result = tokio::select! {
-        (h, g) = servers => h.and(g.map_err(std::io::Error::other)),
-        _ = grace => {
-            tracing::warn!("connections still open {DRAIN_GRACE:?} after shutdown began; closing them");
-            Ok(())
+    let bounded = async {
+        tokio::select! {
+            (h, g) = servers => h.and(g.map_err(std::io::Error::other)),
+            _ = grace => {
+                tracing::warn!("connections still open {:?} after shutdown began; closing them", DRAIN_GRACE * 2);
+                Ok(())
+            }
         }
     };
-    let left = gw.drain_within(DRAIN_GRACE).await;
-    if left > 0 {
-        tracing::warn!("{left} admitted request(s) still unanswered after the grace period; stopping anyway");
-    }
+    // In parallel with the servers' graceful shutdown: refuse new admissions at once, let the
+    // admitted finish, then stop the agents (which also ends remote agents' streams, so that
+    // the gRPC server is not held open by them).
+    let drain = async {
+        wait(rx.clone()).await;
+        let left = gw.drain_within(DRAIN_GRACE).await;
+        if left > 0 {
+            tracing::warn!("{left} admitted request(s) still unanswered after the grace period; stopping anyway");
+        }
+    };
+    let (result, ()) = tokio::join!(bounded, drain);
     result
 }

@@ -59,8 +59,13 @@ fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) -> Dura
 }
 
 fn loadgen(http: &str, secs: &str) -> std::thread::JoinHandle<serde_json::Value> {
+    loadgen_at(http, secs, "6")
+}
+
+fn loadgen_at(http: &str, secs: &str, concurrency: &str) -> std::thread::JoinHandle<serde_json::Value> {
     let http = http.to_string();
     let secs = secs.to_string();
+    let concurrency = concurrency.to_string();
     std::thread::spawn(move || {
         let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
             .args([
@@ -70,7 +75,7 @@ fn loadgen(http: &str, secs: &str) -> std::thread::JoinHandle<serde_json::Value>
                 "--target",
                 &http,
                 "--concurrency",
-                "6",
+                &concurrency,
                 "--duration",
                 &secs,
             ])
@@ -163,6 +168,53 @@ fn agents_attach_only_with_the_join_token() {
     let _ = ok.wait();
     assert!(gw.stop().success());
     let _ = std::fs::remove_dir_all(&state);
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Agents killed (SIGKILL) and restarted in a loop under load: every request is answered or
+/// explicitly failed, none lost, none answered twice, and the gateway's memory stays bounded.
+/// `OSPREY_CHAOS_SECS` makes it longer (bench/reliability.sh).
+#[test]
+fn agents_killed_and_restarted_in_a_loop_lose_nothing() {
+    let secs: u64 = std::env::var("OSPREY_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let gw = Server::start(&["--local-agents", "0"]);
+    let pid = gw.child.id();
+    let names = ["c1", "c2", "c3"];
+    let mut agents: Vec<Option<Agent>> = names.iter().map(|n| Some(Agent::start(&gw.grpc, n, &[]))).collect();
+    wait_for("three nodes registered", Duration::from_secs(20), || nodes(&gw.http).len() == 3);
+    let before = rss_mb(pid);
+    let run = loadgen_at(&gw.http, &secs.to_string(), "8");
+    let t = Instant::now();
+    let (mut kills, mut peak) = (0, before);
+    let mut k = 0usize;
+    while t.elapsed() < Duration::from_secs(secs.saturating_sub(1)) {
+        // Kill one, let the others carry the load for a moment, bring it back.
+        let i = k % names.len();
+        if let Some(a) = agents[i].take() {
+            a.kill();
+            kills += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        agents[i] = Some(Agent::start(&gw.grpc, names[i], &[]));
+        peak = peak.max(rss_mb(pid));
+        k += 1;
+    }
+    let r = run.join().unwrap();
+    let n = |key: &str| r[key].as_u64().unwrap_or(u64::MAX);
+    eprintln!("{kills} agent kills in {secs} s; gateway RSS {before:.0} -> peak {peak:.0} MB; {r}");
+    assert!(kills >= 3, "{kills}");
+    assert!(n("ok") > 0, "{r}");
+    assert_eq!(n("sent"), n("ok") + n("rejected") + n("failed") + n("lost"), "{r}");
+    assert_eq!((n("lost"), n("duplicates")), (0, 0), "none lost, none twice: {r}");
+    assert!(peak < before + 100.0, "gateway memory bounded: {before:.0} -> {peak:.0} MB");
+    assert!(gw.stop().success());
 }
 
 fn post(http: &str, path: &str, body: &str) -> (u16, String) {
