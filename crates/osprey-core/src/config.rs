@@ -241,6 +241,19 @@ pub struct ServerConfig {
     pub tenants: Vec<TenantConfig>,
     pub scheduler: SchedulerSection,
     pub cluster: ClusterSection,
+    /// TLS for both listeners; none: plaintext (warned about off loopback).
+    pub tls: Option<TlsSection>,
+}
+
+/// The gateway's certificate (PEM files; relative paths are relative to the working
+/// directory).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// How remote agents join.
@@ -265,6 +278,7 @@ impl Default for ServerConfig {
             tenants: Vec::new(),
             scheduler: SchedulerSection::default(),
             cluster: ClusterSection::default(),
+            tls: None,
         }
     }
 }

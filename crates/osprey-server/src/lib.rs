@@ -16,6 +16,7 @@
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
+//! - [`tls`]: certificates for both listeners and the agent link (rustls).
 //! - [`tenants`]: API keys (hashed, constant-time), objectives, rate quotas.
 
 pub mod agent;
@@ -31,6 +32,7 @@ pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod tenants;
+pub mod tls;
 
 /// Generated Open Inference Protocol messages and service.
 pub mod pb {

@@ -131,13 +131,15 @@ impl HttpBody for TimedBody {
 /// The error text a [`TimedBody`] ends with; the REST layer turns it into 408.
 pub const BODY_TIMEOUT: &str = "the request body did not arrive within body_read_timeout_ms";
 
-/// Serves `router` on `listener` under the limits of `gw.limits` until `stop` turns true;
+/// Serves `router` on `listener` (over TLS when `tls` is given) under the limits of
+/// `gw.limits` until `stop` turns true;
 /// then closes idle connections, lets open requests finish, and returns when every
 /// connection has ended.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     gw: Arc<Gateway>,
+    tls: Option<crate::tls::ServerTls>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let limits = gw.limits.clone();
@@ -168,10 +170,51 @@ pub async fn serve_http(
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
         let gw = gw.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let _permit = permit;
             gw.metrics.connections_open.inc();
+            let limits = ConnLimits { header_timeout, body_timeout, max_body };
+            match tls {
+                None => serve_conn(tcp, peer, router, limits, stop).await,
+                // The handshake counts against the header timeout.
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_conn(stream, peer, router, limits, stop).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+            gw.metrics.connections_open.dec();
+        });
+    }
+    // Closed now, not when the open connections are done: a client dialing during the drain
+    // is refused at once instead of waiting in the accept backlog.
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    header_timeout: Duration,
+    body_timeout: Duration,
+    max_body: usize,
+}
+
+/// One HTTP/1.1 connection over `io` (TCP, or TLS over TCP) until it ends or `stop`.
+async fn serve_conn<IO>(
+    io: IO,
+    peer: std::net::SocketAddr,
+    router: axum::Router,
+    limits: ConnLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ConnLimits { header_timeout, body_timeout, max_body } = limits;
+    {
+        {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let router = router.clone();
                 // Boxed: `poll_without_shutdown` (for the lingering close) needs an `Unpin`
@@ -194,7 +237,7 @@ pub async fn serve_http(
                 .header_read_timeout(header_timeout)
                 .max_headers(MAX_HEADERS * 4)
                 .keep_alive(true);
-            let mut conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            let mut conn = builder.serve_connection(TokioIo::new(io), svc);
             let r = tokio::select! {
                 r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r,
                 _ = stopped(&mut stop) => {
@@ -204,14 +247,8 @@ pub async fn serve_http(
             };
             log_conn_end(r, peer);
             linger(conn.into_parts().io.into_inner(), max_body).await;
-            gw.metrics.connections_open.dec();
-        });
+        }
     }
-    // Closed now, not when the open connections are done: a client dialing during the drain
-    // is refused at once instead of waiting in the accept backlog.
-    drop(listener);
-    while tasks.join_next().await.is_some() {}
-    Ok(())
 }
 
 /// Resolves once `stop` is true (holding no borrow of the channel afterwards).
@@ -232,7 +269,10 @@ fn log_conn_end(r: Result<(), hyper::Error>, peer: std::net::SocketAddr) {
 /// dropped for at most [`LINGER`], as web servers' lingering close does. Closing with unread
 /// bytes would make the kernel reset the connection, and the client would see a broken pipe
 /// instead of the 413 it was sent.
-async fn linger(mut tcp: tokio::net::TcpStream, max_body: usize) {
+async fn linger<IO>(mut tcp: IO, max_body: usize)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tcp.shutdown().await;
     let mut buf = vec![0u8; 64 * 1024];

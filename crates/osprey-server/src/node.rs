@@ -26,6 +26,10 @@ pub struct NodeConfig {
     pub join: String,
     /// The cluster join token (see [`crate::join`]).
     pub token: String,
+    /// Dial the gateway over TLS, trusting this CA (PEM) for `tls_domain`.
+    pub tls_ca: Option<PathBuf>,
+    /// Name the gateway's certificate must carry (default: the host part of `join`).
+    pub tls_domain: Option<String>,
     pub threads: u32,
     pub model_repository: PathBuf,
     /// Injected slowdown for tests and demos: each batch takes this many times longer.
@@ -105,8 +109,9 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
             r = session(node.clone(), on_joined.clone()) => {
                 match r {
-                    // Retrying cannot fix a wrong token: say so and stop.
-                    Err(e) if e.code == osprey_core::error::ErrorCode::Unauthenticated => return Err(e),
+                    // Retrying cannot fix a wrong token or a bad address or TLS setting: say so
+                    // and stop.
+                    Err(e) if matches!(e.code, osprey_core::error::ErrorCode::Unauthenticated | osprey_core::error::ErrorCode::InvalidArgument) => return Err(e),
                     Ok(()) => tracing::warn!("the gateway closed the session; reconnecting"),
                     Err(e) => tracing::warn!("session ended: {e}; reconnecting in {backoff:?}"),
                 }
@@ -121,10 +126,18 @@ pub async fn run(
 }
 
 async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + 'static>) -> Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", node.cfg.join))
+    let scheme = if node.cfg.tls_ca.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", node.cfg.join))
         .map_err(|e| Error::invalid(format!("--join {}: {e}", node.cfg.join)))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
+    if let Some(ca) = &node.cfg.tls_ca {
+        let host = node.cfg.join.rsplit_once(':').map_or(node.cfg.join.as_str(), |(h, _)| h);
+        let domain = node.cfg.tls_domain.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+        endpoint = endpoint
+            .tls_config(crate::tls::client(ca, &domain)?)
+            .map_err(|e| Error::invalid(format!("TLS for {}: {e}", node.cfg.join)))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| Error::unavailable(format!("connecting: {e}")))?;
     let mut client = agent_pb::agent_gateway_client::AgentGatewayClient::new(channel)
         .max_decoding_message_size(node.cfg.max_message_bytes)

@@ -23,6 +23,8 @@ pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// TLS for both; `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Serves HTTP and gRPC until `shutdown` completes, then drains.
@@ -40,7 +42,8 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let app = crate::http::router(gw.clone());
-    let http = crate::listener::serve_http(listeners.http, app, gw.clone(), rx.clone());
+    let http =
+        crate::listener::serve_http(listeners.http, app, gw.clone(), listeners.tls.clone(), rx.clone());
     let limit = gw.limits.max_body_bytes;
     let svc = GrpcInferenceServiceServer::new(InferenceService::new(gw.clone()))
         .max_decoding_message_size(limit)
@@ -57,7 +60,11 @@ pub async fn serve(
         crate::cluster::AgentService::new(gw.cluster.clone(), gw.join_token.clone()),
     )
     .max_decoding_message_size(limit);
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &listeners.tls {
+        builder = builder.tls_config(tls.tonic()).map_err(std::io::Error::other)?;
+    }
+    let grpc = builder
         // Dead peers (a cable pulled, a node powered off) are found by pings, not left open.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
@@ -86,7 +93,9 @@ pub async fn serve(
         wait(rx.clone()).await;
         let left = gw.drain_within(DRAIN_GRACE).await;
         if left > 0 {
-            tracing::warn!("{left} admitted request(s) still unanswered after the grace period; stopping anyway");
+            tracing::warn!(
+                "{left} admitted request(s) still unanswered after the grace period; stopping anyway"
+            );
         }
     };
     let (result, ()) = tokio::join!(bounded, drain);

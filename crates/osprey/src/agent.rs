@@ -16,6 +16,13 @@ pub struct AgentArgs {
     /// A file holding the join token (e.g. the gateway's join-token file, or a mounted Secret).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Dial the gateway over TLS, trusting this CA certificate (PEM; the gateway's own
+    /// certificate when self-signed).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name the gateway's certificate must carry (default: the host in --join).
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
     /// Node name (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -69,6 +76,8 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
         name: name.clone(),
         join: args.join.clone(),
         token,
+        tls_ca: args.tls_ca.clone(),
+        tls_domain: args.tls_domain.clone(),
         threads: args.threads,
         model_repository: args.model_repository.clone().unwrap_or_else(crate::default_repository),
         slowdown: args.slowdown,

@@ -110,10 +110,13 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server_gw = gw.clone();
-        let server =
-            tokio::spawn(osprey_server::serve(osprey_server::Listeners { http, grpc }, server_gw, async {
+        let server = tokio::spawn(osprey_server::serve(
+            osprey_server::Listeners { http, grpc, tls: None },
+            server_gw,
+            async {
                 let _ = stop_rx.await;
-            }));
+            },
+        ));
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build::<_, Full<Bytes>>({
                 let mut c = hyper_util::client::legacy::connect::HttpConnector::new();

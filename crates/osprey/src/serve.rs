@@ -82,6 +82,20 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         let grpc = tokio::net::TcpListener::bind(&config.grpc_addr)
             .await
             .map_err(|e| format!("binding gRPC {}: {e}", config.grpc_addr))?;
+        let tls = match &config.tls {
+            Some(t) => Some(osprey_server::tls::ServerTls::load(&t.cert, &t.key).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        for (what, addr) in [("HTTP", http.local_addr()), ("gRPC", grpc.local_addr())] {
+            if let Ok(a) = addr
+                && tls.is_none()
+                && !osprey_server::tls::is_loopback(&a)
+            {
+                tracing::warn!(
+                    "{what} on {a} is plaintext: API keys, tensors and the agents' join token cross the network readable; configure [tls] cert and key"
+                );
+            }
+        }
         let (join_token, source) =
             osprey_server::join::JoinToken::resolve(config.cluster.join_token_file.as_deref())
                 .map_err(|e| e.to_string())?;
@@ -111,8 +125,9 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             gw.models().count(),
             repo.display()
         );
-        println!("HTTP  http://{http_addr}  (metrics at /metrics)");
-        println!("gRPC  {grpc_addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("HTTP  {scheme}://{http_addr}  (metrics at /metrics)");
+        println!("gRPC  {grpc_addr}{}", if tls.is_some() { "  (TLS)" } else { "" });
         println!(
             "policy {}; tenants: {}",
             gw.policy.as_str(),
@@ -132,7 +147,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         println!("ready http={http_addr} grpc={grpc_addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        osprey_server::serve(Listeners { http, grpc }, gw, shutdown_signal())
+        osprey_server::serve(Listeners { http, grpc, tls }, gw, shutdown_signal())
             .await
             .map_err(|e| format!("server error: {e}"))?;
         tracing::info!("drained; bye");

@@ -270,3 +270,59 @@ fn placement_follows_memory_and_unload_waits_for_another_host() {
     assert!(b.contains("\"node\":\"big\""), "{b}");
     assert!(gw.stop().success());
 }
+
+/// Both listeners and the agent link over TLS (the test CA in tests/fixtures): the official
+/// clients connect over HTTPS and gRPC+TLS, an agent joins with `--tls-ca` and answers, and a
+/// plaintext request to the TLS port gets nothing.
+#[test]
+fn tls_on_both_listeners_and_the_agent_link() {
+    let fx = repo_root().join("tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("osprey-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("osprey.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            fx.join("tls-server.pem").display(),
+            fx.join("tls-server.key").display()
+        ),
+    )
+    .unwrap();
+    let gw = Server::start(&["--config", config.to_str().unwrap(), "--local-agents", "0"]);
+    let ca = fx.join("tls-ca.pem").to_string_lossy().to_string();
+    let _agent = Agent::start(&gw.grpc, "secure", &["--tls-ca", &ca]);
+    let script = r#"
+import json, ssl, sys, urllib.request
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+http, grpc_addr, ca = sys.argv[1:4]
+port = http.rsplit(":", 1)[1]
+ctx = ssl.create_default_context(cafile=ca)
+with urllib.request.urlopen(f"https://localhost:{port}/v2/health/ready", context=ctx, timeout=10) as r:
+    assert r.status == 200
+c = httpclient.InferenceServerClient(f"localhost:{port}", ssl=True, ssl_options={"ca_certs": ca})
+x = np.full((1, 8, 8), 0.5, np.float32)
+i = httpclient.InferInput("image", [1, 8, 8], "FP32"); i.set_data_from_numpy(x)
+out = c.infer("digits", [i]).as_numpy("probabilities")
+assert out.shape == (1, 10), out.shape
+g = grpcclient.InferenceServerClient(grpc_addr, ssl=True, root_certificates=ca)
+gi = grpcclient.InferInput("image", [1, 8, 8], "FP32"); gi.set_data_from_numpy(x)
+r = g.infer("digits", [gi])
+assert r.as_numpy("probabilities").shape == (1, 10)
+assert r.get_response().parameters["node"].string_param == "secure"
+print("tls ok")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &gw.http, &format!("localhost:{}", gw.grpc.rsplit(':').next().unwrap()), &ca])
+        .output()
+        .expect("python3");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("tls ok"), "{text}");
+    // Plaintext to the TLS port: no HTTP answer.
+    let resp = common::http_get(&gw.http, "/v2/health/ready");
+    assert!(!resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
