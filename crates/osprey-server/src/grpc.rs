@@ -307,64 +307,79 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
+/// What a `ModelInferRequest` carries once decoded: typed tensors (sizes checked against
+/// datatype and shape before anything is allocated), request options and output names.
+pub struct Decoded {
+    pub inputs: Vec<InputTensor>,
+    pub opts: RequestOptions,
+    pub outputs: Vec<String>,
+}
+
+/// Decodes a request's tensors and options; raw contents move into the tensors (no copy).
+/// Pure (no gateway): the fuzz targets drive it with arbitrary messages.
+pub fn decode_request(r: &mut pb::ModelInferRequest) -> Result<Decoded, Error> {
+    let mut raw = std::mem::take(&mut r.raw_input_contents);
+    if !raw.is_empty() && raw.len() != r.inputs.len() {
+        return Err(Error::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            raw.len(),
+            r.inputs.len()
+        )));
+    }
+    let mut inputs = Vec::with_capacity(r.inputs.len());
+    for (i, inp) in r.inputs.iter().enumerate() {
+        let dt = parse_datatype(&inp.datatype, &inp.name)?;
+        let tensor = if let Some(bytes) = raw.get_mut(i) {
+            if inp.contents.is_some() {
+                return Err(Error::invalid(format!(
+                    "input '{}' has both contents and raw contents",
+                    inp.name
+                )));
+            }
+            let want = byte_size(dt, &inp.shape)?;
+            if bytes.len() != want {
+                return Err(Error::invalid(format!(
+                    "input '{}': {dt} {:?} needs {want} bytes, raw_input_contents has {}",
+                    inp.name,
+                    inp.shape,
+                    bytes.len()
+                )));
+            }
+            RawTensor::from_bytes(dt, inp.shape.clone(), std::mem::take(bytes))?
+        } else {
+            let c = inp
+                .contents
+                .as_ref()
+                .ok_or_else(|| Error::invalid(format!("input '{}' has no contents", inp.name)))?;
+            from_contents(dt, inp.shape.clone(), c, &inp.name)?
+        };
+        inputs.push(InputTensor { name: inp.name.clone(), tensor });
+    }
+    let opts = RequestOptions {
+        timeout_us: param_u64(&r.parameters, "timeout")?,
+        deadline_ms: param_u64(&r.parameters, "deadline_ms")?,
+        priority: param_u64(&r.parameters, "priority")?,
+        min_accuracy: param_f64(&r.parameters, "min_accuracy")?,
+    };
+    for o in &r.outputs {
+        if o.parameters.contains_key("classification") {
+            return Err(Error::invalid("the classification extension is not supported"));
+        }
+    }
+    let outputs: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
+    Ok(Decoded { inputs, opts, outputs })
+}
+
 impl InferenceService {
     async fn infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {
         let tenant = self.tenant(&r)?;
         let mut r = r.into_inner();
         self.gw.tenants.check_model(tenant, &r.model_name).map_err(status)?;
         let gw = &self.gw;
-        // Raw contents move into the tensors (no copy).
-        let mut raw = std::mem::take(&mut r.raw_input_contents);
         let result = async {
-            if !raw.is_empty() && raw.len() != r.inputs.len() {
-                return Err(Error::invalid(format!(
-                    "raw_input_contents has {} entries for {} inputs",
-                    raw.len(),
-                    r.inputs.len()
-                )));
-            }
-            let mut inputs = Vec::with_capacity(r.inputs.len());
-            for (i, inp) in r.inputs.iter().enumerate() {
-                let dt = parse_datatype(&inp.datatype, &inp.name)?;
-                let tensor = if let Some(bytes) = raw.get_mut(i) {
-                    if inp.contents.is_some() {
-                        return Err(Error::invalid(format!(
-                            "input '{}' has both contents and raw contents",
-                            inp.name
-                        )));
-                    }
-                    let want = byte_size(dt, &inp.shape)?;
-                    if bytes.len() != want {
-                        return Err(Error::invalid(format!(
-                            "input '{}': {dt} {:?} needs {want} bytes, raw_input_contents has {}",
-                            inp.name,
-                            inp.shape,
-                            bytes.len()
-                        )));
-                    }
-                    RawTensor::from_bytes(dt, inp.shape.clone(), std::mem::take(bytes))?
-                } else {
-                    let c = inp
-                        .contents
-                        .as_ref()
-                        .ok_or_else(|| Error::invalid(format!("input '{}' has no contents", inp.name)))?;
-                    from_contents(dt, inp.shape.clone(), c, &inp.name)?
-                };
-                inputs.push(InputTensor { name: inp.name.clone(), tensor });
-            }
-            let opts = RequestOptions {
-                timeout_us: param_u64(&r.parameters, "timeout")?,
-                deadline_ms: param_u64(&r.parameters, "deadline_ms")?,
-                priority: param_u64(&r.parameters, "priority")?,
-                min_accuracy: param_f64(&r.parameters, "min_accuracy")?,
-            };
-            for o in &r.outputs {
-                if o.parameters.contains_key("classification") {
-                    return Err(Error::invalid("the classification extension is not supported"));
-                }
-            }
-            let names: Vec<String> = r.outputs.iter().map(|o| o.name.clone()).collect();
-            let valid = gw.validate(&r.model_name, &r.model_version, r.id.clone(), inputs, &names, &opts)?;
+            let d = decode_request(&mut r)?;
+            let valid =
+                gw.validate(&r.model_name, &r.model_version, r.id.clone(), d.inputs, &d.outputs, &d.opts)?;
             gw.infer(valid, tenant).await
         }
         .await;

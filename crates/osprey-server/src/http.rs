@@ -470,7 +470,7 @@ async fn decode_and_run(
     {
         return Err(Error::invalid("Content-Encoding is not supported; send the body uncompressed").into());
     }
-    let (json_part, mut binary) = match &headers.header_length {
+    let (json_part, binary) = match &headers.header_length {
         Some(h) => {
             let n: usize = h
                 .to_str()
@@ -488,13 +488,38 @@ async fn decode_and_run(
         }
         None => (body.clone(), Bytes::new()),
     };
-    let req: InferRequestJson = serde_json::from_slice(&json_part)
+    let d = decode_request(&json_part, binary, gw.limits.max_body_bytes)?;
+    let valid = gw.validate(model, version, d.id.clone(), d.inputs, &d.outputs, &d.opts)?;
+    let outcome = gw.infer(valid, tenant).await?;
+    Ok(encode_response(&outcome, &d.id, &d.binary_out, d.binary_default))
+}
+
+/// An inference request body once decoded (JSON header, then any binary tensors).
+pub struct Decoded {
+    pub id: String,
+    pub inputs: Vec<InputTensor>,
+    pub opts: RequestOptions,
+    pub outputs: Vec<String>,
+    /// Per requested output: answer it in binary.
+    pub binary_out: Vec<bool>,
+    pub binary_default: bool,
+}
+
+/// Decodes the JSON header `json_part` and the binary tensors after it: every size is checked
+/// against datatype and shape (and `max_body_bytes`) before anything is allocated, and JSON
+/// `data` is decoded straight into typed bytes. Pure (no gateway): the fuzz targets drive it.
+pub fn decode_request(
+    json_part: &[u8],
+    mut binary: Bytes,
+    max_body_bytes: usize,
+) -> Result<Decoded, ApiError> {
+    let req: InferRequestJson = serde_json::from_slice(json_part)
         .map_err(|e| Error::invalid(format!("request is not a valid inference request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for inp in req.inputs {
         let dt = crate::gateway::parse_datatype(&inp.datatype, &inp.name)?;
         let size = byte_size(dt, &inp.shape)?;
-        if size > gw.limits.max_body_bytes.saturating_mul(4) {
+        if size > max_body_bytes.saturating_mul(4) {
             return Err(Error::too_large(format!(
                 "input '{}' of shape {:?} is larger than the server accepts",
                 inp.name, inp.shape
@@ -578,11 +603,8 @@ async fn decode_and_run(
                 .ok_or_else(|| Error::invalid("output parameter 'binary_data' must be a boolean"))?,
         });
     }
-    let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
-    let id = req.id.unwrap_or_default();
-    let valid = gw.validate(model, version, id.clone(), inputs, &names, &opts)?;
-    let outcome = gw.infer(valid, tenant).await?;
-    Ok(encode_response(&outcome, &id, &binary_out, binary_default))
+    let outputs: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
+    Ok(Decoded { id: req.id.unwrap_or_default(), inputs, opts, outputs, binary_out, binary_default })
 }
 
 /// Writes the response straight into one buffer (JSON header, then the binary outputs, if
