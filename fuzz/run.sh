@@ -16,7 +16,7 @@ status=0
 printf "%-14s %12s %8s %8s %8s\n" target executions paths crashes hangs
 for t in $TARGETS; do
   out="out/$t"
-  rm -rf "$out"
+  rm -rf "$out"; mkdir -p out
   timeout -s INT $((SECS + 30)) cargo afl fuzz -V "$SECS" -i "seeds/$t" -o "$out" "target/release/$t" >/dev/null 2>&1 || true
   stats="$out/default/fuzzer_stats"
   if [ ! -f "$stats" ]; then

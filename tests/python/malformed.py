@@ -278,6 +278,8 @@ def grpc_cases(addr, key):
         expect(f"raw {n} bytes", lambda: infer(req(raw=b"\0" * n)), INV)
     expect("contents and raw", lambda: infer(_both(req(contents=[0.5] * 64))), INV)
     expect("contents wrong count", lambda: infer(req(contents=[0.5] * 10)), INV)
+    # A shape of 10^18 elements over 64 values (once an allocation abort, found by fuzzing).
+    expect("contents huge shape", lambda: infer(req(shape=(1 << 40, 1 << 20), contents=[0.5] * 64)), INV)
     expect("no data", lambda: infer(req(raw=False)), INV)
     for name in ["img", "", "probabilities"]:
         expect(f"input name {name!r}", lambda: infer(req(name=name)), INV)

@@ -168,6 +168,13 @@ impl RawTensor {
     /// datatype's range, the element count against the shape.
     pub fn from_json(datatype: DataType, shape: Vec<i64>, text: &str, name: &str) -> Result<RawTensor> {
         let want = element_count(&shape)?;
+        // Every element takes at least one character and a separator: a shape claiming more
+        // than the text can hold is refused before its buffer is allocated.
+        if want > text.len() / 2 + 1 {
+            return Err(Error::invalid(format!(
+                "input '{name}': shape {shape:?} needs {want} elements, more than 'data' can hold"
+            )));
+        }
         let mut out = Vec::with_capacity(byte_size(datatype, &shape)?);
         let mut e = Elements { dt: datatype, out: &mut out, count: 0, limit: want, name, error: None };
         let mut de = serde_json::Deserializer::from_str(text);
@@ -369,6 +376,15 @@ mod tests {
         let mut out = Vec::new();
         t.write_json_data(&mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_shape_larger_than_its_text_is_refused_before_allocating() {
+        // 127^4 FP64 elements would be a 2 GB buffer for a 9-byte text.
+        let e = RawTensor::from_json(DataType::Fp64, vec![127, 127, 127, 127], "[1,2,3,4]", "x").unwrap_err();
+        assert!(e.message.contains("more than 'data' can hold"), "{e}");
+        assert!(RawTensor::from_json(DataType::Fp64, vec![1], "7", "x").is_ok());
+        assert!(RawTensor::from_json(DataType::Fp64, vec![0], "[]", "x").is_ok());
     }
 
     #[test]

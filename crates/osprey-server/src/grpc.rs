@@ -109,6 +109,20 @@ fn from_contents(
         Error::invalid(format!("input '{name}': shape {shape:?} needs {want} elements, contents has {got}"))
     };
     let range_err = || Error::invalid(format!("input '{name}': a value is out of range for {dt}"));
+    // The element count is checked against what the message carries before any allocation: a
+    // shape may claim 10¹⁸ elements (found by fuzzing: an allocation of 7.9 EB aborted).
+    let got = match dt {
+        DataType::Bool => c.bool_contents.len(),
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => c.int_contents.len(),
+        DataType::Int64 => c.int64_contents.len(),
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => c.uint_contents.len(),
+        DataType::Uint64 => c.uint64_contents.len(),
+        DataType::Fp32 => c.fp32_contents.len(),
+        DataType::Fp64 => c.fp64_contents.len(),
+    };
+    if got != want {
+        return Err(count_err(got));
+    }
     let mut out = Vec::with_capacity(byte_size(dt, &shape)?);
     macro_rules! narrow {
         ($src:expr, $t:ty) => {{
