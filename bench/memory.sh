@@ -25,5 +25,5 @@ post() { curl -s -o /dev/null -w "%{http_code} " -X POST -H 'Content-Type: appli
   --data-binary @"$DIR/big.json" "http://$HTTP/v2/models/spoken_digits/infer"; }
 echo "body $(du -m "$DIR/big.json" | cut -f1) MB; idle RSS $(mb VmRSS) MB"
 post; echo "-> after one: peak $(mb VmHWM) MB"
-for _ in 1 2 3 4 5 6; do post & done; wait; echo "-> after six at once: peak $(mb VmHWM) MB"
+(for _ in 1 2 3 4 5 6; do post & done; wait); echo "-> after six at once: peak $(mb VmHWM) MB"
 sleep 5; echo "idle again: RSS $(mb VmRSS) MB"
