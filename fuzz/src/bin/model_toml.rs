@@ -4,7 +4,12 @@ use std::path::Path;
 fn main() {
     afl::fuzz!(|data: &[u8]| {
         if let Ok(text) = std::str::from_utf8(data) {
-            let _ = osprey_core::model::ModelSpec::parse("m", Path::new("/tmp/m"), text, Path::new("/tmp/m/model.toml"));
+            let _ = osprey_core::model::ModelSpec::parse(
+                "m",
+                Path::new("/tmp/m"),
+                text,
+                Path::new("/tmp/m/model.toml"),
+            );
         }
     });
 }
