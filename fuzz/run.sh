@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with AFL++ instrumentation (cargo-afl, stable toolchain) and fuzzes
 # each for SECONDS, then reports executions and crashes per target; exits 1 on any crash.
-# Needs: cargo install cargo-afl (it builds AFL++'s runtime), and afl-fuzz (Debian: afl++).
+# Needs: cargo install cargo-afl (it builds and runs its own AFL++).
 # Usage: fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]   (CI smoke: a few seconds each)
 set -euo pipefail
 cd "$(dirname "$0")"
