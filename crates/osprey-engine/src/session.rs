@@ -84,9 +84,7 @@ fn check_inputs(path: &Path, model: &InferenceModel, declared: &[TensorSpec]) ->
         if !fact.shape.is_open() {
             let graph: Vec<Option<i64>> =
                 fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
-            let fits = graph.len() == spec.shape.len()
-                && graph.iter().zip(&spec.shape).skip(1).all(|(g, &d)| g.is_none_or(|g| g == d));
-            if !fits {
+            if !fits(&graph, &spec.shape) {
                 return Err(mismatch(
                     path,
                     "input",
@@ -99,6 +97,13 @@ fn check_inputs(path: &Path, model: &InferenceModel, declared: &[TensorSpec]) ->
         }
     }
     Ok(())
+}
+
+/// Whether a graph's dimensions (`None`: symbolic or unknown) admit a declared shape: same rank,
+/// and every fixed dimension after the batch equal.
+fn fits(graph: &[Option<i64>], declared: &[i64]) -> bool {
+    graph.len() == declared.len()
+        && graph.iter().zip(declared).skip(1).all(|(g, &d)| g.is_none_or(|g| g == d))
 }
 
 fn shape_text(dims: &[Option<i64>]) -> String {
@@ -147,9 +152,7 @@ fn check_outputs(path: &Path, model: &TypedModel, declared: &[TensorSpec]) -> Re
         }
         casts.push(cast);
         let graph: Vec<Option<i64>> = fact.shape.iter().map(|d| d.to_i64().ok()).collect();
-        let fits = graph.len() == spec.shape.len()
-            && graph.iter().zip(&spec.shape).skip(1).all(|(g, &d)| g.is_none_or(|g| g == d));
-        if !fits {
+        if !fits(&graph, &spec.shape) {
             return Err(mismatch(
                 path,
                 "output",

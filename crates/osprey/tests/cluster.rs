@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, http_get, repo_root, spawn_until};
+use common::{Server, http_get, repo_root, rss_mb, spawn_until};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -168,14 +168,6 @@ fn agents_attach_only_with_the_join_token() {
     let _ = ok.wait();
     assert!(gw.stop().success());
     let _ = std::fs::remove_dir_all(&state);
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(String::from))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Agents killed (SIGKILL) and restarted in a loop under load: every request is answered or

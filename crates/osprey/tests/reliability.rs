@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, http, repo_root};
+use common::{Server, http, repo_root, rss_mb};
 use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -154,14 +154,6 @@ fn loadgen(http: &str, args: &[&str]) -> serde_json::Value {
     assert!(out.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default())
         .expect("JSON")
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(String::from))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Three times capacity: goodput holds, the excess is refused at once (nothing waits out its

@@ -54,6 +54,15 @@ pub fn spawn_with_env(
     }
 }
 
+/// Resident memory of process `pid`, MB (0 when unknown).
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 pub struct Server {
     pub child: Child,
     pub http: String,
