@@ -15,12 +15,17 @@
 //!   free workers and backlog, batches in flight, retry/failover — events in, actions out.
 //! - [`placement`]: which node loads which variant, `solve(problem, previous)`.
 //! - [`quota`]: per-tenant token buckets.
+//! - [`configure`]: per-control-interval pipeline configuration (OPD eq. 1-4, 7): the
+//!   objective, security limits, Random / Greedy / exact IPA policies behind one trait.
+//! - [`predict`]: load predictors (last value, EWMA; the LSTM is in `osprey-learn`), SMAPE.
 //! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
 
+pub mod configure;
 pub mod dispatch;
 pub mod estimate;
 pub mod instance;
 pub mod placement;
+pub mod predict;
 pub mod quota;
 pub mod scheduler;
 pub mod setup;
