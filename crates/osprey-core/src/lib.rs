@@ -5,6 +5,8 @@
 //! - [`tensor`]: Open Inference Protocol datatypes and raw, validated tensors.
 //! - [`model`]: the on-disk model repository (`<repo>/<model>/model.toml` + one ONNX file per
 //!   variant), its strict parsing, and held-out evaluation sets.
+//! - [`pipeline`]: pipelines in the repository (`<repo>/<pipeline>/pipeline.toml`): a chain of
+//!   stage models and the tensor mapping between them.
 //! - [`profile`]: latency profiles per variant and batch size (written by `osprey profile`).
 //! - [`config`]: the server configuration file.
 //!
@@ -13,6 +15,7 @@
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod pipeline;
 pub mod profile;
 pub mod tensor;
 

@@ -7,6 +7,8 @@
 //! - [`engine`]: the event loop with a virtual clock, a thin driver of
 //!   `osprey_policy::dispatch::Dispatcher` (the object the live gateway drives), serving one
 //!   or several models on shared nodes; every request ends exactly once.
+//! - [`pipeline`]: OPD's experiment: a repository pipeline as a fluid queue per second, a
+//!   configuration policy every control interval, the paper's Q, C, J and reward per interval.
 //! - [`rohe`]: node speeds imported from ROHE's Jetson-class device profiles.
 //! - [`report`]: summary and time-series CSV, SVG plots.
 //!
@@ -15,6 +17,7 @@
 //! that sample.
 
 pub mod engine;
+pub mod pipeline;
 pub mod report;
 pub mod rohe;
 pub mod scenario;
