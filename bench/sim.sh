@@ -10,6 +10,8 @@ BIN=target/release/osprey
 SCNS=("$@")
 [ ${#SCNS[@]} -eq 0 ] && SCNS=(scenarios/*.toml)
 for scn in "${SCNS[@]}"; do
+  # Pipeline scenarios (OPD's experiment) print their own table: bench/opd.sh.
+  grep -q '^pipeline = ' "$scn" && continue
   name=$(basename "$scn" .toml)
   out=bench/sim/$name
   speed=$($BIN bench "$scn" --out "$out" | sed -n 's/^simulated \([0-9]*\) events in .*: \([0-9]*\) events\/s/\1 \2/p')

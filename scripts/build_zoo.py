@@ -89,13 +89,13 @@ class Graph:
                 x = self.op("Relu", [x])
         return x
 
-    def save(self, path, inp, out_tensor, doc):
-        self.nodes.append(helper.make_node("Identity", [out_tensor], ["probabilities"]))
+    def save(self, path, inp, out_tensor, doc, out_name="probabilities", out_dims=(10,)):
+        self.nodes.append(helper.make_node("Identity", [out_tensor], [out_name]))
         g = helper.make_graph(
             self.nodes,
             self.name,
             [inp],
-            [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+            [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", *out_dims])],
             self.inits,
         )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -389,12 +389,16 @@ def build_spoken(out_dir, rng, per_class_train, per_class_eval):
 # ----------------------------------------------------------------------------------------------
 # Writing a task folder
 # ----------------------------------------------------------------------------------------------
-def write_task(out_dir, task, modality, xev, yev, variants, input_decl, description):
+def write_task(out_dir, task, modality, xev, yev, variants, input_decl, description,
+               output_decl=None, preds=None):
+    """``preds``: per variant, the class each held-out sample ends up as (defaults to the argmax
+    of the variant's own output); a pipeline stage's correctness is measured in context."""
+    output_decl = output_decl or dict(name="probabilities", shape=[-1, 10])
     ev_dir = os.path.join(out_dir, "eval")
     os.makedirs(ev_dir, exist_ok=True)
     xev.astype(xev.dtype.newbyteorder("<")).tofile(os.path.join(ev_dir, "inputs.bin"))
     names = list(variants)
-    preds = {n: variants[n]["probs"].argmax(axis=1) for n in names}
+    preds = preds or {n: variants[n]["probs"].argmax(axis=1) for n in names}
     with open(os.path.join(ev_dir, "labels.csv"), "w") as f:
         f.write("index,label," + ",".join(names) + "," + ",".join(f"{n}_pred" for n in names) + "\n")
         for i, y in enumerate(yev):
@@ -414,9 +418,9 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
         f"shape = {input_decl['shape']}",
         "",
         "[[outputs]]",
-        'name = "probabilities"',
+        f'name = "{output_decl["name"]}"',
         'datatype = "FP32"',
-        "shape = [-1, 10]",
+        f"shape = {output_decl['shape']}",
         "",
         "[eval]",
         'inputs = "eval/inputs.bin"',
@@ -444,6 +448,177 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
         f.write("\n".join(lines) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# Pipeline 1: digits_pipeline = digits_denoise -> digits_classify -> digits_calibrate
+# ----------------------------------------------------------------------------------------------
+def box_blur_matrix():
+    """64x64 matrix of a 3x3 mean filter with edge renormalisation."""
+    m = np.zeros((64, 64), np.float32)
+    for r in range(8):
+        for c in range(8):
+            nb = [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                  if 0 <= r + dr < 8 and 0 <= c + dc < 8]
+            for r2, c2 in nb:
+                m[r2 * 8 + c2, r * 8 + c] = 1.0 / len(nb)
+    return m
+
+
+def build_digits_pipeline(repo, rng):
+    """Three stage models whose variants differ in accuracy, latency and cost, and the
+    pipeline that chains them. Each stage's accuracy is measured in context: the denoiser's
+    through the reference (medium) classifier and calibrator, the classifier's on
+    reference-denoised images, the calibrator's on the reference classifier's output."""
+    from sklearn.decomposition import PCA
+    from sklearn.neural_network import MLPRegressor
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    y = d.target
+    idx = rng.permutation(len(y))
+    ev, cal, tr = idx[:400], idx[400:850], idx[850:]
+    heavy = degrade
+    xtr_clean = np.concatenate([x[tr]] * 4).reshape(-1, 64)
+    xtr = np.concatenate([heavy(x[tr], rng) for _ in range(4)]).reshape(-1, 64)
+    ytr = np.concatenate([y[tr]] * 4)
+    xcal, ycal = heavy(x[cal], rng).reshape(-1, 64), y[cal]
+    xev_img, yev = heavy(x[ev], rng), y[ev]
+    xev = xev_img.reshape(-1, 64)
+
+    # Stage 1: denoise, image [N,8,8] -> clean [N,64].
+    blur = box_blur_matrix()
+    pca = PCA(n_components=20, random_state=0).fit(xtr_clean)
+    p_w = (pca.components_.T @ pca.components_).astype(np.float32)
+    p_b = (pca.mean_ - pca.mean_ @ pca.components_.T @ pca.components_).astype(np.float32)
+    ae = MLPRegressor(hidden_layer_sizes=(768, 768), max_iter=30, random_state=3).fit(xtr, xtr_clean)
+    ae_layers = mlp_layers(ae)
+    den = {
+        "small": dict(np=lambda f: f @ blur, graph=lambda g, v: g.op("MatMul", [v, g.const(blur)]),
+                      doc="3x3 mean filter"),
+        "medium": dict(np=lambda f: f @ p_w + p_b, graph=lambda g, v: g.mlp(v, [(p_w, p_b)]),
+                       doc="projection on 20 principal components of clean digits"),
+        "large": dict(np=lambda f: np_mlp(f, ae_layers), graph=lambda g, v: g.mlp(v, ae_layers),
+                      doc="denoising MLP autoencoder 64-768-768-64"),
+    }
+
+    # Stage 2: classify, clean [N,64] -> probabilities [N,10], trained on reference-denoised.
+    ref_den = den["medium"]["np"]
+    ftr, fcal, fev = ref_den(xtr), ref_den(xcal), ref_den(xev)
+    lr = LogisticRegression(max_iter=3000, C=0.5).fit(ftr, ytr)
+    lin = [(lr.coef_.T.astype(np.float32), lr.intercept_.astype(np.float32))]
+    med = MLPClassifier((96,), max_iter=60, random_state=1).fit(ftr, ytr)
+    med_layers = mlp_layers(med)
+    # large: a wide MLP trained on the reference-denoised images of the clean, the degraded
+    # and every 1-pixel shift of the degraded training images.
+    shifted = [ref_den(xtr @ shift_matrix(dx, dy)) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    big = MLPClassifier((1024, 1024), max_iter=25, random_state=2).fit(
+        np.concatenate([ftr, ref_den(xtr_clean)] + shifted), np.concatenate([ytr] * 6))
+    big_layers = mlp_layers(big)
+
+    cls = {
+        "small": dict(np=lambda f: softmax(np_mlp(f, lin)),
+                      graph=lambda g, v: g.op("Softmax", [g.mlp(v, lin)], axis=1), doc="linear classifier"),
+        "medium": dict(np=lambda f: softmax(np_mlp(f, med_layers)),
+                       graph=lambda g, v: g.op("Softmax", [g.mlp(v, med_layers)], axis=1), doc="MLP 64-96-10"),
+        "large": dict(np=lambda f: softmax(np_mlp(f, big_layers)),
+                      graph=lambda g, v: g.op("Softmax", [g.mlp(v, big_layers)], axis=1),
+                      doc="MLP 64-1024-1024-10 trained with shifted copies"),
+    }
+
+    # Stage 3: calibrate, probabilities [N,10] -> probabilities [N,10], fitted on the
+    # calibration split of the reference classifier's output.
+    ref_cls = cls["medium"]["np"]
+    pcal = ref_cls(fcal)
+    lcal = np.log(np.clip(pcal, 1e-6, 1.0))
+    temps = np.linspace(0.3, 3.0, 28)
+    nll = [-np.log(softmax(lcal / t)[np.arange(len(ycal)), ycal] + 1e-9).mean() for t in temps]
+    temp = float(temps[int(np.argmin(nll))])
+    vec = LogisticRegression(max_iter=3000, C=0.05).fit(lcal, ycal)
+    v_layers = [(vec.coef_.T.astype(np.float32), vec.intercept_.astype(np.float32))]
+
+    def log_p(g, v):
+        return g.op("Log", [g.op("Clip", [v, g.const(np.array(1e-6, np.float32)),
+                                          g.const(np.array(1.0, np.float32))])])
+
+    cal_v = {
+        "small": dict(np=lambda p: softmax(np.log(np.clip(p, 1e-6, 1)) / temp),
+                      graph=lambda g, v: g.op("Softmax", [g.op("Mul", [log_p(g, v), g.const(
+                          np.array(1.0 / temp, np.float32))])], axis=1),
+                      doc=f"temperature scaling (T = {temp:.2f})"),
+        "medium": dict(np=lambda p: softmax(np_mlp(np.log(np.clip(p, 1e-6, 1)), v_layers)),
+                       graph=lambda g, v: g.op("Softmax", [g.mlp(log_p(g, v), v_layers)], axis=1),
+                       doc="matrix scaling of log-probabilities"),
+    }
+    # A stage sees only its input, so the stacker reads log-probabilities alone ([N,10] ->
+    # [N,10]) and can only undo the reference classifier's systematic confusions.
+    stk = MLPClassifier((512, 512), max_iter=300, random_state=4, alpha=1.0).fit(lcal, ycal)
+    stk_layers = mlp_layers(stk)
+    cal_v["large"] = dict(np=lambda p: softmax(np_mlp(np.log(np.clip(p, 1e-6, 1)), stk_layers)),
+                          graph=lambda g, v: g.op("Softmax", [g.mlp(log_p(g, v), stk_layers)], axis=1),
+                          doc="MLP 10-512-512-10 over log-probabilities")
+
+    def stage(task, dirname, variants, in_decl, out_decl, in_dims, xin, correct_of, description):
+        out_dir = os.path.join(repo, dirname)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        inp = helper.make_tensor_value_info(in_decl["name"], TensorProto.FLOAT, ["N", *in_dims])
+        for name, v in variants.items():
+            g = Graph(f"{dirname}_{name}")
+            xin_name = in_decl["name"]
+            if len(in_dims) > 1:
+                xin_name = g.op("Reshape", [xin_name, g.const(np.array([-1, 64], np.int64))])
+            g.save(os.path.join(out_dir, f"{name}.onnx"), inp, v["graph"](g, xin_name), v["doc"],
+                   out_name=out_decl["name"], out_dims=tuple(out_decl["shape"][1:]))
+            v["probs"] = v["np"](xin.reshape(len(xin), -1)).astype(np.float32)
+        preds = {n: correct_of(v["probs"]) for n, v in variants.items()}
+        write_task(out_dir, task, "image", xin.astype(np.float32), yev, variants, in_decl, description,
+                   output_decl=out_decl, preds=preds)
+
+    clean_decl = dict(name="clean", datatype="FP32", shape=[-1, 64])
+    prob_decl = dict(name="probabilities", datatype="FP32", shape=[-1, 10])
+    calibrated_decl = dict(name="calibrated", datatype="FP32", shape=[-1, 10])
+    stage("digits_denoise", "digits_denoise", den, dict(name="image", datatype="FP32", shape=[-1, 8, 8]),
+          clean_decl, (8, 8), xev_img,
+          lambda out: cal_v["small"]["np"](ref_cls(out)).argmax(axis=1),
+          "Pipeline stage 1: denoise a degraded 8x8 digit (accuracy through the reference classifier)")
+    stage("digits_classify", "digits_classify", cls, clean_decl, prob_decl, (64,), fev,
+          lambda out: cal_v["small"]["np"](out).argmax(axis=1),
+          "Pipeline stage 2: classify a denoised digit (accuracy on reference-denoised input)")
+    stage("digits_calibrate", "digits_calibrate", cal_v, prob_decl, calibrated_decl, (10,),
+          ref_cls(fev), lambda out: out.argmax(axis=1),
+          "Pipeline stage 3: recalibrate class probabilities (accuracy on the reference classifier)")
+
+    # End-to-end held-out set and every combination's accuracy.
+    pdir = os.path.join(repo, "digits_pipeline")
+    shutil.rmtree(pdir, ignore_errors=True)
+    os.makedirs(os.path.join(pdir, "eval"))
+    xev_img.astype("<f4").tofile(os.path.join(pdir, "eval", "inputs.bin"))
+    combos = []
+    for a, da in den.items():
+        fa = da["np"](xev)
+        for b, cb in cls.items():
+            pb = cb["np"](fa)
+            for c, cc in cal_v.items():
+                combos.append((a, b, c, float((cc["np"](pb).argmax(axis=1) == yev).mean())))
+    with open(os.path.join(pdir, "eval", "labels.csv"), "w") as f:
+        f.write("index,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(yev)))
+    with open(os.path.join(pdir, "eval", "end_to_end.csv"), "w") as f:
+        f.write("denoise,classify,calibrate,accuracy\n")
+        f.write("".join(f"{a},{b},{c},{acc:.4f}\n" for a, b, c, acc in combos))
+    with open(os.path.join(pdir, "pipeline.toml"), "w") as f:
+        f.write("# Generated by scripts/build_zoo.py. eval/ holds the end-to-end held-out set and\n"
+                "# eval/end_to_end.csv the accuracy of every combination of variants.\n"
+                'description = "degraded 8x8 digit -> denoise -> classify -> calibrate"\n'
+                "slo_ms = 50\n\n"
+                '[[stages]]\nname = "denoise"\nmodel = "digits_denoise"\n\n'
+                '[[stages]]\nname = "classify"\nmodel = "digits_classify"\ninputs = { clean = "clean" }\n\n'
+                '[[stages]]\nname = "calibrate"\nmodel = "digits_calibrate"\n'
+                'inputs = { probabilities = "probabilities" }\n')
+    best = max(combos, key=lambda c: c[3])
+    worst = min(combos, key=lambda c: c[3])
+    print(f"  digits_pipeline: end to end {worst[3]:.3f} ({'/'.join(worst[:3])}) .. "
+          f"{best[3]:.3f} ({'/'.join(best[:3])}) over {len(yev)} held-out images")
+
+
 def check_with_onnxruntime(out_dir, names, input_name, xev, variants):
     try:
         import onnxruntime as ort
@@ -466,7 +641,14 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--train-per-class", type=int, default=260)
     ap.add_argument("--eval-per-class", type=int, default=20)
+    ap.add_argument("--only", choices=["tasks", "pipelines"],
+                    help="build only the single-model tasks or only the pipelines")
     args = ap.parse_args()
+    if args.only != "tasks":
+        print("building digits_pipeline ...", flush=True)
+        build_digits_pipeline(args.out, np.random.default_rng(args.seed + 100))
+    if args.only == "pipelines":
+        return
     if shutil.which("espeak-ng") is None:
         sys.exit("espeak-ng is needed for the spoken_digits task: apt-get install espeak-ng")
     rng = np.random.default_rng(args.seed)

@@ -78,7 +78,10 @@ impl PipelineSpec {
         }
         let f: PipelineFile = toml::from_str(text).map_err(|e| toml_error(text, path, &e))?;
         if f.stages.is_empty() {
-            return Err(Error::invalid(format!("{}: a pipeline needs at least one [[stages]]", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: a pipeline needs at least one [[stages]]",
+                path.display()
+            )));
         }
         if !(f.slo_ms.is_finite() && f.slo_ms > 0.0) {
             return Err(Error::invalid(format!("{}: slo_ms must be positive", path.display())));
@@ -110,10 +113,9 @@ impl PipelineSpec {
         let at = |what: String| Error::invalid(format!("pipeline '{}': {what}", self.name));
         let mut chain: Vec<&ModelSpec> = Vec::new();
         for s in &self.stages {
-            let m = models
-                .iter()
-                .find(|m| m.name == s.model)
-                .ok_or_else(|| at(format!("stage '{}' names model '{}', which the repository lacks", s.name, s.model)))?;
+            let m = models.iter().find(|m| m.name == s.model).ok_or_else(|| {
+                at(format!("stage '{}' names model '{}', which the repository lacks", s.name, s.model))
+            })?;
             if let Some(prev) = chain.last() {
                 for inp in &m.inputs {
                     let from = s.inputs.get(&inp.name).unwrap_or(&inp.name);
@@ -138,7 +140,10 @@ impl PipelineSpec {
                 }
                 for k in s.inputs.keys() {
                     if !m.inputs.iter().any(|i| &i.name == k) {
-                        return Err(at(format!("stage '{}' maps '{k}', which model '{}' has no input of", s.name, m.name)));
+                        return Err(at(format!(
+                            "stage '{}' maps '{k}', which model '{}' has no input of",
+                            s.name, m.name
+                        )));
                     }
                 }
             }
@@ -193,10 +198,14 @@ mod tests {
         let models = vec![model("a", "x", "y", 4), model("b", "in", "out", 4), model("c", "y", "z", 3)];
         let p = parse("[[stages]]\nname = \"one\"\nmodel = \"a\"\n[[stages]]\nname = \"two\"\nmodel = \"b\"\ninputs = { in = \"y\" }\n").unwrap();
         assert_eq!(p.check(&models).unwrap().len(), 2);
-        let unmapped = parse("[[stages]]\nname = \"one\"\nmodel = \"a\"\n[[stages]]\nname = \"two\"\nmodel = \"b\"\n").unwrap();
+        let unmapped =
+            parse("[[stages]]\nname = \"one\"\nmodel = \"a\"\n[[stages]]\nname = \"two\"\nmodel = \"b\"\n")
+                .unwrap();
         let e = unmapped.check(&models).unwrap_err().to_string();
         assert!(e.contains("input 'in' maps to 'in'"), "{e}");
-        let shape = parse("[[stages]]\nname = \"one\"\nmodel = \"a\"\n[[stages]]\nname = \"two\"\nmodel = \"c\"\n").unwrap();
+        let shape =
+            parse("[[stages]]\nname = \"one\"\nmodel = \"a\"\n[[stages]]\nname = \"two\"\nmodel = \"c\"\n")
+                .unwrap();
         let e = shape.check(&models).unwrap_err().to_string();
         assert!(e.contains("[3]") && e.contains("[4]"), "{e}");
         let missing = parse("[[stages]]\nname = \"one\"\nmodel = \"nope\"\n").unwrap();
@@ -207,7 +216,10 @@ mod tests {
     fn bad_files_are_refused() {
         assert!(parse("stages = []\n").is_err());
         assert!(parse("[[stages]]\nname = \"a\"\nmodel = \"a\"\ninputs = { x = \"y\" }\n").is_err());
-        assert!(parse("[[stages]]\nname = \"a\"\nmodel = \"a\"\n[[stages]]\nname = \"a\"\nmodel = \"b\"\n").is_err());
+        assert!(
+            parse("[[stages]]\nname = \"a\"\nmodel = \"a\"\n[[stages]]\nname = \"a\"\nmodel = \"b\"\n")
+                .is_err()
+        );
         assert!(parse("slo_ms = -1\n[[stages]]\nname = \"a\"\nmodel = \"a\"\n").is_err());
         assert!(parse("bogus = 1\n[[stages]]\nname = \"a\"\nmodel = \"a\"\n").is_err());
     }

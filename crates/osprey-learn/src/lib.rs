@@ -64,13 +64,15 @@ pub fn sidecar(weights: &Path) -> PathBuf {
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| LearnError::Invalid(e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| LearnError::File { path: path.display().to_string(), message: e.to_string() })
+    std::fs::write(path, text)
+        .map_err(|e| LearnError::File { path: path.display().to_string(), message: e.to_string() })
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LearnError::File { path: path.display().to_string(), message: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| LearnError::File { path: path.display().to_string(), message: e.to_string() })
+    serde_json::from_str(&text)
+        .map_err(|e| LearnError::File { path: path.display().to_string(), message: e.to_string() })
 }
 
 pub(crate) fn save_vars(vm: &VarMap, path: &Path) -> Result<()> {

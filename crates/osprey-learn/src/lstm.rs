@@ -2,15 +2,18 @@
 //! load of the next 20 s out, through a 25-unit LSTM and a one-unit dense layer.
 //!
 //! ```text
-//! m   = max(mean(x₁..x₁₂₀), 10⁻³)               window scale
-//! h   = LSTM₂₅(x₁/m, …, x₁₂₀/m)                 last hidden state
-//! ŷ   = m · max(0, dense(h))                     predicted max of the next 20 s
-//! loss = mean((dense(h) − y/m)²)                 Adam, mini-batches of windows
+//! m    = max(mean(x₁..x₁₂₀), 1 req/s)           window scale
+//! n(v) = ln(v/m + 0.1)                           a load as the network sees it
+//! h    = LSTM₂₅(n(x₁), …, n(x₁₂₀))               last hidden state
+//! ŷ    = m · max(0, exp(dense(h)) − 0.1)         predicted max of the next 20 s
+//! loss = mean((dense(h) − n(y))²)                Adam, mini-batches of windows
 //! ```
 //!
 //! Departure: the paper does not say how loads are scaled. Dividing each window by its own mean
 //! makes one model serve traces whose rates differ by orders of magnitude (an LLM trace at a few
-//! req/s, a camera pipeline at thousands), and the product with m restores the unit.
+//! req/s, a camera pipeline at thousands), and the product with m restores the unit. The log
+//! makes the squared error a relative one (what SMAPE scores), so the bursts of a sparse trace
+//! (50× its mean in one second) do not drown the smooth ones in training.
 //!
 //! Held out: the last 20% of every trace; [`TraceReport`] gives SMAPE there for the LSTM and, on
 //! the same windows, for the last value, an EWMA and the window's maximum, so that the figure
@@ -54,7 +57,14 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { meta: LstmMeta::default(), iterations: 800, batch: 64, lr: 5e-3, seed: 7, train_share: 0.8 }
+        TrainConfig {
+            meta: LstmMeta::default(),
+            iterations: 800,
+            batch: 64,
+            lr: 5e-3,
+            seed: 7,
+            train_share: 0.8,
+        }
     }
 }
 
@@ -77,7 +87,18 @@ pub struct Lstm {
 }
 
 fn scale(window: &[f64]) -> f64 {
-    (window.iter().sum::<f64>() / window.len().max(1) as f64).max(1e-3)
+    // At least 1 req/s: below that a window is idle, and dividing by its near-zero mean would
+    // turn the next burst into a target thousands of times its inputs.
+    (window.iter().sum::<f64>() / window.len().max(1) as f64).max(1.0)
+}
+
+/// A load as the network sees it: n(v) = ln(v/m + 0.1).
+fn norm(v: f64, m: f64) -> f32 {
+    (v.max(0.0) / m + 0.1).ln() as f32
+}
+
+fn denorm(y: f32, m: f64) -> f64 {
+    m * ((y as f64).min(10.0).exp() - 0.1).max(0.0)
 }
 
 impl Lstm {
@@ -104,9 +125,9 @@ impl Lstm {
         let mut w = vec![0.0; h.saturating_sub(window.len())];
         w.extend_from_slice(&window[window.len().saturating_sub(h)..]);
         let m = scale(&w);
-        let x: Vec<f32> = w.iter().map(|v| (v / m).min(50.0) as f32).collect();
+        let x: Vec<f32> = w.iter().map(|&v| norm(v, m)).collect();
         let y = self.forward(&Tensor::from_vec(x, (1, h), &Device::Cpu)?)?.to_vec1::<f32>()?;
-        Ok(m * (y[0] as f64).max(0.0))
+        Ok(denorm(y[0], m))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -133,7 +154,7 @@ fn windows(load: &[f64], meta: &LstmMeta) -> Vec<(Vec<f32>, f32, f64)> {
             let w = &load[end - h..end];
             let m = scale(w);
             let y = load[end..end + k].iter().copied().fold(0.0, f64::max);
-            (w.iter().map(|v| (v / m).min(50.0) as f32).collect(), (y / m) as f32, m)
+            (w.iter().map(|&v| norm(v, m)).collect(), norm(y, m), m)
         })
         .collect()
 }
@@ -142,7 +163,11 @@ fn windows(load: &[f64], meta: &LstmMeta) -> Vec<(Vec<f32>, f32, f64)> {
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, f64);
 
 /// Trains on the first `train_share` of every trace and reports SMAPE on the rest.
-pub fn train(traces: &[(String, Vec<f64>)], cfg: &TrainConfig, progress: Progress) -> Result<(Lstm, Vec<TraceReport>)> {
+pub fn train(
+    traces: &[(String, Vec<f64>)],
+    cfg: &TrainConfig,
+    progress: Progress,
+) -> Result<(Lstm, Vec<TraceReport>)> {
     let model = Lstm::build(cfg.meta.clone())?;
     seeded_init(&model.vm, cfg.seed)?;
     let split = |t: &[f64]| ((t.len() as f64 * cfg.train_share) as usize).min(t.len());
@@ -202,12 +227,12 @@ pub fn evaluate(model: &Lstm, name: &str, trace: &[f64], from: usize) -> Result<
         for &end in chunk {
             let w = &trace[end - h..end];
             let m = scale(w);
-            xs.extend(w.iter().map(|v| (v / m).min(50.0) as f32));
+            xs.extend(w.iter().map(|&v| norm(v, m)));
             ms.push(m);
         }
         let y = model.forward(&Tensor::from_vec(xs, (chunk.len(), h), &Device::Cpu)?)?.to_vec1::<f32>()?;
         for ((&end, m), y) in chunk.iter().zip(ms).zip(y) {
-            pred.push(m * (y as f64).max(0.0));
+            pred.push(denorm(y, m));
             let w = &trace[end - h..end];
             last.push(w[h - 1]);
             let mut e = Ewma::default();
@@ -315,7 +340,8 @@ mod tests {
 
     #[test]
     fn too_short_traces_are_refused_with_the_reason() {
-        let err = train(&[("x".into(), vec![1.0; 10])], &TrainConfig::default(), &mut |_, _, _| {}).err().unwrap();
+        let err =
+            train(&[("x".into(), vec![1.0; 10])], &TrainConfig::default(), &mut |_, _, _| {}).err().unwrap();
         assert!(err.to_string().contains("no training window"), "{err}");
     }
 }

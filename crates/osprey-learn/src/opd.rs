@@ -16,12 +16,18 @@
 //! ```text
 //! rₜ(θ) = π_θ(aₜ|sₜ) / π_old(aₜ|sₜ)               log π = Σ over heads
 //! L^CLIP = Ê[min(rₜ Âₜ, clip(rₜ, 1−ε, 1+ε) Âₜ)]                               (eq. 12)
+//!          (and, where Âₜ < 0, at least 3·Âₜ: dual-clip PPO, a departure that keeps a
+//!          run-away ratio from exploding the loss; without it training diverged here)
 //! L      = −(L^CLIP − c₁ (V(sₜ) − V̂ₜ)² + c₂ S[π_θ](sₜ))  minimised            (eq. 11)
 //! Âₜ     = GAE(γ, λ) over the episode, normalised per update; V̂ₜ = Âₜ + V(sₜ)
 //! ```
-//! Adam, mini-batches, several epochs per episode. Every `expert_every`-th episode the actions
+//! Adam, mini-batches, several epochs per episode; rewards are learned scaled by (1 − γ). Every `expert_every`-th episode the actions
 //! come from the IPA solver at the predicted load (Algorithm 2's expert); they are stored and
 //! learned from like the policy's own, with π_old their probability under the current policy.
+//! Departure: the expert's steps also carry an imitation term, c_E · (−log π_θ(a_expert|s)),
+//! as demonstration-augmented policy gradients do; the paper says only that expert experience
+//! is stored and learned from. With the PPO loss alone the expert's actions, soon improbable
+//! under the policy, sit outside the clip range and teach almost nothing.
 //! At serving time the policy is deterministic: the most probable choice of every head.
 //!
 //! The reward is eq. 7 at the interval's measured load (`osprey_policy::configure::reward`).
@@ -104,7 +110,10 @@ impl OpdNet {
         let fc = candle_nn::linear(meta.state_dim(), g, vb.pp("fc"))?;
         let blocks = (0..meta.blocks)
             .map(|i| {
-                Ok((candle_nn::linear(g, g, vb.pp(format!("res{i}.a")))?, candle_nn::linear(g, g, vb.pp(format!("res{i}.b")))?))
+                Ok((
+                    candle_nn::linear(g, g, vb.pp(format!("res{i}.a")))?,
+                    candle_nn::linear(g, g, vb.pp(format!("res{i}.b")))?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let policy = candle_nn::linear(g, meta.logits(), vb.pp("policy"))?;
@@ -145,7 +154,8 @@ impl OpdNet {
         };
         let ev = evaluate(p, &cur, obs.load_rps);
         let used = (ev.memory_mb / p.limits.w_max.max(1e-9)).max(ev.c / p.limits.cores_max.max(1e-9));
-        let mut out = vec![(1.0 - used) as f32, (obs.predicted_rps / scale) as f32, (obs.load_rps / scale) as f32];
+        let mut out =
+            vec![(1.0 - used) as f32, (obs.predicted_rps / scale) as f32, (obs.load_rps / scale) as f32];
         for (stage, s) in p.pipeline.stages.iter().zip(&cur) {
             let v = &stage.variants[s.variant.min(stage.variants.len() - 1)];
             let l = v.latency(s.batch);
@@ -164,10 +174,18 @@ impl OpdNet {
 
     fn check(&self, p: &Problem) -> Result<()> {
         let want = OpdMeta::for_problem(p, self.meta.load_scale, self.meta.hidden, self.meta.blocks);
-        if want.variants != self.meta.variants || want.f_max != self.meta.f_max || want.batches != self.meta.batches {
+        if want.variants != self.meta.variants
+            || want.f_max != self.meta.f_max
+            || want.batches != self.meta.batches
+        {
             return Err(LearnError::Invalid(format!(
                 "the policy was trained for stages with {:?} variants, F_max {} and batches {:?}; this pipeline has {:?}, {} and {:?}",
-                self.meta.variants, self.meta.f_max, self.meta.batches, want.variants, want.f_max, want.batches
+                self.meta.variants,
+                self.meta.f_max,
+                self.meta.batches,
+                want.variants,
+                want.f_max,
+                want.batches
             )));
         }
         Ok(())
@@ -188,7 +206,12 @@ impl OpdNet {
     fn to_action(&self, cfg: &[StageConfig]) -> Vec<usize> {
         cfg.iter()
             .flat_map(|s| {
-                let b = self.meta.batches.iter().position(|&x| x >= s.batch).unwrap_or(self.meta.batches.len() - 1);
+                let b = self
+                    .meta
+                    .batches
+                    .iter()
+                    .position(|&x| x >= s.batch)
+                    .unwrap_or(self.meta.batches.len() - 1);
                 [s.variant, (s.replicas.max(1) - 1) as usize, b]
             })
             .collect()
@@ -270,6 +293,10 @@ pub struct PpoConfig {
     pub gae_lambda: f64,
     pub epochs: usize,
     pub minibatch: usize,
+    /// Episodes collected per update.
+    pub rollout: usize,
+    /// Weight of the imitation term on the expert's steps (0 = Algorithm 2 as written).
+    pub c_expert: f64,
     pub seed: u64,
 }
 
@@ -280,14 +307,16 @@ impl Default for PpoConfig {
             hidden: 64,
             blocks: 2,
             expert_every: 4,
-            lr: 1e-3,
+            lr: 3e-4,
             clip: 0.2,
             c1: 0.5,
             c2: 0.01,
             gamma: 0.9,
             gae_lambda: 0.9,
             epochs: 4,
-            minibatch: 60,
+            minibatch: 120,
+            rollout: 4,
+            c_expert: 0.05,
             seed: 11,
         }
     }
@@ -314,9 +343,11 @@ pub struct Episode {
 struct Step {
     s: Vec<f32>,
     a: Vec<usize>,
+    expert: bool,
     logp: f64,
     v: f64,
     r: f64,
+    raw: f64,
 }
 
 /// Trains OPD on `episodes` (cycled), `interval_s` apart control steps. `progress` gets every
@@ -338,108 +369,195 @@ pub fn train(
         candle_nn::ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() },
     )?;
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x0bd);
-    let heads = net.meta.heads();
     let mut logs = Vec::new();
+    let mut buffer: Vec<(Step, f64, f64)> = Vec::new(); // (step, advantage, return)
+    let mut pending: Vec<EpisodeLog> = Vec::new();
     for e in 0..cfg.episodes {
-        let ep = &episodes[e % episodes.len()];
         let expert = cfg.expert_every > 0 && (e + 1) % cfg.expert_every == 0;
-        let mut env = Env::new(p, &ep.loads, interval_s);
-        let mut steps: Vec<Step> = Vec::new();
-        let mut k = 0;
-        while !env.done() {
-            let predicted = ep.predicted.get(k).copied().unwrap_or_else(|| env.last_load());
-            let obs = Observation { load_rps: env.last_load(), predicted_rps: predicted, current: env.config().clone() };
-            let s = net.features(p, &obs);
-            let (logits, v) = net.eval_one(&s)?;
-            let a: Vec<usize> = if expert {
-                net.to_action(&solve_exact(p, predicted).0)
-            } else {
-                heads
-                    .iter()
-                    .map(|&(off, w)| {
-                        let lp = log_softmax(&logits[off..off + w]);
-                        let mut u = rng.random::<f64>();
-                        for (i, l) in lp.iter().enumerate() {
-                            u -= l.exp();
-                            if u <= 0.0 {
-                                return i;
-                            }
-                        }
-                        w - 1
-                    })
-                    .collect()
-            };
-            let logp: f64 = heads.iter().zip(&a).map(|(&(off, w), &i)| log_softmax(&logits[off..off + w])[i]).sum();
-            let st = env.step(&net.to_config(&a), predicted);
-            steps.push(Step { s, a, logp, v: v as f64, r: st.reward });
-            k += 1;
-        }
-        // GAE over the episode (the last step is terminal).
-        let n = steps.len();
-        let mut adv = vec![0.0; n];
-        let mut next_v = 0.0;
-        let mut acc = 0.0;
-        for t in (0..n).rev() {
-            let delta = steps[t].r + cfg.gamma * next_v - steps[t].v;
-            acc = delta + cfg.gamma * cfg.gae_lambda * acc;
-            adv[t] = acc;
-            next_v = steps[t].v;
-        }
-        let ret: Vec<f64> = adv.iter().zip(&steps).map(|(a, s)| a + s.v).collect();
-        let mean = adv.iter().sum::<f64>() / n.max(1) as f64;
-        let sd = (adv.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n.max(1) as f64).sqrt().max(1e-8);
-        let adv: Vec<f64> = adv.iter().map(|a| (a - mean) / sd).collect();
-        let (mut pl, mut vl, mut ent, mut tl, mut updates) = (0.0, 0.0, 0.0, 0.0, 0usize);
-        let mut order: Vec<usize> = (0..n).collect();
-        for _ in 0..cfg.epochs {
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.random_range(0..=i));
-            }
-            for mb in order.chunks(cfg.minibatch.max(1)) {
-                let b = mb.len();
-                let sdim = steps[0].s.len();
-                let s = Tensor::from_vec(mb.iter().flat_map(|&i| steps[i].s.clone()).collect::<Vec<f32>>(), (b, sdim), &Device::Cpu)?;
-                let old = Tensor::from_vec(mb.iter().map(|&i| steps[i].logp as f32).collect::<Vec<f32>>(), b, &Device::Cpu)?;
-                let at = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<f32>>(), b, &Device::Cpu)?;
-                let rt = Tensor::from_vec(mb.iter().map(|&i| ret[i] as f32).collect::<Vec<f32>>(), b, &Device::Cpu)?;
-                let (logits, values) = net.forward(&s)?;
-                let mut logp = Tensor::zeros(b, DTYPE, &Device::Cpu)?;
-                let mut entropy = Tensor::zeros(b, DTYPE, &Device::Cpu)?;
-                for (h, &(off, w)) in heads.iter().enumerate() {
-                    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, off, w)?, D::Minus1)?;
-                    let idx = Tensor::from_vec(mb.iter().map(|&i| steps[i].a[h] as u32).collect::<Vec<u32>>(), (b, 1), &Device::Cpu)?;
-                    logp = (logp + lp.gather(&idx, 1)?.reshape(b)?)?;
-                    entropy = (entropy - (lp.exp()? * &lp)?.sum(1)?)?;
-                }
-                let ratio = (logp - old)?.exp()?;
-                let surr1 = (&ratio * &at)?;
-                let surr2 = (ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)? * &at)?;
-                let clip_obj = surr1.minimum(&surr2)?.mean_all()?;
-                let vloss = (values - rt)?.sqr()?.mean_all()?;
-                let ment = entropy.mean_all()?;
-                let loss = ((vloss.affine(cfg.c1, 0.0)? - &clip_obj)? - ment.affine(cfg.c2, 0.0)?)?;
-                opt.backward_step(&loss)?;
-                pl += -(clip_obj.to_scalar::<f32>()? as f64);
-                vl += vloss.to_scalar::<f32>()? as f64;
-                ent += ment.to_scalar::<f32>()? as f64;
-                tl += loss.to_scalar::<f32>()? as f64;
-                updates += 1;
-            }
-        }
-        let u = updates.max(1) as f64;
-        let log = EpisodeLog {
+        let steps = rollout(&net, p, &episodes[e % episodes.len()], interval_s, expert, cfg, &mut rng)?;
+        let mean_reward = steps.iter().map(|s| s.raw).sum::<f64>() / steps.len().max(1) as f64;
+        buffer.extend(gae(steps, cfg));
+        pending.push(EpisodeLog {
             episode: e + 1,
             expert,
-            mean_reward: steps.iter().map(|s| s.r).sum::<f64>() / n.max(1) as f64,
-            policy_loss: pl / u,
-            value_loss: vl / u,
-            entropy: ent / u,
-            loss: tl / u,
-        };
-        progress(&log, cfg.episodes);
-        logs.push(log);
+            mean_reward,
+            policy_loss: 0.0,
+            value_loss: 0.0,
+            entropy: 0.0,
+            loss: 0.0,
+        });
+        if pending.len() < cfg.rollout.max(1) && e + 1 < cfg.episodes {
+            continue;
+        }
+        let (pl, vl, ent, tl) = update(&net, &mut opt, &mut buffer, cfg, &mut rng)?;
+        for mut log in pending.drain(..) {
+            (log.policy_loss, log.value_loss, log.entropy, log.loss) = (pl, vl, ent, tl);
+            progress(&log, cfg.episodes);
+            logs.push(log);
+        }
+        buffer.clear();
     }
     Ok((OpdPolicy::new(net), logs))
+}
+
+/// One episode in the environment: the policy's sampled actions, or the expert's.
+fn rollout(
+    net: &OpdNet,
+    p: &Problem,
+    ep: &Episode,
+    interval_s: f64,
+    expert: bool,
+    cfg: &PpoConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<Step>> {
+    let heads = net.meta.heads();
+    let gamma_scale = 1.0 - cfg.gamma;
+    let mut env = Env::new(p, &ep.loads, interval_s);
+    let mut steps = Vec::new();
+    let mut k = 0;
+    while !env.done() {
+        let predicted = ep.predicted.get(k).copied().unwrap_or_else(|| env.last_load());
+        let obs = Observation {
+            load_rps: env.last_load(),
+            predicted_rps: predicted,
+            current: env.config().clone(),
+        };
+        let s = net.features(p, &obs);
+        let (logits, v) = net.eval_one(&s)?;
+        let a: Vec<usize> = if expert {
+            net.to_action(&solve_exact(p, predicted).0)
+        } else {
+            heads
+                .iter()
+                .map(|&(off, w)| {
+                    let lp = log_softmax(&logits[off..off + w]);
+                    let mut u = rng.random::<f64>();
+                    for (i, l) in lp.iter().enumerate() {
+                        u -= l.exp();
+                        if u <= 0.0 {
+                            return i;
+                        }
+                    }
+                    w - 1
+                })
+                .collect()
+        };
+        let logp: f64 =
+            heads.iter().zip(&a).map(|(&(off, w), &i)| log_softmax(&logits[off..off + w])[i]).sum();
+        let st = env.step(&net.to_config(&a), predicted);
+        // Rewards are learned scaled by (1 − γ), so that returns and values stay near the
+        // reward's own scale and the value loss does not swamp the shared trunk.
+        steps.push(Step { s, a, expert, logp, v: v as f64, r: st.reward * gamma_scale, raw: st.reward });
+        k += 1;
+    }
+    Ok(steps)
+}
+
+/// GAE(γ, λ) over one episode (its last step is terminal): (step, Â, V̂ = Â + V).
+fn gae(steps: Vec<Step>, cfg: &PpoConfig) -> Vec<(Step, f64, f64)> {
+    let n = steps.len();
+    let mut adv = vec![0.0; n];
+    let (mut next_v, mut acc) = (0.0, 0.0);
+    for t in (0..n).rev() {
+        let delta = steps[t].r + cfg.gamma * next_v - steps[t].v;
+        acc = delta + cfg.gamma * cfg.gae_lambda * acc;
+        adv[t] = acc;
+        next_v = steps[t].v;
+    }
+    steps
+        .into_iter()
+        .zip(adv)
+        .map(|(s, a)| {
+            let v = s.v;
+            (s, a, a + v)
+        })
+        .collect()
+}
+
+/// PPO epochs over the buffer (advantages normalised over it). Returns the mean policy loss,
+/// value loss, entropy and total loss.
+fn update(
+    net: &OpdNet,
+    opt: &mut candle_nn::AdamW,
+    buffer: &mut [(Step, f64, f64)],
+    cfg: &PpoConfig,
+    rng: &mut StdRng,
+) -> Result<(f64, f64, f64, f64)> {
+    let n = buffer.len();
+    if n == 0 {
+        return Ok((0.0, 0.0, 0.0, 0.0));
+    }
+    let mean = buffer.iter().map(|b| b.1).sum::<f64>() / n as f64;
+    let sd = (buffer.iter().map(|b| (b.1 - mean).powi(2)).sum::<f64>() / n as f64).sqrt().max(1e-8);
+    for b in buffer.iter_mut() {
+        b.1 = (b.1 - mean) / sd;
+    }
+    let heads = net.meta.heads();
+    let (mut pl, mut vl, mut ent, mut tl, mut updates) = (0.0, 0.0, 0.0, 0.0, 0usize);
+    let mut order: Vec<usize> = (0..n).collect();
+    let sdim = buffer[0].0.s.len();
+    for _ in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        for mb in order.chunks(cfg.minibatch.max(1)) {
+            let b = mb.len();
+            let cpu = &Device::Cpu;
+            let s = Tensor::from_vec(
+                mb.iter().flat_map(|&i| buffer[i].0.s.clone()).collect::<Vec<f32>>(),
+                (b, sdim),
+                cpu,
+            )?;
+            let old =
+                Tensor::from_vec(mb.iter().map(|&i| buffer[i].0.logp as f32).collect::<Vec<f32>>(), b, cpu)?;
+            let at = Tensor::from_vec(mb.iter().map(|&i| buffer[i].1 as f32).collect::<Vec<f32>>(), b, cpu)?;
+            let rt = Tensor::from_vec(mb.iter().map(|&i| buffer[i].2 as f32).collect::<Vec<f32>>(), b, cpu)?;
+            let (logits, values) = net.forward(&s)?;
+            let mut logp = Tensor::zeros(b, DTYPE, cpu)?;
+            let mut entropy = Tensor::zeros(b, DTYPE, cpu)?;
+            for (h, &(off, w)) in heads.iter().enumerate() {
+                let lp = candle_nn::ops::log_softmax(&logits.narrow(1, off, w)?, D::Minus1)?;
+                let idx = Tensor::from_vec(
+                    mb.iter().map(|&i| buffer[i].0.a[h] as u32).collect::<Vec<u32>>(),
+                    (b, 1),
+                    cpu,
+                )?;
+                logp = (logp + lp.gather(&idx, 1)?.reshape(b)?)?;
+                entropy = (entropy - (lp.exp()? * &lp)?.sum(1)?)?;
+            }
+            // The log-ratio is bounded before exp: an expert action the policy had all but ruled
+            // out must not overflow the ratio (the clip takes over well inside it).
+            let logp_now = logp.clone();
+            let ratio = (logp - old)?.clamp(-20.0, 20.0)?.exp()?;
+            let surr1 = (&ratio * &at)?;
+            let surr2 = (ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)? * &at)?;
+            // Dual clip (Ye et al. 2020): for Â < 0 the surrogate is also bounded below by 3·Â,
+            // so a sample whose ratio has run away cannot blow the update up.
+            let floor = (at.minimum(0.0)? * 3.0)?;
+            let clip_obj = surr1.minimum(&surr2)?.maximum(&floor)?.mean_all()?;
+            let vloss = (values - rt)?.sqr()?.mean_all()?;
+            let ment = entropy.mean_all()?;
+            let mut loss = ((vloss.affine(cfg.c1, 0.0)? - &clip_obj)? - ment.affine(cfg.c2, 0.0)?)?;
+            let experts = mb.iter().filter(|&&i| buffer[i].0.expert).count();
+            if experts > 0 && cfg.c_expert > 0.0 {
+                let mask = Tensor::from_vec(
+                    mb.iter().map(|&i| if buffer[i].0.expert { 1f32 } else { 0.0 }).collect::<Vec<f32>>(),
+                    b,
+                    cpu,
+                )?;
+                let bc = (logp_now.mul(&mask)?.sum_all()? / -(experts as f64))?;
+                loss = (loss + bc.affine(cfg.c_expert, 0.0)?)?;
+            }
+            opt.backward_step(&loss)?;
+            pl += -(clip_obj.to_scalar::<f32>()? as f64);
+            vl += vloss.to_scalar::<f32>()? as f64;
+            ent += ment.to_scalar::<f32>()? as f64;
+            tl += loss.to_scalar::<f32>()? as f64;
+            updates += 1;
+        }
+    }
+    let u = updates.max(1) as f64;
+    Ok((pl / u, vl / u, ent / u, tl / u))
 }
 
 #[cfg(test)]
@@ -457,7 +575,8 @@ mod tests {
     }
 
     fn episode(seed: u64) -> Episode {
-        let loads: Vec<f64> = (0..200).map(|s| 300.0 + 200.0 * ((s as f64 + seed as f64 * 7.0) / 30.0).sin()).collect();
+        let loads: Vec<f64> =
+            (0..200).map(|s| 300.0 + 200.0 * ((s as f64 + seed as f64 * 7.0) / 30.0).sin()).collect();
         let predicted = loads.chunks(10).map(|c| c.iter().copied().fold(0.0, f64::max)).collect();
         Episode { loads, predicted }
     }
@@ -477,7 +596,11 @@ mod tests {
         pol.net().save(&path).unwrap();
         let mut back = OpdPolicy::load(&path, &p).unwrap();
         for load in [50.0, 300.0, 900.0] {
-            let obs = Observation { load_rps: load, predicted_rps: load, current: osprey_policy::configure::minimal(&p) };
+            let obs = Observation {
+                load_rps: load,
+                predicted_rps: load,
+                current: osprey_policy::configure::minimal(&p),
+            };
             let a = pol.decide(&p, &obs);
             assert_eq!(a, back.decide(&p, &obs));
             assert!(within_limits(&p, &osprey_policy::configure::enforce(&p, &a)));

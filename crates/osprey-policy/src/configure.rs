@@ -11,10 +11,11 @@
 //! ```text
 //! V = Σₙ vₙ(zₙ)                                          (eq. 1)
 //! C = Σₙ fₙ · cₙ(zₙ)                                     (eq. 2)
-//! tₙ = fₙ · bₙ / lₙ(zₙ, bₙ)       req/s a stage sustains with full batches
-//! T = minₙ tₙ / λref              pipeline throughput, in units of the load
+//! tₙ = fₙ · bₙ / lₙ(zₙ, bₙ)       req/s a stage sustains with full batches; τ = minₙ tₙ
+//! T = min(τ, load) / λref         throughput that meets demand, in units of the load
 //! L = Σₙ lₙ(zₙ, bₙ) / SLO         end-to-end latency, in units of the time budget
-//! E = (load − minₙ tₙ) / λref     excess load: > 0 unmet demand, < 0 spare capacity
+//! E = (load − τ) / λref  if τ ≤ load   excess load: the unmet share of the demand (≥ 0)
+//!   = (load − τ) / τ     if τ > load   spare capacity: minus the idle share of it (< 0)
 //! Q = α·V + β·T − L − γ·E     if E ≥ 0                    (eq. 3)
 //!   = α·V + β·T − L − δ·(−E)  if E < 0
 //! J = Q − λ·C                     the objective, maximised under          (eq. 4)
@@ -25,9 +26,13 @@
 //!
 //! **Definitions the paper leaves open.** The paper does not give units for T, L and E; taken
 //! raw (req/s against seconds) one term swamps the others and the weights stop meaning
-//! anything across loads. Osprey measures T and E in units of the offered load (so T = 1 means
-//! "exactly keeps up" whatever the rate) and L in units of the pipeline's latency budget (so L
-//! = 1 means "the whole SLO spent computing"). lₙ is the service time of a *full* batch bₙ, the
+//! anything across loads. Osprey measures T in units of the offered load, counted up to the load
+//! (T = 1 means "keeps up", whatever the rate; throughput nobody asks for is not rewarded), L in
+//! units of the pipeline's latency budget (L = 1: the whole SLO spent computing), unmet demand
+//! as a share of the demand and spare capacity as a share of the capacity. Both shares lie in
+//! [0, 1], so a single replica that idles at night costs at most δ, not δ times how many times
+//! the load it could carry. With these units Q, as a function of τ, rises up to the load and
+//! falls (for δ > 0) beyond it. lₙ is the service time of a *full* batch bₙ, the
 //! latency under load (Osprey's batcher does not wait for a batch to fill, so at low load
 //! batches are smaller and faster; the model takes the loaded case). The reward's β and γ are
 //! the paper's second use of those letters (weights of cost and of the batch size) and are
@@ -40,8 +45,9 @@
 //! # Policies (one trait, [`ConfigPolicy`])
 //! - [`RandomPolicy`]: a uniformly random (z, f, b) per stage, repaired into the limits.
 //! - [`GreedyPolicy`]: least cost within the constraints: per stage the cheapest option that
-//!   serves the predicted load (the most accurate among equally cheap), else the one with the
-//!   most throughput; then repaired into the limits.
+//!   serves the predicted load (the fastest among equally cheap: least resource time, blind to
+//!   accuracy, as a cost-greedy rule is), else the one with the most throughput; then repaired
+//!   into the limits.
 //! - [`IpaPolicy`]: the exact optimum of J under every constraint (the paper's "IPA enhanced
 //!   with resource constraints"), by branch and bound; see [`solve_exact`].
 //! - OPD (PPO with expert guidance) lives in `osprey-learn` and implements the same trait.
@@ -136,9 +142,8 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        // Unmet load costs far more than spare capacity (γ ≫ δ), spare capacity costs more
-        // than the throughput term rewards (δ > β, so Q peaks where capacity meets the load),
-        // and a core costs about as much as a tenth of a stage's accuracy.
+        // Unmet demand costs far more than idle capacity (γ ≫ δ), and a core costs about as
+        // much as a tenth of a stage's accuracy.
         Weights { alpha: 1.0, beta: 0.5, gamma: 4.0, delta: 0.6, lambda: 0.1 }
     }
 }
@@ -212,12 +217,19 @@ fn stage_throughput(v: &VariantOption, s: &StageConfig) -> f64 {
     s.replicas as f64 * s.batch as f64 / v.latency(s.batch).max(1e-12)
 }
 
-/// The throughput term g(T) of eq. 3 for a pipeline throughput `tput` (req/s) at `load`.
-fn g(w: &Weights, tput: f64, load: f64) -> f64 {
+/// (T, E) of eq. 3 for a pipeline throughput `tput` (req/s) at `load` (see the module docs).
+fn t_and_e(tput: f64, load: f64) -> (f64, f64) {
     let lref = load.max(1.0);
-    let e = (load - tput) / lref;
+    let t = tput.min(load).max(0.0) / lref;
+    let e = if tput <= load { (load - tput) / lref } else { (load - tput) / tput.max(1e-12) };
+    (t, e)
+}
+
+/// The throughput terms of eq. 3, β·T − γ·E or β·T − δ·(−E), for `tput` at `load`.
+fn g(w: &Weights, tput: f64, load: f64) -> f64 {
+    let (t, e) = t_and_e(tput, load);
     let excess = if e >= 0.0 { w.gamma * e } else { w.delta * (-e) };
-    w.beta * tput / lref - excess
+    w.beta * t - excess
 }
 
 /// Eq. 1-4 for `cfg` at `load` req/s.
@@ -236,10 +248,8 @@ pub fn evaluate(p: &Problem, cfg: &[StageConfig], load: f64) -> Evaluation {
     if !ev.throughput_rps.is_finite() {
         ev.throughput_rps = 0.0;
     }
-    let lref = load.max(1.0);
-    ev.t = ev.throughput_rps / lref;
+    (ev.t, ev.e) = t_and_e(ev.throughput_rps, load);
     ev.l = ev.latency_s / p.pipeline.slo_s.max(1e-9);
-    ev.e = (load - ev.throughput_rps) / lref;
     ev.q = w.alpha * ev.v + g(w, ev.throughput_rps, load) - ev.l;
     ev.objective = ev.q - w.lambda * ev.c;
     ev
@@ -314,7 +324,9 @@ pub fn enforce(p: &Problem, cfg: &[StageConfig]) -> Config {
             let c = s.replicas as f64 * v.cores / p.limits.cores_max.max(1e-9);
             m.max(c)
         };
-        let worst = (0..n).filter(|&i| out[i].replicas > 1).max_by(|&a, &b| use_of(a, &out[a]).total_cmp(&use_of(b, &out[b])));
+        let worst = (0..n)
+            .filter(|&i| out[i].replicas > 1)
+            .max_by(|&a, &b| use_of(a, &out[a]).total_cmp(&use_of(b, &out[b])));
         match worst {
             Some(i) => out[i].replicas -= 1,
             None => {
@@ -395,7 +407,7 @@ impl ConfigPolicy for GreedyPolicy {
             .stages
             .iter()
             .map(|stage| {
-                let mut best: Option<(f64, f64, StageConfig)> = None; // (cost, −accuracy)
+                let mut best: Option<(f64, f64, StageConfig)> = None; // (cost, latency)
                 let mut fastest: Option<(f64, StageConfig)> = None;
                 for (z, v) in stage.variants.iter().enumerate() {
                     for &b in &batches {
@@ -406,7 +418,7 @@ impl ConfigPolicy for GreedyPolicy {
                                 fastest = Some((t, s));
                             }
                             if t >= load {
-                                let key = (f as f64 * v.cores, -v.accuracy);
+                                let key = (f as f64 * v.cores, v.latency(b));
                                 if best.is_none_or(|(c, a, _)| key < (c, a)) {
                                     best = Some((key.0, key.1, s));
                                 }
@@ -415,7 +427,11 @@ impl ConfigPolicy for GreedyPolicy {
                         }
                     }
                 }
-                best.map(|b| b.2).or(fastest.map(|f| f.1)).unwrap_or(StageConfig { variant: 0, replicas: 1, batch: 1 })
+                best.map(|b| b.2).or(fastest.map(|f| f.1)).unwrap_or(StageConfig {
+                    variant: 0,
+                    replicas: 1,
+                    batch: 1,
+                })
             })
             .collect();
         enforce(p, &cfg)
@@ -450,20 +466,16 @@ struct Opt {
     cores: f64,
 }
 
-/// Whether throughput `a` is never worse than `b` for g at `load`: g rises up to the load and,
-/// when δ ≥ β, falls beyond it, so a value between `b` and the load (inclusive) is as good.
-fn t_no_worse(w: &Weights, a: f64, b: f64, load: f64) -> bool {
-    if w.delta >= w.beta {
-        (a >= b.min(load) - 1e-12) && (a <= b.max(load) + 1e-12)
-    } else {
-        a >= b - 1e-12
-    }
+/// Whether throughput `a` is never worse than `b` for g at `load`: g rises up to the load and
+/// does not rise beyond it, so a value between `b` and the load (inclusive) is as good.
+fn t_no_worse(a: f64, b: f64, load: f64) -> bool {
+    (a >= b.min(load) - 1e-12) && (a <= b.max(load) + 1e-12)
 }
 
 /// The exact optimum of eq. 4 at `load`, by branch and bound over stages.
 ///
-/// J = Σₙ hₙ + g(minₙ tₙ) with hₙ = α·vₙ − lₙ/SLO − λ·fₙ·cₙ separable and g concave in the
-/// pipeline throughput (rising to the load, then falling when δ ≥ β). Per stage, the options
+/// J = Σₙ hₙ + g(minₙ tₙ) with hₙ = α·vₙ − lₙ/SLO − λ·fₙ·cₙ separable and g unimodal in the
+/// pipeline throughput (rising to the load, not rising beyond it). Per stage, the options
 /// (z, f, b) are first reduced to the Pareto set: an option is dropped when another has h, memory
 /// and cores no worse and a throughput no worse for g (between the dropped one's and the load).
 /// Depth-first search then takes stages in order and options by h, and prunes a branch when
@@ -504,7 +516,10 @@ pub fn solve_exact(p: &Problem, load: f64) -> (Config, u64) {
         let mut kept: Vec<Opt> = Vec::new();
         for o in opts {
             let dominated = kept.iter().any(|k| {
-                k.h >= o.h - 1e-12 && k.mem <= o.mem + 1e-9 && k.cores <= o.cores + 1e-9 && t_no_worse(w, k.t, o.t, load)
+                k.h >= o.h - 1e-12
+                    && k.mem <= o.mem + 1e-9
+                    && k.cores <= o.cores + 1e-9
+                    && t_no_worse(k.t, o.t, load)
             });
             if !dominated {
                 kept.push(o);
@@ -525,12 +540,15 @@ pub fn solve_exact(p: &Problem, load: f64) -> (Config, u64) {
         min_cores[i] = min_cores[i + 1] + s.iter().map(|o| o.cores).fold(f64::INFINITY, f64::min);
         max_t[i] = max_t[i + 1].min(s.iter().map(|o| o.t).fold(0.0, f64::max));
     }
-    let g_max = |upper: f64| -> f64 {
-        let u = if upper.is_finite() { upper } else { load.max(1.0) * 1e6 };
-        if w.delta >= w.beta { g(w, u.min(load), load) } else { g(w, u, load) }
+    // max of g over τ ∈ [0, upper]: g peaks at the load (weights are non-negative).
+    let g_max = |upper: f64| -> f64 { g(w, upper.min(load), load) };
+    let incumbent =
+        GreedyPolicy.decide(p, &Observation { load_rps: load, predicted_rps: load, current: Vec::new() });
+    let mut best = if within_limits(p, &incumbent) {
+        evaluate(p, &incumbent, load).objective
+    } else {
+        f64::NEG_INFINITY
     };
-    let incumbent = GreedyPolicy.decide(p, &Observation { load_rps: load, predicted_rps: load, current: Vec::new() });
-    let mut best = if within_limits(p, &incumbent) { evaluate(p, &incumbent, load).objective } else { f64::NEG_INFINITY };
     let mut best_cfg = if best.is_finite() { Some(incumbent) } else { None };
     let mut path: Vec<StageConfig> = Vec::with_capacity(n);
     let mut nodes = 0u64;
@@ -542,7 +560,14 @@ pub fn solve_exact(p: &Problem, load: f64) -> (Config, u64) {
         max_t: &'a [f64],
         limits: Limits,
     }
-    let ctx = Ctx { stages: &stages, best_h: &best_h, min_mem: &min_mem, min_cores: &min_cores, max_t: &max_t, limits: p.limits };
+    let ctx = Ctx {
+        stages: &stages,
+        best_h: &best_h,
+        min_mem: &min_mem,
+        min_cores: &min_cores,
+        max_t: &max_t,
+        limits: p.limits,
+    };
     #[allow(clippy::too_many_arguments)]
     fn dfs(
         c: &Ctx,
@@ -583,12 +608,38 @@ pub fn solve_exact(p: &Problem, load: f64) -> (Config, u64) {
                 continue;
             }
             path.push(o.cfg);
-            dfs(c, i + 1, h + o.h, mem + o.mem, cores + o.cores, t2, path, best, best_cfg, nodes, g_fin, g_max);
+            dfs(
+                c,
+                i + 1,
+                h + o.h,
+                mem + o.mem,
+                cores + o.cores,
+                t2,
+                path,
+                best,
+                best_cfg,
+                nodes,
+                g_fin,
+                g_max,
+            );
             path.pop();
         }
     }
     let g_fin = |t: f64| g(w, if t.is_finite() { t } else { 0.0 }, load);
-    dfs(&ctx, 0, 0.0, 0.0, 0.0, f64::INFINITY, &mut path, &mut best, &mut best_cfg, &mut nodes, &g_fin, &g_max);
+    dfs(
+        &ctx,
+        0,
+        0.0,
+        0.0,
+        0.0,
+        f64::INFINITY,
+        &mut path,
+        &mut best,
+        &mut best_cfg,
+        &mut nodes,
+        &g_fin,
+        &g_max,
+    );
     (best_cfg.unwrap_or_else(|| minimal(p)), nodes)
 }
 
@@ -609,10 +660,15 @@ pub fn synthetic(stages: usize, variants: usize, seed: u64) -> PipelineOptions {
                         let fixed = 1e-3 * rng.random_range(0.5..1.5);
                         VariantOption {
                             name: format!("v{k}"),
-                            accuracy: (0.5 + 0.45 * k as f64 / variants.max(2) as f64 - 0.02 * rng.random::<f64>()).min(1.0),
+                            accuracy: (0.5 + 0.45 * k as f64 / variants.max(2) as f64
+                                - 0.02 * rng.random::<f64>())
+                            .min(1.0),
                             cores: 1.0,
                             memory_mb: 20.0 * (k as f64 + 1.0),
-                            latency_s: [1u32, 8, 32].iter().map(|&b| (b, fixed + per_item * b as f64)).collect(),
+                            latency_s: [1u32, 8, 32]
+                                .iter()
+                                .map(|&b| (b, fixed + per_item * b as f64))
+                                .collect(),
                         }
                     })
                     .collect(),
@@ -672,7 +728,10 @@ mod tests {
             },
             Limits::default(),
         );
-        let cfg = vec![StageConfig { variant: 0, replicas: 2, batch: 1 }, StageConfig { variant: 0, replicas: 1, batch: 4 }];
+        let cfg = vec![
+            StageConfig { variant: 0, replicas: 2, batch: 1 },
+            StageConfig { variant: 0, replicas: 1, batch: 4 },
+        ];
         let ev = evaluate(&p, &cfg, 100.0);
         // t_a = 2·1/0.01 = 200, t_b = 1·4/0.04 = 100 → T = 100 req/s = 1.0 load.
         assert!((ev.v - 1.7).abs() < 1e-12);
@@ -683,12 +742,14 @@ mod tests {
         let w = Weights::default();
         assert!((ev.q - (w.alpha * 1.7 + w.beta * 1.0 - 0.5)).abs() < 1e-9);
         assert!((ev.objective - (ev.q - w.lambda * 3.0)).abs() < 1e-12);
-        // Unmet demand at 200 req/s: E = 0.5 weighted by γ; spare at 50 req/s: E = −1 by δ.
+        // Unmet demand at 200 req/s: E = 0.5 weighted by γ.
         let hi = evaluate(&p, &cfg, 200.0);
         assert!((hi.e - 0.5).abs() < 1e-12);
         assert!((hi.q - (w.alpha * 1.7 + w.beta * 0.5 - 0.5 - w.gamma * 0.5)).abs() < 1e-9);
+        // Spare at 50 req/s: T counts up to the load (1.0), E = −(100 − 50)/100 by δ.
         let lo = evaluate(&p, &cfg, 50.0);
-        assert!((lo.q - (w.alpha * 1.7 + w.beta * 2.0 - 0.5 - w.delta * 1.0)).abs() < 1e-9);
+        assert!((lo.e + 0.5).abs() < 1e-12);
+        assert!((lo.q - (w.alpha * 1.7 + w.beta * 1.0 - 0.5 - w.delta * 0.5)).abs() < 1e-9);
         let r = reward(&p, &ev);
         assert!((r - (ev.q - p.reward.beta * 3.0 - p.reward.gamma * 4.0)).abs() < 1e-12);
     }
@@ -749,7 +810,7 @@ mod tests {
                     PipelineOptions { name: "p".into(), slo_s: slo, stages },
                     Limits { f_max, b_max, w_max, cores_max },
                 );
-                p.weights.delta = delta; // both shapes of g: with and without a peak at the load
+                p.weights.delta = delta; // with and without a penalty on spare capacity
                 (p, load)
             })
     }

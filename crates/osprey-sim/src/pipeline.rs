@@ -26,8 +26,8 @@ use osprey_core::model::{ModelSpec, scan_repository};
 use osprey_core::pipeline::PipelineSpec;
 use osprey_core::profile::{ModelProfile, Quantile};
 use osprey_policy::configure::{
-    Config, ConfigPolicy, Evaluation, Limits, Observation, PipelineOptions, Problem, RewardWeights, StageOptions,
-    VariantOption, Weights, enforce, evaluate, minimal, reward,
+    Config, ConfigPolicy, Evaluation, Limits, Observation, PipelineOptions, Problem, RewardWeights,
+    StageOptions, VariantOption, Weights, enforce, evaluate, minimal, reward,
 };
 use osprey_policy::predict::LoadPredictor;
 use serde::Deserialize;
@@ -113,7 +113,9 @@ impl PipelineScenario {
 
     pub fn check(&self) -> Result<(), String> {
         if !(self.duration_s >= 1.0 && self.interval_s >= 1.0 && self.interval_s <= self.duration_s) {
-            return Err("duration_s and interval_s must be at least 1 s, the interval within the duration".into());
+            return Err(
+                "duration_s and interval_s must be at least 1 s, the interval within the duration".into()
+            );
         }
         if !(self.speed.is_finite() && self.speed > 0.0) {
             return Err("speed must be positive".into());
@@ -199,9 +201,9 @@ fn stage_options(stage: &str, m: &ModelSpec) -> Result<StageOptions, String> {
         .variants
         .iter()
         .map(|v| {
-            let p = profile
-                .variant(&v.name)
-                .ok_or_else(|| format!("stage '{stage}': {}/profile.toml lacks variant '{}'", m.name, v.name))?;
+            let p = profile.variant(&v.name).ok_or_else(|| {
+                format!("stage '{stage}': {}/profile.toml lacks variant '{}'", m.name, v.name)
+            })?;
             let latency_s = p
                 .batches
                 .iter()
@@ -301,7 +303,11 @@ impl<'a> Env<'a> {
     }
 
     /// Applies `cfg` (bounded by [`enforce`]) and runs one interval.
-    pub fn step(&mut self, cfg: &[osprey_policy::configure::StageConfig], predicted_rps: f64) -> IntervalStats {
+    pub fn step(
+        &mut self,
+        cfg: &[osprey_policy::configure::StageConfig],
+        predicted_rps: f64,
+    ) -> IntervalStats {
         self.config = enforce(self.problem, cfg);
         let start = self.now;
         let end = (start + self.interval).min(self.loads.len());
@@ -317,7 +323,8 @@ impl<'a> Env<'a> {
                 self.totals.expired += self.backlog - room;
                 self.backlog = room;
             }
-            let admitted = if service > self.problem.pipeline.slo_s { 0.0 } else { a.min(room - self.backlog + cap) };
+            let admitted =
+                if service > self.problem.pipeline.slo_s { 0.0 } else { a.min(room - self.backlog + cap) };
             self.totals.refused += a - admitted;
             let served = (self.backlog + admitted).min(cap);
             self.totals.served += served;
@@ -384,9 +391,14 @@ pub fn run(
         }
         fed = env.now();
         let t0 = Instant::now();
-        let predicted = if env.now() == 0 { loads.first().copied().unwrap_or(0.0) } else { predictor.predict() };
+        let predicted =
+            if env.now() == 0 { loads.first().copied().unwrap_or(0.0) } else { predictor.predict() };
         out.predict_us.push(t0.elapsed().as_secs_f64() * 1e6);
-        let obs = Observation { load_rps: env.last_load(), predicted_rps: predicted, current: env.config().clone() };
+        let obs = Observation {
+            load_rps: env.last_load(),
+            predicted_rps: predicted,
+            current: env.config().clone(),
+        };
         let t1 = Instant::now();
         let cfg = enforce(problem, &policy.decide(problem, &obs));
         out.decision_us.push(t1.elapsed().as_secs_f64() * 1e6);
@@ -415,7 +427,9 @@ mod tests {
     fn nothing_is_lost_and_overload_is_refused_not_dropped() {
         let p = problem();
         let loads: Vec<f64> = (0..300).map(|s| if s < 150 { 100.0 } else { 50_000.0 }).collect();
-        for pol in [&mut RandomPolicy::new(1) as &mut dyn ConfigPolicy, &mut GreedyPolicy, &mut IpaPolicy::default()] {
+        for pol in
+            [&mut RandomPolicy::new(1) as &mut dyn ConfigPolicy, &mut GreedyPolicy, &mut IpaPolicy::default()]
+        {
             let r = run(&p, &loads, 10.0, pol, &mut LastValue::default());
             assert_eq!(r.intervals.len(), 30);
             assert_eq!(r.totals.lost(), 0.0, "{}", r.policy);
@@ -441,10 +455,17 @@ mod tests {
     fn ipa_scores_at_least_greedy_and_random_on_the_objective() {
         let p = problem();
         let loads: Vec<f64> = (0..600).map(|s| 300.0 + 250.0 * ((s as f64) / 60.0).sin()).collect();
-        let mean = |r: &Run| r.intervals.iter().map(|i| i.eval.objective).sum::<f64>() / r.intervals.len() as f64;
+        let mean =
+            |r: &Run| r.intervals.iter().map(|i| i.eval.objective).sum::<f64>() / r.intervals.len() as f64;
         let ipa = run(&p, &loads, 10.0, &mut IpaPolicy::default(), &mut LastValue::default());
         let greedy = run(&p, &loads, 10.0, &mut GreedyPolicy, &mut LastValue::default());
         let random = run(&p, &loads, 10.0, &mut RandomPolicy::new(3), &mut LastValue::default());
-        assert!(mean(&ipa) >= mean(&greedy) - 1e-9 && mean(&ipa) > mean(&random), "{} {} {}", mean(&ipa), mean(&greedy), mean(&random));
+        assert!(
+            mean(&ipa) >= mean(&greedy) - 1e-9 && mean(&ipa) > mean(&random),
+            "{} {} {}",
+            mean(&ipa),
+            mean(&greedy),
+            mean(&random)
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! `osprey bench SCENARIO --out DIR`: runs every policy of a scenario on the same arrivals in
+//! `osprey bench SCENARIO --out DIR`: a pipeline scenario (one naming a `pipeline`) goes to
+//! [`crate::pipebench`]; any other runs every policy of a scenario on the same arrivals in
 //! the simulator, with a progress bar; prints a table; writes `DIR/summary.csv`,
 //! `DIR/timeseries.csv` and SVG plots (time series of late %, accuracy and cost; summary bars
 //! of utility and QoS). The same scenario and seed give byte-identical files.
@@ -28,6 +29,11 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(&args.scenario).map_err(|e| format!("{}: {e}", args.scenario.display()))?;
+    if osprey_sim::pipeline::PipelineScenario::is_pipeline_file(&text) {
+        return crate::pipebench::run_bench(&args.scenario, &args.out, args.duration, &args.policies);
+    }
     let (mut scn, base) = Scenario::load(&args.scenario)?;
     if let Some(d) = args.duration {
         if d.is_nan() || d <= 0.0 {

@@ -7,6 +7,8 @@
 //! - [`agent`]: `osprey agent --join`, a node agent process.
 //! - [`status`]: `osprey status`, the cluster's nodes.
 //! - [`bench`]: `osprey bench`, policies compared on a scenario in the simulator.
+//! - [`pipebench`]: `osprey bench` on a pipeline scenario (OPD's experiment).
+//! - [`train`]: `osprey train predictor | opd | estimator`, the learned parts.
 //! - [`estimator`]: `osprey train-estimator`, data-aware accuracy estimators and their report.
 //! - [`overhead`]: `osprey overhead`, serving cost over direct engine calls, side by side.
 //!
@@ -17,9 +19,11 @@ mod bench;
 mod estimator;
 mod loadgen;
 mod overhead;
+mod pipebench;
 mod profile;
 mod serve;
 mod status;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -48,6 +52,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Measure per-request serving overhead over calling the engine directly.
     Overhead(overhead::OverheadArgs),
+    /// Train a learned part: the LSTM load predictor, the OPD policy, the accuracy estimators.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
     /// Train the data-aware accuracy estimators and report calibration and selection accuracy.
     TrainEstimator(estimator::TrainArgs),
     /// Print the `sha256:...` form of an API key for a tenant's `api_keys`.
@@ -99,6 +106,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent::run_agent(a),
         Command::Status(a) => status::run(a),
         Command::Overhead(a) => overhead::run(a),
+        Command::Train(c) => train::run(c),
         Command::TrainEstimator(a) => estimator::run(a),
         Command::HashKey { key } => hash_key(key),
     };
