@@ -153,8 +153,11 @@ impl PipelineSpec {
     }
 }
 
+/// A pipeline folder that could not be read: its name and why.
+pub type BrokenPipeline = (String, Error);
+
 /// Every sub-folder of `root` with a `pipeline.toml`, sorted by name; broken ones as errors.
-pub fn scan_pipelines(root: &Path) -> Result<(Vec<PipelineSpec>, Vec<(String, Error)>)> {
+pub fn scan_pipelines(root: &Path) -> Result<(Vec<PipelineSpec>, Vec<BrokenPipeline>)> {
     let entries = std::fs::read_dir(root)
         .map_err(|e| Error::invalid(format!("model repository {}: {e}", root.display())))?;
     let (mut ok, mut bad) = (Vec::new(), Vec::new());

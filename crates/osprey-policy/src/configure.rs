@@ -643,6 +643,16 @@ pub fn solve_exact(p: &Problem, load: f64) -> (Config, u64) {
     (best_cfg.unwrap_or_else(|| minimal(p)), nodes)
 }
 
+/// The share of the time left that stage `k` of a pipeline may spend, when `weights[n]` is the
+/// expected work of stage n (the live gateway uses the p50 at batch 1 of each stage's most
+/// accurate variant): left · wₖ / Σ_{n ≥ k} wₙ. Applied at each stage to what is left, so the
+/// slack of a fast stage passes on and a slow stage eats only its own share.
+pub fn stage_budget(weights: &[f64], k: usize, left: f64) -> f64 {
+    let rest: f64 = weights.get(k..).map_or(0.0, |w| w.iter().map(|x| x.max(0.0)).sum());
+    let own = weights.get(k).copied().unwrap_or(0.0).max(0.0);
+    if rest > 0.0 { left * own / rest } else { left }
+}
+
 /// A synthetic pipeline of `stages` × `variants` for decision-time measurements (OPD fig. 6):
 /// variant k of a stage is (k+1)× slower per item than variant 0 and 0.05 more accurate per step,
 /// with a fixed per-batch overhead, seeded jitter on every figure.
@@ -766,6 +776,15 @@ mod tests {
         assert!((v.latency(4) - 4.0).abs() < 1e-12);
         assert!((v.latency(16) - 16.0).abs() < 1e-12);
         assert!((v.latency(1) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn stage_budgets_follow_the_work_and_use_all_the_time() {
+        let w = [100.0, 300.0, 600.0];
+        assert!((stage_budget(&w, 0, 10.0) - 1.0).abs() < 1e-12);
+        assert!((stage_budget(&w, 1, 9.0) - 3.0).abs() < 1e-12);
+        assert!((stage_budget(&w, 2, 6.0) - 6.0).abs() < 1e-12);
+        assert_eq!(stage_budget(&[0.0, 0.0], 0, 4.0), 4.0);
     }
 
     #[test]

@@ -463,6 +463,7 @@ impl Cluster {
                 estimated_accuracy: w.estimate.get(a.variant).copied().unwrap_or(0.0),
                 batch_size: rows,
                 tenant: w.tenant.clone(),
+                pipeline: None,
             };
             todo.push(Todo::Answer(w, Ok(outcome)));
         }

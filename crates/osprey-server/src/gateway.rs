@@ -18,11 +18,13 @@ use crate::agent::{Agent, LocalAgent};
 use crate::cluster::{self, Cluster, Waiting};
 use crate::join::JoinToken;
 use crate::metrics::{Metrics, ModelMetrics};
+use crate::pipeline::{PipelineEntry, PipelineRun};
 use crate::tenants::Tenants;
 use osprey_core::config::AgentConfig;
 use osprey_core::config::{Limits, PolicyName, SchedulerSection, TenantConfig};
 use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, RepositoryProblem, VariantSpec};
+use osprey_core::pipeline::PipelineSpec;
 use osprey_core::profile::{ModelProfile, VariantProfile};
 use osprey_core::tensor::{DataType, RawTensor};
 use osprey_engine::Session;
@@ -77,6 +79,9 @@ pub struct ValidRequest {
     pub priority: Option<u64>,
     /// Raises the tenant's accuracy floor for this request.
     pub min_accuracy: Option<f64>,
+    /// Set when the address names a pipeline: `model` is then its first stage and `outputs`
+    /// index the last stage's outputs.
+    pub pipeline: Option<Arc<PipelineEntry>>,
 }
 
 /// What a successful inference returns to the protocol layer.
@@ -94,6 +99,15 @@ pub struct InferOutcome {
     pub estimated_accuracy: f64,
     pub batch_size: u32,
     pub tenant: Arc<str>,
+    /// When a pipeline answered: what ran each stage (`model` is then its last stage).
+    pub pipeline: Option<PipelineRun>,
+}
+
+impl InferOutcome {
+    /// The name the client addressed: the pipeline's, or the model's.
+    pub fn addressed_name(&self) -> &str {
+        self.pipeline.as_ref().map_or(self.model.name(), |r| r.entry.name())
+    }
 }
 
 /// Cumulative duration, as the statistics extension reports it.
@@ -196,6 +210,8 @@ pub struct GatewayConfig {
     /// What remote agents must present to attach; `None`: a token nobody knows (no remote
     /// agent can attach).
     pub join_token: Option<JoinToken>,
+    /// Pipelines of the repository; one whose stage models are not all served is a problem.
+    pub pipelines: Vec<PipelineSpec>,
 }
 
 impl GatewayConfig {
@@ -212,12 +228,14 @@ impl GatewayConfig {
             tenants: Vec::new(),
             scheduler: SchedulerSection::default(),
             join_token: None,
+            pipelines: Vec::new(),
         }
     }
 }
 
 pub struct Gateway {
     models: BTreeMap<String, Arc<ModelEntry>>,
+    pipelines: BTreeMap<String, Arc<PipelineEntry>>,
     pub tenants: Tenants,
     pub policy: PolicyName,
     epoch: Instant,
@@ -415,6 +433,24 @@ impl Gateway {
             ..DispatchConfig::default()
         };
         let entries: Vec<Arc<ModelEntry>> = models.values().cloned().collect();
+        let mut pipelines = BTreeMap::new();
+        for spec in config.pipelines {
+            let name = spec.name.clone();
+            if models.contains_key(&name) {
+                let error = Error::invalid(format!("pipeline '{name}' has the name of a model"));
+                problems.push(RepositoryProblem { model: name, error });
+                continue;
+            }
+            match PipelineEntry::new(spec, &entries) {
+                Ok(p) => {
+                    pipelines.insert(name, Arc::new(p));
+                }
+                Err(error) => {
+                    tracing::error!(pipeline = %name, "not served: {}", error.message);
+                    problems.push(RepositoryProblem { model: name, error });
+                }
+            }
+        }
         let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries);
         let timer = tokio::spawn(cluster.clone().run_timer());
         let inflight = Arc::new(AtomicUsize::new(0));
@@ -432,6 +468,7 @@ impl Gateway {
         }
         Arc::new(Gateway {
             models,
+            pipelines,
             tenants,
             policy: config.scheduler.policy,
             epoch: Instant::now(),
@@ -468,9 +505,23 @@ impl Gateway {
             && self.models.keys().all(|m| self.cluster.model_ready(m))
     }
 
-    /// Ready to answer `model`: not draining and some live node hosts one of its variants.
+    /// Ready to answer `model`: not draining and some live node hosts one of its variants (for
+    /// a pipeline: of every stage's model).
     pub fn model_is_ready(&self, model: &str) -> bool {
+        if let Some(p) = self.pipelines.get(model) {
+            return !self.draining.load(Ordering::Relaxed)
+                && p.stages.iter().all(|s| self.cluster.model_ready(s.name()));
+        }
         !self.draining.load(Ordering::Relaxed) && self.cluster.model_ready(model)
+    }
+
+    /// The served pipeline of that name.
+    pub fn pipeline(&self, name: &str) -> Option<&Arc<PipelineEntry>> {
+        self.pipelines.get(name)
+    }
+
+    pub fn pipelines(&self) -> impl Iterator<Item = &Arc<PipelineEntry>> {
+        self.pipelines.values()
     }
 
     /// Admitted requests not yet answered.
@@ -480,7 +531,8 @@ impl Gateway {
 
     pub fn model(&self, name: &str) -> Result<&Arc<ModelEntry>> {
         self.models.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            let known: Vec<&str> =
+                self.models.keys().chain(self.pipelines.keys()).map(String::as_str).collect();
             Error::not_found(format!("unknown model '{name}'; served models: {}", known.join(", ")))
         })
     }
@@ -496,9 +548,25 @@ impl Gateway {
         outputs: &[String],
         opts: &RequestOptions,
     ) -> Result<ValidRequest> {
-        let entry = self.model(model)?.clone();
-        let pinned = entry.resolve_version(version)?;
+        let pipeline = self.pipelines.get(model).cloned();
+        let (entry, pinned) = match &pipeline {
+            Some(p) => {
+                if !version.is_empty() {
+                    return Err(Error::not_found(format!(
+                        "pipeline '{model}' has no versions; address it as /v2/models/{model}"
+                    )));
+                }
+                (p.stages[0].clone(), None)
+            }
+            None => {
+                let entry = self.model(model)?.clone();
+                let pinned = entry.resolve_version(version)?;
+                (entry, pinned)
+            }
+        };
         let spec = &entry.spec;
+        let out_specs =
+            pipeline.as_ref().map_or(&spec.outputs, |p| &p.stages[p.stages.len() - 1].spec.outputs);
         let mut slots: Vec<Option<RawTensor>> = vec![None; spec.inputs.len()];
         for it in inputs {
             let Some(i) = spec.inputs.iter().position(|s| s.name == it.name) else {
@@ -544,8 +612,7 @@ impl Gateway {
         }
         let mut out_idx = Vec::with_capacity(outputs.len());
         for name in outputs {
-            let i = spec
-                .outputs
+            let i = out_specs
                 .iter()
                 .position(|o| &o.name == name)
                 .ok_or_else(|| Error::invalid(format!("model '{model}' has no output '{name}'")))?;
@@ -555,7 +622,7 @@ impl Gateway {
             out_idx.push(i);
         }
         if out_idx.is_empty() {
-            out_idx = (0..spec.outputs.len()).collect();
+            out_idx = (0..out_specs.len()).collect();
         }
         let mut timeout: Option<Duration> = None;
         if let Some(us) = opts.timeout_us.filter(|&us| us > 0) {
@@ -583,6 +650,7 @@ impl Gateway {
             timeout,
             priority: opts.priority,
             min_accuracy: opts.min_accuracy,
+            pipeline,
         })
     }
 
@@ -598,7 +666,21 @@ impl Gateway {
 
     /// Admits, queues and awaits one request of `tenant`. Every admitted request ends in
     /// exactly one answer: the outcome or an explicit error.
-    pub async fn infer(&self, req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
+    pub async fn infer(&self, mut req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
+        match req.pipeline.take() {
+            Some(p) => self.infer_pipeline(p, req, tenant).await,
+            None => self.infer_stage(req, tenant, true).await,
+        }
+    }
+
+    /// One model's inference; `admit`: charge the tenant's quotas (a pipeline's later stages
+    /// are charged with its first).
+    pub(crate) async fn infer_stage(
+        &self,
+        req: ValidRequest,
+        tenant: usize,
+        admit: bool,
+    ) -> Result<InferOutcome> {
         let entry = req.model.clone();
         let tcfg = &self.tenants.get(tenant).config;
         let fail = |e: Error| {
@@ -610,9 +692,11 @@ impl Gateway {
             return Err(fail(Error::unavailable("server is shutting down")));
         }
         let now = Instant::now();
-        self.tenants
-            .admit(tenant, entry.name(), req.rows, cost_ms(&entry, &req), micros(self.epoch, now))
-            .map_err(fail)?;
+        if admit {
+            self.tenants
+                .admit(tenant, entry.name(), req.rows, cost_ms(&entry, &req), micros(self.epoch, now))
+                .map_err(fail)?;
+        }
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
         let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));

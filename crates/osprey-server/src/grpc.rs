@@ -169,7 +169,12 @@ impl GrpcInferenceService for InferenceService {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
         self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
-        let ready = model_ready(&self.gw, t, &r.name, &r.version).is_ok() && self.gw.model_is_ready(&r.name);
+        let known = if self.gw.pipeline(&r.name).is_some() {
+            r.version.is_empty()
+        } else {
+            model_ready(&self.gw, t, &r.name, &r.version).is_ok()
+        };
+        let ready = known && self.gw.model_is_ready(&r.name);
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -185,6 +190,16 @@ impl GrpcInferenceService for InferenceService {
     async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
+        if let Some(p) = self.gw.pipeline(&r.name) {
+            self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
+            return Ok(Response::new(pb::ModelMetadataResponse {
+                name: p.name().into(),
+                versions: Vec::new(),
+                platform: "osprey_pipeline".into(),
+                inputs: p.inputs().iter().map(tensor_meta).collect(),
+                outputs: p.outputs().iter().map(tensor_meta).collect(),
+            }));
+        }
         let m = model_ready(&self.gw, t, &r.name, &r.version)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name().into(),
@@ -302,6 +317,14 @@ impl GrpcInferenceService for InferenceService {
                 })
             })
             .collect();
+        models.extend(self.gw.pipelines().filter(|p| self.gw.tenants.may_see(t, p.name())).map(|p| {
+            ModelIndex {
+                name: p.name().into(),
+                version: String::new(),
+                state: if self.gw.model_is_ready(p.name()) { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: String::new(),
+            }
+        }));
         if !ready_only && self.gw.tenants.role(t) >= osprey_core::config::Role::Monitor {
             models.extend(self.gw.problems().iter().map(|p| ModelIndex {
                 name: p.model.clone(),
@@ -412,6 +435,7 @@ impl InferenceService {
                 ParamValue::Int(i) => C::Int64Param(i),
                 ParamValue::Double(d) => C::DoubleParam(d),
                 ParamValue::Str(s) => C::StringParam(s.to_string()),
+                ParamValue::Owned(s) => C::StringParam(s),
             };
             parameters.insert(k.to_string(), pb::InferParameter { parameter_choice: Some(choice) });
         }
@@ -428,7 +452,7 @@ impl InferenceService {
             raw.push(t.data);
         }
         Ok(Response::new(pb::ModelInferResponse {
-            model_name: o.model.name().into(),
+            model_name: o.addressed_name().into(),
             model_version: o.model.variants[o.variant].spec.name.clone(),
             id: r.id,
             parameters,

@@ -219,11 +219,33 @@ fn addressed<'a>(gw: &'a Gateway, t: TenantId, r: &ModelRef) -> Result<&'a Arc<M
     Ok(m)
 }
 
+/// A pipeline's metadata: its first stage's inputs, its last stage's outputs, its stages.
+pub fn pipeline_metadata(p: &crate::pipeline::PipelineEntry) -> Value {
+    json!({
+        "name": p.name(),
+        "versions": [],
+        "platform": "osprey_pipeline",
+        "inputs": p.inputs().iter().map(tensor_meta).collect::<Vec<_>>(),
+        "outputs": p.outputs().iter().map(tensor_meta).collect::<Vec<_>>(),
+        "parameters": {
+            "description": p.spec.description,
+            "stages": p.spec.stages.iter().map(|s| format!("{}={}", s.name, s.model)).collect::<Vec<_>>().join(","),
+        }
+    })
+}
+
 async fn model_metadata(
     State(gw): State<Arc<Gateway>>,
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(p) = gw.pipeline(&r.model) {
+        gw.tenants.check_visible(t.0, &r.model)?;
+        if !r.version.is_empty() {
+            return Err(Error::not_found(format!("pipeline '{}' has no versions", r.model)).into());
+        }
+        return Ok(Json(pipeline_metadata(p)));
+    }
     Ok(Json(metadata(addressed(&gw, t, &r)?)))
 }
 
@@ -232,7 +254,14 @@ async fn model_ready(
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<StatusCode> {
-    addressed(&gw, t, &r)?;
+    if gw.pipeline(&r.model).is_some() {
+        gw.tenants.check_visible(t.0, &r.model)?;
+        if !r.version.is_empty() {
+            return Err(Error::not_found(format!("pipeline '{}' has no versions", r.model)).into());
+        }
+    } else {
+        addressed(&gw, t, &r)?;
+    }
     Ok(if gw.model_is_ready(&r.model) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
@@ -333,6 +362,11 @@ async fn repository_index(
                 .map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
         })
         .collect();
+    // Pipelines have no versions: one entry each, ready when all their stages are.
+    out.extend(gw.pipelines().filter(|p| gw.tenants.may_see(t.0, p.name())).map(|p| {
+        let state = if gw.model_is_ready(p.name()) { "READY" } else { "UNAVAILABLE" };
+        json!({ "name": p.name(), "version": "", "state": state })
+    }));
     // The repository's problems (file names, parse errors) are for operators.
     if !ready_only && gw.tenants.role(t.0) >= Role::Monitor {
         out.extend(gw.problems().iter().map(
@@ -622,7 +656,7 @@ fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_defau
         out.push(b',');
     }
     out.extend_from_slice(b"\"model_name\":");
-    text(&mut out, o.model.name());
+    text(&mut out, o.addressed_name());
     out.extend_from_slice(b",\"model_version\":");
     text(&mut out, &o.model.variants[o.variant].spec.name);
     out.extend_from_slice(b",\"outputs\":[");
@@ -661,6 +695,7 @@ fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_defau
             // Non-finite numbers are not JSON: written as null.
             ParamValue::Double(d) => serde_json::to_writer(&mut out, &d),
             ParamValue::Str(s) => serde_json::to_writer(&mut out, s),
+            ParamValue::Owned(s) => serde_json::to_writer(&mut out, &s),
         };
     }
     out.extend_from_slice(b"}}");

@@ -8,6 +8,8 @@
 //!   decision is made there); remote agents and the `osprey.agent.v1.AgentGateway` service.
 //! - [`codec`]: the gRPC codec (undecodable messages are INVALID_ARGUMENT).
 //! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
+//! - [`pipeline`]: pipelines addressed as one model: stages chained in the gateway, the
+//!   deadline split over them.
 //! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
@@ -29,6 +31,7 @@ pub mod join;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod pipeline;
 pub mod protocol;
 pub mod server;
 pub mod tenants;

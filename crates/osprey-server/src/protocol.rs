@@ -39,11 +39,13 @@ pub enum ParamValue<'a> {
     Int(i64),
     Double(f64),
     Str(&'a str),
+    Owned(String),
 }
 
-/// The parameters every inference response carries (see the README's table).
-pub fn response_parameters(o: &InferOutcome) -> [(&'static str, ParamValue<'_>); 8] {
-    [
+/// The parameters every inference response carries (see the README's table); a pipeline's
+/// also say what ran each stage (`pipeline_stages`: `stage=model/variant@node,...`).
+pub fn response_parameters(o: &InferOutcome) -> Vec<(&'static str, ParamValue<'_>)> {
+    let mut v = vec![
         ("variant", ParamValue::Str(&o.model.variants[o.variant].spec.name)),
         ("node", ParamValue::Str(&o.node)),
         ("estimated_accuracy", ParamValue::Double(o.estimated_accuracy)),
@@ -52,7 +54,11 @@ pub fn response_parameters(o: &InferOutcome) -> [(&'static str, ParamValue<'_>);
         ("deadline_met", ParamValue::Bool(o.deadline_met)),
         ("batch_size", ParamValue::Int(i64::from(o.batch_size))),
         ("tenant", ParamValue::Str(&o.tenant)),
-    ]
+    ];
+    if let Some(run) = &o.pipeline {
+        v.push(("pipeline_stages", ParamValue::Owned(crate::pipeline::stages_parameter(&run.stages))));
+    }
+    v
 }
 
 /// Errors raised at the protocol edge (before the gateway admits the request) that the edge
@@ -60,7 +66,7 @@ pub fn response_parameters(o: &InferOutcome) -> [(&'static str, ParamValue<'_>);
 /// the gateway. One rule for both protocols.
 pub fn count_edge_error(gw: &Gateway, model: &str, e: &Error) {
     if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
-        let label = if gw.model(model).is_ok() { model } else { "" };
+        let label = if gw.model(model).is_ok() || gw.pipeline(model).is_some() { model } else { "" };
         gw.metrics.request(label, "", e.code.label());
     }
 }

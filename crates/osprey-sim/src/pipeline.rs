@@ -121,7 +121,13 @@ impl PipelineScenario {
             return Err("speed must be positive".into());
         }
         let l = &self.resources;
-        if l.f_max == 0 || l.b_max == 0 || !(l.w_max > 0.0) || !(l.cores_max > 0.0) {
+        if l.f_max == 0
+            || l.b_max == 0
+            || l.w_max.is_nan()
+            || l.w_max <= 0.0
+            || l.cores_max.is_nan()
+            || l.cores_max <= 0.0
+        {
             return Err("[resources] f_max, b_max, w_max and cores_max must be positive".into());
         }
         if self.policies.is_empty() {

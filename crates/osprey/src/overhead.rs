@@ -101,6 +101,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 tenants: Vec::new(),
                 scheduler: Default::default(),
                 join_token: None,
+                pipelines: Vec::new(),
             },
             |_, v, _| osprey_core::profile::VariantProfile {
                 name: v.name.clone(),

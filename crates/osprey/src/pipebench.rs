@@ -60,7 +60,7 @@ pub fn summary_line(r: &Run, duration_s: f64) -> String {
 pub fn run_bench(path: &Path, out: &Path, duration: Option<f64>, only: &[String]) -> Result<(), String> {
     let (mut scn, base) = PipelineScenario::load(path)?;
     if let Some(d) = duration {
-        if !(d >= scn.interval_s) {
+        if d.is_nan() || d < scn.interval_s {
             return Err(format!("--duration must be at least the control interval ({} s)", scn.interval_s));
         }
         scn.duration_s = d;

@@ -51,6 +51,12 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     for p in &problems {
         tracing::error!(model = %p.model, "skipping model: {}", p.error);
     }
+    let (pipelines, broken) = osprey_core::pipeline::scan_pipelines(&repo).map_err(|e| e.to_string())?;
+    let mut problems = problems;
+    for (name, error) in broken {
+        tracing::error!(pipeline = %name, "skipping pipeline: {error}");
+        problems.push(osprey_core::model::RepositoryProblem { model: name, error });
+    }
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4);
     let wanted = args.local_agents.unwrap_or(config.agents.len().max(1));
     let local_agents: Vec<osprey_core::config::AgentConfig> = (0..wanted)
@@ -110,6 +116,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 tenants: config.tenants.clone(),
                 scheduler: config.scheduler.clone(),
                 join_token: Some(join_token),
+                pipelines,
             },
             quick_profile,
         );
@@ -119,10 +126,15 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         }
         let http_addr = http.local_addr().map_err(|e| e.to_string())?;
         let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+        for p in gw.pipelines() {
+            let stages: Vec<&str> = p.stages.iter().map(|s| s.name()).collect();
+            tracing::info!(pipeline = p.name(), stages = %stages.join(" -> "), "pipeline ready");
+        }
         println!(
-            "osprey {} serving {} model(s) from {}",
+            "osprey {} serving {} model(s) and {} pipeline(s) from {}",
             osprey_server::SERVER_VERSION,
             gw.models().count(),
+            gw.pipelines().count(),
             repo.display()
         );
         let scheme = if tls.is_some() { "https" } else { "http" };

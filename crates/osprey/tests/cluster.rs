@@ -226,7 +226,16 @@ fn instances(http: &str, node: &str) -> Vec<String> {
 
 #[test]
 fn placement_follows_memory_and_unload_waits_for_another_host() {
-    let gw = Server::start(&["--local-agents", "0"]);
+    // A repository of the two single-model tasks only, so that the memory arithmetic below
+    // does not move when the zoo grows.
+    let repo = std::env::temp_dir().join(format!("osprey-placement-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(&repo).unwrap();
+    for m in ["digits", "spoken_digits"] {
+        std::os::unix::fs::symlink(repo_root().join("models").join(m), repo.join(m)).unwrap();
+    }
+    let repo_arg = repo.to_string_lossy().into_owned();
+    let gw = Server::start(&["--local-agents", "0", "--model-repository", &repo_arg]);
     // 3 MB: digits small (1) + medium (1) + spoken_digits small (1); the large variants (5 and
     // 9 MB) do not fit.
     let _small = Agent::start(&gw.grpc, "small", &["--memory-mb", "3"]);
@@ -261,6 +270,7 @@ fn placement_follows_memory_and_unload_waits_for_another_host() {
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("\"node\":\"big\""), "{b}");
     assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&repo);
 }
 
 /// Both listeners and the agent link over TLS (the test CA in tests/fixtures): the official

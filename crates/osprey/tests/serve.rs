@@ -23,6 +23,23 @@ fn tritonclient_conformance_over_http_and_grpc() {
     assert!(status.success(), "osprey serve exited with {status}");
 }
 
+/// The zoo's pipeline addressed as one model by tritonclient over both protocols; its answer
+/// equals the stage models called one by one with the same variants.
+#[test]
+fn pipeline_served_as_one_model_to_tritonclient() {
+    let server = Server::start(&[]);
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/python/pipeline.py"))
+        .args(["--http", &server.http, "--grpc", &server.grpc, "--models"])
+        .arg(repo_root().join("models"))
+        .output()
+        .expect("run python3 (install it and `pip install tritonclient[http,grpc] numpy`)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pipeline checks failed:\n{text}");
+    assert!(text.contains("checks passed"), "{text}");
+    assert!(server.stop().success());
+}
+
 fn loadgen(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
         .arg("loadgen")
