@@ -243,6 +243,45 @@ pub struct ServerConfig {
     pub cluster: ClusterSection,
     /// TLS for both listeners; none: plaintext (warned about off loopback).
     pub tls: Option<TlsSection>,
+    /// The per-interval control loop for pipelines; none: stages choose per batch.
+    pub control: Option<ControlSection>,
+}
+
+/// The control loop (OPD's per-interval configuration) of every served pipeline.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Seconds between decisions (1 to 3600; the OPD paper's 10 by default).
+    pub interval_s: f64,
+    /// `random`, `greedy`, `ipa` or `opd`.
+    pub policy: String,
+    /// `last`, `ewma` or `lstm`.
+    pub predictor: String,
+    /// Weights of `opd` and `lstm` (safetensors with their `.json` sidecar).
+    pub opd_weights: Option<PathBuf>,
+    pub predictor_weights: Option<PathBuf>,
+    /// Cluster capacity and security limits every decision is bounded by.
+    pub resources: crate::pipeline::Limits,
+    pub objective: crate::pipeline::Weights,
+    pub reward: crate::pipeline::RewardWeights,
+    /// Seed of the `random` policy.
+    pub seed: u64,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            interval_s: 10.0,
+            policy: "ipa".into(),
+            predictor: "ewma".into(),
+            opd_weights: None,
+            predictor_weights: None,
+            resources: crate::pipeline::Limits::default(),
+            objective: crate::pipeline::Weights::default(),
+            reward: crate::pipeline::RewardWeights::default(),
+            seed: 1,
+        }
+    }
 }
 
 /// The gateway's certificate (PEM files; relative paths are relative to the working
@@ -279,6 +318,7 @@ impl Default for ServerConfig {
             scheduler: SchedulerSection::default(),
             cluster: ClusterSection::default(),
             tls: None,
+            control: None,
         }
     }
 }
@@ -304,6 +344,33 @@ impl ServerConfig {
                 "{}: max_batch, max_request_batch, max_queue, max_connections and the read timeouts must be positive",
                 path.display()
             )));
+        }
+        if let Some(k) = &c.control {
+            let bad = |m: &str| Error::invalid(format!("{}: [control] {m}", path.display()));
+            if !(1.0..=3600.0).contains(&k.interval_s) {
+                return Err(bad("interval_s must be within 1..3600"));
+            }
+            if !["random", "greedy", "ipa", "opd"].contains(&k.policy.as_str()) {
+                return Err(bad("policy must be random, greedy, ipa or opd"));
+            }
+            if !["last", "ewma", "lstm"].contains(&k.predictor.as_str()) {
+                return Err(bad("predictor must be last, ewma or lstm"));
+            }
+            if (k.policy == "opd" && k.opd_weights.is_none())
+                || (k.predictor == "lstm" && k.predictor_weights.is_none())
+            {
+                return Err(bad("opd needs opd_weights and lstm needs predictor_weights"));
+            }
+            let r = &k.resources;
+            if r.f_max == 0
+                || r.b_max == 0
+                || r.w_max.is_nan()
+                || r.w_max <= 0.0
+                || r.cores_max.is_nan()
+                || r.cores_max <= 0.0
+            {
+                return Err(bad("[control.resources] f_max, b_max, w_max and cores_max must be positive"));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for t in &c.tenants {
@@ -357,6 +424,28 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_section_parses_and_refuses_what_it_cannot_run() {
+        let p = Path::new("osprey.toml");
+        let c = ServerConfig::parse("[control]\npolicy = \"greedy\"\n[control.resources]\nf_max = 2\n", p)
+            .unwrap();
+        let k = c.control.unwrap();
+        assert_eq!(
+            (k.policy.as_str(), k.interval_s, k.resources.f_max, k.resources.b_max),
+            ("greedy", 10.0, 2, 32)
+        );
+        for bad in [
+            "[control]\npolicy = \"best\"\n",
+            "[control]\ninterval_s = 0.5\n",
+            "[control]\npolicy = \"opd\"\n",
+            "[control]\npredictor = \"lstm\"\n",
+            "[control.resources]\nf_max = 0\n",
+            "[control]\nbogus = 1\n",
+        ] {
+            assert!(ServerConfig::parse(bad, p).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults_and_unknown_keys_fail() {

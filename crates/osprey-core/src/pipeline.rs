@@ -156,6 +156,59 @@ impl PipelineSpec {
 /// A pipeline folder that could not be read: its name and why.
 pub type BrokenPipeline = (String, Error);
 
+/// Resource capacity and security limits (config `[resources]`, `[control.resources]`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// F_max: replicas per stage.
+    pub f_max: u32,
+    /// B_max: maximum batch size per stage.
+    pub b_max: u32,
+    /// W_max: memory of all replicas, MB.
+    pub w_max: f64,
+    /// Cores of all replicas' thread budgets.
+    pub cores_max: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { f_max: 8, b_max: 32, w_max: 4096.0, cores_max: 16.0 }
+    }
+}
+
+/// Eq. 3/4 weights (config `[objective]`), the paper's names.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Weights {
+    pub alpha: f64,
+    pub beta: f64,
+    pub gamma: f64,
+    pub delta: f64,
+    pub lambda: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        // Unmet demand costs far more than idle capacity (γ ≫ δ), and a core costs about as
+        // much as a tenth of a stage's accuracy.
+        Weights { alpha: 1.0, beta: 0.5, gamma: 4.0, delta: 0.6, lambda: 0.1 }
+    }
+}
+
+/// Eq. 7 weights (config `[reward]`): the paper's β (cost) and γ (batch size) of the reward.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardWeights {
+    pub beta: f64,
+    pub gamma: f64,
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        RewardWeights { beta: 0.1, gamma: 0.002 }
+    }
+}
+
 /// Every sub-folder of `root` with a `pipeline.toml`, sorted by name; broken ones as errors.
 pub fn scan_pipelines(root: &Path) -> Result<(Vec<PipelineSpec>, Vec<BrokenPipeline>)> {
     let entries = std::fs::read_dir(root)

@@ -310,6 +310,11 @@ struct Model {
     name: String,
     sched: Scheduler,
     variants: Vec<(String, u64)>,
+    /// Batches of this model that may run at once (the control loop's replicas); `None`:
+    /// as many as there are free workers.
+    replicas: Option<u32>,
+    /// Batches of this model in flight.
+    running: u32,
 }
 
 /// Errors of the admin operations (load, unload).
@@ -335,7 +340,13 @@ impl Dispatcher {
     pub fn new(cfg: DispatchConfig, models: Vec<ModelSetup>) -> Dispatcher {
         let models = models
             .into_iter()
-            .map(|m| Model { name: m.name, sched: m.scheduler, variants: m.variants })
+            .map(|m| Model {
+                name: m.name,
+                sched: m.scheduler,
+                variants: m.variants,
+                replicas: None,
+                running: 0,
+            })
             .collect();
         let mut d = Dispatcher {
             cfg,
@@ -552,6 +563,7 @@ impl Dispatcher {
             self.inflight.iter().filter(|(_, b)| b.node == node).map(|(id, _)| *id).collect();
         for id in lost {
             if let Some(b) = self.inflight.remove(&id) {
+                self.models[b.model].running = self.models[b.model].running.saturating_sub(1);
                 self.fail_over(now, b, &reason);
             }
         }
@@ -680,6 +692,7 @@ impl Dispatcher {
     /// or a failure the dispatcher answers itself).
     pub fn handle_batch_done(&mut self, now: Micros, batch: BatchId, outcome: BatchOutcome) -> Option<Done> {
         let b = self.inflight.remove(&batch)?;
+        self.models[b.model].running = self.models[b.model].running.saturating_sub(1);
         let node = b.node;
         if let Some(n) = self.nodes.get_mut(&node) {
             n.running = n.running.saturating_sub(1);
@@ -880,6 +893,7 @@ impl Dispatcher {
                         dispatched: now,
                     },
                 );
+                self.models[k].running += 1;
                 self.first_model = (k + 1) % n;
                 progressed = true;
             }
@@ -889,9 +903,53 @@ impl Dispatcher {
         }
     }
 
-    /// Some live node hosting a variant of `model` has a free worker.
+    /// Some live node hosting a variant of `model` has a free worker, and the model runs fewer
+    /// batches than its replicas allow.
     fn has_free_worker(&self, model: ModelId) -> bool {
-        self.nodes.values().any(|n| n.free() && n.hosted.range((model, 0)..(model + 1, 0)).next().is_some())
+        let m = &self.models[model];
+        m.replicas.is_none_or(|r| m.running < r)
+            && self
+                .nodes
+                .values()
+                .any(|n| n.free() && n.hosted.range((model, 0)..(model + 1, 0)).next().is_some())
+    }
+
+    /// Applies the control loop's configuration of `model`: the variant its unpinned requests
+    /// run on and its batch limit ([`crate::scheduler::Control`]), and how many of its batches
+    /// may run at once (`replicas`; `None` lifts the bound). Batches already planned or running
+    /// finish as they were; queued requests are planned under the new configuration, so a change
+    /// loses and duplicates nothing. A variant no live node hosts is asked for first (each
+    /// placement-managed node that has room loads it) and takes effect once loaded.
+    pub fn configure(
+        &mut self,
+        now: Micros,
+        model: ModelId,
+        control: crate::scheduler::Control,
+        replicas: Option<u32>,
+    ) {
+        let Some(m) = self.models.get_mut(model) else { return };
+        let variant = control.variant.filter(|&v| v < m.variants.len());
+        m.sched.set_control(crate::scheduler::Control { variant, ..control });
+        m.replicas = replicas.map(|r| r.max(1));
+        if let Some(v) = variant
+            && !self.available(model).get(v).copied().unwrap_or(false)
+        {
+            let name = self.models[model].name.clone();
+            let vname = self.models[model].variants[v].0.clone();
+            let nodes: Vec<String> =
+                self.nodes.values().filter(|n| !n.info.preloaded).map(|n| n.info.name.clone()).collect();
+            for node in nodes {
+                if self.load(&node, &name, &vname).is_ok() {
+                    break;
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The control loop's configuration of `model` in force: (control, replicas).
+    pub fn configuration(&self, model: ModelId) -> Option<(crate::scheduler::Control, Option<u32>)> {
+        self.models.get(model).map(|m| (m.sched.control(), m.replicas))
     }
 
     /// The instance for a batch: among live nodes hosting the variant with room.

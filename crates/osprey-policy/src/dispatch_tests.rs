@@ -460,3 +460,34 @@ fn microsecond_jitter_is_not_a_slow_node_but_a_slow_long_batch_is() {
     }
     assert!((ok.slowdown - 1.0).abs() < 1e-9);
 }
+
+#[test]
+fn a_configuration_bounds_replicas_and_batches_and_switches_variants_without_loss() {
+    // Four workers, but the control loop allows two batches of the model at once, of at most
+    // two rows, on the large variant; then it switches to small with one replica.
+    let mut p = Pair::new(vec![model("m", Rule::Utility, 1000.0)]);
+    p.join(remote("a", 4, 1.0, 100));
+    p.d.configure(p.now, 0, crate::scheduler::Control { variant: Some(1), max_rows: Some(2) }, Some(2));
+    for i in 0..40 {
+        p.arrive(0, request(i, p.now, 5_000_000, None));
+        let running = p.running.len();
+        assert!(running <= 2, "{running} batches run at once under 2 replicas");
+    }
+    p.run_until(p.now + 20_000);
+    assert!(p.runs.iter().all(|r| r.variant == 1 && r.rows <= 2), "{:?}", p.runs);
+    let before = p.runs.len();
+    p.d.configure(p.now, 0, crate::scheduler::Control { variant: Some(0), max_rows: None }, Some(1));
+    assert_eq!(
+        p.d.configuration(0),
+        Some((crate::scheduler::Control { variant: Some(0), max_rows: None }, Some(1)))
+    );
+    let (mut t, end) = (p.now, p.now + 5_000_000);
+    while t < end {
+        t += 1_000;
+        p.run_until(t);
+        assert!(p.running.len() <= 2, "the old batches finish, no more than one new one starts");
+    }
+    // Batches planned after the switch run the new variant; every request answered once.
+    assert!(p.runs[before..].iter().skip(2).all(|r| r.variant == 0), "{:?}", &p.runs[before..]);
+    p.assert_each_answered_once();
+}

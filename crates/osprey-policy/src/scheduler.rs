@@ -217,6 +217,18 @@ pub struct Scheduler {
     /// Cached [`Scheduler::poll_timeout`] (`None` = to recompute): drivers ask after every
     /// event, the queue changes far less often.
     next_expiry: std::cell::Cell<Option<Option<Micros>>>,
+    /// The control loop's configuration for this model.
+    control: Control,
+}
+
+/// What the per-interval control loop sets for a model (a pipeline stage): the variant every
+/// unpinned request runs on, and a smaller batch limit. The variant applies only while some
+/// instance hosts it — until then the rule chooses as before, so a switch never leaves requests
+/// with nothing to run on (load before unload); a request pinned to a version keeps its pin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Control {
+    pub variant: Option<usize>,
+    pub max_rows: Option<u32>,
 }
 
 /// Weight of a new observation in the slowdown average.
@@ -263,7 +275,23 @@ impl Scheduler {
             rng,
             available,
             next_expiry: std::cell::Cell::new(Some(None)),
+            control: Control::default(),
         }
+    }
+
+    /// Applies the control loop's configuration (see [`Control`]).
+    pub fn set_control(&mut self, c: Control) {
+        self.control = c;
+        self.next_expiry.set(None);
+    }
+
+    pub fn control(&self) -> Control {
+        self.control
+    }
+
+    /// The batch limit in force: the configured one, lowered by the control loop.
+    fn max_rows(&self) -> u32 {
+        self.control.max_rows.map_or(self.cfg.max_rows, |m| m.min(self.cfg.max_rows)).max(1)
     }
 
     pub fn len(&self) -> usize {
@@ -379,8 +407,13 @@ impl Scheduler {
         }
     }
 
-    /// The variant a baseline rule runs.
+    /// The variant the control loop set (while hosted), else the one a baseline rule runs.
     fn fixed_variant(&self) -> Option<usize> {
+        if let Some(v) = self.control.variant
+            && self.available.get(v).copied().unwrap_or(false)
+        {
+            return Some(v);
+        }
         let by = |f: &dyn Fn(&VariantModel) -> f64| {
             (0..self.variants.len()).max_by(|&a, &b| f(&self.variants[a]).total_cmp(&f(&self.variants[b])))
         };
@@ -450,7 +483,7 @@ impl Scheduler {
             // (its pinned one, when pinned) at full batches. Assuming the model's fastest
             // variant for all once admitted far more pinned requests than could be served:
             // they waited out their deadlines in the queue instead of being refused at once.
-            let rows = self.cfg.max_rows.max(1);
+            let rows = self.max_rows();
             let per_row: Vec<f64> =
                 (0..self.variants.len())
                     .map(|v| {
@@ -639,7 +672,7 @@ impl Scheduler {
             if !self.allowed(r).any(|a| a == v) {
                 continue;
             }
-            if idx.is_empty() || rows + r.rows <= self.cfg.max_rows {
+            if idx.is_empty() || rows + r.rows <= self.max_rows() {
                 rows += r.rows;
                 idx.push(i);
             }
@@ -713,7 +746,7 @@ impl Scheduler {
             for i in cands {
                 let r = &self.queue[i];
                 let new_rows = rows + r.rows;
-                if !members.is_empty() && new_rows > self.cfg.max_rows {
+                if !members.is_empty() && new_rows > self.max_rows() {
                     continue;
                 }
                 let d = min_deadline.min(r.deadline as f64);

@@ -316,6 +316,21 @@ impl Cluster {
         self.with(|core, _| core.d.load(node, model, variant))
     }
 
+    /// Applies the control loop's configuration of a model (see `Dispatcher::configure`).
+    pub fn configure(
+        self: &Arc<Self>,
+        model: &str,
+        control: osprey_policy::scheduler::Control,
+        replicas: Option<u32>,
+    ) -> Result<()> {
+        self.with(|core, now| {
+            let id =
+                core.d.model_id(model).ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?;
+            core.d.configure(now, id, control, replicas);
+            Ok(())
+        })
+    }
+
     /// Unloads a variant from a node once another hosts it.
     pub fn unload(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
         self.with(|core, now| core.d.unload(now, node, model, variant))

@@ -524,6 +524,11 @@ impl Gateway {
         self.pipelines.values()
     }
 
+    /// A background task the drain stops with the dispatcher's timer (the control loop).
+    pub fn add_task(&self, task: tokio::task::JoinHandle<()>) {
+        self.timer.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+    }
+
     /// Admitted requests not yet answered.
     pub fn in_flight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)

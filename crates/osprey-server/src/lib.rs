@@ -6,6 +6,8 @@
 //!   a queue), tenant admission, per-input estimates, statistics.
 //! - [`cluster`]: the live driver of `osprey_policy::dispatch::Dispatcher` (every cluster
 //!   decision is made there); remote agents and the `osprey.agent.v1.AgentGateway` service.
+//! - [`controller`]: the per-interval control loop of pipelines (predictor → configuration
+//!   policy → every stage's variant, batch limit and replicas applied to the dispatcher).
 //! - [`codec`]: the gRPC codec (undecodable messages are INVALID_ARGUMENT).
 //! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
 //! - [`pipeline`]: pipelines addressed as one model: stages chained in the gateway, the
@@ -24,6 +26,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod codec;
+pub mod controller;
 pub mod gateway;
 pub mod grpc;
 pub mod http;

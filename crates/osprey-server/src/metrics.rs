@@ -84,6 +84,9 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// HTTP connections answered 503 because `limits.max_connections` were open.
     pub connections_refused: Counter,
+    /// Control-loop decisions per pipeline (`model` = the pipeline), and their time.
+    pub control_decisions: Family<ModelLabels, Counter>,
+    pub control_duration: Histogram,
     registry: Registry,
 }
 
@@ -175,7 +178,21 @@ impl Metrics {
             "HTTP connections refused at accept because limits.max_connections were open",
             connections_refused.clone(),
         );
+        let control_decisions = Family::<ModelLabels, Counter>::default();
+        let control_duration = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
+        registry.register(
+            "control_decisions",
+            "Configurations the control loop applied, per pipeline (label model)",
+            control_decisions.clone(),
+        );
+        registry.register(
+            "control_decision_duration_seconds",
+            "Time the control loop's policy spends per decision",
+            control_duration.clone(),
+        );
         Metrics {
+            control_decisions,
+            control_duration,
             connections_open,
             connections_refused,
             requests,
@@ -193,6 +210,12 @@ impl Metrics {
             grpc_duration,
             registry,
         }
+    }
+
+    /// One control-loop decision for `pipeline`, taking `seconds`.
+    pub fn control_decision(&self, pipeline: &str, seconds: f64) {
+        self.control_decisions.get_or_create(&ModelLabels { model: pipeline.into() }).inc();
+        self.control_duration.observe(seconds);
     }
 
     pub fn request(&self, model: &str, variant: &str, outcome: &str) {

@@ -37,6 +37,10 @@ pub struct PipelineEntry {
     pub feeds: Vec<Vec<usize>>,
     /// wₙ of the module docs, µs.
     pub weights_us: Vec<f64>,
+    /// Requests admitted since start (the control loop's load telemetry).
+    pub arrivals: std::sync::atomic::AtomicU64,
+    /// The configuration the control loop last applied, per stage.
+    pub applied: std::sync::Mutex<Option<osprey_policy::configure::Config>>,
 }
 
 /// A pipeline's answer: the entry and what ran each stage.
@@ -95,7 +99,14 @@ impl PipelineEntry {
                     .max(100.0)
             })
             .collect();
-        Ok(PipelineEntry { spec, stages, feeds, weights_us })
+        Ok(PipelineEntry {
+            spec,
+            stages,
+            feeds,
+            weights_us,
+            arrivals: Default::default(),
+            applied: Default::default(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -123,6 +134,7 @@ impl Gateway {
         tenant: usize,
     ) -> Result<InferOutcome> {
         let started = Instant::now();
+        p.arrivals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slo = Duration::from_millis(self.tenants.get(tenant).config.latency_slo_ms);
         let total = req.timeout.map_or(slo, |t| t.min(slo));
         let deadline = started + total;
@@ -215,6 +227,8 @@ mod tests {
             stages: Vec::new(),
             feeds: Vec::new(),
             weights_us: vec![100.0, 300.0, 600.0],
+            arrivals: Default::default(),
+            applied: Default::default(),
         };
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         assert!((ms(p.budget(0, Duration::from_millis(10))) - 1.0).abs() < 1e-6);

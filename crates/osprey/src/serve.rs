@@ -130,6 +130,24 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             let stages: Vec<&str> = p.stages.iter().map(|s| s.name()).collect();
             tracing::info!(pipeline = p.name(), stages = %stages.join(" -> "), "pipeline ready");
         }
+        if let Some(c) = &config.control {
+            let loops = gw
+                .pipelines()
+                .map(|p| {
+                    let problem = osprey_server::controller::problem_for(p, c);
+                    let (policy, predictor) = crate::train::control_parts(c, &problem)?;
+                    Ok(osprey_server::controller::Loop { pipeline: p.clone(), problem, policy, predictor })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            tracing::info!(
+                policy = %c.policy,
+                predictor = %c.predictor,
+                interval_s = c.interval_s,
+                pipelines = loops.len(),
+                "control loop on"
+            );
+            osprey_server::controller::start(gw.clone(), c.interval_s, loops);
+        }
         println!(
             "osprey {} serving {} model(s) and {} pipeline(s) from {}",
             osprey_server::SERVER_VERSION,

@@ -221,6 +221,35 @@ pub fn policy_for(
     })
 }
 
+/// A policy and the predictor that feeds it.
+pub type ControlParts = (Box<dyn ConfigPolicy>, Box<dyn LoadPredictor>);
+
+/// The live control loop's policy and predictor from `[control]`.
+pub fn control_parts(
+    c: &osprey_core::config::ControlSection,
+    problem: &Problem,
+) -> Result<ControlParts, String> {
+    let policy: Box<dyn ConfigPolicy> = match c.policy.as_str() {
+        "random" => Box::new(RandomPolicy::new(c.seed)),
+        "greedy" => Box::new(GreedyPolicy),
+        "opd" => {
+            let path = c.opd_weights.as_ref().ok_or("[control] policy opd needs opd_weights")?;
+            Box::new(OpdPolicy::load(path, problem).map_err(|e| format!("[control] opd_weights: {e}"))?)
+        }
+        _ => Box::new(IpaPolicy::default()),
+    };
+    let predictor: Box<dyn LoadPredictor> = match c.predictor.as_str() {
+        "last" => Box::new(LastValue::default()),
+        "lstm" => {
+            let path =
+                c.predictor_weights.as_ref().ok_or("[control] predictor lstm needs predictor_weights")?;
+            Box::new(LstmPredictor::load(path).map_err(|e| format!("[control] predictor_weights: {e}"))?)
+        }
+        _ => Box::new(Ewma::default()),
+    };
+    Ok((policy, predictor))
+}
+
 /// The predictor's forecast at every control step of `loads`, as the controller would see it.
 pub fn forecasts(predictor: &mut dyn LoadPredictor, loads: &[f64], interval_s: f64) -> Vec<f64> {
     let step = interval_s.round().max(1.0) as usize;

@@ -40,6 +40,51 @@ fn pipeline_served_as_one_model_to_tritonclient() {
     assert!(server.stop().success());
 }
 
+/// The control loop reconfigures the pipeline every second (the random policy, so that every
+/// decision changes something) while tritonclient loads it: every request is answered once,
+/// with its own id, and answers come from several configurations.
+#[test]
+fn pipeline_reconfigured_under_load_loses_nothing() {
+    let dir = std::env::temp_dir().join(format!("osprey-control-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("osprey.toml");
+    std::fs::write(
+        &config,
+        "[control]\ninterval_s = 1\npolicy = \"random\"\npredictor = \"last\"\nseed = 5\n\
+         [control.resources]\nf_max = 2\nb_max = 8\nw_max = 4096\ncores_max = 6\n",
+    )
+    .unwrap();
+    let server = Server::start(&["--config", &config.to_string_lossy()]);
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/python/pipeline_load.py"))
+        .args(["--http", &server.http, "--seconds", "6", "--threads", "4", "--models"])
+        .arg(repo_root().join("models"))
+        .output()
+        .expect("run python3 (install it and `pip install tritonclient[http,grpc] numpy`)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["duplicates"], 0, "{v}");
+    assert_eq!(
+        v["sent"].as_u64().unwrap(),
+        v["ok"].as_u64().unwrap() + v["refused"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(v["ok"].as_u64().unwrap() > 50, "{v}");
+    assert!(v["configurations"].as_array().unwrap().len() >= 2, "one configuration answered everything: {v}");
+    let metrics = http_get(&server.http, "/metrics");
+    let decisions: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("osprey_control_decisions_total{model=\"digits_pipeline\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    assert!(decisions >= 4.0, "control decisions: {decisions}");
+    assert!(server.stop().success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn loadgen(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_osprey"))
         .arg("loadgen")
