@@ -23,7 +23,8 @@ use crate::pipeline::PipelineEntry;
 use osprey_core::config::ControlSection;
 use osprey_core::profile::Quantile;
 use osprey_policy::configure::{
-    ConfigPolicy, Observation, PipelineOptions, Problem, StageOptions, VariantOption, enforce, minimal,
+    ConfigPolicy, Observation, PipelineOptions, Problem, StageOptions, VariantOption, enforce, evaluate,
+    minimal,
 };
 use osprey_policy::predict::LoadPredictor;
 use osprey_policy::scheduler::Control;
@@ -121,6 +122,8 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .unwrap_or_else(|| minimal(&l.problem));
+    // Eq. 1-4 for the configuration that served the interval just measured, at its load.
+    let ran = evaluate(&l.problem, &current, load);
     let obs = Observation { load_rps: load, predicted_rps: l.predictor.predict(), current };
     let t0 = std::time::Instant::now();
     let cfg = enforce(&l.problem, &l.policy.decide(&l.problem, &obs));
@@ -147,6 +150,9 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
         load = format!("{load:.1}"),
         predicted = format!("{:.1}", obs.predicted_rps),
         decision_us = decision.as_micros() as u64,
+        ran_qos = format!("{:.4}", ran.q),
+        ran_cost = format!("{:.2}", ran.c),
+        ran_objective = format!("{:.4}", ran.objective),
         config = %text.join(" "),
         "configured"
     );

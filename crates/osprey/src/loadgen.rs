@@ -50,6 +50,13 @@ pub struct LoadgenArgs {
     /// Open loop: this many requests per second, whatever the answers.
     #[arg(long)]
     rate: Option<f64>,
+    /// With --rate: OPD's fluctuating shape, from --rate up to this many requests per second
+    /// and back, rate(t) = low + (high − low)·(1 − cos(2πt/period))/2.
+    #[arg(long, requires = "rate")]
+    high: Option<f64>,
+    /// Period of the fluctuating shape, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    period_s: f64,
     /// How long to send, seconds.
     #[arg(long)]
     duration: f64,
@@ -160,19 +167,48 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
     if args.batch == 0 {
         return Err("--batch must be positive".into());
     }
+    if args.high.is_some_and(|h| !(h > 0.0 && h.is_finite())) || !(args.period_s > 0.0) {
+        return Err("--high and --period-s must be positive".into());
+    }
     let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
-    let spec = scan_repository(&repo)
+    let spec = match scan_repository(&repo)
         .ok()
         .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))
-        .ok_or_else(|| {
+    {
+        Some(m) => m,
+        None => pipeline_as_model(&repo, &args.model).ok_or_else(|| {
             format!("model '{}' not found in {} (needed for its input shapes)", args.model, repo.display())
-        })?;
+        })?,
+    };
     let eval = spec.load_eval().map_err(|e| e.to_string())?;
     let samples = Arc::new(prepare(&spec, eval.as_ref(), &args));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let tally = rt.block_on(drive(args.clone(), samples))?;
     report(&args, &tally);
     Ok(())
+}
+
+/// A pipeline of the repository seen as the model a client addresses: the first stage's
+/// inputs, the last stage's outputs, the pipeline's own end-to-end evaluation set.
+fn pipeline_as_model(repo: &std::path::Path, name: &str) -> Option<ModelSpec> {
+    let p = osprey_core::pipeline::PipelineSpec::load(&repo.join(name)).ok()?;
+    let (models, _) = scan_repository(repo).ok()?;
+    let chain = p.check(&models).ok()?;
+    let (first, last) = (chain.first()?, chain.last()?);
+    let samples =
+        std::fs::read_to_string(p.dir.join("eval/labels.csv")).ok()?.lines().count().saturating_sub(1);
+    Some(ModelSpec {
+        name: p.name.clone(),
+        dir: p.dir.clone(),
+        outputs: last.outputs.clone(),
+        variants: Vec::new(),
+        eval: Some(osprey_core::model::EvalSpec {
+            inputs: "eval/inputs.bin".into(),
+            labels: "eval/labels.csv".into(),
+            samples,
+        }),
+        ..(*first).clone()
+    })
 }
 
 fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<Sample> {
@@ -318,7 +354,16 @@ async fn drive(args: LoadgenArgs, samples: Arc<Vec<Sample>>) -> Result<Tally, St
                 record(&tally, s, id, o, start);
             });
             i += 1;
-            next += interval;
+            next += match args.high {
+                // OPD's fluctuating shape at the elapsed time.
+                Some(high) => {
+                    let t = next.duration_since(start).as_secs_f64();
+                    let r = rate
+                        + (high - rate) * (1.0 - (std::f64::consts::TAU * t / args.period_s).cos()) / 2.0;
+                    Duration::from_secs_f64(1.0 / r.max(1e-3))
+                }
+                None => interval,
+            };
             // Reap finished tasks so the set stays small.
             while tasks.try_join_next().is_some() {}
         }
