@@ -167,7 +167,9 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
     if args.batch == 0 {
         return Err("--batch must be positive".into());
     }
-    if args.high.is_some_and(|h| !(h > 0.0 && h.is_finite())) || !(args.period_s > 0.0) {
+    if args.high.is_some_and(|h| !(h > 0.0 && h.is_finite()))
+        || !(args.period_s.is_finite() && args.period_s > 0.0)
+    {
         return Err("--high and --period-s must be positive".into());
     }
     let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
