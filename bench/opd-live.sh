@@ -6,12 +6,14 @@
 # table: the controller's mean cost / QoS / objective over its intervals (eq. 1-4 at the measured
 # load, as logged per decision) beside what the client saw.
 # Usage: bench/opd-live.sh [SECONDS]   (default 90)
+#   AGENTS=N: serve with no in-process agent and N `osprey agent` processes (1 thread each) on
+#   loopback instead; POLICIES="ipa opd": only these.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-90}
 cargo build --release --quiet
 BIN=target/release/osprey
-OUT=bench/opd/live
+OUT=bench/opd/live${AGENTS:+-agents$AGENTS}
 mkdir -p "$OUT"
 export OSPREY_STATE_DIR=$(mktemp -d)
 trap 'rm -rf "$OSPREY_STATE_DIR"' EXIT
@@ -42,16 +44,27 @@ lambda = 0.05
 beta = 0.05
 gamma = 0.002
 TOML
-  $BIN serve --config "$cfg" --http-addr 127.0.0.1:18300 --grpc-addr 127.0.0.1:18301 > "$OUT/$policy.log" 2>&1 &
+  local_args=()
+  [ "${AGENTS:-0}" -gt 0 ] && local_args=(--local-agents 0)
+  $BIN serve --config "$cfg" --http-addr 127.0.0.1:18300 --grpc-addr 127.0.0.1:18301 "${local_args[@]}" \
+    > "$OUT/$policy.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 200); do
-    curl -sf 127.0.0.1:18300/v2/health/ready >/dev/null && break
+  agents=()
+  for i in $(seq 1 "${AGENTS:-0}"); do
+    until [ -s "$OSPREY_STATE_DIR/join-token" ]; do sleep 0.05; done
+    $BIN agent --join 127.0.0.1:18301 --token-file "$OSPREY_STATE_DIR/join-token" --name "agent-$i" \
+      --threads 1 > "$OUT/$policy.agent-$i.log" 2>&1 &
+    agents+=($!)
+  done
+  for _ in $(seq 1 600); do
+    curl -sf 127.0.0.1:18300/v2/models/digits_pipeline/ready >/dev/null && break
     sleep 0.05
   done
   $BIN loadgen --model digits_pipeline --target 127.0.0.1:18300 --rate 200 --high 2000 --period-s 60 \
     --duration "$SECS" --json > "$OUT/$policy.json"
   kill -TERM $pid
   wait $pid || true
+  for a in "${agents[@]}"; do kill $a 2>/dev/null || true; wait $a 2>/dev/null || true; done
   python3 - "$policy" "$OUT/$policy.log" "$OUT/$policy.json" <<'PY'
 import json, re, sys
 policy, log, js = sys.argv[1:]
