@@ -266,6 +266,9 @@ mod tests {
         assert!(e.contains("[3]") && e.contains("[4]"), "{e}");
         let missing = parse("[[stages]]\nname = \"one\"\nmodel = \"nope\"\n").unwrap();
         assert!(missing.check(&models).unwrap_err().to_string().contains("'nope'"));
+        for m in &models {
+            let _ = std::fs::remove_dir_all(&m.dir);
+        }
     }
 
     #[test]
