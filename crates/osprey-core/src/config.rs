@@ -266,6 +266,9 @@ pub struct ControlSection {
     pub reward: crate::pipeline::RewardWeights,
     /// Seed of the `random` policy.
     pub seed: u64,
+    /// Single models (not pipeline stages) the loop configures as one-stage pipelines:
+    /// `["*"]` (the default) all of them, `[]` none (their variant is then chosen per batch).
+    pub models: Vec<String>,
 }
 
 impl Default for ControlSection {
@@ -280,6 +283,7 @@ impl Default for ControlSection {
             objective: crate::pipeline::Weights::default(),
             reward: crate::pipeline::RewardWeights::default(),
             seed: 1,
+            models: vec!["*".into()],
         }
     }
 }

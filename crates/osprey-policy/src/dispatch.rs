@@ -273,6 +273,9 @@ pub struct NodeView {
     pub running: u32,
     /// `(model, variant)` names loaded there.
     pub hosted: Vec<(String, String)>,
+    /// Memory its loaded variants take, MB: as the node measured each at load, else as
+    /// declared.
+    pub memory_used_mb: u64,
     pub telemetry: Telemetry,
 }
 
@@ -285,6 +288,11 @@ struct Node {
     loading: BTreeSet<(ModelId, usize)>,
     /// Unloads waiting for the node's batches of that variant to finish.
     unloading: BTreeSet<(ModelId, usize)>,
+    /// Resident memory each variant added when the node loaded it, MB.
+    measured: BTreeMap<(ModelId, usize), u64>,
+    /// When each hosted variant last got a batch (or was loaded): eviction goes least recently
+    /// used first.
+    last_used: BTreeMap<(ModelId, usize), Micros>,
     telemetry: Telemetry,
 }
 
@@ -310,6 +318,8 @@ struct Model {
     name: String,
     sched: Scheduler,
     variants: Vec<(String, u64)>,
+    /// Per variant, the memory a node last measured it takes, MB.
+    measured_mb: Vec<Option<u64>>,
     /// Batches of this model that may run at once (the control loop's replicas); `None`:
     /// as many as there are free workers.
     replicas: Option<u32>,
@@ -343,6 +353,7 @@ impl Dispatcher {
             .map(|m| Model {
                 name: m.name,
                 sched: m.scheduler,
+                measured_mb: vec![None; m.variants.len()],
                 variants: m.variants,
                 replicas: None,
                 running: 0,
@@ -416,6 +427,7 @@ impl Dispatcher {
                     .iter()
                     .map(|&(m, v)| (self.models[m].name.clone(), self.models[m].variants[v].0.clone()))
                     .collect(),
+                memory_used_mb: self.used_mb(n),
                 telemetry: n.telemetry.clone(),
             })
             .collect()
@@ -468,6 +480,8 @@ impl Dispatcher {
                 hosted,
                 loading: BTreeSet::new(),
                 unloading: BTreeSet::new(),
+                measured: BTreeMap::new(),
+                last_used: BTreeMap::new(),
                 telemetry: Telemetry::default(),
             },
         );
@@ -505,7 +519,7 @@ impl Dispatcher {
                     model.variants.iter().enumerate().map(move |(v, (_, mb))| Need {
                         model: m,
                         variant: v,
-                        memory_mb: *mb,
+                        memory_mb: model.measured_mb[v].unwrap_or(*mb),
                     })
                 })
                 .collect(),
@@ -528,15 +542,59 @@ impl Dispatcher {
         }
     }
 
-    /// A node answered a load request; `error` is empty on success.
-    pub fn handle_loaded(&mut self, now: Micros, node: NodeId, model: ModelId, variant: usize, error: &str) {
+    /// A node answered a load request; `error` is empty on success, `memory_mb` is the
+    /// resident memory the load added as the node measured it (`None`: not measured). A
+    /// measurement replaces the declared size in every later memory check of that variant.
+    pub fn handle_loaded(
+        &mut self,
+        now: Micros,
+        node: NodeId,
+        model: ModelId,
+        variant: usize,
+        error: &str,
+        memory_mb: Option<u64>,
+    ) {
         let Some(n) = self.nodes.get_mut(&node) else { return };
         n.last_seen = n.last_seen.max(now);
         if n.loading.remove(&(model, variant)) && error.is_empty() {
             n.hosted.insert((model, variant));
+            n.last_used.insert((model, variant), now);
+            if let Some(mb) = memory_mb {
+                n.measured.insert((model, variant), mb);
+                if let Some(slot) = self.models.get_mut(model).and_then(|m| m.measured_mb.get_mut(variant)) {
+                    *slot = Some(mb);
+                }
+            }
             self.refresh_capacity();
             self.pump(now);
         }
+    }
+
+    /// Memory variant `(m, v)` takes on node `n`, MB: measured there, else measured on any
+    /// node, else declared.
+    fn need_mb(&self, n: &Node, m: ModelId, v: usize) -> u64 {
+        n.measured
+            .get(&(m, v))
+            .copied()
+            .or(self.models[m].measured_mb[v])
+            .unwrap_or(self.models[m].variants[v].1)
+    }
+
+    /// Memory resident on node `n`: hosted, loading, and unloads still waiting for batches.
+    fn used_mb(&self, n: &Node) -> u64 {
+        n.hosted.iter().chain(&n.loading).chain(&n.unloading).map(|&(m, v)| self.need_mb(n, m, v)).sum()
+    }
+
+    /// Whether variant `(m, v)` may be evicted from `node` to make room, with `gone` evicted
+    /// from it already: no batch of it runs there, the control loop has not chosen it, and its
+    /// model stays served by some other hosted variant or copy (load before unload).
+    fn evictable(&self, node: NodeId, m: ModelId, v: usize, gone: &[(ModelId, usize)]) -> bool {
+        let busy = self.inflight.values().any(|b| b.node == node && b.model == m && b.variant == v);
+        let chosen = self.models[m].sched.control().variant == Some(v);
+        let others = self.nodes.iter().any(|(&id, n)| {
+            n.hosted.range((m, 0)..(m + 1, 0)).any(|&s| id != node || (s != (m, v) && !gone.contains(&s)))
+        });
+        !busy && !chosen && others
     }
 
     pub fn handle_heartbeat(&mut self, now: Micros, node: NodeId, telemetry: Telemetry) {
@@ -573,30 +631,67 @@ impl Dispatcher {
 
     // ----- admin -----
 
-    /// Loads a variant on a node, checked against the node's memory.
-    pub fn load(&mut self, node: &str, model: &str, variant: &str) -> AdminResult {
+    /// Loads a variant on a node, checked against the node's memory (as measured at load,
+    /// else as declared). When it does not fit, the least recently used variants that may go
+    /// ([`Dispatcher::evictable`]) are unloaded first, oldest first and the larger of equally
+    /// old ones first, as INFaaS evicts; when even that cannot make room nothing is evicted
+    /// and the load is refused.
+    pub fn load(&mut self, now: Micros, node: &str, model: &str, variant: &str) -> AdminResult {
         let (id, m, v) = self.resolve(node, model, variant)?;
         let n = &self.nodes[&id];
-        if n.info.preloaded {
+        if n.info.preloaded || n.hosted.contains(&(m, v)) || n.loading.contains(&(m, v)) {
             return Ok(());
         }
-        let used: u64 = n.hosted.union(&n.loading).map(|&(m, v)| self.models[m].variants[v].1).sum();
-        let need = self.models[m].variants[v].1;
-        if used + need > n.info.memory_mb {
-            return Err(Error::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "node '{node}' has {} MB free, {model}/{variant} needs {need} MB",
-                    n.info.memory_mb.saturating_sub(used)
-                ),
-            ));
+        let need = self.need_mb(n, m, v);
+        let free = n.info.memory_mb.saturating_sub(self.used_mb(n));
+        if need > free {
+            let mut victims: Vec<(Micros, std::cmp::Reverse<u64>, (ModelId, usize))> = n
+                .hosted
+                .iter()
+                .map(|&s| {
+                    (
+                        n.last_used.get(&s).copied().unwrap_or(0),
+                        std::cmp::Reverse(self.need_mb(n, s.0, s.1)),
+                        s,
+                    )
+                })
+                .collect();
+            victims.sort();
+            let mut freed = 0;
+            let mut chosen = Vec::new();
+            for (_, std::cmp::Reverse(mb), s) in victims {
+                if free + freed >= need {
+                    break;
+                }
+                if self.evictable(id, s.0, s.1, &chosen) {
+                    freed += mb;
+                    chosen.push(s);
+                }
+            }
+            if free + freed < need {
+                return Err(Error::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "node '{node}' has {free} MB free, {model}/{variant} needs {need} MB, and evicting \
+                         every idle variant the control loop has not chosen would free only {freed} MB"
+                    ),
+                ));
+            }
+            for s in chosen {
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.hosted.remove(&s);
+                    n.last_used.remove(&s);
+                }
+                self.actions.push_back(Action::Unload { node: id, model: s.0, variant: s.1 });
+            }
+            self.refresh_capacity();
         }
         if let Some(n) = self.nodes.get_mut(&id)
-            && !n.hosted.contains(&(m, v))
             && n.loading.insert((m, v))
         {
             self.actions.push_back(Action::Load { node: id, model: m, variant: v });
         }
+        self.pump(now);
         Ok(())
     }
 
@@ -872,6 +967,7 @@ impl Dispatcher {
                 self.next_batch += 1;
                 if let Some(nd) = self.nodes.get_mut(&node) {
                     nd.running += 1;
+                    nd.last_used.insert((k, batch.variant), now);
                 }
                 self.actions.push_back(Action::Run(Run {
                     batch: id,
@@ -939,7 +1035,7 @@ impl Dispatcher {
             let nodes: Vec<String> =
                 self.nodes.values().filter(|n| !n.info.preloaded).map(|n| n.info.name.clone()).collect();
             for node in nodes {
-                if self.load(&node, &name, &vname).is_ok() {
+                if self.load(now, &node, &name, &vname).is_ok() {
                     break;
                 }
             }

@@ -71,6 +71,10 @@ struct Pair {
     next_heartbeat: Micros,
     /// Memory of loads asked and not yet confirmed, per node.
     loading: BTreeMap<NodeId, Vec<u64>>,
+    /// What a load measures, per variant index (MB); absent: as declared, not reported.
+    measured: BTreeMap<usize, u64>,
+    /// Loads and unloads in the order the dispatcher asked for them.
+    changes: Vec<(&'static str, NodeId, ModelId, usize)>,
 }
 
 const HEARTBEAT: Micros = 200_000;
@@ -87,6 +91,8 @@ impl Pair {
             runs: Vec::new(),
             next_heartbeat: HEARTBEAT,
             loading: BTreeMap::new(),
+            measured: BTreeMap::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -140,28 +146,30 @@ impl Pair {
                 Action::Reply { request, .. } => *self.answers.entry(request).or_default() += 1,
                 Action::Load { node, model, variant } => {
                     // Placement never exceeds a node's memory (hosted + this load; `model()`
-                    // declares small = 10 MB, large = 30 MB).
+                    // declares small = 10 MB, large = 30 MB; `measured` overrides).
+                    self.changes.push(("load", node, model, variant));
                     let view = self.d.nodes().into_iter().find(|n| n.id == node).expect("known node");
-                    let mb = |v: &str| if v == "small" { 10 } else { 30 };
-                    let used: u64 = view.hosted.iter().map(|(_, v)| mb(v)).sum();
-                    self.loading.entry(node).or_default().push(mb(if variant == 0 {
-                        "small"
-                    } else {
-                        "large"
-                    }));
+                    let measured = self.measured.clone();
+                    let mb = |v: usize| measured.get(&v).copied().unwrap_or(if v == 0 { 10 } else { 30 });
+                    let used: u64 = view.hosted.iter().map(|(_, v)| mb(usize::from(v != "small"))).sum();
+                    self.loading.entry(node).or_default().push(mb(variant));
                     let pending: u64 = self.loading[&node].iter().sum();
                     assert!(
                         used + pending <= view.info.memory_mb,
                         "node {node} over memory: {used} + {pending} MB"
                     );
                     if self.truth.get(&node).is_some_and(|t| t.1) {
-                        self.d.handle_loaded(self.now, node, model, variant, "");
+                        let report = self.measured.get(&variant).copied();
+                        self.d.handle_loaded(self.now, node, model, variant, "", report);
                         if let Some(l) = self.loading.get_mut(&node) {
                             l.pop();
                         }
                     }
                 }
-                Action::Unload { .. } | Action::Disconnect { .. } => {}
+                Action::Unload { node, model, variant } => {
+                    self.changes.push(("unload", node, model, variant))
+                }
+                Action::Disconnect { .. } => {}
             }
         }
     }
@@ -489,5 +497,47 @@ fn a_configuration_bounds_replicas_and_batches_and_switches_variants_without_los
     }
     // Batches planned after the switch run the new variant; every request answered once.
     assert!(p.runs[before..].iter().skip(2).all(|r| r.variant == 0), "{:?}", &p.runs[before..]);
+    p.assert_each_answered_once();
+}
+
+#[test]
+fn under_memory_pressure_the_least_recently_used_idle_variant_is_evicted_before_the_load() {
+    // 70 MB; placement loads m0/small, m1/small and m0/large (50 MB as declared), but a large
+    // variant measures 35 MB when it loads, so 55 MB are in use.
+    let mut p = Pair::new(vec![model("m0", Rule::Utility, 1000.0), model("m1", Rule::Utility, 1000.0)]);
+    p.measured.insert(1, 35);
+    let a = p.join(remote("a", 2, 1.0, 70));
+    let hosted = |p: &Pair| p.d.nodes()[0].hosted.clone();
+    let pair = |m: &str, v: &str| (m.to_string(), v.to_string());
+    assert_eq!(hosted(&p), vec![pair("m0", "small"), pair("m0", "large"), pair("m1", "small")]);
+    assert_eq!(p.d.nodes()[0].memory_used_mb, 55, "measured, not declared");
+    // m0/small and m1/small serve; m0/large idles.
+    p.now += 1_000_000;
+    for i in 0..10 {
+        p.arrive(0, request(i, p.now, 5_000_000, Some(0)));
+        p.arrive(1, request(100 + i, p.now, 5_000_000, Some(0)));
+    }
+    p.run_until(p.now + 100_000);
+    // The control loop moves m1 to its large variant: 30 MB do not fit in 15, so the least
+    // recently used variant that may go (m0/large; m0 stays served by small) is unloaded first.
+    p.changes.clear();
+    p.d.configure(p.now, 1, crate::scheduler::Control { variant: Some(1), max_rows: None }, None);
+    p.drive();
+    assert_eq!(p.changes, vec![("unload", a, 0, 1), ("load", a, 1, 1)]);
+    assert_eq!(hosted(&p), vec![pair("m0", "small"), pair("m1", "small"), pair("m1", "large")]);
+    for i in 0..10 {
+        p.arrive(1, request(200 + i, p.now, 5_000_000, None));
+    }
+    p.run_until(p.now + 100_000);
+    assert!(p.runs.iter().filter(|r| r.model == 1).rev().take(3).all(|r| r.variant == 1), "{:?}", p.runs);
+    // m0 back to large (35 MB as measured, 15 free): evicting m1/small would free 10, not
+    // enough, and m0/small is m0's only copy and m1/large is chosen: refused, nothing evicted.
+    p.d.configure(p.now, 0, crate::scheduler::Control { variant: Some(1), max_rows: None }, None);
+    p.changes.clear();
+    let refused = p.d.load(p.now, "a", "m0", "large");
+    assert!(matches!(&refused, Err(e) if e.code == ErrorCode::ResourceExhausted), "{refused:?}");
+    p.drive();
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(hosted(&p), vec![pair("m0", "small"), pair("m1", "small"), pair("m1", "large")]);
     p.assert_each_answered_once();
 }

@@ -99,6 +99,8 @@ pub struct NodeStatus {
     /// `model/variant` loaded on the node.
     pub instances: Vec<String>,
     pub memory_mb: u64,
+    /// Memory its instances take, MB, as the node measured each one at load (else declared).
+    pub memory_used_mb: u64,
     pub cores: u32,
     pub cpu_load: f64,
     /// The node's own recent service times per "model/variant/batch", ms.
@@ -302,18 +304,20 @@ impl Cluster {
         self.with(|core, now| core.d.handle_heartbeat(now, node, t));
     }
 
-    fn loaded(self: &Arc<Self>, node: NodeId, model: &str, variant: &str, error: &str) {
+    /// A node's answer to a load; `memory_kib` is what it measured the load took (0: unknown).
+    fn loaded(self: &Arc<Self>, node: NodeId, model: &str, variant: &str, error: &str, memory_kib: u64) {
         let Some(m) = self.models.iter().position(|e| e.name() == model) else { return };
         let Some(v) = self.models[m].variant_index(variant) else { return };
         if !error.is_empty() {
             tracing::warn!(node, model, variant, "load failed: {error}");
         }
-        self.with(|core, now| core.d.handle_loaded(now, node, m, v, error));
+        let memory_mb = (memory_kib > 0).then(|| memory_kib.div_ceil(1024));
+        self.with(|core, now| core.d.handle_loaded(now, node, m, v, error, memory_mb));
     }
 
     /// Loads a variant on a node (checked against its memory).
     pub fn load(self: &Arc<Self>, node: &str, model: &str, variant: &str) -> Result<()> {
-        self.with(|core, _| core.d.load(node, model, variant))
+        self.with(|core, now| core.d.load(now, node, model, variant))
     }
 
     /// Applies the control loop's configuration of a model (see `Dispatcher::configure`).
@@ -371,6 +375,7 @@ impl Cluster {
                         v
                     },
                     memory_mb: if n.info.preloaded { 0 } else { n.info.memory_mb },
+                    memory_used_mb: if n.info.preloaded { 0 } else { n.memory_used_mb },
                     cores: slot.map_or(0, |s| s.cores),
                     cpu_load: n.telemetry.cpu_load,
                     latency_ms: n.telemetry.latency_us.iter().map(|(k, v)| (k.clone(), v / 1000.0)).collect(),
@@ -780,7 +785,7 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
                         ),
                         Some(agent_message::Kind::Result(r)) => agent.on_result(r),
                         Some(agent_message::Kind::Loaded(l)) => {
-                            cluster.loaded(node, &l.model, &l.variant, &l.error)
+                            cluster.loaded(node, &l.model, &l.variant, &l.error, l.memory_kib)
                         }
                         _ => {}
                     },

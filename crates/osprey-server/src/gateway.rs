@@ -34,8 +34,8 @@ use osprey_policy::instance::Selector;
 use osprey_policy::scheduler::Request;
 use osprey_policy::setup::{Capacity, estimator_for, scheduler_for};
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, oneshot};
@@ -162,6 +162,9 @@ pub struct ModelEntry {
     pub index: usize,
     /// The series its requests update.
     pub metrics: ModelMetrics,
+    /// Requests addressed to it directly (not as a pipeline stage) since start: the control
+    /// loop's load telemetry when it configures the model as a one-stage pipeline.
+    pub arrivals: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ModelEntry {
@@ -424,7 +427,17 @@ impl Gateway {
             let estimator = estimator(config.scheduler.policy, &spec);
             let names: Vec<String> = variants.iter().map(|v| v.spec.name.clone()).collect();
             let metrics = metrics.for_model(&name, &names, &tenant_names);
-            models.insert(name, Arc::new(ModelEntry { spec, variants, estimator, index, metrics }));
+            models.insert(
+                name,
+                Arc::new(ModelEntry {
+                    spec,
+                    variants,
+                    estimator,
+                    index,
+                    metrics,
+                    arrivals: Default::default(),
+                }),
+            );
         }
         let dispatch = DispatchConfig {
             selector: config.selector,
@@ -674,7 +687,10 @@ impl Gateway {
     pub async fn infer(&self, mut req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
         match req.pipeline.take() {
             Some(p) => self.infer_pipeline(p, req, tenant).await,
-            None => self.infer_stage(req, tenant, true).await,
+            None => {
+                req.model.arrivals.fetch_add(1, Ordering::Relaxed);
+                self.infer_stage(req, tenant, true).await
+            }
         }
     }
 

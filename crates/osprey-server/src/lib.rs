@@ -7,7 +7,8 @@
 //! - [`cluster`]: the live driver of `osprey_policy::dispatch::Dispatcher` (every cluster
 //!   decision is made there); remote agents and the `osprey.agent.v1.AgentGateway` service.
 //! - [`controller`]: the per-interval control loop of pipelines (predictor → configuration
-//!   policy → every stage's variant, batch limit and replicas applied to the dispatcher).
+//!   policy → every stage's variant, batch limit and replicas applied to the dispatcher), and
+//!   of single models as one-stage pipelines.
 //! - [`codec`]: the gRPC codec (undecodable messages are INVALID_ARGUMENT).
 //! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
 //! - [`pipeline`]: pipelines addressed as one model: stages chained in the gateway, the
@@ -15,6 +16,7 @@
 //! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
+//! - [`heap`]: the counting allocator agents measure a variant's memory with at load.
 //! - [`join`]: the cluster join token agents present on `Attach`.
 //! - [`listener`]: HTTP connections: count, timeouts, framing and size checks.
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
@@ -29,6 +31,7 @@ pub mod codec;
 pub mod controller;
 pub mod gateway;
 pub mod grpc;
+pub mod heap;
 pub mod http;
 pub mod join;
 pub mod listener;

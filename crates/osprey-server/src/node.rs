@@ -68,6 +68,20 @@ struct Node {
     errors: AtomicU64,
     /// "model/variant/batch" -> EWMA of service time, µs.
     latency: Mutex<HashMap<String, f64>>,
+    /// Loads run one at a time, so that each one's memory growth is its own (batches running
+    /// meanwhile still blur it by their buffers).
+    loading: Mutex<()>,
+}
+
+/// The memory in use, KiB: the live heap when the counting allocator is installed
+/// ([`crate::heap`]), else the resident set (`/proc/self/statm`; `None` off Linux).
+fn memory_in_use_kib() -> Option<u64> {
+    if let Some(bytes) = crate::heap::live_bytes() {
+        return Some(bytes as u64 / 1024);
+    }
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4)
 }
 
 fn cores() -> u32 {
@@ -99,6 +113,7 @@ pub async fn run(
         busy: AtomicU32::new(0),
         errors: AtomicU64::new(0),
         latency: Mutex::new(HashMap::new()),
+        loading: Mutex::new(()),
         cfg,
     });
     let on_joined = Arc::new(on_joined);
@@ -207,15 +222,21 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                             let model = n2.models.get(&m).ok_or_else(|| {
                                 Error::not_found(format!("model '{m}' is not on this node"))
                             })?;
-                            n2.session(model, &v).map(|_| ())
+                            let _one = n2.loading.lock().unwrap_or_else(|e| e.into_inner());
+                            let before = memory_in_use_kib();
+                            n2.session(model, &v)?;
+                            // At least 1 KiB when measured: 0 on the wire means "not measured".
+                            Ok(before.zip(memory_in_use_kib()).map_or(0, |(b, a)| a.saturating_sub(b).max(1)))
                         })
                         .await
                         .unwrap_or_else(|_| Err(Error::internal("loading panicked")));
-                        let loaded = agent_pb::Loaded {
-                            model: l.model,
-                            variant: l.variant,
-                            error: res.err().map(|e| e.message).unwrap_or_default(),
+                        let (memory_kib, error) = match res {
+                            Ok(kib) => (kib, String::new()),
+                            Err(e) => (0, e.message),
                         };
+                        tracing::info!(model = %l.model, variant = %l.variant, memory_kib, "loaded");
+                        let loaded =
+                            agent_pb::Loaded { model: l.model, variant: l.variant, error, memory_kib };
                         let _ = tx
                             .send(agent_pb::AgentMessage { kind: Some(agent_message::Kind::Loaded(loaded)) })
                             .await;

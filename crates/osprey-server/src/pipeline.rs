@@ -38,9 +38,7 @@ pub struct PipelineEntry {
     /// wₙ of the module docs, µs.
     pub weights_us: Vec<f64>,
     /// Requests admitted since start (the control loop's load telemetry).
-    pub arrivals: std::sync::atomic::AtomicU64,
-    /// The configuration the control loop last applied, per stage.
-    pub applied: std::sync::Mutex<Option<osprey_policy::configure::Config>>,
+    pub arrivals: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A pipeline's answer: the entry and what ran each stage.
@@ -99,14 +97,7 @@ impl PipelineEntry {
                     .max(100.0)
             })
             .collect();
-        Ok(PipelineEntry {
-            spec,
-            stages,
-            feeds,
-            weights_us,
-            arrivals: Default::default(),
-            applied: Default::default(),
-        })
+        Ok(PipelineEntry { spec, stages, feeds, weights_us, arrivals: Default::default() })
     }
 
     pub fn name(&self) -> &str {
@@ -228,7 +219,6 @@ mod tests {
             feeds: Vec::new(),
             weights_us: vec![100.0, 300.0, 600.0],
             arrivals: Default::default(),
-            applied: Default::default(),
         };
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         assert!((ms(p.budget(0, Duration::from_millis(10))) - 1.0).abs() < 1e-6);

@@ -92,6 +92,15 @@ impl Tenants {
         &self.list[i.min(self.list.len() - 1)]
     }
 
+    /// The tightest latency objective among the tenants that may run `model`, ms.
+    pub fn tightest_slo_ms(&self, model: &str) -> Option<u64> {
+        self.list
+            .iter()
+            .filter(|t| t.config.models.is_empty() || t.config.models.iter().any(|m| m == model))
+            .map(|t| t.config.latency_slo_ms)
+            .min()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.list.iter().map(|t| t.config.name.as_str())
     }

@@ -90,6 +90,10 @@ fn hash_key(key: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
+/// Counts live heap bytes, so that an agent can measure what each variant it loads takes.
+#[global_allocator]
+static ALLOCATOR: osprey_server::heap::Counting = osprey_server::heap::Counting;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

@@ -131,19 +131,28 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             tracing::info!(pipeline = p.name(), stages = %stages.join(" -> "), "pipeline ready");
         }
         if let Some(c) = &config.control {
-            let loops = gw
-                .pipelines()
-                .map(|p| {
-                    let problem = osprey_server::controller::problem_for(p, c);
-                    let (policy, predictor) = crate::train::control_parts(c, &problem)?;
-                    Ok(osprey_server::controller::Loop { pipeline: p.clone(), problem, policy, predictor })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
+            let mut loops = Vec::new();
+            for t in osprey_server::controller::targets(&gw, c)? {
+                let problem = t.problem(c);
+                let (policy, predictor) = match crate::train::control_parts(c, &problem) {
+                    // OPD's weights are trained for one pipeline's shape; a single model they
+                    // do not fit is configured by the exact solver instead, said once here.
+                    Err(e) if t.single && c.policy == "opd" => {
+                        tracing::warn!(model = %t.name, "{e}; configuring this model with ipa");
+                        let ipa = osprey_core::config::ControlSection { policy: "ipa".into(), ..c.clone() };
+                        crate::train::control_parts(&ipa, &problem)?
+                    }
+                    other => other?,
+                };
+                loops.push(osprey_server::controller::Loop::new(t, problem, policy, predictor));
+            }
+            let singles = loops.iter().filter(|l| l.target.single).count();
             tracing::info!(
                 policy = %c.policy,
                 predictor = %c.predictor,
                 interval_s = c.interval_s,
-                pipelines = loops.len(),
+                pipelines = loops.len() - singles,
+                models = singles,
                 "control loop on"
             );
             osprey_server::controller::start(gw.clone(), c.interval_s, loops);
