@@ -21,6 +21,18 @@
 //! (`wait_i` in the selector's formula). Models take turns for free workers (a rotating
 //! start), so one busy model cannot starve another on shared nodes.
 //!
+//! # Replicas, memory and eviction (the control loop's configuration)
+//! [`Dispatcher::configure`] sets a model's variant, batch limit and replicas f. The f
+//! replicas are placed on nodes ([`Dispatcher::assign_replicas`]): each is one worker thread of
+//! a node that hosts the variant, given one at a time to the most `speed / slowdown` per
+//! replica there, within the threads other models' replicas have not taken; a batch of the
+//! model starts on a node only while fewer of its batches run there than its replicas there.
+//! A node's memory is checked by what each variant measured when the node loaded it (declared
+//! until then). A load that does not fit first evicts, least recently used first, variants
+//! that run no batch there, that the control loop has not chosen, and whose model stays served
+//! without them (INFaaS's policy, with load before unload); when that cannot make room the load
+//! is refused and nothing is evicted.
+//!
 //! # Health (the quality-driven paper's contention- and failure-awareness)
 //! Per node, from every finished batch: the engine time the node measured `e` (what profiles
 //! measure), and the profile's median for that batch `ℓ₅₀(b)` on the node (`/ speed`):
@@ -323,6 +335,9 @@ struct Model {
     /// Batches of this model that may run at once (the control loop's replicas); `None`:
     /// as many as there are free workers.
     replicas: Option<u32>,
+    /// Where those replicas are: per node, how many of the model's batches may run there at
+    /// once (each one a worker thread of the node; [`Dispatcher::assign_replicas`]).
+    quota: BTreeMap<NodeId, u32>,
     /// Batches of this model in flight.
     running: u32,
 }
@@ -356,6 +371,7 @@ impl Dispatcher {
                 measured_mb: vec![None; m.variants.len()],
                 variants: m.variants,
                 replicas: None,
+                quota: BTreeMap::new(),
                 running: 0,
             })
             .collect();
@@ -906,6 +922,7 @@ impl Dispatcher {
 
     /// Capacity the schedulers plan with: live workers and hosted variants.
     fn refresh_capacity(&mut self) {
+        self.reassign_replicas();
         for k in 0..self.models.len() {
             let available = self.available(k);
             let workers: u32 = self
@@ -999,15 +1016,99 @@ impl Dispatcher {
         }
     }
 
-    /// Some live node hosting a variant of `model` has a free worker, and the model runs fewer
-    /// batches than its replicas allow.
+    /// Some live node hosting a variant of `model` has a free worker and a free replica of
+    /// the model, and the model runs fewer batches than its replicas allow.
     fn has_free_worker(&self, model: ModelId) -> bool {
         let m = &self.models[model];
         m.replicas.is_none_or(|r| m.running < r)
-            && self
-                .nodes
-                .values()
-                .any(|n| n.free() && n.hosted.range((model, 0)..(model + 1, 0)).next().is_some())
+            && self.nodes.iter().any(|(&id, n)| {
+                n.free()
+                    && n.hosted.range((model, 0)..(model + 1, 0)).next().is_some()
+                    && self.replica_free(model, id)
+            })
+    }
+
+    /// Whether `model` may start another batch on `node` under its replica quota there.
+    fn replica_free(&self, model: ModelId, node: NodeId) -> bool {
+        let m = &self.models[model];
+        if m.replicas.is_none() {
+            return true;
+        }
+        let here = self.inflight.values().filter(|b| b.model == model && b.node == node).count() as u32;
+        here < m.quota.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Places `model`'s replicas on nodes: one at a time, each to the live node that hosts the
+    /// variant in force (any variant while it loads) and has the most speed per replica
+    /// already there, `speed / slowdown / (assigned + 1)`, among the nodes whose workers are
+    /// not all budgeted to other models' replicas yet; when every host's threads are budgeted,
+    /// among all hosts (replicas then share threads). Re-run on every configuration and on
+    /// every change of membership or of what is hosted.
+    fn assign_replicas(&mut self, model: ModelId) {
+        let Some(total) = self.models[model].replicas else {
+            self.models[model].quota.clear();
+            return;
+        };
+        let variant = self.models[model].sched.control().variant;
+        let hosts = |n: &Node| match variant {
+            Some(v) if self.available(model).get(v).copied().unwrap_or(false) => {
+                n.hosted.contains(&(model, v))
+            }
+            _ => n.hosted.range((model, 0)..(model + 1, 0)).next().is_some(),
+        };
+        let mut budget: BTreeMap<NodeId, (f64, i64)> = BTreeMap::new();
+        for (&id, n) in &self.nodes {
+            if !hosts(n) {
+                continue;
+            }
+            let others: u32 = self
+                .models
+                .iter()
+                .enumerate()
+                .filter(|&(k, _)| k != model)
+                .filter_map(|(_, m)| m.quota.get(&id))
+                .sum();
+            let speed = n.info.speed.max(1e-6) / n.health.slowdown.max(0.1);
+            budget.insert(id, (speed, i64::from(n.info.workers) - i64::from(others)));
+        }
+        let mut quota: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for _ in 0..total {
+            let open = budget.iter().any(|(id, (_, b))| i64::from(quota.get(id).copied().unwrap_or(0)) < *b);
+            let best = budget
+                .iter()
+                .filter(|(id, (_, b))| !open || i64::from(quota.get(id).copied().unwrap_or(0)) < *b)
+                .max_by(|(a, (sa, _)), (b, (sb, _))| {
+                    let qa = f64::from(quota.get(a).copied().unwrap_or(0)) + 1.0;
+                    let qb = f64::from(quota.get(b).copied().unwrap_or(0)) + 1.0;
+                    (sa / qa).total_cmp(&(sb / qb)).then(b.cmp(a))
+                })
+                .map(|(id, _)| *id);
+            let Some(id) = best else { break };
+            *quota.entry(id).or_default() += 1;
+        }
+        self.models[model].quota = quota;
+    }
+
+    /// Re-places every configured model's replicas (membership or hosting changed).
+    fn reassign_replicas(&mut self) {
+        for m in &mut self.models {
+            m.quota.clear();
+        }
+        for k in 0..self.models.len() {
+            if self.models[k].replicas.is_some() {
+                self.assign_replicas(k);
+            }
+        }
+    }
+
+    /// Where `model`'s replicas are: (node name, replicas there), empty when unbounded.
+    pub fn replica_nodes(&self, model: ModelId) -> Vec<(String, u32)> {
+        self.models.get(model).map_or_else(Vec::new, |m| {
+            m.quota
+                .iter()
+                .filter_map(|(id, &q)| self.nodes.get(id).map(|n| (n.info.name.clone(), q)))
+                .collect()
+        })
     }
 
     /// Applies the control loop's configuration of `model`: the variant its unpinned requests
@@ -1027,6 +1128,7 @@ impl Dispatcher {
         let variant = control.variant.filter(|&v| v < m.variants.len());
         m.sched.set_control(crate::scheduler::Control { variant, ..control });
         m.replicas = replicas.map(|r| r.max(1));
+        self.assign_replicas(model);
         if let Some(v) = variant
             && !self.available(model).get(v).copied().unwrap_or(false)
         {
@@ -1056,7 +1158,9 @@ impl Dispatcher {
             .map(|id| {
                 let n = &self.nodes[id];
                 InstanceView {
-                    up: n.hosted.contains(&(model, variant)) && n.room(self.cfg.backlog_per_worker),
+                    up: n.hosted.contains(&(model, variant))
+                        && n.room(self.cfg.backlog_per_worker)
+                        && self.replica_free(model, *id),
                     speed: n.info.speed,
                     slowdown: n.health.slowdown,
                     workers: n.info.workers,

@@ -541,3 +541,42 @@ fn under_memory_pressure_the_least_recently_used_idle_variant_is_evicted_before_
     assert_eq!(hosted(&p), vec![pair("m0", "small"), pair("m1", "small"), pair("m1", "large")]);
     p.assert_each_answered_once();
 }
+
+#[test]
+fn replicas_are_placed_on_nodes_by_speed_within_their_threads() {
+    // a: 2 workers at speed 1; b: 2 workers at speed 2.
+    let mut p = Pair::new(vec![model("m0", Rule::Utility, 1000.0), model("m1", Rule::Utility, 1000.0)]);
+    p.join(remote("a", 2, 1.0, 1000));
+    p.join(remote("b", 2, 2.0, 1000));
+    let control = crate::scheduler::Control { variant: Some(0), max_rows: Some(1) };
+    // Three replicas of m0, each to the most speed per replica: b (2/1), then a (1/1, tying
+    // b's 2/2; the lower id wins a tie), then b (2/2 over a's 1/2).
+    p.d.configure(p.now, 0, control, Some(3));
+    let names = |p: &Pair, m| p.d.replica_nodes(m);
+    assert_eq!(names(&p, 0), vec![("a".to_string(), 1), ("b".to_string(), 2)]);
+    // m1's two: b's threads are all budgeted to m0 and a has one left, so a first; then every
+    // host is budgeted and they share threads, b (2/1) over a (1/2).
+    p.d.configure(p.now, 1, control, Some(2));
+    assert_eq!(names(&p, 1), vec![("a".to_string(), 1), ("b".to_string(), 1)]);
+    // Under load, no node ever runs more of a model's batches than its replicas there.
+    for i in 0..200 {
+        p.arrive((i % 2) as usize, request(i, p.now, 5_000_000, None));
+        for (m, quota) in [(0usize, names(&p, 0)), (1, names(&p, 1))] {
+            for (node, q) in quota {
+                let id = p.d.node_id(&node).expect("live");
+                let here = p.running.values().filter(|(_, r)| r.model == m && r.node == id).count() as u32;
+                assert!(here <= q, "model {m} runs {here} batches on {node}, {q} replicas there");
+            }
+        }
+        if i % 10 == 9 {
+            p.run_until(p.now + 2_000);
+        }
+    }
+    p.run_until(p.now + 5_000_000);
+    p.assert_each_answered_once();
+    // A node leaving takes its replicas elsewhere.
+    let b = p.d.node_id("b").expect("live");
+    p.d.handle_node_down(p.now, b, "test");
+    p.drive();
+    assert_eq!(names(&p, 0), vec![("a".to_string(), 3)]);
+}

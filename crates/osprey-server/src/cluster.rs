@@ -101,6 +101,8 @@ pub struct NodeStatus {
     pub memory_mb: u64,
     /// Memory its instances take, MB, as the node measured each one at load (else declared).
     pub memory_used_mb: u64,
+    /// The control loop's replicas placed on the node, per model (each one a worker thread).
+    pub replicas: BTreeMap<String, u32>,
     pub cores: u32,
     pub cpu_load: f64,
     /// The node's own recent service times per "model/variant/batch", ms.
@@ -351,9 +353,23 @@ impl Cluster {
         self.lock().waiting.len()
     }
 
+    /// Where the control loop's replicas of `model` are: (node, replicas there).
+    pub fn replica_nodes(&self, model: &str) -> Vec<(String, u32)> {
+        let core = self.lock();
+        core.d.model_id(model).map_or_else(Vec::new, |m| core.d.replica_nodes(m))
+    }
+
     /// Nodes for `osprey status`.
     pub fn status(&self) -> Vec<NodeStatus> {
         let core = self.lock();
+        let mut replicas: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+        for m in &self.models {
+            if let Some(k) = core.d.model_id(m.name()) {
+                for (node, q) in core.d.replica_nodes(k) {
+                    replicas.entry(node).or_default().insert(m.name().to_string(), q);
+                }
+            }
+        }
         core.d
             .nodes()
             .into_iter()
@@ -376,6 +392,7 @@ impl Cluster {
                     },
                     memory_mb: if n.info.preloaded { 0 } else { n.info.memory_mb },
                     memory_used_mb: if n.info.preloaded { 0 } else { n.memory_used_mb },
+                    replicas: replicas.remove(&n.info.name).unwrap_or_default(),
                     cores: slot.map_or(0, |s| s.cores),
                     cpu_load: n.telemetry.cpu_load,
                     latency_ms: n.telemetry.latency_us.iter().map(|(k, v)| (k.clone(), v / 1000.0)).collect(),

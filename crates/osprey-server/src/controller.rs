@@ -219,7 +219,19 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
     let text: Vec<String> = cfg
         .iter()
         .zip(&l.problem.pipeline.stages)
-        .map(|(s, st)| format!("{}={}x{}/b{}", st.name, st.variants[s.variant].name, s.replicas, s.batch))
+        .zip(&l.target.stages)
+        .map(|((s, st), (_, model))| {
+            let at: Vec<String> =
+                gw.cluster.replica_nodes(model.name()).iter().map(|(n, q)| format!("{n}:{q}")).collect();
+            format!(
+                "{}={}x{}/b{}@{}",
+                st.name,
+                st.variants[s.variant].name,
+                s.replicas,
+                s.batch,
+                at.join("+")
+            )
+        })
         .collect();
     tracing::info!(
         target = %l.target.name,

@@ -57,10 +57,12 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
         "busy",
         "cpu load",
         "memory MB",
+        "memory used MB",
         "slowdown",
         "mean batch ms",
         "recent failures",
         "instances",
+        "replicas",
     ]);
     for n in v["nodes"].as_array().into_iter().flatten() {
         table.add_row([
@@ -71,12 +73,17 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
             n["busy"].to_string(),
             format!("{:.2}", n["cpu_load"].as_f64().unwrap_or(0.0)),
             n["memory_mb"].to_string(),
+            n["memory_used_mb"].to_string(),
             format!("{:.2}", n["slowdown"].as_f64().unwrap_or(0.0)),
             format!("{:.2}", n["mean_service_ms"].as_f64().unwrap_or(0.0)),
             n["recent_failures"].to_string(),
             n["instances"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
+            n["replicas"]
+                .as_object()
+                .map(|o| o.iter().map(|(m, q)| format!("{m}:{q}")).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
         ]);
     }

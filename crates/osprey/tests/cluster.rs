@@ -337,8 +337,8 @@ print("tls ok")
 /// A single model under the control loop (a one-stage pipeline; the random policy, so that
 /// decisions move between variants): under load on a node of 7 MB, the variant the loop picks
 /// is loaded on demand, the least recently used idle variants are evicted to make room by the
-/// memory the node measured at load, the node never holds more than its memory, and every
-/// request is answered once.
+/// memory the node measured at load, the node never holds more than its memory, its replicas
+/// are placed on the node within `f_max`, and every request is answered once.
 #[test]
 fn a_single_model_under_the_control_loop_loads_on_demand_and_evicts_what_is_least_used() {
     let repo = two_task_repo("evict");
@@ -362,11 +362,12 @@ fn a_single_model_under_the_control_loop_loads_on_demand_and_evicts_what_is_leas
         instances(&gw.http, "edge") == small_ones
     });
     let run = loadgen_at(&gw.http, "8", "4");
-    let (mut with_large, mut most_used) = (None, 0u64);
+    let (mut with_large, mut most_used, mut replicas) = (None, 0u64, Vec::new());
     while !run.is_finished() {
         let node = cluster(&gw.http)["nodes"][0].clone();
         let used = node["memory_used_mb"].as_u64().unwrap_or(u64::MAX);
         most_used = most_used.max(used);
+        replicas.extend(node["replicas"]["digits"].as_u64());
         let hosted: Vec<String> = node["instances"]
             .as_array()
             .into_iter()
@@ -385,6 +386,8 @@ fn a_single_model_under_the_control_loop_loads_on_demand_and_evicts_what_is_leas
     assert_eq!((n("lost"), n("duplicates")), (0, 0), "none lost, none twice: {r}");
     assert!(r["variants"].as_object().is_some_and(|v| v.len() >= 2), "the loop moved variants: {r}");
     assert!(most_used <= 7, "the node held {most_used} MB of 7");
+    // Its replicas are placed on the node, within f_max = 2.
+    assert!(!replicas.is_empty() && replicas.iter().all(|&q| (1..=2).contains(&q)), "{replicas:?}");
     // digits/large (5 MB declared; never measured before it loaded) took the room of the
     // idle spoken_digits variant loaded first and of a digits variant (which a later decision may
     // load again); both models stay served.
