@@ -23,7 +23,7 @@
 //!
 //! # Replicas, memory and eviction (the control loop's configuration)
 //! [`Dispatcher::configure`] sets a model's variant, batch limit and replicas f. The f
-//! replicas are placed on nodes ([`Dispatcher::assign_replicas`]): each is one worker thread of
+//! replicas are placed on nodes (`Dispatcher::assign_replicas`): each is one worker thread of
 //! a node that hosts the variant, given one at a time to the most `speed / slowdown` per
 //! replica there, within the threads other models' replicas have not taken; a batch of the
 //! model starts on a node only while fewer of its batches run there than its replicas there.
@@ -649,7 +649,7 @@ impl Dispatcher {
 
     /// Loads a variant on a node, checked against the node's memory (as measured at load,
     /// else as declared). When it does not fit, the least recently used variants that may go
-    /// ([`Dispatcher::evictable`]) are unloaded first, oldest first and the larger of equally
+    /// (`Dispatcher::evictable`) are unloaded first, oldest first and the larger of equally
     /// old ones first, as INFaaS evicts; when even that cannot make room nothing is evicted
     /// and the load is refused.
     pub fn load(&mut self, now: Micros, node: &str, model: &str, variant: &str) -> AdminResult {

@@ -202,7 +202,7 @@ fn below(x: &[f32], t: f32) -> f32 {
 /// equal segments of the flattened sample (where the energy is). Computed once per sample in
 /// three vectorised passes over one reused f32 buffer (a few µs for a 6400-sample clip here,
 /// against ~85-105 µs for the cheapest audio variant, measured by `osprey overhead`); sums are
-/// taken in lanes and the segments' std as √(E[x²] − m²), so figures may differ from the
+/// taken in lanes and the segments' std as √(E\[x²\] − m²), so figures may differ from the
 /// sequential two-pass definition in the last bits (a test bounds the difference).
 pub fn features(s: Sample<'_>) -> [f32; FEATURES] {
     let size = s.datatype.size();
