@@ -26,7 +26,7 @@ for policy in ${POLICIES:-random greedy ipa opd}; do
 interval_s = 5
 policy = "$policy"
 predictor = "lstm"
-predictor_weights = "models/digits_pipeline/predictor.safetensors"
+predictor_weights = "models/digits_pipeline/predictor-live.safetensors"
 opd_weights = "models/digits_pipeline/opd-live.safetensors"
 seed = 31
 [control.resources]
@@ -68,7 +68,8 @@ TOML
   python3 - "$policy" "$OUT/$policy.log" "$OUT/$policy.json" <<'PY'
 import json, re, sys
 policy, log, js = sys.argv[1:]
-ran = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in open(log) if "configured" in l]
+plain = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in open(log)]
+ran = [l for l in plain if "configured" in l and "target=digits_pipeline" in l]
 def mean(key):
     v = [float(m.group(1)) for l in ran if (m := re.search(key + r'\W*=\W*"?([-0-9.]+)', l))]
     # The first decision measures the start-up interval (the initial configuration): skip it.

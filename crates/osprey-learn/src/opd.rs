@@ -47,6 +47,9 @@ use std::path::Path;
 /// Shapes and scales a saved policy needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OpdMeta {
+    /// The pipeline it was trained for (empty in weights saved before it was recorded).
+    #[serde(default)]
+    pub pipeline: String,
     /// Variants per stage.
     pub variants: Vec<usize>,
     pub f_max: u32,
@@ -59,6 +62,7 @@ pub struct OpdMeta {
 impl OpdMeta {
     pub fn for_problem(p: &Problem, load_scale: f64, hidden: usize, blocks: usize) -> Self {
         OpdMeta {
+            pipeline: p.pipeline.name.clone(),
             variants: p.pipeline.stages.iter().map(|s| s.variants.len()).collect(),
             f_max: p.limits.f_max,
             batches: batch_choices(p.limits.b_max),
@@ -174,6 +178,12 @@ impl OpdNet {
 
     fn check(&self, p: &Problem) -> Result<()> {
         let want = OpdMeta::for_problem(p, self.meta.load_scale, self.meta.hidden, self.meta.blocks);
+        if !self.meta.pipeline.is_empty() && self.meta.pipeline != want.pipeline {
+            return Err(LearnError::Invalid(format!(
+                "the policy was trained for pipeline '{}', not '{}'",
+                self.meta.pipeline, want.pipeline
+            )));
+        }
         if want.variants != self.meta.variants
             || want.f_max != self.meta.f_max
             || want.batches != self.meta.batches
@@ -610,6 +620,11 @@ mod tests {
         other.limits.f_max = 5;
         let err = OpdPolicy::load(&path, &other).err().unwrap().to_string();
         assert!(err.contains("F_max"), "{err}");
+        // And so are weights for another pipeline of the same shape.
+        let mut renamed = problem();
+        renamed.pipeline.name = format!("{}-other", p.pipeline.name);
+        let err = OpdPolicy::load(&path, &renamed).err().unwrap().to_string();
+        assert!(err.contains("trained for pipeline"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -39,6 +39,8 @@
 //! ```text
 //! σ_n ← 0.8·σ_n + 0.2·clamp((e + J) / (ℓ₅₀(b) / speed_n + J), 0.1, 50)   observed slowdown
 //! t̄_n ← 0.8·t̄_n + 0.2·e                                              mean service time
+//! o_n ← 0.8·o_n + 0.2·max(0, turnaround − t)       per-batch overhead (link, driver), from
+//!                                                  batches sent to a free worker only
 //! failures_n, successes_n counted over a window halved past 20 batches
 //! ```
 //! `J` (= [`JITTER_US`], 20 µs) is timing jitter no node is judged by: a 2 µs batch that a
@@ -236,13 +238,16 @@ pub struct Done {
 pub struct Health {
     pub slowdown: f64,
     pub mean_service_us: f64,
+    /// What a batch costs beyond the node's own time on it (dispatch to answer, minus the
+    /// node's service time: the link and the driver), µs, EWMA.
+    pub overhead_us: f64,
     pub failures: u32,
     pub successes: u32,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Health { slowdown: 1.0, mean_service_us: 0.0, failures: 0, successes: 0 }
+        Health { slowdown: 1.0, mean_service_us: 0.0, overhead_us: 0.0, failures: 0, successes: 0 }
     }
 }
 
@@ -324,6 +329,9 @@ struct InFlight {
     members: Vec<Request>,
     rows: u32,
     dispatched: Micros,
+    /// It waited in the node's backlog (every worker was busy when it was sent), so its
+    /// turnaround includes queueing, not only the per-batch overhead.
+    backlogged: bool,
 }
 
 struct Model {
@@ -813,6 +821,14 @@ impl Dispatcher {
             BatchOutcome::Ok { service_us, engine_us } => {
                 let model = &mut self.models[b.model];
                 if let Some(n) = self.nodes.get_mut(&node) {
+                    if !b.backlogged {
+                        let over = (now.saturating_sub(b.dispatched) as f64 - service_us).max(0.0);
+                        n.health.overhead_us = if n.health.successes == 0 {
+                            over
+                        } else {
+                            0.8 * n.health.overhead_us + 0.2 * over
+                        };
+                    }
                     let speed = n.info.speed.max(1e-6);
                     let factor = n.health.slowdown / speed;
                     if let Some(reference) = model.sched.profiled_us(b.variant, b.rows, Quantile::P50) {
@@ -982,7 +998,9 @@ impl Dispatcher {
                 };
                 let id = self.next_batch;
                 self.next_batch += 1;
+                let mut backlogged = false;
                 if let Some(nd) = self.nodes.get_mut(&node) {
+                    backlogged = !nd.free();
                     nd.running += 1;
                     nd.last_used.insert((k, batch.variant), now);
                 }
@@ -1004,6 +1022,7 @@ impl Dispatcher {
                         members: batch.members,
                         rows,
                         dispatched: now,
+                        backlogged,
                     },
                 );
                 self.models[k].running += 1;
@@ -1099,6 +1118,18 @@ impl Dispatcher {
                 self.assign_replicas(k);
             }
         }
+    }
+
+    /// The per-batch cost beyond the engine of the nodes that host `model` (mean of their
+    /// [`Health::overhead_us`]), µs: what the control loop adds to the profiled latency.
+    pub fn batch_overhead_us(&self, model: ModelId) -> f64 {
+        let o: Vec<f64> = self
+            .nodes
+            .values()
+            .filter(|n| n.hosted.range((model, 0)..(model + 1, 0)).next().is_some())
+            .map(|n| n.health.overhead_us)
+            .collect();
+        o.iter().sum::<f64>() / o.len().max(1) as f64
     }
 
     /// Where `model`'s replicas are: (node name, replicas there), empty when unbounded.

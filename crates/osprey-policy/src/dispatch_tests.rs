@@ -75,6 +75,8 @@ struct Pair {
     measured: BTreeMap<usize, u64>,
     /// Loads and unloads in the order the dispatcher asked for them.
     changes: Vec<(&'static str, NodeId, ModelId, usize)>,
+    /// Per node, what the link adds to every batch beyond the node's own time, µs.
+    link: BTreeMap<NodeId, Micros>,
 }
 
 const HEARTBEAT: Micros = 200_000;
@@ -93,6 +95,7 @@ impl Pair {
             loading: BTreeMap::new(),
             measured: BTreeMap::new(),
             changes: Vec::new(),
+            link: BTreeMap::new(),
         }
     }
 
@@ -140,7 +143,8 @@ impl Pair {
                     } else {
                         busy.iter().copied().min().unwrap_or(self.now).max(self.now)
                     };
-                    let end = start + (base / view.info.speed * slow).ceil() as Micros + 1;
+                    let link = self.link.get(&r.node).copied().unwrap_or(0);
+                    let end = start + (base / view.info.speed * slow).ceil() as Micros + 1 + link;
                     self.running.insert(r.batch, (end, r));
                 }
                 Action::Reply { request, .. } => *self.answers.entry(request).or_default() += 1,
@@ -579,4 +583,24 @@ fn replicas_are_placed_on_nodes_by_speed_within_their_threads() {
     p.d.handle_node_down(p.now, b, "test");
     p.drive();
     assert_eq!(names(&p, 0), vec![("a".to_string(), 3)]);
+}
+
+#[test]
+fn the_per_batch_overhead_beyond_the_node_is_measured_per_node() {
+    // a's link adds 300 µs to every batch; b's nothing. One request at a time, so no batch
+    // waits in a node's backlog.
+    let mut p = Pair::new(vec![model("m", Rule::Utility, 1000.0)]);
+    let a = p.join(remote("a", 1, 1.0, 100));
+    let b = p.join(remote("b", 1, 1.0, 100));
+    p.link.insert(a, 300);
+    for i in 0..60 {
+        p.arrive(0, request(i, p.now, 5_000_000, Some(0)));
+        p.run_until(p.now + 10_000);
+    }
+    p.assert_each_answered_once();
+    let overhead = |id| p.d.nodes().into_iter().find(|n| n.id == id).map(|n| n.health.overhead_us).unwrap_or(-1.0);
+    assert!((295.0..=310.0).contains(&overhead(a)), "a: {}", overhead(a));
+    assert!(overhead(b) < 5.0, "b: {}", overhead(b));
+    let mean = p.d.batch_overhead_us(0);
+    assert!((overhead(a) + overhead(b) - 2.0 * mean).abs() < 1e-9, "{mean}");
 }

@@ -353,6 +353,13 @@ impl Cluster {
         self.lock().waiting.len()
     }
 
+    /// What a batch of `model` costs beyond its node's time on it, µs (mean over its hosts;
+    /// `Dispatcher::batch_overhead_us`).
+    pub fn batch_overhead_us(&self, model: &str) -> f64 {
+        let core = self.lock();
+        core.d.model_id(model).map_or(0.0, |m| core.d.batch_overhead_us(m))
+    }
+
     /// Where the control loop's replicas of `model` are: (node, replicas there).
     pub fn replica_nodes(&self, model: &str) -> Vec<(String, u32)> {
         let core = self.lock();

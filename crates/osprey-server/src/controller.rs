@@ -28,7 +28,12 @@
 //!
 //! The problem each decision solves is built from the served stage models: a stage variant's
 //! accuracy from `model.toml`, its cost cₙ from its thread budget, its memory wₙ as declared, its
-//! latency from the profile the gateway plans with.
+//! latency lₙ(b) from the profile the gateway plans with plus what a batch of the stage has
+//! been measured to cost beyond its node's own time (`Dispatcher::batch_overhead_us`: the gRPC
+//! round trip to a remote agent, the hand-off to an in-process one), refreshed at every
+//! decision. The paper's lₙ(b) is the profiled time alone; on remote agents a batch of a tiny
+//! model costs several times its engine time in transport, and a plan that leaves it out puts a
+//! stage at the edge of its capacity while the objective reads it as comfortable.
 
 use crate::gateway::{Gateway, ModelEntry};
 use crate::pipeline::PipelineEntry;
@@ -196,14 +201,30 @@ pub fn start(gw: Arc<Gateway>, interval_s: f64, mut loops: Vec<Loop>) {
     gw.add_task(task);
 }
 
+/// `p` with `overhead_s[k]` added to every latency of stage k.
+pub fn with_overhead(p: &Problem, overhead_s: &[f64]) -> Problem {
+    let mut p = p.clone();
+    for (stage, &o) in p.pipeline.stages.iter_mut().zip(overhead_s) {
+        for v in &mut stage.variants {
+            for (_, l) in &mut v.latency_s {
+                *l += o;
+            }
+        }
+    }
+    p
+}
+
 /// One control step of one target.
 pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
     let current = l.applied.clone().unwrap_or_else(|| minimal(&l.problem));
+    let overheads: Vec<f64> =
+        l.target.stages.iter().map(|(_, m)| gw.cluster.batch_overhead_us(m.name()) / 1e6).collect();
+    let problem = with_overhead(&l.problem, &overheads);
     // Eq. 1-4 for the configuration that served the interval just measured, at its load.
-    let ran = evaluate(&l.problem, &current, load);
+    let ran = evaluate(&problem, &current, load);
     let obs = Observation { load_rps: load, predicted_rps: l.predictor.predict(), current };
     let t0 = std::time::Instant::now();
-    let cfg = enforce(&l.problem, &l.policy.decide(&l.problem, &obs));
+    let cfg = enforce(&problem, &l.policy.decide(&problem, &obs));
     let decision = t0.elapsed();
     for ((_, stage), s) in l.target.stages.iter().zip(&cfg) {
         let control = Control { variant: Some(s.variant), max_rows: Some(s.batch) };
@@ -218,7 +239,7 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
     }
     let text: Vec<String> = cfg
         .iter()
-        .zip(&l.problem.pipeline.stages)
+        .zip(&problem.pipeline.stages)
         .zip(&l.target.stages)
         .map(|((s, st), (_, model))| {
             let at: Vec<String> =
@@ -243,6 +264,7 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
         ran_cost = format!("{:.2}", ran.c),
         ran_objective = format!("{:.4}", ran.objective),
         config = %text.join(" "),
+        overhead_us = %overheads.iter().map(|o| format!("{:.0}", o * 1e6)).collect::<Vec<_>>().join(","),
         "configured"
     );
     gw.metrics.control_decision(&l.target.name, decision.as_secs_f64());

@@ -135,16 +135,19 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             for t in osprey_server::controller::targets(&gw, c)? {
                 let problem = t.problem(c);
                 let (policy, predictor) = match crate::train::control_parts(c, &problem) {
-                    // OPD's weights are trained for one pipeline's shape; a single model they
-                    // do not fit is configured by the exact solver instead, said once here.
-                    Err(e) if t.single && c.policy == "opd" => {
-                        tracing::warn!(model = %t.name, "{e}; configuring this model with ipa");
+                    // OPD's weights are trained for one pipeline; a target they were not
+                    // trained for is configured by the exact solver instead, said once here.
+                    Err(e) if c.policy == "opd" && e.starts_with("[control] opd_weights") => {
+                        tracing::warn!(target = %t.name, "{e}; configuring it with ipa");
                         let ipa = osprey_core::config::ControlSection { policy: "ipa".into(), ..c.clone() };
                         crate::train::control_parts(&ipa, &problem)?
                     }
                     other => other?,
                 };
                 loops.push(osprey_server::controller::Loop::new(t, problem, policy, predictor));
+            }
+            if c.policy == "opd" && !loops.iter().any(|l| l.policy.name() == "opd") {
+                return Err("[control] opd_weights fit none of the served pipelines and models".into());
             }
             let singles = loops.iter().filter(|l| l.target.single).count();
             tracing::info!(
