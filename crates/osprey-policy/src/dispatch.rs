@@ -1060,9 +1060,9 @@ impl Dispatcher {
     /// Places `model`'s replicas on nodes: one at a time, each to the live node that hosts the
     /// variant in force (any variant while it loads) and has the most speed per replica
     /// already there, `speed / slowdown / (assigned + 1)`, among the nodes whose workers are
-    /// not all budgeted to other models' replicas yet; when every host's threads are budgeted,
-    /// among all hosts (replicas then share threads). Re-run on every configuration and on
-    /// every change of membership or of what is hosted.
+    /// not all budgeted to replicas yet; when every host's threads are budgeted, to the host
+    /// with the most speed per replica of any model, `speed / slowdown · workers / (all its
+    /// replicas + 1)` (replicas then share threads, spread by speed).
     fn assign_replicas(&mut self, model: ModelId) {
         let Some(total) = self.models[model].replicas else {
             self.models[model].quota.clear();
@@ -1075,7 +1075,7 @@ impl Dispatcher {
             }
             _ => n.hosted.range((model, 0)..(model + 1, 0)).next().is_some(),
         };
-        let mut budget: BTreeMap<NodeId, (f64, i64)> = BTreeMap::new();
+        let mut budget: BTreeMap<NodeId, (f64, u32, u32)> = BTreeMap::new();
         for (&id, n) in &self.nodes {
             if !hosts(n) {
                 continue;
@@ -1088,18 +1088,25 @@ impl Dispatcher {
                 .filter_map(|(_, m)| m.quota.get(&id))
                 .sum();
             let speed = n.info.speed.max(1e-6) / n.health.slowdown.max(0.1);
-            budget.insert(id, (speed, i64::from(n.info.workers) - i64::from(others)));
+            budget.insert(id, (speed, n.info.workers, others));
         }
         let mut quota: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let own = |quota: &BTreeMap<NodeId, u32>, id: &NodeId| quota.get(id).copied().unwrap_or(0);
         for _ in 0..total {
-            let open = budget.iter().any(|(id, (_, b))| i64::from(quota.get(id).copied().unwrap_or(0)) < *b);
+            let free = |id: &NodeId, w: u32, others: u32| own(&quota, id) + others < w;
+            let open = budget.iter().any(|(id, &(_, w, o))| free(id, w, o));
+            let score = |id: &NodeId, s: f64, w: u32, o: u32| {
+                if open {
+                    s / (f64::from(own(&quota, id)) + 1.0)
+                } else {
+                    s * f64::from(w) / (f64::from(own(&quota, id) + o) + 1.0)
+                }
+            };
             let best = budget
                 .iter()
-                .filter(|(id, (_, b))| !open || i64::from(quota.get(id).copied().unwrap_or(0)) < *b)
-                .max_by(|(a, (sa, _)), (b, (sb, _))| {
-                    let qa = f64::from(quota.get(a).copied().unwrap_or(0)) + 1.0;
-                    let qb = f64::from(quota.get(b).copied().unwrap_or(0)) + 1.0;
-                    (sa / qa).total_cmp(&(sb / qb)).then(b.cmp(a))
+                .filter(|&(id, &(_, w, o))| !open || free(id, w, o))
+                .max_by(|&(a, &(sa, wa, oa)), &(b, &(sb, wb, ob))| {
+                    score(a, sa, wa, oa).total_cmp(&score(b, sb, wb, ob)).then(b.cmp(a))
                 })
                 .map(|(id, _)| *id);
             let Some(id) = best else { break };
@@ -1159,7 +1166,7 @@ impl Dispatcher {
         let variant = control.variant.filter(|&v| v < m.variants.len());
         m.sched.set_control(crate::scheduler::Control { variant, ..control });
         m.replicas = replicas.map(|r| r.max(1));
-        self.assign_replicas(model);
+        self.reassign_replicas();
         if let Some(v) = variant
             && !self.available(model).get(v).copied().unwrap_or(false)
         {

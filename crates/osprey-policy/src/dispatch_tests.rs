@@ -604,3 +604,21 @@ fn the_per_batch_overhead_beyond_the_node_is_measured_per_node() {
     let mean = p.d.batch_overhead_us(0);
     assert!((overhead(a) + overhead(b) - 2.0 * mean).abs() < 1e-9, "{mean}");
 }
+
+#[test]
+fn replicas_of_more_models_than_threads_spread_over_the_nodes() {
+    // Four single-replica models, two nodes of one thread each, b a little faster: once both
+    // threads are budgeted, replicas go where speed per replica of any model is highest, so
+    // each node serves two (not all four on the fastest).
+    let mut p = Pair::new((0..4).map(|k| model(&format!("s{k}"), Rule::Utility, 1000.0)).collect());
+    p.join(remote("a", 1, 1.0, 1000));
+    p.join(remote("b", 1, 1.2, 1000));
+    let control = crate::scheduler::Control { variant: Some(1), max_rows: Some(1) };
+    for _ in 0..2 {
+        for m in 0..4 {
+            p.d.configure(p.now, m, control, Some(1));
+        }
+        let on = |node: &str| (0..4).filter(|&m| p.d.replica_nodes(m).iter().any(|(n, _)| n == node)).count();
+        assert_eq!((on("a"), on("b")), (2, 2));
+    }
+}

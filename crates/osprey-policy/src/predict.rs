@@ -79,8 +79,11 @@ impl LoadPredictor for Ewma {
     }
 }
 
-/// The last `HISTORY_S` seconds, oldest first (what a window predictor reads), zero-padded at
-/// the start.
+/// The last `len` seconds, oldest first (what a window predictor reads). Until `len` seconds
+/// have been seen, the window is padded at the start with the first second observed: a
+/// controller that has just started knows nothing of the time before it, and zeros would read
+/// as a ramp from idle (a window predictor trained on full windows then forecasts far too low;
+/// the live twin's LSTM forecast 16 req/s at a measured 235 over its first interval).
 #[derive(Debug, Clone)]
 pub struct History {
     buf: VecDeque<f64>,
@@ -89,7 +92,7 @@ pub struct History {
 
 impl History {
     pub fn new(len: usize) -> Self {
-        History { buf: std::iter::repeat_n(0.0, len).collect(), len }
+        History { buf: VecDeque::with_capacity(len), len }
     }
     pub fn push(&mut self, x: f64) {
         if self.buf.len() == self.len {
@@ -97,8 +100,12 @@ impl History {
         }
         self.buf.push_back(if x.is_finite() { x.max(0.0) } else { 0.0 });
     }
+    /// Exactly `len` values (all 0 before the first observation).
     pub fn window(&self) -> Vec<f64> {
-        self.buf.iter().copied().collect()
+        let first = self.buf.front().copied().unwrap_or(0.0);
+        let mut w = vec![first; self.len - self.buf.len()];
+        w.extend(self.buf.iter().copied());
+        w
     }
 }
 
@@ -160,6 +167,10 @@ mod tests {
     #[test]
     fn history_keeps_the_last_window() {
         let mut h = History::new(3);
+        assert_eq!(h.window(), vec![0.0; 3]);
+        h.push(7.0);
+        h.push(8.0);
+        assert_eq!(h.window(), vec![7.0, 7.0, 8.0], "padded with the first second seen");
         for x in 1..=5 {
             h.push(x as f64);
         }
