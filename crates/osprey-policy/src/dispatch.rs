@@ -346,6 +346,8 @@ struct Model {
     /// Where those replicas are: per node, how many of the model's batches may run there at
     /// once (each one a worker thread of the node; [`Dispatcher::assign_replicas`]).
     quota: BTreeMap<NodeId, u32>,
+    /// When its last batch was dispatched.
+    last_batch: Option<Micros>,
     /// Batches of this model in flight.
     running: u32,
 }
@@ -367,7 +369,13 @@ pub struct Dispatcher {
     turn: usize,
     /// The model that plans first at the next free worker.
     first_model: usize,
+    /// The latest time the dispatcher was told of.
+    last_now: Micros,
 }
+
+/// A model that dispatched no batch for this long holds no thread budget
+/// (`Dispatcher::assign_replicas`), µs.
+pub const ACTIVE_US: Micros = 10_000_000;
 
 impl Dispatcher {
     pub fn new(cfg: DispatchConfig, models: Vec<ModelSetup>) -> Dispatcher {
@@ -380,6 +388,7 @@ impl Dispatcher {
                 variants: m.variants,
                 replicas: None,
                 quota: BTreeMap::new(),
+                last_batch: None,
                 running: 0,
             })
             .collect();
@@ -394,6 +403,7 @@ impl Dispatcher {
             next_batch: 1,
             turn: 0,
             first_model: 0,
+            last_now: 0,
         };
         d.refresh_capacity();
         d
@@ -970,6 +980,7 @@ impl Dispatcher {
 
     /// Forms batches while some model has a free worker for it (see the module docs).
     fn pump(&mut self, now: Micros) {
+        self.last_now = self.last_now.max(now);
         let n = self.models.len();
         if n == 0 {
             return;
@@ -1026,6 +1037,7 @@ impl Dispatcher {
                     },
                 );
                 self.models[k].running += 1;
+                self.models[k].last_batch = Some(now);
                 self.first_model = (k + 1) % n;
                 progressed = true;
             }
@@ -1062,7 +1074,9 @@ impl Dispatcher {
     /// already there, `speed / slowdown / (assigned + 1)`, among the nodes whose workers are
     /// not all budgeted to replicas yet; when every host's threads are budgeted, to the host
     /// with the most speed per replica of any model, `speed / slowdown · workers / (all its
-    /// replicas + 1)` (replicas then share threads, spread by speed).
+    /// replicas + 1)` (replicas then share threads, spread by speed). Replicas of a model that
+    /// dispatched no batch in the last [`ACTIVE_US`] take no threads from others: an idle
+    /// model's replica holds its memory, not a core.
     fn assign_replicas(&mut self, model: ModelId) {
         let Some(total) = self.models[model].replicas else {
             self.models[model].quota.clear();
@@ -1084,7 +1098,9 @@ impl Dispatcher {
                 .models
                 .iter()
                 .enumerate()
-                .filter(|&(k, _)| k != model)
+                .filter(|&(k, m)| {
+                    k != model && m.last_batch.is_some_and(|t| self.last_now.saturating_sub(t) <= ACTIVE_US)
+                })
                 .filter_map(|(_, m)| m.quota.get(&id))
                 .sum();
             let speed = n.info.speed.max(1e-6) / n.health.slowdown.max(0.1);
@@ -1162,6 +1178,7 @@ impl Dispatcher {
         control: crate::scheduler::Control,
         replicas: Option<u32>,
     ) {
+        self.last_now = self.last_now.max(now);
         let Some(m) = self.models.get_mut(model) else { return };
         let variant = control.variant.filter(|&v| v < m.variants.len());
         m.sched.set_control(crate::scheduler::Control { variant, ..control });

@@ -598,7 +598,8 @@ fn the_per_batch_overhead_beyond_the_node_is_measured_per_node() {
         p.run_until(p.now + 10_000);
     }
     p.assert_each_answered_once();
-    let overhead = |id| p.d.nodes().into_iter().find(|n| n.id == id).map(|n| n.health.overhead_us).unwrap_or(-1.0);
+    let overhead =
+        |id| p.d.nodes().into_iter().find(|n| n.id == id).map(|n| n.health.overhead_us).unwrap_or(-1.0);
     assert!((295.0..=310.0).contains(&overhead(a)), "a: {}", overhead(a));
     assert!(overhead(b) < 5.0, "b: {}", overhead(b));
     let mean = p.d.batch_overhead_us(0);
@@ -607,18 +608,31 @@ fn the_per_batch_overhead_beyond_the_node_is_measured_per_node() {
 
 #[test]
 fn replicas_of_more_models_than_threads_spread_over_the_nodes() {
-    // Four single-replica models, two nodes of one thread each, b a little faster: once both
-    // threads are budgeted, replicas go where speed per replica of any model is highest, so
-    // each node serves two (not all four on the fastest).
+    // Four single-replica models in use, two nodes of one thread each, b a little faster: once
+    // both threads are budgeted, replicas go where speed per replica of any model is highest,
+    // so each node serves two (not all four on the fastest).
     let mut p = Pair::new((0..4).map(|k| model(&format!("s{k}"), Rule::Utility, 1000.0)).collect());
     p.join(remote("a", 1, 1.0, 1000));
     p.join(remote("b", 1, 1.2, 1000));
     let control = crate::scheduler::Control { variant: Some(1), max_rows: Some(1) };
+    let on = |p: &Pair, node: &str| {
+        (0..4).filter(|&m| p.d.replica_nodes(m).iter().any(|(n, _)| n == node)).count()
+    };
+    for i in 0..4u64 {
+        p.arrive(i as usize, request(i, p.now, 5_000_000, None));
+    }
+    p.run_until(p.now + 100_000);
     for _ in 0..2 {
         for m in 0..4 {
             p.d.configure(p.now, m, control, Some(1));
         }
-        let on = |node: &str| (0..4).filter(|&m| p.d.replica_nodes(m).iter().any(|(n, _)| n == node)).count();
-        assert_eq!((on("a"), on("b")), (2, 2));
+        assert_eq!((on(&p, "a"), on(&p, "b")), (2, 2));
     }
+    // Idle for longer than ACTIVE_US, their replicas hold no threads: all four on the fastest.
+    p.run_until(p.now + ACTIVE_US + 1_000_000);
+    for m in 0..4 {
+        p.d.configure(p.now, m, control, Some(1));
+    }
+    assert_eq!((on(&p, "a"), on(&p, "b")), (0, 4));
+    p.assert_each_answered_once();
 }
