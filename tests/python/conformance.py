@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 import tomllib
 import urllib.error
 import urllib.request
@@ -24,19 +23,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-FAILURES = []
-CHECKS = 0
-
-NP = {"FP32": np.float32, "FP64": np.float64, "INT16": np.int16, "INT32": np.int32,
-      "INT64": np.int64, "UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_}
-
-
-def check(cond, what):
-    global CHECKS
-    CHECKS += 1
-    if not cond:
-        FAILURES.append(what)
-        print(f"FAIL: {what}", flush=True)
+from checks import NP, check, finish
 
 
 def expect_error(fn, what, *needles):
@@ -270,8 +257,7 @@ def main():
     check(code == 200 and b"osprey_requests_total" in text and b"osprey_compute_infer_duration_seconds" in text
           and b"osprey_pending_requests" in text, "Prometheus metrics exposed")
 
-    print(f"{CHECKS - len(FAILURES)}/{CHECKS} checks passed")
-    sys.exit(1 if FAILURES else 0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Usage: pipeline.py --http HOST:PORT --grpc HOST:PORT --models DIR [--pipeline NA
 
 import argparse
 import os
-import sys
 import tomllib
 
 import numpy as np
@@ -20,16 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-FAILURES = []
-CHECKS = 0
-
-
-def check(cond, what):
-    global CHECKS
-    CHECKS += 1
-    if not cond:
-        FAILURES.append(what)
-        print(f"FAIL: {what}", flush=True)
+from checks import NP, check, finish
 
 
 def stages_of(params):
@@ -55,11 +45,7 @@ def main():
     check(len(names) >= 2, f"at least two pipelines in the repository: {names}")
     for name in names:
         check_pipeline(a, name)
-    print(f"{CHECKS - len(FAILURES)}/{CHECKS} checks passed over {', '.join(names)}")
-    sys.exit(1 if FAILURES else 0)
-
-
-DTYPES = {"FP32": (np.float32, "<f4"), "INT16": (np.int16, "<i2")}
+    finish(f" over {', '.join(names)}")
 
 
 def load_spec(models, model):
@@ -74,9 +60,9 @@ def check_pipeline(a, pipeline):
     first_in = load_spec(a.models, spec["stages"][0]["model"])["inputs"][0]
     last_out = load_spec(a.models, spec["stages"][-1]["model"])["outputs"][0]
     shape = first_in["shape"][1:]
-    dtype, stored = DTYPES[first_in["datatype"]]
-    x = np.fromfile(os.path.join(pdir, "eval", "inputs.bin"), dtype=stored).reshape([-1] + shape)
-    batch = x[:8].astype(dtype)
+    dtype = NP[first_in["datatype"]]
+    x = np.fromfile(os.path.join(pdir, "eval", "inputs.bin"), dtype=np.dtype(dtype).newbyteorder("<"))
+    batch = x.reshape([-1] + shape)[:8].astype(dtype)
 
     for proto, mod, url in (("http", httpclient, a.http), ("grpc", grpcclient, a.grpc)):
         c = mod.InferenceServerClient(url=url)
@@ -113,7 +99,7 @@ def check_pipeline(a, pipeline):
                 ms = load_spec(a.models, model)
                 i = ms["inputs"][0]
                 si = mod.InferInput(i["name"], list(t.shape), i["datatype"])
-                si.set_data_from_numpy(t.astype(DTYPES[i["datatype"]][0]))
+                si.set_data_from_numpy(t.astype(NP[i["datatype"]]))
                 t = c.infer(model, [si], model_version=variant).as_numpy(ms["outputs"][0]["name"])
             if y is not None:
                 err = float(np.abs(t - y).max())

@@ -1083,10 +1083,10 @@ impl Dispatcher {
             return;
         };
         let variant = self.models[model].sched.control().variant;
+        let hosted_somewhere =
+            variant.is_some_and(|v| self.available(model).get(v).copied().unwrap_or(false));
         let hosts = |n: &Node| match variant {
-            Some(v) if self.available(model).get(v).copied().unwrap_or(false) => {
-                n.hosted.contains(&(model, v))
-            }
+            Some(v) if hosted_somewhere => n.hosted.contains(&(model, v)),
             _ => n.hosted.range((model, 0)..(model + 1, 0)).next().is_some(),
         };
         let mut budget: BTreeMap<NodeId, (f64, u32, u32)> = BTreeMap::new();
