@@ -5,6 +5,8 @@
 //!   plan is built and optimised once and shared by every worker thread.
 //! - [`batch`]: concatenating requests into one batch and splitting outputs back.
 //! - [`profile`]: measuring latency per batch size (p50/p90/p99) and throughput.
+//! - [`split`]: a transformer cut at layer boundaries, ranges of layers run on different nodes.
+//! - [`text`]: text into token inputs (the model's own tokenizer).
 //!
 //! tract is pure Rust (no native library to ship to edge nodes, one static binary), runs the
 //! zoo's graphs unchanged, and can cut a graph at a named tensor, which split inference needs.
@@ -12,5 +14,7 @@
 pub mod batch;
 pub mod profile;
 pub mod session;
+pub mod split;
+pub mod text;
 
 pub use session::Session;

@@ -29,6 +29,7 @@ pub mod predict;
 pub mod quota;
 pub mod scheduler;
 pub mod setup;
+pub mod split;
 
 /// Time on the driver's clock, microseconds.
 pub type Micros = u64;
