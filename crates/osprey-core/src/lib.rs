@@ -7,6 +7,8 @@
 //!   variant), its strict parsing, and held-out evaluation sets.
 //! - [`pipeline`]: pipelines in the repository (`<repo>/<pipeline>/pipeline.toml`): a chain of
 //!   stage models and the tensor mapping between them.
+//! - [`split`]: split models (`<repo>/<model>/split.toml`): a transformer whose layer ranges
+//!   run on different agents, its tokenizer, boundaries and privacy rule.
 //! - [`profile`]: latency profiles per variant and batch size (written by `osprey profile`).
 //! - [`config`]: the server configuration file.
 //!
@@ -17,6 +19,7 @@ pub mod error;
 pub mod model;
 pub mod pipeline;
 pub mod profile;
+pub mod split;
 pub mod tensor;
 
 pub use error::{Error, ErrorCode};

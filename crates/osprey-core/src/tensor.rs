@@ -4,6 +4,11 @@
 //! Triton's binary extension, gRPC `raw_*_contents` and the engine all use, so the hot path
 //! never converts element by element. JSON is converted at the edge ([`RawTensor::from_json`],
 //! [`RawTensor::write_json_data`]), with every element checked against its datatype's range.
+//!
+//! `BYTES` elements have no fixed size: their raw form is Triton's serialisation (each element
+//! a 4-byte little-endian length, then that many bytes), which is what the binary extension
+//! and `raw_input_contents` carry; [`RawTensor::from_bytes`] checks that layout against the
+//! shape. `FP16` is IEEE half precision (the `half` crate), two bytes per element.
 
 use crate::error::{Error, Result};
 
@@ -20,12 +25,14 @@ pub enum DataType {
     Int16,
     Int32,
     Int64,
+    Fp16,
     Fp32,
     Fp64,
+    Bytes,
 }
 
 impl DataType {
-    pub const ALL: [DataType; 11] = [
+    pub const ALL: [DataType; 13] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -35,18 +42,18 @@ impl DataType {
         DataType::Int16,
         DataType::Int32,
         DataType::Int64,
+        DataType::Fp16,
         DataType::Fp32,
         DataType::Fp64,
+        DataType::Bytes,
     ];
 
-    /// Parses the protocol's spelling (`"FP32"`). FP16, BF16 and BYTES are named in the error.
+    /// Parses the protocol's spelling (`"FP32"`). BF16 is named in the error.
     pub fn parse(s: &str) -> Result<DataType> {
         DataType::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| match s {
-            "FP16" | "BF16" | "BYTES" => {
-                Error::invalid(format!("datatype {s} is not supported by Osprey's engine"))
-            }
+            "BF16" => Error::invalid(format!("datatype {s} is not supported by Osprey's engine")),
             _ => Error::invalid(format!(
-                "unknown datatype '{s}'; expected one of BOOL, UINT8..UINT64, INT8..INT64, FP32, FP64"
+                "unknown datatype '{s}'; expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES"
             )),
         })
     }
@@ -62,22 +69,29 @@ impl DataType {
             DataType::Int16 => "INT16",
             DataType::Int32 => "INT32",
             DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
         }
     }
 
-    /// Bytes per element.
-    /// Signed or unsigned integer types (not BOOL, not floating point).
+    /// Signed or unsigned integer types (not BOOL, not floating point, not BYTES).
     pub fn is_integer(self) -> bool {
-        !matches!(self, DataType::Bool | DataType::Fp32 | DataType::Fp64)
+        !matches!(self, DataType::Bool | DataType::Fp16 | DataType::Fp32 | DataType::Fp64 | DataType::Bytes)
     }
 
+    /// Elements of variable size (`BYTES`).
+    pub fn is_variable(self) -> bool {
+        self == DataType::Bytes
+    }
+
+    /// Bytes per element; for `BYTES` (variable) the smallest element, its 4-byte length.
     pub fn size(self) -> usize {
         match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 => 2,
-            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 | DataType::Bytes => 4,
             DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
         }
     }
@@ -94,8 +108,10 @@ impl DataType {
             DataType::Int16 => 7,
             DataType::Int32 => 8,
             DataType::Int64 => 9,
+            DataType::Fp16 => 10,
             DataType::Fp32 => 11,
             DataType::Fp64 => 12,
+            DataType::Bytes => 13,
         }
     }
 }
@@ -117,7 +133,9 @@ pub fn element_count(shape: &[i64]) -> Result<usize> {
     Ok(n)
 }
 
-/// Byte size of a tensor, checked for overflow before anything is allocated.
+/// Byte size of a tensor, checked for overflow before anything is allocated. `BYTES` has no
+/// size fixed by its shape: the smallest it can be (every element empty) is returned, and
+/// [`RawTensor::from_bytes`] checks the actual layout.
 pub fn byte_size(datatype: DataType, shape: &[i64]) -> Result<usize> {
     element_count(shape)?
         .checked_mul(datatype.size())
@@ -125,7 +143,9 @@ pub fn byte_size(datatype: DataType, shape: &[i64]) -> Result<usize> {
 }
 
 /// A dense tensor: datatype, shape, little-endian row-major bytes. `data.len()` always equals
-/// `byte_size(datatype, shape)` for tensors built through this module's constructors.
+/// `byte_size(datatype, shape)` for tensors of fixed-size elements built through this
+/// module's constructors; `BYTES` data is always a well-formed serialisation of exactly the
+/// shape's element count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTensor {
     pub datatype: DataType,
@@ -136,6 +156,18 @@ pub struct RawTensor {
 impl RawTensor {
     /// Wraps raw bytes after checking that their length matches the shape.
     pub fn from_bytes(datatype: DataType, shape: Vec<i64>, data: Vec<u8>) -> Result<RawTensor> {
+        if datatype.is_variable() {
+            let want = element_count(&shape)?;
+            let got = serialized_elements(&data).ok_or_else(|| {
+                Error::invalid("BYTES data is not a sequence of 4-byte lengths each followed by its bytes")
+            })?;
+            if got != want {
+                return Err(Error::invalid(format!(
+                    "BYTES tensor of shape {shape:?} needs {want} elements, the data holds {got}"
+                )));
+            }
+            return Ok(RawTensor { datatype, shape, data });
+        }
         let want = byte_size(datatype, &shape)?;
         if want != data.len() {
             return Err(Error::invalid(format!(
@@ -152,7 +184,38 @@ impl RawTensor {
     }
 
     pub fn elements(&self) -> usize {
+        if self.datatype.is_variable() {
+            return element_count(&self.shape).unwrap_or(0);
+        }
         self.data.len() / self.datatype.size()
+    }
+
+    /// A `BYTES` tensor of these elements.
+    pub fn from_strings<S: AsRef<[u8]>>(shape: Vec<i64>, items: &[S]) -> Result<RawTensor> {
+        let mut data = Vec::with_capacity(items.iter().map(|s| s.as_ref().len() + 4).sum());
+        for it in items {
+            let b = it.as_ref();
+            let n = u32::try_from(b.len()).map_err(|_| Error::too_large("a BYTES element over 4 GiB"))?;
+            data.extend_from_slice(&n.to_le_bytes());
+            data.extend_from_slice(b);
+        }
+        RawTensor::from_bytes(DataType::Bytes, shape, data)
+    }
+
+    /// The elements of a `BYTES` tensor, in order.
+    pub fn byte_elements(&self) -> Result<Vec<&[u8]>> {
+        if !self.datatype.is_variable() {
+            return Err(Error::invalid(format!("expected BYTES, tensor is {}", self.datatype)));
+        }
+        let mut out = Vec::new();
+        let mut rest = &self.data[..];
+        while rest.len() >= 4 {
+            let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(item) = rest.get(4..4 + n) else { break };
+            out.push(item);
+            rest = &rest[4 + n..];
+        }
+        Ok(out)
     }
 
     /// Reads FP32 elements (for tests and the load generator's checks).
@@ -228,27 +291,58 @@ impl RawTensor {
             DataType::Int64 => each!(i64, 8),
             DataType::Fp32 => each!(f32, 4),
             DataType::Fp64 => each!(f64, 8),
+            DataType::Fp16 => {
+                for (i, c) in b.chunks_exact(2).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let x = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    let _ = serde_json::to_writer(&mut *out, &x);
+                }
+            }
+            DataType::Bytes => {
+                // Elements are written as JSON strings (invalid UTF-8 replaced), as Triton does.
+                for (i, item) in self.byte_elements().unwrap_or_default().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(item));
+                }
+            }
         }
         out.push(b']');
     }
 }
 
+/// Number of elements of a well-formed `BYTES` serialisation, `None` if malformed.
+fn serialized_elements(mut data: &[u8]) -> Option<usize> {
+    let mut n = 0;
+    while !data.is_empty() {
+        let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+        data = data.get(4usize.checked_add(len)?..)?;
+        n += 1;
+    }
+    Some(n)
+}
+
 /// The JSON scalars `data` may hold.
 #[derive(Clone, Copy)]
-enum Scalar {
+enum Scalar<'s> {
     Bool(bool),
     I64(i64),
     U64(u64),
     F64(f64),
+    Str(&'s str),
 }
 
-impl std::fmt::Display for Scalar {
+impl std::fmt::Display for Scalar<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Scalar::Bool(b) => write!(f, "{b}"),
             Scalar::I64(i) => write!(f, "{i}"),
             Scalar::U64(u) => write!(f, "{u}"),
             Scalar::F64(x) => write!(f, "{x}"),
+            Scalar::Str(_) => write!(f, "a string"),
         }
     }
 }
@@ -265,7 +359,7 @@ struct Elements<'a> {
 }
 
 impl Elements<'_> {
-    fn push<E: serde::de::Error>(&mut self, v: Scalar) -> std::result::Result<(), E> {
+    fn push<E: serde::de::Error>(&mut self, v: Scalar<'_>) -> std::result::Result<(), E> {
         self.count += 1;
         let fail = |me: &mut Self, e: Error| {
             me.error = Some(e);
@@ -293,11 +387,11 @@ impl Elements<'_> {
                 }
             }};
         }
-        let float = |v: Scalar| match v {
+        let float = |v: Scalar<'_>| match v {
             Scalar::I64(i) => Some(i as f64),
             Scalar::U64(u) => Some(u as f64),
             Scalar::F64(x) => Some(x),
-            Scalar::Bool(_) => None,
+            Scalar::Bool(_) | Scalar::Str(_) => None,
         };
         match dt {
             DataType::Bool => match v {
@@ -319,6 +413,18 @@ impl Elements<'_> {
             DataType::Fp64 => match float(v) {
                 Some(x) => self.out.extend_from_slice(&x.to_le_bytes()),
                 None => return Err(fail(self, bad())),
+            },
+            DataType::Fp16 => match float(v) {
+                Some(x) => self.out.extend_from_slice(&half::f16::from_f64(x).to_le_bytes()),
+                None => return Err(fail(self, bad())),
+            },
+            DataType::Bytes => match v {
+                Scalar::Str(t) => {
+                    let n = u32::try_from(t.len()).map_err(|_| fail(self, bad()))?;
+                    self.out.extend_from_slice(&n.to_le_bytes());
+                    self.out.extend_from_slice(t.as_bytes());
+                }
+                _ => return Err(fail(self, bad())),
             },
         }
         Ok(())
@@ -357,6 +463,9 @@ impl<'de> serde::de::Visitor<'de> for Seed<'_, '_> {
         self.0.push(Scalar::F64(v))
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<(), E> {
+        if self.0.dt == DataType::Bytes {
+            return self.0.push(Scalar::Str(v));
+        }
         let e = self.0;
         e.count += 1;
         let k = e.count - 1;
@@ -445,6 +554,30 @@ mod tests {
     }
 
     #[test]
+    fn bytes_tensors_round_trip_through_json_and_their_layout_is_checked() {
+        let t = RawTensor::from_json(DataType::Bytes, vec![2], r#"["héllo", ""]"#, "text").unwrap();
+        assert_eq!(t.byte_elements().unwrap(), vec!["héllo".as_bytes(), b""]);
+        assert_eq!(t, RawTensor::from_strings(vec![2], &["héllo", ""]).unwrap());
+        assert_eq!(written(&t), r#"["héllo",""]"#);
+        assert_eq!(t.elements(), 2);
+        // Wrong count, truncated element, trailing garbage, a number: refused.
+        assert!(RawTensor::from_json(DataType::Bytes, vec![3], r#"["a","b"]"#, "t").is_err());
+        assert!(RawTensor::from_json(DataType::Bytes, vec![1], "[1]", "t").is_err());
+        assert!(RawTensor::from_bytes(DataType::Bytes, vec![1], vec![5, 0, 0, 0, b'a']).is_err());
+        assert!(RawTensor::from_bytes(DataType::Bytes, vec![1], vec![1, 0, 0, 0, b'a', 0]).is_err());
+        assert!(RawTensor::from_bytes(DataType::Bytes, vec![1], vec![255, 255, 255, 255]).is_err());
+        assert!(RawTensor::from_bytes(DataType::Bytes, vec![0], vec![]).is_ok());
+    }
+
+    #[test]
+    fn fp16_round_trips_through_json_at_half_precision() {
+        let t = RawTensor::from_json(DataType::Fp16, vec![3], "[1.5, -2, 65504]", "x").unwrap();
+        assert_eq!(t.data.len(), 6);
+        assert_eq!(written(&t), "[1.5,-2.0,65504.0]");
+        assert!(RawTensor::from_json(DataType::Fp16, vec![1], "[true]", "x").is_err());
+    }
+
+    #[test]
     fn byte_sizes_that_overflow_are_errors_not_panics() {
         let e = byte_size(DataType::Fp64, &[i64::MAX, i64::MAX]).unwrap_err();
         assert_eq!(e.code, crate::ErrorCode::PayloadTooLarge);
@@ -456,7 +589,9 @@ mod tests {
     #[test]
     fn datatype_parsing_names_unsupported_types() {
         assert_eq!(DataType::parse("FP32").unwrap(), DataType::Fp32);
-        assert!(DataType::parse("FP16").unwrap_err().message.contains("not supported"));
+        assert!(DataType::parse("BF16").unwrap_err().message.contains("not supported"));
+        assert_eq!(DataType::parse("FP16").unwrap(), DataType::Fp16);
+        assert_eq!(DataType::parse("BYTES").unwrap(), DataType::Bytes);
         assert!(DataType::parse("float").unwrap_err().message.contains("unknown datatype"));
         for d in DataType::ALL {
             assert_eq!(DataType::parse(d.as_str()).unwrap(), d);

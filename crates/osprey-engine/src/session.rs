@@ -179,6 +179,8 @@ fn datum(dt: DataType) -> DatumType {
         DataType::Int64 => DatumType::I64,
         DataType::Fp32 => DatumType::F32,
         DataType::Fp64 => DatumType::F64,
+        DataType::Fp16 => DatumType::F16,
+        DataType::Bytes => DatumType::String,
     }
 }
 
@@ -220,7 +222,7 @@ impl Session {
         }
         let mut values: TVec<TValue> = TVec::new();
         for (t, spec) in inputs.iter().zip(&self.inputs) {
-            if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() {
+            if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() || t.datatype.is_variable() {
                 return Err(Error::internal(format!("input '{}' does not match the model", spec.name)));
             }
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();

@@ -97,6 +97,10 @@ fn param_f64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
     }
 }
 
+fn unreachable_fp16() -> Result<(), Error> {
+    Err(Error::internal("FP16 typed contents are refused before conversion"))
+}
+
 /// Typed `contents` to raw little-endian bytes, checking count and range.
 fn from_contents(
     dt: DataType,
@@ -119,6 +123,12 @@ fn from_contents(
         DataType::Uint64 => c.uint64_contents.len(),
         DataType::Fp32 => c.fp32_contents.len(),
         DataType::Fp64 => c.fp64_contents.len(),
+        DataType::Bytes => c.bytes_contents.len(),
+        DataType::Fp16 => {
+            return Err(Error::invalid(format!(
+                "input '{name}': FP16 has no typed contents field; send it in raw_input_contents"
+            )));
+        }
     };
     if got != want {
         return Err(count_err(got));
@@ -151,6 +161,8 @@ fn from_contents(
         DataType::Uint64 => narrow!(c.uint64_contents, u64),
         DataType::Fp32 => narrow!(c.fp32_contents, f32),
         DataType::Fp64 => narrow!(c.fp64_contents, f64),
+        DataType::Bytes => return RawTensor::from_strings(shape, &c.bytes_contents),
+        DataType::Fp16 => unreachable_fp16()?,
     }
     RawTensor::from_bytes(dt, shape, out)
 }
@@ -374,7 +386,8 @@ pub fn decode_request(r: &mut pb::ModelInferRequest) -> Result<Decoded, Error> {
                 )));
             }
             let want = byte_size(dt, &inp.shape)?;
-            if bytes.len() != want {
+            // BYTES: `want` is the least its layout can take; `from_bytes` checks the layout.
+            if bytes.len() != want && !(dt.is_variable() && bytes.len() > want) {
                 return Err(Error::invalid(format!(
                     "input '{}': {dt} {:?} needs {want} bytes, raw_input_contents has {}",
                     inp.name,
