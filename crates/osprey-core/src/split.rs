@@ -172,8 +172,13 @@ impl SplitSpec {
         if f.max_batch_size == 0 {
             return Err(bad("max_batch_size must be at least 1".into()));
         }
-        resolve_inside(dir, &f.file).map_err(|e| bad(e.message))?;
-        resolve_inside(dir, &f.tokenizer).map_err(|e| bad(e.message))?;
+        // The graph may be absent (fetched later): only its form is checked here.
+        for rel in [&f.file, &f.tokenizer] {
+            let p = Path::new(rel);
+            if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err(bad(format!("path '{rel}' must be relative and stay inside the model folder")));
+            }
+        }
         Ok(SplitSpec {
             name: name.to_string(),
             dir: dir.to_path_buf(),
@@ -210,7 +215,7 @@ impl SplitSpec {
 
     /// Why the model cannot be served from this folder yet (its weights absent), if so.
     pub fn missing(&self) -> Option<String> {
-        let graph = self.graph_path().ok()?;
+        let graph = self.dir.join(&self.file);
         (!graph.exists()).then(|| {
             let how = if self.fetch.is_empty() { String::new() } else { format!("; add it with: {}", self.fetch) };
             format!("{} is not present{how}", graph.display())
@@ -262,5 +267,8 @@ mod tests {
         assert!(e.message.contains("exceeds"), "{}", e.message);
         let e = SplitSpec::parse("m", dir, &format!("{base}[plan]\nobjective = \"speed\"\n"), p).unwrap_err();
         assert!(e.message.contains("latency or throughput"));
+        assert!(SplitSpec::parse("m", dir, &base.replace("m.onnx", "../x.onnx"), p).is_err());
+        let s = SplitSpec::parse("m", dir, &base.replace("m.onnx", "absent-graph.onnx"), p).unwrap();
+        assert!(s.missing().unwrap().contains("not present"));
     }
 }
