@@ -657,9 +657,16 @@ impl Epochs {
         }
     }
 
-    /// A node is gone: a pending epoch that needs it is abandoned. (Requests in flight on
-    /// it fail and are retried by the driver on a later epoch.)
+    /// A node is gone: a pending epoch that needs it is abandoned, and a current one that
+    /// runs on it stops taking requests (until a new plan is active, [`Epochs::begin`] returns
+    /// `None`). Requests in flight on it fail and are retried by the driver on a later epoch.
     pub fn node_lost(&mut self, node: &str) {
+        if let Some(c) = self.current
+            && self.states.get(&c).is_some_and(|s| s.stages.iter().any(|a| a.node == node))
+        {
+            self.current = None;
+            self.retire(c);
+        }
         if let Some(p) = self.pending
             && self.states.get(&p).is_some_and(|s| s.stages.iter().any(|a| a.node == node))
         {
@@ -827,6 +834,13 @@ mod tests {
         assert_eq!(e.poll_action(), Some(EpochAction::Unload { epoch: e3, node: "z".into() }));
         assert!(matches!(e.poll_action(), Some(EpochAction::Abandoned { .. })));
         assert_eq!(e.current().unwrap().0, e2);
+        // Losing a node of the current epoch stops new requests on it.
+        let (_, _) = e.begin().unwrap();
+        e.node_lost("y");
+        assert!(e.begin().is_none());
+        assert_eq!(e.poll_action(), None, "unloaded only once its request finished");
+        e.finish(e2);
+        assert!(matches!(e.poll_action(), Some(EpochAction::Unload { epoch, .. }) if epoch == e2));
     }
 
     fn arb_problem() -> impl proptest::strategy::Strategy<Value = SplitProblem> {

@@ -121,6 +121,8 @@ pub struct Cluster {
     /// The time the timer task sleeps until (µs on `epoch`; `u64::MAX` = none).
     armed: AtomicU64,
     next_agent: AtomicU64,
+    /// Drivers of split models, told of agents that offer them and of their messages.
+    splits: Mutex<Vec<Arc<crate::split::SplitDriver>>>,
 }
 
 impl Cluster {
@@ -138,6 +140,7 @@ impl Cluster {
             epoch: Instant::now(),
             wake: Notify::new(),
             armed: AtomicU64::new(u64::MAX),
+            splits: Mutex::new(Vec::new()),
             next_agent: AtomicU64::new(1),
         })
     }
@@ -296,6 +299,19 @@ impl Cluster {
         });
         tracing::info!(node = %name, "{kind} agent joined as node {id}");
         id
+    }
+
+    /// Registers the driver of a split model.
+    pub fn add_split(&self, d: Arc<crate::split::SplitDriver>) {
+        self.splits.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+    }
+
+    pub fn splits(&self) -> Vec<Arc<crate::split::SplitDriver>> {
+        self.splits.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn split(&self, model: &str) -> Option<Arc<crate::split::SplitDriver>> {
+        self.splits().into_iter().find(|d| d.name() == model)
     }
 
     fn node_down(self: &Arc<Self>, node: NodeId, why: &str) {
@@ -591,6 +607,11 @@ pub struct RemoteAgent {
 }
 
 impl RemoteAgent {
+    /// Sends a message on the agent's stream; false when it is closed or saturated.
+    pub fn send_kind(&self, kind: gateway_message::Kind) -> bool {
+        self.send(kind)
+    }
+
     fn send(&self, kind: gateway_message::Kind) -> bool {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         tx.is_some_and(|tx| tx.try_send(Ok(agent_pb::GatewayMessage { kind: Some(kind) })).is_ok())
@@ -795,26 +816,61 @@ impl agent_pb::agent_gateway_server::AgentGateway for AgentService {
         };
         let node = self.cluster.join(info, agent.clone(), reg.cores);
         let cluster = self.cluster.clone();
+        let name = reg.name.clone();
+        let splits: Vec<_> = if reg.peer_addr.is_empty() {
+            Vec::new()
+        } else {
+            reg.split_models.iter().filter_map(|m| cluster.split(m)).collect()
+        };
+        for d in &splits {
+            d.node_joined(&name, agent.clone(), reg.peer_addr.clone(), &reg.labels, reg.memory_mb);
+        }
         tokio::spawn(async move {
+            let down = |why: &str| {
+                cluster.node_down(node, why);
+                for d in &splits {
+                    d.node_left(&name, &agent);
+                }
+            };
             loop {
                 match inbound.message().await {
                     Ok(Some(m)) => match m.kind {
-                        Some(agent_message::Kind::Heartbeat(h)) => cluster.heartbeat(
-                            node,
-                            Telemetry {
-                                busy: h.busy,
-                                cpu_load: h.cpu_load,
-                                latency_us: h.latency_us.into_iter().collect(),
-                            },
-                        ),
+                        Some(agent_message::Kind::Heartbeat(h)) => {
+                            for d in &splits {
+                                d.on_heartbeat(&name, &h.split_received);
+                            }
+                            cluster.heartbeat(
+                                node,
+                                Telemetry {
+                                    busy: h.busy,
+                                    cpu_load: h.cpu_load,
+                                    latency_us: h.latency_us.into_iter().collect(),
+                                },
+                            )
+                        }
                         Some(agent_message::Kind::Result(r)) => agent.on_result(r),
                         Some(agent_message::Kind::Loaded(l)) => {
                             cluster.loaded(node, &l.model, &l.variant, &l.error, l.memory_kib)
                         }
+                        Some(agent_message::Kind::RangeLoaded(l)) => {
+                            if let Some(d) = splits.iter().find(|d| d.name() == l.model) {
+                                d.on_range_loaded(&name, l)
+                            }
+                        }
+                        Some(agent_message::Kind::SplitResult(r)) => {
+                            if let Some(d) = splits.iter().find(|d| d.name() == r.model) {
+                                d.on_result(r)
+                            }
+                        }
+                        Some(agent_message::Kind::SplitProfile(p)) => {
+                            if let Some(d) = splits.iter().find(|d| d.name() == p.model) {
+                                d.on_profile(&name, p)
+                            }
+                        }
                         _ => {}
                     },
-                    Ok(None) => break cluster.node_down(node, "its connection closed"),
-                    Err(e) => break cluster.node_down(node, &format!("connection error: {}", e.message())),
+                    Ok(None) => break down("its connection closed"),
+                    Err(e) => break down(&format!("connection error: {}", e.message())),
                 }
             }
         });

@@ -198,6 +198,20 @@ impl ModelEntry {
     }
 }
 
+/// A split model request's deadline when it names none.
+pub const SPLIT_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A split model's answer.
+pub struct SplitOutcome {
+    pub model: String,
+    pub embedding: RawTensor,
+    /// The epoch each sentence ran on.
+    pub epochs: Vec<u64>,
+    /// Most attempts any sentence needed (1: no retry).
+    pub attempts: usize,
+    pub latency: Duration,
+}
+
 /// Everything the gateway needs to start.
 pub struct GatewayConfig {
     pub models: Vec<ModelSpec>,
@@ -215,6 +229,9 @@ pub struct GatewayConfig {
     pub join_token: Option<JoinToken>,
     /// Pipelines of the repository; one whose stage models are not all served is a problem.
     pub pipelines: Vec<PipelineSpec>,
+    /// Split models of the repository (`split.toml`); one without its weights is a problem
+    /// that says how to add them.
+    pub splits: Vec<osprey_core::split::SplitSpec>,
 }
 
 impl GatewayConfig {
@@ -232,6 +249,7 @@ impl GatewayConfig {
             scheduler: SchedulerSection::default(),
             join_token: None,
             pipelines: Vec::new(),
+            splits: Vec::new(),
         }
     }
 }
@@ -239,6 +257,7 @@ impl GatewayConfig {
 pub struct Gateway {
     models: BTreeMap<String, Arc<ModelEntry>>,
     pipelines: BTreeMap<String, Arc<PipelineEntry>>,
+    splits: BTreeMap<String, Arc<crate::split::SplitDriver>>,
     pub tenants: Tenants,
     pub policy: PolicyName,
     epoch: Instant,
@@ -465,6 +484,30 @@ impl Gateway {
             }
         }
         let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries);
+        let mut splits = BTreeMap::new();
+        for spec in config.splits {
+            let name = spec.name.clone();
+            if models.contains_key(&name) || pipelines.contains_key(&name) {
+                let error = Error::invalid(format!("split model '{name}' has the name of a model or pipeline"));
+                problems.push(RepositoryProblem { model: name, error });
+                continue;
+            }
+            if let Some(why) = spec.missing() {
+                tracing::warn!(model = %name, "split model not served: {why}");
+                problems.push(RepositoryProblem { model: name, error: Error::unavailable(why) });
+                continue;
+            }
+            match crate::split::SplitDriver::new(spec) {
+                Ok(d) => {
+                    cluster.add_split(d.clone());
+                    splits.insert(name, d);
+                }
+                Err(error) => {
+                    tracing::error!(model = %name, "split model not served: {}", error.message);
+                    problems.push(RepositoryProblem { model: name, error });
+                }
+            }
+        }
         let timer = tokio::spawn(cluster.clone().run_timer());
         let inflight = Arc::new(AtomicUsize::new(0));
         let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -482,6 +525,7 @@ impl Gateway {
         Arc::new(Gateway {
             models,
             pipelines,
+            splits,
             tenants,
             policy: config.scheduler.policy,
             epoch: Instant::now(),
@@ -521,11 +565,23 @@ impl Gateway {
     /// Ready to answer `model`: not draining and some live node hosts one of its variants (for
     /// a pipeline: of every stage's model).
     pub fn model_is_ready(&self, model: &str) -> bool {
+        if let Some(s) = self.splits.get(model) {
+            return !self.draining.load(Ordering::Relaxed) && s.is_ready();
+        }
         if let Some(p) = self.pipelines.get(model) {
             return !self.draining.load(Ordering::Relaxed)
                 && p.stages.iter().all(|s| self.cluster.model_ready(s.name()));
         }
         !self.draining.load(Ordering::Relaxed) && self.cluster.model_ready(model)
+    }
+
+    /// The served split model of that name.
+    pub fn split(&self, name: &str) -> Option<&Arc<crate::split::SplitDriver>> {
+        self.splits.get(name)
+    }
+
+    pub fn splits(&self) -> impl Iterator<Item = &Arc<crate::split::SplitDriver>> {
+        self.splits.values()
     }
 
     /// The served pipeline of that name.
@@ -680,6 +736,86 @@ impl Gateway {
     /// Resolves the caller of a request from its `Authorization` value.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<usize> {
         self.tenants.authenticate(authorization)
+    }
+
+    /// A split model's inference: one `BYTES` input of sentences (`[n]` or `[n, 1]`), one
+    /// `FP32 [n, hidden]` embedding output. The deadline is the request's `timeout` or
+    /// `deadline_ms`, else [`SPLIT_DEFAULT_TIMEOUT`] (tenant latency SLOs are written for the
+    /// zoo's small models, not for a transformer across nodes).
+    pub async fn infer_split(
+        &self,
+        model: &str,
+        version: &str,
+        inputs: Vec<InputTensor>,
+        requested: &[String],
+        opts: &RequestOptions,
+        tenant: usize,
+    ) -> Result<SplitOutcome> {
+        let d = self.splits.get(model).ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?.clone();
+        if !version.is_empty() {
+            return Err(Error::not_found(format!("split model '{model}' has no versions")));
+        }
+        let [input] = &inputs[..] else {
+            return Err(Error::invalid(format!("model '{model}' takes one input, 'text' (BYTES)")));
+        };
+        if input.name != "text" || input.tensor.datatype != osprey_core::tensor::DataType::Bytes {
+            return Err(Error::invalid(format!(
+                "model '{model}' takes one input 'text' of BYTES, got '{}' of {}",
+                input.name, input.tensor.datatype
+            )));
+        }
+        let shape = &input.tensor.shape;
+        if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) || shape[0] < 1 {
+            return Err(Error::invalid(format!("input 'text' must be [n] or [n, 1] with n >= 1, got {shape:?}")));
+        }
+        if shape[0] > i64::from(d.spec.max_batch_size) {
+            return Err(Error::invalid(format!(
+                "at most {} sentences per request, got {}",
+                d.spec.max_batch_size, shape[0]
+            )));
+        }
+        if let Some(o) = requested.iter().find(|o| o.as_str() != "embedding") {
+            return Err(Error::invalid(format!("model '{model}' has no output '{o}'; it has 'embedding'")));
+        }
+        let texts = input
+            .tensor
+            .byte_elements()?
+            .into_iter()
+            .map(|b| {
+                std::str::from_utf8(b)
+                    .map(str::to_string)
+                    .map_err(|_| Error::invalid("every 'text' element must be UTF-8"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Error::unavailable("server is shutting down"));
+        }
+        let now = Instant::now();
+        self.tenants.admit(tenant, model, texts.len() as u32, 0.0, micros(self.epoch, now))?;
+        let timeout = opts
+            .timeout_us
+            .map(Duration::from_micros)
+            .into_iter()
+            .chain(opts.deadline_ms.map(Duration::from_millis))
+            .min()
+            .unwrap_or(SPLIT_DEFAULT_TIMEOUT);
+        let _guard =
+            InFlight::new(self.inflight.clone(), self.idle.clone(), prometheus_client::metrics::gauge::Gauge::default());
+        let t0 = Instant::now();
+        let result = d.embed(&texts, now + timeout).await;
+        let label = result.as_ref().map_or_else(|e| e.code.label(), |_| "ok");
+        self.metrics.request(model, "", label);
+        let (embeddings, replies) = result?;
+        let width = d.spec.hidden;
+        let flat: Vec<f32> = embeddings.into_iter().flatten().collect();
+        let tensor = RawTensor::from_f32(vec![texts.len() as i64, width as i64], &flat)?;
+        Ok(SplitOutcome {
+            model: model.to_string(),
+            embedding: tensor,
+            epochs: replies.iter().map(|r| r.epoch).collect(),
+            attempts: replies.iter().map(|r| r.attempts).max().unwrap_or(1),
+            latency: t0.elapsed(),
+        })
     }
 
     /// Admits, queues and awaits one request of `tenant`. Every admitted request ends in

@@ -181,7 +181,7 @@ impl GrpcInferenceService for InferenceService {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
         self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
-        let known = if self.gw.pipeline(&r.name).is_some() {
+        let known = if self.gw.pipeline(&r.name).is_some() || self.gw.split(&r.name).is_some() {
             r.version.is_empty()
         } else {
             model_ready(&self.gw, t, &r.name, &r.version).is_ok()
@@ -202,6 +202,16 @@ impl GrpcInferenceService for InferenceService {
     async fn model_metadata(&self, r: Request<pb::ModelMetadataRequest>) -> R<pb::ModelMetadataResponse> {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
+        if let Some(d) = self.gw.split(&r.name) {
+            self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
+            return Ok(Response::new(pb::ModelMetadataResponse {
+                name: d.name().into(),
+                versions: Vec::new(),
+                platform: "osprey_split".into(),
+                inputs: vec![tensor_meta(&d.input_spec())],
+                outputs: vec![tensor_meta(&d.output_spec())],
+            }));
+        }
         if let Some(p) = self.gw.pipeline(&r.name) {
             self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
             return Ok(Response::new(pb::ModelMetadataResponse {
@@ -329,6 +339,12 @@ impl GrpcInferenceService for InferenceService {
                 })
             })
             .collect();
+        models.extend(self.gw.splits().filter(|d| self.gw.tenants.may_see(t, d.name())).map(|d| ModelIndex {
+            name: d.name().into(),
+            version: String::new(),
+            state: if self.gw.model_is_ready(d.name()) { "READY" } else { "UNAVAILABLE" }.into(),
+            reason: if self.gw.model_is_ready(d.name()) { String::new() } else { "no split plan is active".into() },
+        }));
         models.extend(self.gw.pipelines().filter(|p| self.gw.tenants.may_see(t, p.name())).map(|p| {
             ModelIndex {
                 name: p.name().into(),
@@ -426,6 +442,36 @@ impl InferenceService {
         let mut r = r.into_inner();
         self.gw.tenants.check_model(tenant, &r.model_name).map_err(status)?;
         let gw = &self.gw;
+        if gw.split(&r.model_name).is_some() {
+            let result = async {
+                let d = decode_request(&mut r)?;
+                gw.infer_split(&r.model_name, &r.model_version, d.inputs, &d.outputs, &d.opts, tenant).await
+            }
+            .await;
+            let o = result.map_err(|e| {
+                count_edge_error(gw, &r.model_name, &e);
+                status(e)
+            })?;
+            use pb::infer_parameter::ParameterChoice as C;
+            let param = |c| pb::InferParameter { parameter_choice: Some(c) };
+            let mut parameters = HashMap::new();
+            parameters.insert("split_epoch".to_string(), param(C::Int64Param(o.epochs.iter().copied().max().unwrap_or(0) as i64)));
+            parameters.insert("split_attempts".to_string(), param(C::Int64Param(o.attempts as i64)));
+            return Ok(Response::new(pb::ModelInferResponse {
+                model_name: o.model,
+                model_version: String::new(),
+                id: r.id,
+                parameters,
+                outputs: vec![pb::model_infer_response::InferOutputTensor {
+                    name: "embedding".into(),
+                    datatype: o.embedding.datatype.as_str().into(),
+                    shape: o.embedding.shape.clone(),
+                    parameters: HashMap::new(),
+                    contents: None,
+                }],
+                raw_output_contents: vec![o.embedding.data],
+            }));
+        }
         let result = async {
             let d = decode_request(&mut r)?;
             let valid =

@@ -239,6 +239,25 @@ async fn model_metadata(
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(d) = gw.split(&r.model) {
+        gw.tenants.check_visible(t.0, &r.model)?;
+        if !r.version.is_empty() {
+            return Err(Error::not_found(format!("split model '{}' has no versions", r.model)).into());
+        }
+        return Ok(Json(json!({
+            "name": d.name(),
+            "versions": [],
+            "platform": "osprey_split",
+            "inputs": [tensor_meta(&d.input_spec())],
+            "outputs": [tensor_meta(&d.output_spec())],
+            "parameters": {
+                "description": d.spec.description,
+                "units": d.spec.units(),
+                "private_units": d.spec.private_units,
+                "seq_len": d.spec.seq_len,
+            }
+        })));
+    }
     if let Some(p) = gw.pipeline(&r.model) {
         gw.tenants.check_visible(t.0, &r.model)?;
         if !r.version.is_empty() {
@@ -254,10 +273,10 @@ async fn model_ready(
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<StatusCode> {
-    if gw.pipeline(&r.model).is_some() {
+    if gw.pipeline(&r.model).is_some() || gw.split(&r.model).is_some() {
         gw.tenants.check_visible(t.0, &r.model)?;
         if !r.version.is_empty() {
-            return Err(Error::not_found(format!("pipeline '{}' has no versions", r.model)).into());
+            return Err(Error::not_found(format!("model '{}' has no versions", r.model)).into());
         }
     } else {
         addressed(&gw, t, &r)?;
@@ -362,6 +381,14 @@ async fn repository_index(
                 .map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
         })
         .collect();
+    // Split models: ready while a plan is active.
+    out.extend(gw.splits().filter(|d| gw.tenants.may_see(t.0, d.name())).map(|d| {
+        if gw.model_is_ready(d.name()) {
+            json!({ "name": d.name(), "version": "", "state": "READY" })
+        } else {
+            json!({ "name": d.name(), "version": "", "state": "UNAVAILABLE", "reason": "no split plan is active" })
+        }
+    }));
     // Pipelines have no versions: one entry each, ready when all their stages are.
     out.extend(gw.pipelines().filter(|p| gw.tenants.may_see(t.0, p.name())).map(|p| {
         let state = if gw.model_is_ready(p.name()) { "READY" } else { "UNAVAILABLE" };
@@ -523,6 +550,10 @@ async fn decode_and_run(
         None => (body.clone(), Bytes::new()),
     };
     let d = decode_request(&json_part, binary, gw.limits.max_body_bytes)?;
+    if gw.split(model).is_some() {
+        let o = gw.infer_split(model, version, d.inputs, &d.outputs, &d.opts, tenant).await?;
+        return Ok(encode_split_response(&o, &d.id, &d.binary_out, d.binary_default));
+    }
     let valid = gw.validate(model, version, d.id.clone(), d.inputs, &d.outputs, &d.opts)?;
     let outcome = gw.infer(valid, tenant).await?;
     Ok(encode_response(&outcome, &d.id, &d.binary_out, d.binary_default))
@@ -640,6 +671,51 @@ pub fn decode_request(
     }
     let outputs: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
     Ok(Decoded { id: req.id.unwrap_or_default(), inputs, opts, outputs, binary_out, binary_default })
+}
+
+/// A split model's response: the embedding (JSON or binary), the epoch it ran on and how many
+/// attempts it took.
+fn encode_split_response(
+    o: &crate::gateway::SplitOutcome,
+    id: &str,
+    binary_out: &[bool],
+    binary_default: bool,
+) -> Response {
+    let binary = binary_out.first().copied().unwrap_or(binary_default);
+    let t = &o.embedding;
+    let mut out = Vec::with_capacity(256 + t.data.len() * 2);
+    let mut head = json!({
+        "model_name": o.model,
+        "model_version": "",
+        "outputs": [{"name": "embedding", "datatype": t.datatype.as_str(), "shape": t.shape}],
+        "parameters": {
+            "split_epoch": o.epochs.iter().copied().max().unwrap_or(0),
+            "split_attempts": o.attempts,
+            "latency_ms": o.latency.as_secs_f64() * 1e3,
+        },
+    });
+    if !id.is_empty() {
+        head["id"] = json!(id);
+    }
+    if binary {
+        head["outputs"][0]["parameters"] = json!({"binary_data_size": t.data.len()});
+        let _ = serde_json::to_writer(&mut out, &head);
+        let header_len = out.len();
+        out.extend_from_slice(&t.data);
+        let mut resp = out.into_response();
+        let h = resp.headers_mut();
+        h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+        return resp;
+    }
+    let mut data = Vec::new();
+    t.write_json_data(&mut data);
+    let raw = serde_json::value::RawValue::from_string(String::from_utf8_lossy(&data).into_owned());
+    if let Ok(raw) = raw {
+        head["outputs"][0]["data"] = serde_json::to_value(&raw).unwrap_or(Value::Null);
+    }
+    let _ = serde_json::to_writer(&mut out, &head);
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response()
 }
 
 /// Writes the response straight into one buffer (JSON header, then the binary outputs, if

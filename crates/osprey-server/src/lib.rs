@@ -20,6 +20,10 @@
 //! - [`join`]: the cluster join token agents present on `Attach`.
 //! - [`listener`]: HTTP connections: count, timeouts, framing and size checks.
 //! - [`node`]: the node side of the agent protocol (`osprey agent --join`).
+//! - [`split_node`]: the agent's layer ranges of split models, its peer service (activations
+//!   agent to agent) and its capacity profile (units, links).
+//! - [`split`]: the gateway's driver of split inference: tokenizing, the planner and epochs
+//!   of `osprey_policy::split`, requests through the chain.
 //! - [`metrics`]: Prometheus families served at `/metrics`.
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
 //! - [`tls`]: certificates for both listeners and the agent link (rustls).
@@ -40,6 +44,8 @@ pub mod node;
 pub mod pipeline;
 pub mod protocol;
 pub mod server;
+pub mod split;
+pub mod split_node;
 pub mod tenants;
 pub mod tls;
 

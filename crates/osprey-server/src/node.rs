@@ -41,6 +41,10 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Memory this node offers for model variants, MB (placement budget).
     pub memory_mb: u64,
+    /// Where to listen for split-inference peers (`None`: no layer ranges on this node).
+    pub peer_listen: Option<String>,
+    /// The address peers dial (default: the bound listen address).
+    pub peer_advertise: Option<String>,
 }
 
 /// Memory available on this machine, MB (from /proc/meminfo; 1 GiB when unknown).
@@ -71,6 +75,10 @@ struct Node {
     /// Loads run one at a time, so that each one's memory growth is its own (batches running
     /// meanwhile still blur it by their buffers).
     loading: Mutex<()>,
+    workers: Arc<Semaphore>,
+    /// Split inference (layer ranges), when the node offers it.
+    split: Option<Arc<crate::split_node::SplitNode>>,
+    peer_addr: String,
 }
 
 /// The memory in use, KiB: the live heap when the counting allocator is installed
@@ -107,6 +115,33 @@ pub async fn run(
     for p in problems {
         tracing::warn!(model = %p.model, "skipping model: {}", p.error);
     }
+    let workers = Arc::new(Semaphore::new(cfg.threads.max(1) as usize));
+    let (mut split, mut peer_addr) = (None, String::new());
+    if let Some(listen) = &cfg.peer_listen {
+        let sn = crate::split_node::SplitNode::new(
+            &cfg.model_repository,
+            workers.clone(),
+            cfg.token.clone(),
+            cfg.slowdown,
+            cfg.max_message_bytes,
+        )?;
+        if !sn.models().is_empty() {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| Error::invalid(format!("--peer-listen {listen}: {e}")))?;
+            let bound = listener.local_addr().map_err(|e| Error::internal(e.to_string()))?;
+            peer_addr = cfg.peer_advertise.clone().unwrap_or_else(|| bound.to_string());
+            crate::split_node::serve_peers(
+                sn.clone(),
+                crate::join::JoinToken::new(&cfg.token),
+                listener,
+                cfg.max_message_bytes,
+            );
+            tracing::info!(%peer_addr, models = ?sn.models(), "serving layer ranges to peers");
+            spawn_slowdown_signals(sn.clone());
+            split = Some(sn);
+        }
+    }
     let node = Arc::new(Node {
         models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
         sessions: Mutex::new(HashMap::new()),
@@ -114,6 +149,9 @@ pub async fn run(
         errors: AtomicU64::new(0),
         latency: Mutex::new(HashMap::new()),
         loading: Mutex::new(()),
+        workers,
+        split,
+        peer_addr,
         cfg,
     });
     let on_joined = Arc::new(on_joined);
@@ -137,6 +175,29 @@ pub async fn run(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Emulated slowdowns for tests and demos (Unix): SIGUSR1 makes layer ranges 3x slower than
+/// they are now, SIGUSR2 restores full speed.
+fn spawn_slowdown_signals(split: Arc<crate::split_node::SplitNode>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut slower), Ok(mut restore)) =
+            (signal(SignalKind::user_defined1()), signal(SignalKind::user_defined2()))
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = slower.recv() => split.set_slowdown(split.slowdown() * 3.0),
+                    Some(()) = restore.recv() => split.set_slowdown(1.0),
+                    else => return,
+                }
+            }
+        });
     }
 }
 
@@ -169,8 +230,13 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
             speed_hint: node.cfg.speed_hint,
             cores: cores(),
             accelerator: String::new(),
+            peer_addr: node.peer_addr.clone(),
+            split_models: node.split.as_ref().map(|s| s.models()).unwrap_or_default(),
         })),
     };
+    if let Some(s) = &node.split {
+        s.attach(tx.clone());
+    }
     tx.send(register).await.map_err(|_| Error::internal("outgoing stream closed"))?;
     let mut attach = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let token = tonic::metadata::MetadataValue::try_from(node.cfg.token.as_str())
@@ -197,6 +263,7 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                         cpu_load: cpu_load(),
                         errors: node.errors.load(Ordering::Relaxed),
                         latency_us: node.latency.lock().map(|l| l.clone()).unwrap_or_default(),
+                        split_received: node.split.as_ref().map(|s| s.received()).unwrap_or_default(),
                     })),
                 };
                 if tx.send(hb).await.is_err() {
@@ -205,7 +272,7 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
             }
         })
     };
-    let workers = Arc::new(Semaphore::new(node.cfg.threads.max(1) as usize));
+    let workers = node.workers.clone();
     let result = loop {
         match inbound.message().await {
             Ok(Some(m)) => match m.kind {
@@ -265,6 +332,25 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                                 .await;
                         }
                     });
+                }
+                Some(gateway_message::Kind::LoadRange(l)) => match &node.split {
+                    Some(s) => s.handle_load(l),
+                    None => tracing::warn!("asked to load a layer range; this node serves none"),
+                },
+                Some(gateway_message::Kind::UnloadRange(u)) => {
+                    if let Some(s) = &node.split {
+                        s.handle_unload(u)
+                    }
+                }
+                Some(gateway_message::Kind::RunRange(r)) => {
+                    if let Some(s) = &node.split {
+                        s.handle_run(r)
+                    }
+                }
+                Some(gateway_message::Kind::ProfileSplit(p)) => {
+                    if let Some(s) = &node.split {
+                        s.handle_profile(p)
+                    }
                 }
                 None => {}
             },

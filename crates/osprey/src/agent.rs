@@ -44,6 +44,14 @@ pub struct AgentArgs {
     /// Labels, e.g. --label zone=trusted (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Where to listen for split-inference peers (activations from the previous layer range);
+    /// "off" runs no layer ranges. Only opened when the repository has a split model.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    peer_listen: String,
+    /// The address other agents dial to reach --peer-listen (default: the bound address;
+    /// set it when listening on 0.0.0.0 or behind NAT).
+    #[arg(long)]
+    peer_advertise: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -85,6 +93,8 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
         labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),
         max_message_bytes: 64 << 20,
         memory_mb: args.memory_mb.unwrap_or_else(osprey_server::node::available_memory_mb),
+        peer_listen: (args.peer_listen != "off").then(|| args.peer_listen.clone()),
+        peer_advertise: args.peer_advertise.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {

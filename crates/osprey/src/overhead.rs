@@ -92,6 +92,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             (http.local_addr().map_err(|e| e.to_string())?, grpc.local_addr().map_err(|e| e.to_string())?);
         let gw = Gateway::start(
             GatewayConfig {
+                splits: Vec::new(),
                 models: models.clone(),
                 problems: Vec::new(),
                 limits: Limits::default(),

@@ -57,6 +57,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         tracing::error!(pipeline = %name, "skipping pipeline: {error}");
         problems.push(osprey_core::model::RepositoryProblem { model: name, error });
     }
+    let (splits, broken) = osprey_core::split::scan_splits(&repo).map_err(|e| e.to_string())?;
+    for p in broken {
+        tracing::error!(model = %p.model, "skipping split model: {}", p.error);
+        problems.push(p);
+    }
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4);
     let wanted = args.local_agents.unwrap_or(config.agents.len().max(1));
     let local_agents: Vec<osprey_core::config::AgentConfig> = (0..wanted)
@@ -117,6 +122,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 scheduler: config.scheduler.clone(),
                 join_token: Some(join_token),
                 pipelines,
+                splits,
             },
             quick_profile,
         );
@@ -167,6 +173,19 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             gw.pipelines().count(),
             repo.display()
         );
+        for d in gw.splits() {
+            println!(
+                "split model {}: {} units over the agents that join with it (privacy: units 0..{} on {}={})",
+                d.name(),
+                d.spec.units(),
+                d.spec.private_units,
+                d.spec.trusted_label.0,
+                d.spec.trusted_label.1
+            );
+        }
+        for p in gw.problems().iter().filter(|p| p.error.code == osprey_core::error::ErrorCode::Unavailable) {
+            println!("not served: {}: {}", p.model, p.error.message);
+        }
         let scheme = if tls.is_some() { "https" } else { "http" };
         println!("HTTP  {scheme}://{http_addr}  (metrics at /metrics)");
         println!("gRPC  {grpc_addr}{}", if tls.is_some() { "  (TLS)" } else { "" });
