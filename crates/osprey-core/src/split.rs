@@ -217,7 +217,8 @@ impl SplitSpec {
     pub fn missing(&self) -> Option<String> {
         let graph = self.dir.join(&self.file);
         (!graph.exists()).then(|| {
-            let how = if self.fetch.is_empty() { String::new() } else { format!("; add it with: {}", self.fetch) };
+            let how =
+                if self.fetch.is_empty() { String::new() } else { format!("; add it with: {}", self.fetch) };
             format!("{} is not present{how}", graph.display())
         })
     }

@@ -222,7 +222,8 @@ impl Session {
         }
         let mut values: TVec<TValue> = TVec::new();
         for (t, spec) in inputs.iter().zip(&self.inputs) {
-            if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() || t.datatype.is_variable() {
+            if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() || t.datatype.is_variable()
+            {
                 return Err(Error::internal(format!("input '{}' does not match the model", spec.name)));
             }
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();

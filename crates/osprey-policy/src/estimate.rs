@@ -120,7 +120,9 @@ fn to_f32_into(dt: DataType, b: &[u8], out: &mut Vec<f32>) {
         DataType::Uint32 => conv!(u32, 4, 1.0),
         DataType::Int64 => conv!(i64, 8, 1.0),
         DataType::Uint64 => conv!(u64, 8, 1.0),
-        DataType::Fp16 => out.extend(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DataType::Fp16 => {
+            out.extend(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+        }
         // Text: its bytes as values (the features then describe length and byte spread).
         DataType::Bytes => out.extend(b.iter().map(|&v| f32::from(v) / 255.0)),
     }

@@ -488,7 +488,8 @@ impl Gateway {
         for spec in config.splits {
             let name = spec.name.clone();
             if models.contains_key(&name) || pipelines.contains_key(&name) {
-                let error = Error::invalid(format!("split model '{name}' has the name of a model or pipeline"));
+                let error =
+                    Error::invalid(format!("split model '{name}' has the name of a model or pipeline"));
                 problems.push(RepositoryProblem { model: name, error });
                 continue;
             }
@@ -751,7 +752,11 @@ impl Gateway {
         opts: &RequestOptions,
         tenant: usize,
     ) -> Result<SplitOutcome> {
-        let d = self.splits.get(model).ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?.clone();
+        let d = self
+            .splits
+            .get(model)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{model}'")))?
+            .clone();
         if !version.is_empty() {
             return Err(Error::not_found(format!("split model '{model}' has no versions")));
         }
@@ -766,7 +771,9 @@ impl Gateway {
         }
         let shape = &input.tensor.shape;
         if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) || shape[0] < 1 {
-            return Err(Error::invalid(format!("input 'text' must be [n] or [n, 1] with n >= 1, got {shape:?}")));
+            return Err(Error::invalid(format!(
+                "input 'text' must be [n] or [n, 1] with n >= 1, got {shape:?}"
+            )));
         }
         if shape[0] > i64::from(d.spec.max_batch_size) {
             return Err(Error::invalid(format!(
@@ -799,8 +806,11 @@ impl Gateway {
             .chain(opts.deadline_ms.map(Duration::from_millis))
             .min()
             .unwrap_or(SPLIT_DEFAULT_TIMEOUT);
-        let _guard =
-            InFlight::new(self.inflight.clone(), self.idle.clone(), prometheus_client::metrics::gauge::Gauge::default());
+        let _guard = InFlight::new(
+            self.inflight.clone(),
+            self.idle.clone(),
+            prometheus_client::metrics::gauge::Gauge::default(),
+        );
         let t0 = Instant::now();
         let result = d.embed(&texts, now + timeout).await;
         let label = result.as_ref().map_or_else(|e| e.code.label(), |_| "ok");

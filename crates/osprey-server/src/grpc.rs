@@ -339,11 +339,17 @@ impl GrpcInferenceService for InferenceService {
                 })
             })
             .collect();
-        models.extend(self.gw.splits().filter(|d| self.gw.tenants.may_see(t, d.name())).map(|d| ModelIndex {
-            name: d.name().into(),
-            version: String::new(),
-            state: if self.gw.model_is_ready(d.name()) { "READY" } else { "UNAVAILABLE" }.into(),
-            reason: if self.gw.model_is_ready(d.name()) { String::new() } else { "no split plan is active".into() },
+        models.extend(self.gw.splits().filter(|d| self.gw.tenants.may_see(t, d.name())).map(|d| {
+            ModelIndex {
+                name: d.name().into(),
+                version: String::new(),
+                state: if self.gw.model_is_ready(d.name()) { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: if self.gw.model_is_ready(d.name()) {
+                    String::new()
+                } else {
+                    "no split plan is active".into()
+                },
+            }
         }));
         models.extend(self.gw.pipelines().filter(|p| self.gw.tenants.may_see(t, p.name())).map(|p| {
             ModelIndex {
@@ -455,7 +461,10 @@ impl InferenceService {
             use pb::infer_parameter::ParameterChoice as C;
             let param = |c| pb::InferParameter { parameter_choice: Some(c) };
             let mut parameters = HashMap::new();
-            parameters.insert("split_epoch".to_string(), param(C::Int64Param(o.epochs.iter().copied().max().unwrap_or(0) as i64)));
+            parameters.insert(
+                "split_epoch".to_string(),
+                param(C::Int64Param(o.epochs.iter().copied().max().unwrap_or(0) as i64)),
+            );
             parameters.insert("split_attempts".to_string(), param(C::Int64Param(o.attempts as i64)));
             return Ok(Response::new(pb::ModelInferResponse {
                 model_name: o.model,

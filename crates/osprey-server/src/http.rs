@@ -145,7 +145,8 @@ async fn cluster(
     Extension(t): Extension<TenantId>,
 ) -> ApiResult<Json<Value>> {
     gw.tenants.require(t.0, Role::Monitor)?;
-    Ok(Json(json!({ "nodes": gw.cluster.status() })))
+    let splits: Vec<_> = gw.splits().map(|d| d.status()).collect();
+    Ok(Json(json!({ "nodes": gw.cluster.status(), "splits": splits })))
 }
 
 #[derive(Deserialize)]
@@ -185,6 +186,7 @@ async fn server_metadata() -> Json<Value> {
 
 async fn metrics(State(gw): State<Arc<Gateway>>, Extension(t): Extension<TenantId>) -> ApiResult<Response> {
     gw.tenants.require(t.0, Role::Monitor)?;
+    gw.metrics.set_split(&gw.splits().map(|d| d.status()).collect::<Vec<_>>());
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         gw.metrics.encode(),

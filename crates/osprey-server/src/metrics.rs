@@ -53,6 +53,28 @@ pub struct TenantModelLabels {
     pub model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SplitStageLabels {
+    pub model: String,
+    pub node: String,
+    /// The stage's units, `start..end`.
+    pub units: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SplitNodeLabels {
+    pub model: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub from: String,
+    pub to: String,
+}
+
+type FGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 type Hist = Family<VariantLabels, Histogram, fn() -> Histogram>;
 
 fn seconds() -> Histogram {
@@ -86,6 +108,13 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Control-loop decisions per pipeline (`model` = the pipeline), and their time.
     pub control_decisions: Family<ModelLabels, Counter>,
+    /// Split models, refreshed from their drivers at each scrape ([`Metrics::set_split`]).
+    split_epoch: Family<ModelLabels, Gauge>,
+    split_stage: Family<SplitStageLabels, Gauge>,
+    split_speed: Family<SplitNodeLabels, FGauge>,
+    split_link_latency: Family<LinkLabels, FGauge>,
+    split_link_bandwidth: Family<LinkLabels, FGauge>,
+    split_requests: Family<RequestLabels, Gauge>,
     pub control_duration: Histogram,
     registry: Registry,
 }
@@ -190,7 +219,49 @@ impl Metrics {
             "Time the control loop's policy spends per decision",
             control_duration.clone(),
         );
+        let split_epoch = Family::<ModelLabels, Gauge>::default();
+        let split_stage = Family::<SplitStageLabels, Gauge>::default();
+        let split_speed = Family::<SplitNodeLabels, FGauge>::default();
+        let split_link_latency = Family::<LinkLabels, FGauge>::default();
+        let split_link_bandwidth = Family::<LinkLabels, FGauge>::default();
+        let split_requests = Family::<RequestLabels, Gauge>::default();
+        registry.register(
+            "split_epoch",
+            "Current plan epoch of each split model (0: none)",
+            split_epoch.clone(),
+        );
+        registry.register(
+            "split_stage_units",
+            "Units each node runs in the current plan of a split model (label units: start..end)",
+            split_stage.clone(),
+        );
+        registry.register(
+            "split_speed_factor",
+            "Observed over profiled compute of each node's stage (EWMA; 1 = as profiled)",
+            split_speed.clone(),
+        );
+        registry.register(
+            "split_link_latency_ms",
+            "One-way latency of each measured link between agents (from = the measuring agent)",
+            split_link_latency.clone(),
+        );
+        registry.register(
+            "split_link_bandwidth_bytes_per_us",
+            "Bandwidth of each measured link between agents, bytes per microsecond (= MB/s)",
+            split_link_bandwidth.clone(),
+        );
+        registry.register(
+            "split_requests",
+            "Sentences answered by each split model (outcome: success, retried or failed)",
+            split_requests.clone(),
+        );
         Metrics {
+            split_epoch,
+            split_stage,
+            split_speed,
+            split_link_latency,
+            split_link_bandwidth,
+            split_requests,
             control_decisions,
             control_duration,
             connections_open,
@@ -292,6 +363,47 @@ impl Metrics {
                     }
                 })
                 .collect(),
+        }
+    }
+
+    /// Replaces the split-model series with what the drivers report now.
+    pub fn set_split(&self, all: &[crate::split::SplitStatus]) {
+        self.split_epoch.clear();
+        self.split_stage.clear();
+        self.split_speed.clear();
+        self.split_link_latency.clear();
+        self.split_link_bandwidth.clear();
+        self.split_requests.clear();
+        for s in all {
+            let m = ModelLabels { model: s.model.clone() };
+            self.split_epoch.get_or_create(&m).set(s.epoch.unwrap_or(0) as i64);
+            for (node, units) in &s.stages {
+                let n = units
+                    .split_once("..")
+                    .and_then(|(a, b)| Some(b.parse::<i64>().ok()? - a.parse::<i64>().ok()?));
+                self.split_stage
+                    .get_or_create(&SplitStageLabels {
+                        model: s.model.clone(),
+                        node: node.clone(),
+                        units: units.clone(),
+                    })
+                    .set(n.unwrap_or(0));
+            }
+            for n in &s.nodes {
+                self.split_speed
+                    .get_or_create(&SplitNodeLabels { model: s.model.clone(), node: n.name.clone() })
+                    .set(n.speed_factor);
+                for (to, (ms, bw)) in &n.links {
+                    let l = LinkLabels { from: n.name.clone(), to: to.clone() };
+                    self.split_link_latency.get_or_create(&l).set(*ms);
+                    self.split_link_bandwidth.get_or_create(&l).set(*bw);
+                }
+            }
+            for (outcome, v) in [("success", s.answered), ("retried", s.retried), ("failed", s.failed)] {
+                let l =
+                    RequestLabels { model: s.model.clone(), variant: String::new(), outcome: outcome.into() };
+                self.split_requests.get_or_create(&l).set(v as i64);
+            }
         }
     }
 

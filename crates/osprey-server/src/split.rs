@@ -86,6 +86,9 @@ struct State {
     waiting: HashMap<u64, Waiter>,
     failed: HashMap<String, Instant>,
     history: Vec<PlanRecord>,
+    /// Profiles run one node at a time (two at once on one machine would measure each other).
+    profile_queue: std::collections::VecDeque<(String, agent_pb::ProfileSplit)>,
+    profiling: Option<String>,
     answered: u64,
     retried: u64,
     failed_requests: u64,
@@ -113,6 +116,8 @@ pub struct SplitNodeStatus {
     pub profiled: bool,
     pub speed_factor: f64,
     pub unit_ms: Vec<f64>,
+    /// Memory each unit took when built here, MB.
+    pub unit_mb: Vec<f64>,
     /// Links measured from this node: `peer name -> (latency ms, MB/s)`.
     pub links: BTreeMap<String, (f64, f64)>,
     pub gateway_link: Option<(f64, f64)>,
@@ -133,8 +138,10 @@ impl SplitDriver {
     pub fn new(spec: SplitSpec) -> Result<Arc<SplitDriver>> {
         let encoder = TextEncoder::load(&spec.tokenizer_path()?, spec.seq_len)?;
         let strategy = Strategy::parse(&spec.strategy).unwrap_or(Strategy::Planner);
-        let rule = RevisionRule { threshold: spec.threshold, min_gain: spec.min_gain, ..RevisionRule::default() };
-        let objective = if spec.objective == "throughput" { Objective::Throughput } else { Objective::Latency };
+        let rule =
+            RevisionRule { threshold: spec.threshold, min_gain: spec.min_gain, ..RevisionRule::default() };
+        let objective =
+            if spec.objective == "throughput" { Objective::Throughput } else { Objective::Latency };
         Ok(Arc::new(SplitDriver {
             encoder,
             state: Mutex::new(State {
@@ -144,6 +151,8 @@ impl SplitDriver {
                 waiting: HashMap::new(),
                 failed: HashMap::new(),
                 history: Vec::new(),
+                profile_queue: Default::default(),
+                profiling: None,
                 answered: 0,
                 retried: 0,
                 failed_requests: 0,
@@ -199,19 +208,26 @@ impl SplitDriver {
         let (k, v) = &self.spec.trusted_label;
         let trusted = labels.get(k) == Some(v);
         let mut st = self.lock();
-        let others: Vec<(Arc<RemoteAgent>, String)> =
-            st.peers.iter().filter(|(n, _)| *n != name).map(|(_, p)| (p.agent.clone(), p.addr.clone())).collect();
-        agent.send_kind(gateway_message::Kind::ProfileSplit(agent_pb::ProfileSplit {
-            model: self.spec.name.clone(),
-            units: true,
-            peers: others.iter().map(|(_, a)| a.clone()).collect(),
-        }));
-        for (other, _) in &others {
-            other.send_kind(gateway_message::Kind::ProfileSplit(agent_pb::ProfileSplit {
+        let others: Vec<(String, String)> =
+            st.peers.iter().filter(|(n, _)| *n != name).map(|(n, p)| (n.clone(), p.addr.clone())).collect();
+        st.profile_queue.retain(|(n, _)| n != name);
+        st.profile_queue.push_back((
+            name.to_string(),
+            agent_pb::ProfileSplit {
                 model: self.spec.name.clone(),
-                units: false,
-                peers: vec![addr.clone()],
-            }));
+                units: true,
+                peers: others.iter().map(|(_, a)| a.clone()).collect(),
+            },
+        ));
+        for (other, _) in &others {
+            st.profile_queue.push_back((
+                other.clone(),
+                agent_pb::ProfileSplit {
+                    model: self.spec.name.clone(),
+                    units: false,
+                    peers: vec![addr.clone()],
+                },
+            ));
         }
         tracing::info!(model = %self.spec.name, node = name, %addr, trusted, "split agent joined; profiling");
         st.peers.insert(
@@ -227,6 +243,10 @@ impl SplitDriver {
                 received: BTreeMap::new(),
             },
         );
+        if st.profiling.as_deref() == Some(name) {
+            st.profiling = None;
+        }
+        Self::next_profile(&mut st);
         drop(st);
         // The gateway's own link to the agent, measured with the same probe.
         let me = self.clone();
@@ -244,6 +264,18 @@ impl SplitDriver {
         });
     }
 
+    /// Sends the next queued profile request when none is running.
+    fn next_profile(st: &mut State) {
+        while st.profiling.is_none() {
+            let Some((name, req)) = st.profile_queue.pop_front() else { return };
+            if let Some(p) = st.peers.get(&name)
+                && p.agent.send_kind(gateway_message::Kind::ProfileSplit(req))
+            {
+                st.profiling = Some(name);
+            }
+        }
+    }
+
     /// An agent's connection ended.
     pub fn node_left(self: &Arc<Self>, name: &str, agent: &Arc<RemoteAgent>) {
         let mut st = self.lock();
@@ -252,11 +284,20 @@ impl SplitDriver {
             return;
         }
         st.peers.remove(name);
+        st.profile_queue.retain(|(n, _)| n != name);
+        if st.profiling.as_deref() == Some(name) {
+            st.profiling = None;
+        }
+        Self::next_profile(&mut st);
         tracing::warn!(model = %self.spec.name, node = name, "split agent left");
         st.epochs.node_lost(name);
         // Requests whose chain runs through it fail now and are retried on the next epoch.
-        let lost: Vec<u64> =
-            st.waiting.iter().filter(|(_, w)| w.stages.iter().any(|s| s.node == name)).map(|(id, _)| *id).collect();
+        let lost: Vec<u64> = st
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.stages.iter().any(|s| s.node == name))
+            .map(|(id, _)| *id)
+            .collect();
         for id in lost {
             if let Some(w) = st.waiting.remove(&id) {
                 let _ = w.tx.send(Err(Error::unavailable(format!("node {name} left during the request"))));
@@ -269,7 +310,12 @@ impl SplitDriver {
     /// An agent's capacity profile.
     pub fn on_profile(self: &Arc<Self>, name: &str, p: agent_pb::SplitProfile) {
         let mut st = self.lock();
-        let addrs: HashMap<String, String> = st.peers.iter().map(|(n, p)| (p.addr.clone(), n.clone())).collect();
+        if st.profiling.as_deref() == Some(name) {
+            st.profiling = None;
+        }
+        Self::next_profile(&mut st);
+        let addrs: HashMap<String, String> =
+            st.peers.iter().map(|(n, p)| (p.addr.clone(), n.clone())).collect();
         let Some(peer) = st.peers.get_mut(name) else { return };
         if !p.error.is_empty() {
             tracing::warn!(node = name, "split profile failed: {}", p.error);
@@ -317,7 +363,8 @@ impl SplitDriver {
             if r.shape != [1, self.spec.seq_len as i64, self.spec.hidden as i64] || r.hidden.len() != n * 4 {
                 Err(Error::internal("a node returned a hidden state of the wrong shape"))
             } else {
-                let h = r.hidden.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let h =
+                    r.hidden.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                 // Each stage's observed compute against its profile: the speed factor.
                 for (stage, us) in w.stages.iter().zip(&r.stage_us) {
                     let expect = st
@@ -343,8 +390,12 @@ impl SplitDriver {
         let now = Instant::now();
         st.failed.retain(|_, t| now.duration_since(*t) < LOAD_FAILURE_BACKOFF);
         let units = self.spec.units();
-        let names: Vec<&String> =
-            st.peers.iter().filter(|(n, p)| p.profile.is_some() && !st.failed.contains_key(*n)).map(|(n, _)| n).collect();
+        let names: Vec<&String> = st
+            .peers
+            .iter()
+            .filter(|(n, p)| p.profile.is_some() && !st.failed.contains_key(*n))
+            .map(|(n, _)| n)
+            .collect();
         let mut unit_mem = vec![0.0f64; units];
         for n in &names {
             if let Some((_, kib)) = &st.peers[*n].profile {
@@ -373,7 +424,11 @@ impl SplitDriver {
                     .map(|b| {
                         let (pa, pb) = (&st.peers[*a], &st.peers[*b]);
                         // Measured either way; links are taken as symmetric when one side only.
-                        pa.links.get(&pb.addr).or_else(|| pb.links.get(&pa.addr)).copied().unwrap_or(UNKNOWN_LINK)
+                        pa.links
+                            .get(&pb.addr)
+                            .or_else(|| pb.links.get(&pa.addr))
+                            .copied()
+                            .unwrap_or(UNKNOWN_LINK)
                     })
                     .collect()
             })
@@ -479,7 +534,11 @@ impl SplitDriver {
     }
 
     /// Embeds each sentence (chains run concurrently, so that stages pipeline).
-    pub async fn embed(self: &Arc<Self>, texts: &[String], deadline: Instant) -> Result<(Vec<Vec<f32>>, Vec<Reply>)> {
+    pub async fn embed(
+        self: &Arc<Self>,
+        texts: &[String],
+        deadline: Instant,
+    ) -> Result<(Vec<Vec<f32>>, Vec<Reply>)> {
         let runs = texts.iter().map(|t| self.run_one(t, deadline));
         let replies: Vec<Result<Reply>> = futures_join_all(runs).await;
         let mut out = Vec::with_capacity(replies.len());
@@ -524,7 +583,10 @@ impl SplitDriver {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
                     let why = last_error.map_or_else(
-                        || "no split plan is active (too few profiled agents, or none in the trusted zone)".to_string(),
+                        || {
+                            "no split plan is active (too few profiled agents, or none in the trusted zone)"
+                                .to_string()
+                        },
                         |e: Error| e.message,
                     );
                     return Err(Error::new(ErrorCode::Unavailable, format!("{}: {why}", self.spec.name)));
@@ -545,7 +607,9 @@ impl SplitDriver {
                 match tokio::time::timeout(left, rx).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(_)) => Err(Error::unavailable("the request was dropped")),
-                    Err(_) => Err(Error::new(ErrorCode::DeadlineExceeded, "the split chain did not answer in time")),
+                    Err(_) => {
+                        Err(Error::new(ErrorCode::DeadlineExceeded, "the split chain did not answer in time"))
+                    }
                 }
             } else {
                 Err(Error::unavailable("the first node's connection is closed"))
@@ -585,7 +649,11 @@ impl SplitDriver {
             epoch: current.map(|(e, _)| e),
             pending: st.epochs.pending(),
             stages: current
-                .map(|(_, s)| s.iter().map(|a| (a.node.clone(), format!("{}..{}", a.units.start, a.units.end))).collect())
+                .map(|(_, s)| {
+                    s.iter()
+                        .map(|a| (a.node.clone(), format!("{}..{}", a.units.start, a.units.end)))
+                        .collect()
+                })
                 .unwrap_or_default(),
             nodes: st
                 .peers
@@ -595,7 +663,16 @@ impl SplitDriver {
                     trusted: p.trusted,
                     profiled: p.profile.is_some(),
                     speed_factor: st.reviser.factor(n),
-                    unit_ms: p.profile.as_ref().map(|(u, _)| u.iter().map(|x| x / 1e3).collect()).unwrap_or_default(),
+                    unit_ms: p
+                        .profile
+                        .as_ref()
+                        .map(|(u, _)| u.iter().map(|x| x / 1e3).collect())
+                        .unwrap_or_default(),
+                    unit_mb: p
+                        .profile
+                        .as_ref()
+                        .map(|(_, m)| m.iter().map(|k| *k as f64 / 1024.0).collect())
+                        .unwrap_or_default(),
                     links: p
                         .links
                         .iter()

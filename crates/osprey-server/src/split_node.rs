@@ -138,7 +138,8 @@ impl SplitNode {
         let graph = self.graph(&l.model)?;
         let before = crate::heap::live_bytes();
         let plan = Arc::new(graph.range(l.start as usize..l.end as usize)?);
-        let kib = before.zip(crate::heap::live_bytes()).map_or(0, |(b, a)| (a.saturating_sub(b) / 1024).max(1));
+        let kib =
+            before.zip(crate::heap::live_bytes()).map_or(0, |(b, a)| (a.saturating_sub(b) / 1024).max(1));
         let next = (!l.next_addr.is_empty()).then(|| l.next_addr.clone());
         self.held
             .lock()
@@ -195,18 +196,26 @@ impl SplitNode {
                 return me.to_gateway(agent_message::Kind::SplitResult(fail(msg))).await;
             };
             let (Some(ids), Some(mask)) = (le_i64(&r.ids), le_i64(&r.mask)) else {
-                return me.to_gateway(agent_message::Kind::SplitResult(fail("token inputs are malformed".into()))).await;
+                return me
+                    .to_gateway(agent_message::Kind::SplitResult(fail("token inputs are malformed".into())))
+                    .await;
             };
-            let step = Step { request_id: r.request_id, model: r.model, epoch: r.epoch, stage_us: vec![], link_us: vec![] };
+            let step = Step {
+                request_id: r.request_id,
+                model: r.model,
+                epoch: r.epoch,
+                stage_us: vec![],
+                link_us: vec![],
+            };
             me.run_and_pass(held, step, Input::Tokens(ids), mask).await;
         });
     }
 
     /// A peer's activation (validated), run and passed on.
     fn accept(self: &Arc<Self>, a: agent_pb::Activation) -> std::result::Result<(), Status> {
-        let held = self
-            .held(&a.model, a.epoch)
-            .ok_or_else(|| Status::failed_precondition(format!("no range of '{}' for epoch {}", a.model, a.epoch)))?;
+        let held = self.held(&a.model, a.epoch).ok_or_else(|| {
+            Status::failed_precondition(format!("no range of '{}' for epoch {}", a.model, a.epoch))
+        })?;
         if held.plan.range().start != a.boundary as usize || a.boundary == 0 {
             return Err(Status::invalid_argument(format!(
                 "the range here starts at unit {}, not {}",
@@ -217,7 +226,10 @@ impl SplitNode {
         let n = held.plan.hidden_len();
         let seq = a.mask.len() / 8;
         let width = n / seq.max(1);
-        if a.shape != [1, seq as i64, width as i64] || a.hidden.len() != n * 4 || a.mask.len() * width != n * 8 {
+        if a.shape != [1, seq as i64, width as i64]
+            || a.hidden.len() != n * 4
+            || a.mask.len() * width != n * 8
+        {
             return Err(Status::invalid_argument(format!(
                 "activation shape {:?} with {} + {} bytes does not match the range",
                 a.shape,
@@ -226,10 +238,17 @@ impl SplitNode {
             )));
         }
         self.count(a.boundary);
-        let hidden: Vec<f32> = a.hidden.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let hidden: Vec<f32> =
+            a.hidden.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let Some(mask) = le_i64(&a.mask) else { return Err(Status::invalid_argument("malformed mask")) };
         let me = self.clone();
-        let step = Step { request_id: a.request_id, model: a.model, epoch: a.epoch, stage_us: a.stage_us, link_us: a.link_us };
+        let step = Step {
+            request_id: a.request_id,
+            model: a.model,
+            epoch: a.epoch,
+            stage_us: a.stage_us,
+            link_us: a.link_us,
+        };
         tokio::spawn(async move { me.run_and_pass(held, step, Input::Hidden(hidden), mask).await });
         Ok(())
     }
@@ -261,7 +280,9 @@ impl SplitNode {
         drop(_permit);
         let (hidden, us) = match ran {
             Ok(r) => r,
-            Err(e) => return self.to_gateway(agent_message::Kind::SplitResult(report(&step, e.message))).await,
+            Err(e) => {
+                return self.to_gateway(agent_message::Kind::SplitResult(report(&step, e.message))).await;
+            }
         };
         step.stage_us.push(us);
         let seq = mask.len() as i64;
@@ -380,7 +401,10 @@ impl SplitNode {
         for u in 0..graph.units() {
             let before = crate::heap::live_bytes();
             let plan = graph.range(u..u + 1)?;
-            kib.push(before.zip(crate::heap::live_bytes()).map_or(0, |(b, a)| (a.saturating_sub(b) / 1024).max(1)) as u64);
+            kib.push(
+                before.zip(crate::heap::live_bytes()).map_or(0, |(b, a)| (a.saturating_sub(b) / 1024).max(1))
+                    as u64,
+            );
             let run = |h: &[f32]| {
                 if u == 0 {
                     plan.run(RangeInput::Tokens { ids: &ids, mask: &mask })
@@ -410,14 +434,18 @@ impl SplitNode {
         let mut rtt = f64::INFINITY;
         for _ in 0..5 {
             let t = Instant::now();
-            c.probe(self.with_token(agent_pb::ProbeData { payload: vec![0; 64] })).await.map_err(|s| s.message().to_string())?;
+            c.probe(self.with_token(agent_pb::ProbeData { payload: vec![0; 64] }))
+                .await
+                .map_err(|s| s.message().to_string())?;
             rtt = rtt.min(t.elapsed().as_secs_f64() * 1e6);
         }
         let big = 1usize << 20;
         let mut bulk = f64::INFINITY;
         for _ in 0..3 {
             let t = Instant::now();
-            c.probe(self.with_token(agent_pb::ProbeData { payload: vec![0; big] })).await.map_err(|s| s.message().to_string())?;
+            c.probe(self.with_token(agent_pb::ProbeData { payload: vec![0; big] }))
+                .await
+                .map_err(|s| s.message().to_string())?;
             bulk = bulk.min(t.elapsed().as_secs_f64() * 1e6);
         }
         Ok((rtt / 2.0, big as f64 / (bulk - rtt).max(1.0)))
@@ -438,7 +466,8 @@ enum Input {
 }
 
 fn le_i64(b: &[u8]) -> Option<Vec<i64>> {
-    (b.len() % 8 == 0).then(|| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+    (b.len() % 8 == 0)
+        .then(|| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
 
 /// `osprey.agent.v1.AgentPeer`, served on the agent's peer address.
@@ -460,26 +489,39 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl agent_pb::agent_peer_server::AgentPeer for PeerService {
-    async fn forward(&self, r: Request<agent_pb::Activation>) -> std::result::Result<Response<agent_pb::ForwardAck>, Status> {
+    async fn forward(
+        &self,
+        r: Request<agent_pb::Activation>,
+    ) -> std::result::Result<Response<agent_pb::ForwardAck>, Status> {
         self.check(r.metadata())?;
         self.node.accept(r.into_inner())?;
         Ok(Response::new(agent_pb::ForwardAck {}))
     }
 
-    async fn probe(&self, r: Request<agent_pb::ProbeData>) -> std::result::Result<Response<agent_pb::ProbeAck>, Status> {
+    async fn probe(
+        &self,
+        r: Request<agent_pb::ProbeData>,
+    ) -> std::result::Result<Response<agent_pb::ProbeAck>, Status> {
         self.check(r.metadata())?;
         Ok(Response::new(agent_pb::ProbeAck { received: r.into_inner().payload.len() as u64 }))
     }
 }
 
 /// Serves the peer service on `listener` until the process ends.
-pub fn serve_peers(node: Arc<SplitNode>, token: crate::join::JoinToken, listener: tokio::net::TcpListener, max_message_bytes: usize) {
+pub fn serve_peers(
+    node: Arc<SplitNode>,
+    token: crate::join::JoinToken,
+    listener: tokio::net::TcpListener,
+    max_message_bytes: usize,
+) {
     let svc = agent_pb::agent_peer_server::AgentPeerServer::new(PeerService { node, token })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await {
+        if let Err(e) =
+            tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await
+        {
             tracing::error!("peer service stopped: {e}");
         }
     });

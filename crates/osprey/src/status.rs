@@ -88,5 +88,66 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
         ]);
     }
     println!("{table}");
+    for s in v["splits"].as_array().into_iter().flatten() {
+        let plan: Vec<String> = s["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|st| format!("{} {}", st[0].as_str().unwrap_or("?"), st[1].as_str().unwrap_or("?")))
+            .collect();
+        println!(
+            "\nsplit model {}: epoch {} ({}), answered {}, retried {}, failed {}",
+            s["model"].as_str().unwrap_or("?"),
+            s["epoch"].as_u64().map_or("none".to_string(), |e| e.to_string()),
+            if plan.is_empty() { "no plan".to_string() } else { plan.join(" -> ") },
+            s["answered"],
+            s["retried"],
+            s["failed"],
+        );
+        let mut t = Table::new();
+        t.set_header([
+            "node",
+            "trusted",
+            "speed factor",
+            "unit ms",
+            "unit MB",
+            "links (ms, MB/s)",
+            "received by unit",
+        ]);
+        for n in s["nodes"].as_array().into_iter().flatten() {
+            let units: Vec<String> = n["unit_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| format!("{:.2}", u.as_f64().unwrap_or(0.0)))
+                .collect();
+            let mbs: Vec<String> = n["unit_mb"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| format!("{:.1}", u.as_f64().unwrap_or(0.0)))
+                .collect();
+            let links: Vec<String> = n["links"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(to, l)| {
+                    format!("{to}: {:.2}, {:.0}", l[0].as_f64().unwrap_or(0.0), l[1].as_f64().unwrap_or(0.0))
+                })
+                .collect();
+            let received: Vec<String> =
+                n["received"].as_object().into_iter().flatten().map(|(k, c)| format!("{k}:{c}")).collect();
+            t.add_row([
+                n["name"].as_str().unwrap_or("?").to_string(),
+                n["trusted"].to_string(),
+                format!("{:.2}", n["speed_factor"].as_f64().unwrap_or(1.0)),
+                units.join(" "),
+                mbs.join(" "),
+                links.join("; "),
+                received.join(" "),
+            ]);
+        }
+        println!("{t}");
+    }
     Ok(())
 }

@@ -1,0 +1,230 @@
+//! Split inference across agent processes on loopback: MiniLM-L6's layers as contiguous ranges
+//! on three agents, activations agent to agent. The split output equals the whole model's; a
+//! slowed agent is planned around; a killed one is replaced with nothing lost; untrusted agents
+//! never receive token ids or the pinned units' activations (asserted on what they received).
+
+mod common;
+
+use common::{Server, http, http_get, repo_root, spawn_until};
+use osprey_engine::split::{RangeInput, SplitGraph, pool};
+use osprey_engine::text::TextEncoder;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(grpc: &str, name: &str, extra: &[&str]) -> Agent {
+        let mut args = vec!["agent", "--join", grpc, "--name", name, "--threads", "1"];
+        args.extend_from_slice(extra);
+        let (child, _) = spawn_until(&args, "joined ", Duration::from_secs(60));
+        Agent { child }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A repository holding only the split model (so that agents load no zoo variants).
+fn split_repo() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("osprey-split-repo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(repo_root().join("models/minilm"), dir.join("minilm")).unwrap();
+    dir
+}
+
+fn split_status(addr: &str) -> serde_json::Value {
+    let resp = http_get(addr, "/v2/cluster");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["splits"][0].clone()
+}
+
+/// The current plan as (node, "start..end").
+fn stages(s: &serde_json::Value) -> Vec<(String, String)> {
+    s["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| (st[0].as_str().unwrap_or("").to_string(), st[1].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+fn received(s: &serde_json::Value, node: &str) -> Vec<(u32, u64)> {
+    s["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["name"] == node)
+        .flat_map(|n| n["received"].as_object().cloned().unwrap_or_default())
+        .map(|(k, v)| (k.parse().unwrap_or(u32::MAX), v.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// Embeds sentences over HTTP; returns (status, embeddings, body).
+fn embed(addr: &str, texts: &[&str]) -> (u16, Vec<Vec<f32>>, String) {
+    let body = serde_json::json!({
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [texts.len()], "data": texts}],
+        "parameters": {"timeout": 20_000_000u64},
+    })
+    .to_string();
+    let resp = http(
+        addr,
+        format!(
+            "POST /v2/models/minilm/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let flat: Vec<f32> = v["outputs"][0]["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+        .collect();
+    (code, flat.chunks(384).map(<[f32]>::to_vec).collect(), body)
+}
+
+#[test]
+fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_killed_agent() {
+    let repo = split_repo();
+    let repo_s = repo.to_string_lossy().to_string();
+    let gw = Server::start(&["--local-agents", "0"]);
+    // The trusted agent has room for the embedding and one layer (each layer's plan takes about
+    // 7.3 MB here): the pinned units (0..2) and no more.
+    let a = Agent::start(
+        &gw.grpc,
+        "a",
+        &["--model-repository", &repo_s, "--label", "zone=trusted", "--memory-mb", "10"],
+    );
+    let b = Agent::start(&gw.grpc, "b", &["--model-repository", &repo_s]);
+    let c = Agent::start(&gw.grpc, "c", &["--model-repository", &repo_s]);
+    wait_for("a plan over the three profiled agents", Duration::from_secs(60), || {
+        let s = split_status(&gw.http);
+        let profiled =
+            s["nodes"].as_array().is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["profiled"] == true));
+        profiled && stages(&s).first().is_some_and(|(n, r)| n == "a" && r == "0..2") && s["pending"].is_null()
+    });
+    let first = stages(&split_status(&gw.http));
+    assert_eq!(first.len(), 2, "{first:?}");
+
+    // The split output equals the whole model's, bit for bit, on the held-out sentences.
+    let dir = repo_root().join("models/minilm");
+    let mut boundaries = vec!["node_layer_norm".to_string()];
+    boundaries.extend((1..=6).map(|i| format!("node_layer_norm_{}", 2 * i)));
+    let whole = SplitGraph::open(&dir.join("model.onnx"), &boundaries, 32, 384).unwrap().range(0..7).unwrap();
+    let encoder = TextEncoder::load(&dir.join("tokenizer.json"), 32).unwrap();
+    let text = std::fs::read_to_string(dir.join("eval/sentences.txt")).unwrap();
+    let sentences: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    for chunk in sentences.chunks(8) {
+        let (code, got, body) = embed(&gw.http, chunk);
+        assert_eq!(code, 200, "{body}");
+        for (s, g) in chunk.iter().zip(&got) {
+            let e = encoder.encode(s).unwrap();
+            let h = whole.run(RangeInput::Tokens { ids: &e.ids, mask: &e.mask }).unwrap();
+            assert_eq!(&pool(&h, &e.mask, 384), g, "split differs from the whole model on {s:?}");
+        }
+    }
+
+    // Load from three client threads for the rest of the test (bounded by count and time).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let (addr, stop, ok, bad) = (gw.http.clone(), stop.clone(), ok.clone(), bad.clone());
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                for k in 0..4000 {
+                    if stop.load(Ordering::Relaxed) || t.elapsed() > Duration::from_secs(90) {
+                        break;
+                    }
+                    let s = format!("request {k} from client {i}: the conveyor on line {} stopped", k % 7);
+                    let (code, got, body) = embed(&addr, &[&s]);
+                    if code == 200 && got.len() == 1 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("request failed: {code} {body}");
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Slow the agent running the untrusted range three times: the plan moves away from it.
+    let holder = first[1].0.clone();
+    let (slowed, spare) = if holder == "b" { (&b, "c") } else { (&c, "b") };
+    let slowed_pid = slowed.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    slowed.signal("-USR1");
+    let took = wait_for("a re-split away from the slowed agent", Duration::from_secs(20), || {
+        stages(&split_status(&gw.http)).iter().any(|(n, _)| n == spare)
+    });
+    eprintln!("re-split {took:?} after a 3x slowdown of {holder}: {:?}", stages(&split_status(&gw.http)));
+
+    // What the untrusted agents received so far: never token ids (0) or unit 1's input.
+    wait_for("heartbeats report what the untrusted agents received", Duration::from_secs(5), || {
+        let s = split_status(&gw.http);
+        !received(&s, "b").is_empty() || !received(&s, "c").is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = split_status(&gw.http);
+    for n in ["b", "c"] {
+        for (unit, count) in received(&s, n) {
+            assert!(unit >= 2, "untrusted agent {n} received {count} inputs of unit {unit}");
+        }
+    }
+    assert!(received(&s, "a").iter().all(|(u, _)| *u == 0), "{:?}", received(&s, "a"));
+
+    // Kill the agent now running the untrusted range, under load: the slowed one takes over.
+    let (victim, slowed_agent) = if spare == "b" { (b, c) } else { (c, b) };
+    assert_eq!(slowed_agent.child.id(), slowed_pid);
+    drop(victim);
+    wait_for("a plan without the killed agent", Duration::from_secs(20), || {
+        let st = stages(&split_status(&gw.http));
+        !st.is_empty() && st.iter().all(|(n, _)| n != spare)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (ok, bad) = (ok.load(Ordering::Relaxed), bad.load(Ordering::Relaxed));
+    let s = split_status(&gw.http);
+    eprintln!("under load: {ok} answered, {bad} failed; retried {}; plans {}", s["retried"], s["plans"]);
+    assert!(ok > 20, "{ok}");
+    assert_eq!(bad, 0, "nothing lost across the re-split and the failure");
+    for (unit, count) in received(&s, "b").into_iter().chain(received(&s, "c")) {
+        assert!(unit >= 2, "an untrusted agent received {count} inputs of unit {unit}");
+    }
+    drop(a);
+    drop(slowed_agent);
+    assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&repo);
+}
