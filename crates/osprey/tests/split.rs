@@ -40,8 +40,8 @@ impl Drop for Agent {
 }
 
 /// A repository holding only the split model (so that agents load no zoo variants).
-fn split_repo() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("osprey-split-repo-{}", std::process::id()));
+fn split_repo(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("osprey-split-repo-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink(repo_root().join("models/minilm"), dir.join("minilm")).unwrap();
@@ -113,7 +113,7 @@ fn embed(addr: &str, texts: &[&str]) -> (u16, Vec<Vec<f32>>, String) {
 
 #[test]
 fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_killed_agent() {
-    let repo = split_repo();
+    let repo = split_repo("faults");
     let repo_s = repo.to_string_lossy().to_string();
     let gw = Server::start(&["--local-agents", "0"]);
     // The trusted agent has room for the embedding and one layer (each layer's plan takes about
@@ -225,6 +225,28 @@ fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_kil
     }
     drop(a);
     drop(slowed_agent);
+    assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&repo);
+}
+
+/// The split model through tritonclient, over HTTP (binary and JSON BYTES) and gRPC.
+#[test]
+fn tritonclient_sends_bytes_to_a_split_model_over_http_and_grpc() {
+    let repo = split_repo("client");
+    let repo_s = repo.to_string_lossy().to_string();
+    let gw = Server::start(&["--local-agents", "0"]);
+    let _a = Agent::start(&gw.grpc, "a", &["--model-repository", &repo_s, "--label", "zone=trusted"]);
+    let _b = Agent::start(&gw.grpc, "b", &["--model-repository", &repo_s]);
+    wait_for("a split plan", Duration::from_secs(60), || !stages(&split_status(&gw.http)).is_empty());
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/python/split.py"))
+        .args(["--http", &gw.http, "--grpc", &gw.grpc])
+        .output()
+        .expect("run python3 (install it and `pip install tritonclient[http,grpc] numpy`)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "split checks failed:\n{text}");
+    assert!(text.contains("checks passed"), "{text}");
+    drop((_a, _b));
     assert!(gw.stop().success());
     let _ = std::fs::remove_dir_all(&repo);
 }
