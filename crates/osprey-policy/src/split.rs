@@ -42,6 +42,8 @@
 //! with. Outside the band, or when a node leaves or joins, or the privacy rule changes, it
 //! re-plans; a plan that is still feasible is replaced only if the new one is better by at
 //! least `min_gain` (so that noise around the band's edge does not flap between two plans).
+//! A check that keeps the plan is repeated while the node drifts on (every further 10%), so
+//! that a slowdown seen first at the band's edge is judged again once it has settled.
 //!
 //! # Reconfiguration broadcast
 //! [`Epochs`]: every plan has an epoch. A proposed plan's stages are loaded first (one
@@ -444,6 +446,9 @@ pub enum Trigger {
     Privacy,
 }
 
+/// How far (×) a node's factor must move from the last check before it triggers again.
+pub const RECHECK: f64 = 1.1;
+
 /// Keeps the current plan and decides when to replace it.
 #[derive(Clone, Debug)]
 pub struct Reviser {
@@ -451,8 +456,12 @@ pub struct Reviser {
     pub strategy: Strategy,
     /// Current speed factor per node (observed / profiled compute), EWMA.
     factor: BTreeMap<String, f64>,
-    /// Factors the current plan was made with.
+    /// Factors the current plan was made with (the band's centre).
     planned: BTreeMap<String, f64>,
+    /// Factors at the last check that kept the plan: outside the band, a node triggers again
+    /// only once its factor has moved [`RECHECK`] beyond this (a slow drift is re-examined as
+    /// it goes, not once at the band's edge).
+    checked: BTreeMap<String, f64>,
     current: Option<(Plan, Vec<String>)>,
     dirty: Option<Trigger>,
 }
@@ -464,6 +473,7 @@ impl Reviser {
             strategy,
             factor: BTreeMap::new(),
             planned: BTreeMap::new(),
+            checked: BTreeMap::new(),
             current: None,
             dirty: Some(Trigger::First),
         }
@@ -486,7 +496,8 @@ impl Reviser {
         let base = self.planned.get(node).copied().unwrap_or(1.0);
         let h = 1.0 + self.rule.threshold;
         let uses = self.current.as_ref().is_some_and(|(_, names)| names.iter().any(|n| n == node));
-        if (f / base > h || base / f > h) && self.dirty.is_none() && (uses || f < base) {
+        let moved = self.checked.get(node).is_none_or(|&c| f / c > RECHECK || c / f > RECHECK);
+        if (f / base > h || base / f > h) && moved && self.dirty.is_none() && (uses || f < base) {
             self.dirty = Some(Trigger::Speed { node: node.to_string(), factor: f });
         }
     }
@@ -552,9 +563,16 @@ impl Reviser {
                 cur != new && n < c * (1.0 - self.rule.min_gain)
             }
         };
-        // The band is re-centred on the factors seen now, whether or not the plan changed:
-        // a node that settles at its new speed does not trigger again.
-        self.planned = scaled.nodes.iter().map(|n| (n.name.clone(), self.factor(&n.name))).collect();
+        // A new plan re-centres the band on the factors seen now; a kept one records them, so
+        // that a node drifting further is examined again.
+        let now: BTreeMap<String, f64> =
+            scaled.nodes.iter().map(|n| (n.name.clone(), self.factor(&n.name))).collect();
+        if adopt || self.current.is_none() {
+            self.planned = now.clone();
+            self.checked.clear();
+        } else {
+            self.checked = now;
+        }
         match (adopt, candidate, current) {
             (true, Some(new), _) => {
                 let names = new.stages.iter().map(|s| scaled.nodes[s.node].name.clone()).collect();

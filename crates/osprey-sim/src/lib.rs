@@ -9,6 +9,8 @@
 //!   or several models on shared nodes; every request ends exactly once.
 //! - [`pipeline`]: OPD's experiment: a repository pipeline as a fluid queue per second, a
 //!   configuration policy every control interval, the paper's Q, C, J and reward per interval.
+//! - [`split`]: split inference of a large model over many nodes: the live planner, reviser
+//!   and epoch machine driven by chained FIFO stages and links (latency, throughput, re-split).
 //! - [`rohe`]: node speeds imported from ROHE's Jetson-class device profiles.
 //! - [`report`]: summary and time-series CSV, SVG plots.
 //!
@@ -21,4 +23,5 @@ pub mod pipeline;
 pub mod report;
 pub mod rohe;
 pub mod scenario;
+pub mod split;
 pub mod workload;

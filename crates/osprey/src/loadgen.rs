@@ -178,9 +178,15 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
         .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))
     {
         Some(m) => m,
-        None => pipeline_as_model(&repo, &args.model).ok_or_else(|| {
-            format!("model '{}' not found in {} (needed for its input shapes)", args.model, repo.display())
-        })?,
+        None => pipeline_as_model(&repo, &args.model)
+            .or_else(|| split_as_model(&repo, &args.model))
+            .ok_or_else(|| {
+                format!(
+                    "model '{}' not found in {} (needed for its input shapes)",
+                    args.model,
+                    repo.display()
+                )
+            })?,
     };
     let eval = spec.load_eval().map_err(|e| e.to_string())?;
     let samples = Arc::new(prepare(&spec, eval.as_ref(), &args));
@@ -213,13 +219,56 @@ fn pipeline_as_model(repo: &std::path::Path, name: &str) -> Option<ModelSpec> {
     })
 }
 
+/// A split model (`split.toml`) as the model a client addresses: sentences in (BYTES), the
+/// embedding out; requests take their sentences from its `eval/sentences.txt`.
+fn split_as_model(repo: &std::path::Path, name: &str) -> Option<ModelSpec> {
+    let s = osprey_core::split::SplitSpec::load(&repo.join(name)).ok()?;
+    use osprey_core::model::TensorSpec;
+    use osprey_core::tensor::DataType;
+    Some(ModelSpec {
+        name: s.name.clone(),
+        dir: s.dir.clone(),
+        task: s.task.clone(),
+        modality: s.modality.clone(),
+        description: s.description.clone(),
+        labels: Vec::new(),
+        max_batch_size: s.max_batch_size,
+        inputs: vec![TensorSpec { name: "text".into(), datatype: DataType::Bytes, shape: vec![-1] }],
+        outputs: vec![TensorSpec {
+            name: "embedding".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, s.hidden as i64],
+        }],
+        variants: Vec::new(),
+        eval: None,
+    })
+}
+
+/// Sentences for a text model's requests (its `eval/sentences.txt`, else one fixed sentence),
+/// in the protocol's BYTES serialisation.
+fn sentences(spec: &ModelSpec, first: usize, n: usize) -> Vec<u8> {
+    let text = std::fs::read_to_string(spec.dir.join("eval/sentences.txt")).unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        lines.push("The conveyor on line three stopped.");
+    }
+    let mut out = Vec::new();
+    for k in 0..n {
+        let l = lines[(first + k) % lines.len()].as_bytes();
+        out.extend_from_slice(&(l.len() as u32).to_le_bytes());
+        out.extend_from_slice(l);
+    }
+    out
+}
+
 fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<Sample> {
     let input = &spec.inputs[0];
     let per = input.sample_elements() * input.datatype.size();
     // Only the held-out half: the other half trained the model's estimator.
     let held: Vec<usize> = eval.map_or_else(|| vec![0], EvalSet::held_out);
     let n_samples = held.len().max(1);
-    let requests = n_samples.div_ceil(args.batch).clamp(1, 256);
+    let requests =
+        if input.datatype.is_variable() { 64 } else { n_samples.div_ceil(args.batch).clamp(1, 256) };
     let mut params = serde_json::Map::new();
     if let Some(d) = args.deadline_ms {
         params.insert("deadline_ms".into(), d.into());
@@ -231,6 +280,7 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
                 .collect();
             let data: Vec<u8> = match eval {
                 Some(e) => idx.iter().flat_map(|&i| e.sample(i).to_vec()).collect(),
+                None if input.datatype.is_variable() => sentences(spec, r * args.batch, args.batch),
                 None => vec![0u8; per * args.batch],
             };
             let labels = eval.map(|e| idx.iter().map(|&i| e.labels[i]).collect()).unwrap_or_default();

@@ -22,6 +22,7 @@ mod overhead;
 mod pipebench;
 mod profile;
 mod serve;
+mod splitsim;
 mod status;
 mod train;
 
@@ -46,6 +47,9 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Compare policies on a scenario in the simulator (table, CSV, plots).
     Bench(bench::BenchArgs),
+    /// Split inference of a large model over eight edge nodes in the simulator: every
+    /// placement strategy side by side, and the re-split after a slowdown.
+    SplitSim(splitsim::SplitSimArgs),
     /// Run a node agent that joins a gateway and executes batches for it.
     Agent(agent::AgentArgs),
     /// Show the cluster: nodes, health, load, recent latency.
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
         Command::Loadgen(a) => loadgen::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Agent(a) => agent::run_agent(a),
+        Command::SplitSim(a) => splitsim::run_split_sim(a),
         Command::Status(a) => status::run(a),
         Command::Overhead(a) => overhead::run(a),
         Command::Train(c) => train::run(c),

@@ -30,6 +30,14 @@ pub struct ServeArgs {
     /// Instance selection: predicted (default), round-robin or least-queue.
     #[arg(long, default_value = "predicted")]
     selector: String,
+    /// Split models: how layers are placed, overriding split.toml's plan.strategy (planner,
+    /// even, memory-weighted, single-node).
+    #[arg(long)]
+    split_strategy: Option<String>,
+    /// Split models: what the planner minimises, overriding plan.objective (latency or
+    /// throughput).
+    #[arg(long)]
+    split_objective: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
@@ -57,7 +65,21 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         tracing::error!(pipeline = %name, "skipping pipeline: {error}");
         problems.push(osprey_core::model::RepositoryProblem { model: name, error });
     }
-    let (splits, broken) = osprey_core::split::scan_splits(&repo).map_err(|e| e.to_string())?;
+    let (mut splits, broken) = osprey_core::split::scan_splits(&repo).map_err(|e| e.to_string())?;
+    for s in &mut splits {
+        if let Some(v) = &args.split_strategy {
+            if osprey_policy::split::Strategy::parse(v).is_none() {
+                return Err(format!("--split-strategy {v}: planner, even, memory-weighted or single-node"));
+            }
+            s.strategy = v.clone();
+        }
+        if let Some(v) = &args.split_objective {
+            if v != "latency" && v != "throughput" {
+                return Err(format!("--split-objective {v}: latency or throughput"));
+            }
+            s.objective = v.clone();
+        }
+    }
     for p in broken {
         tracing::error!(model = %p.model, "skipping split model: {}", p.error);
         problems.push(p);
