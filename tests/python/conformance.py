@@ -218,9 +218,12 @@ def main():
         ("binary size mismatch", json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32",
                                                          "parameters": {"binary_data_size": 12}}]}).encode() + b"x" * 12,
          None, 400, "needs 256 bytes"),
-        ("unsupported datatype", json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP16",
+        ("unsupported datatype", json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "BF16",
                                                           "parameters": {"binary_data_size": 128}}]}).encode() + b"x" * 128,
          None, 400, "not supported"),
+        ("FP16 to an FP32 model", json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP16",
+                                                           "parameters": {"binary_data_size": 128}}]}).encode() + b"x" * 128,
+         None, 400, "must be FP32, got FP16"),
         ("bad deadline parameter", json.dumps({"parameters": {"deadline_ms": "soon"}, "inputs": [
             {"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}).encode(), {}, 400, "deadline_ms"),
         ("impossible deadline", json.dumps({"parameters": {"timeout": 1}, "inputs": [

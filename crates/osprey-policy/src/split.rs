@@ -393,10 +393,10 @@ fn optimal(p: &SplitProblem) -> Option<Plan> {
     let out = p.boundary_bytes[u_n - 1];
     let mut best: Option<((f64, f64), usize)> = None;
     for mask in 1..states {
-        for last in 0..k {
+        for (last, &node) in cand.iter().enumerate() {
             let at = idx(mask, last, u_n);
             let Some(acc) = f[at] else { continue };
-            let link = p.gateway[cand[last]];
+            let link = p.gateway[node];
             let val = combine(acc, link.transfer_us(out), out / link.bytes_per_us.max(1e-9), 0.0);
             if best.is_none_or(|(b, _)| better(val, b)) {
                 best = Some((val, at));
@@ -429,11 +429,16 @@ pub struct RevisionRule {
     pub min_gain: f64,
     /// EWMA weight of a new observation of a node's speed factor.
     pub alpha: f64,
+    /// A plan stays at least this long before a speed change may replace it (µs). Nodes that
+    /// share contended resources slow down with the work they are given: without a dwell, the
+    /// work chases whichever node looks faster and flaps. Membership and privacy changes are
+    /// acted on at once.
+    pub min_dwell_us: u64,
 }
 
 impl Default for RevisionRule {
     fn default() -> Self {
-        RevisionRule { threshold: 0.5, min_gain: 0.1, alpha: 0.3 }
+        RevisionRule { threshold: 0.5, min_gain: 0.1, alpha: 0.3, min_dwell_us: 3_000_000 }
     }
 }
 
@@ -464,6 +469,8 @@ pub struct Reviser {
     checked: BTreeMap<String, f64>,
     current: Option<(Plan, Vec<String>)>,
     dirty: Option<Trigger>,
+    /// When the current plan was adopted (µs on the driver's clock).
+    adopted_us: Option<u64>,
 }
 
 impl Reviser {
@@ -476,6 +483,7 @@ impl Reviser {
             checked: BTreeMap::new(),
             current: None,
             dirty: Some(Trigger::First),
+            adopted_us: None,
         }
     }
 
@@ -504,7 +512,11 @@ impl Reviser {
 
     /// A node joined or left.
     pub fn membership_changed(&mut self) {
-        self.dirty.get_or_insert(Trigger::Membership);
+        // Overrides a pending speed trigger: a membership change is acted on at once, dwell or
+        // not (a plan on a departed node cannot wait).
+        if !matches!(self.dirty, Some(Trigger::Privacy)) {
+            self.dirty = Some(Trigger::Membership);
+        }
     }
 
     /// The privacy rule (trusted labels or pinned units) changed.
@@ -530,9 +542,15 @@ impl Reviser {
         }
     }
 
-    /// Decides: `Some(plan)` to switch to, `None` to keep the current one. `p` holds the
-    /// profiled capacities (the factors are applied here).
-    pub fn revise(&mut self, p: &SplitProblem) -> Option<(Plan, Trigger)> {
+    /// Decides at `now_us`: `Some(plan)` to switch to, `None` to keep the current one. `p`
+    /// holds the profiled capacities (the factors are applied here). A speed trigger inside the
+    /// current plan's dwell is left pending (decided on a later call).
+    pub fn revise(&mut self, p: &SplitProblem, now_us: u64) -> Option<(Plan, Trigger)> {
+        if matches!(self.dirty, Some(Trigger::Speed { .. }))
+            && self.adopted_us.is_some_and(|t| now_us.saturating_sub(t) < self.rule.min_dwell_us)
+        {
+            return None;
+        }
         let trigger = self.dirty.take()?;
         let mut scaled = p.clone();
         self.apply_factors(&mut scaled);
@@ -557,6 +575,10 @@ impl Reviser {
         let adopt = match (&current, &candidate) {
             (_, None) => false,
             (None, Some(_)) => true,
+            // A baseline follows its own rule whenever it gives another plan (it does not
+            // optimise, so it has no gain to weigh); the planner replaces a feasible plan only
+            // for a gain of at least `min_gain`.
+            (Some(cur), Some(new)) if self.strategy != Strategy::Planner => cur != new,
             (Some(cur), Some(new)) => {
                 let (c, n) =
                     (evaluate(&scaled, cur).score(p.objective), evaluate(&scaled, new).score(p.objective));
@@ -577,6 +599,7 @@ impl Reviser {
             (true, Some(new), _) => {
                 let names = new.stages.iter().map(|s| scaled.nodes[s.node].name.clone()).collect();
                 self.current = Some((new.clone(), names));
+                self.adopted_us = Some(now_us);
                 Some((new, trigger))
             }
             (_, _, Some(cur)) => {
@@ -968,14 +991,14 @@ mod tests {
             noise in proptest::collection::vec((0usize..6, 0.75f64..1.3), 1..40),
         ) {
             let mut r = Reviser::new(Strategy::Planner, RevisionRule::default());
-            let first = r.revise(&p);
+            let first = r.revise(&p, 0);
             prop_assume!(first.is_some());
             for (node, ratio) in noise {
                 if let Some(n) = p.nodes.get(node % p.nodes.len()) {
                     r.observe(&n.name, ratio);
                 }
                 prop_assert!(r.pending().is_none(), "{:?}", r.pending());
-                prop_assert!(r.revise(&p).is_none());
+                prop_assert!(r.revise(&p, 10_000_000).is_none());
             }
         }
     }
@@ -984,13 +1007,19 @@ mod tests {
     fn a_three_times_slower_node_triggers_a_re_split_away_from_it() {
         let p = problem(&[2.0, 1.0, 1.0], &[40.0, 1000.0, 1000.0], &[true, true, true], 7, 0);
         let mut r = Reviser::new(Strategy::Planner, RevisionRule::default());
-        let (first, _) = r.revise(&p).unwrap();
+        let (first, _) = r.revise(&p, 0).unwrap();
         assert!(first.stages.iter().any(|s| s.node == 0));
         for _ in 0..10 {
             r.observe("n0", 3.0);
         }
         assert!(matches!(r.pending(), Some(Trigger::Speed { .. })));
-        let (next, _) = r.revise(&p).unwrap();
+        assert!(r.revise(&p, 1_000_000).is_none(), "inside the first plan's dwell");
+        assert!(r.pending().is_some(), "still pending");
+        // A membership change inside the dwell is decided at once.
+        let mut m = r.clone();
+        m.membership_changed();
+        assert!(matches!(m.pending(), Some(Trigger::Membership)));
+        let (next, _) = r.revise(&p, 3_500_000).unwrap();
         let before = first.stages.iter().find(|s| s.node == 0).map_or(0, |s| s.units.len());
         let after = next.stages.iter().find(|s| s.node == 0).map_or(0, |s| s.units.len());
         assert!(after < before, "{first:?} -> {next:?}");
@@ -998,6 +1027,6 @@ mod tests {
         for _ in 0..10 {
             r.observe("n0", 3.0);
         }
-        assert!(r.revise(&p).is_none());
+        assert!(r.revise(&p, 10_000_000).is_none());
     }
 }

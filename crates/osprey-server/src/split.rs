@@ -169,6 +169,10 @@ impl SplitDriver {
         &self.spec.name
     }
 
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
     /// What clients send: sentences.
     pub fn input_spec(&self) -> osprey_core::model::TensorSpec {
         osprey_core::model::TensorSpec {
@@ -365,8 +369,11 @@ impl SplitDriver {
             } else {
                 let h =
                     r.hidden.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                // Each stage's observed compute against its profile: the speed factor.
-                for (stage, us) in w.stages.iter().zip(&r.stage_us) {
+                // Each stage's observed compute against its profile: the speed factor. Only
+                // requests of the current plan count: a straggler of an older epoch measured the
+                // node under the load it had then, and would make a node just left look idle.
+                let current = st.epochs.current().map(|(e, _)| e) == Some(r.epoch);
+                for (stage, us) in w.stages.iter().zip(&r.stage_us).filter(|_| current) {
                     let expect = st
                         .peers
                         .get(&stage.node)
@@ -458,10 +465,10 @@ impl SplitDriver {
         }
         let p = self.problem(st);
         if p.nodes.is_empty() {
-            st.reviser.revise(&p);
+            st.reviser.revise(&p, self.now_us());
             return;
         }
-        let Some((plan, trigger)) = st.reviser.revise(&p) else {
+        let Some((plan, trigger)) = st.reviser.revise(&p, self.now_us()) else {
             self.pump(st);
             return;
         };

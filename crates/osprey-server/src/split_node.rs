@@ -466,7 +466,8 @@ enum Input {
 }
 
 fn le_i64(b: &[u8]) -> Option<Vec<i64>> {
-    (b.len() % 8 == 0)
+    b.len()
+        .is_multiple_of(8)
         .then(|| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
 

@@ -150,7 +150,8 @@ struct Ev(f64, u64, EvKind);
 
 #[derive(PartialEq)]
 enum EvKind {
-    Observe(String, f64),
+    /// A stage ended: node, observed / profiled, the request's epoch.
+    Observe(String, f64, u64),
     Finish(u64),
     Loaded(u64, String),
 }
@@ -202,8 +203,12 @@ impl Sim<'_> {
 
     /// Plans when the reviser asks, and turns epoch actions into events.
     fn pump(&mut self, t: f64) {
-        if self.adapt && self.reviser.pending().is_some() && self.epochs.pending().is_none() {
-            if let Some((p, trigger)) = self.reviser.revise(&self.problem) {
+        if self.adapt
+            && self.reviser.pending().is_some()
+            && self.epochs.pending().is_none()
+            && let Some((p, trigger)) = self.reviser.revise(&self.problem, (t * 1e6) as u64)
+        {
+            {
                 let stages = assignments(&self.problem, &p);
                 if self.first_plan.is_empty() {
                     self.first_plan = stages
@@ -236,7 +241,12 @@ impl Sim<'_> {
         while self.heap.peek().is_some_and(|e| e.0 <= t) {
             let Some(Ev(at, _, k)) = self.heap.pop() else { break };
             match k {
-                EvKind::Observe(node, ratio) => self.reviser.observe(&node, ratio),
+                // As live: only requests of the current plan count.
+                EvKind::Observe(node, ratio, epoch) => {
+                    if self.epochs.current().map(|(e, _)| e) == Some(epoch) {
+                        self.reviser.observe(&node, ratio)
+                    }
+                }
                 EvKind::Finish(epoch) => self.epochs.finish(epoch),
                 EvKind::Loaded(epoch, node) => self.epochs.handle_loaded(epoch, &node, true),
             }
@@ -275,7 +285,7 @@ impl Sim<'_> {
             let took = profiled * self.slow(n, begin);
             self.node_free[n] = begin + took;
             ready = begin + took;
-            self.push(ready, EvKind::Observe(st.node.clone(), took / profiled));
+            self.push(ready, EvKind::Observe(st.node.clone(), took / profiled, epoch));
             prev = Some(n);
         }
         if let Some(last) = prev {
@@ -325,7 +335,7 @@ fn simulate<'a>(
 pub fn run(sc: &SplitScenario, strategy: Strategy, objective: Objective) -> Option<SplitSimResult> {
     plan(&sc.problem(objective), strategy)?;
     let mut rng = StdRng::seed_from_u64(sc.seed);
-    if !(sc.rate > 0.0) {
+    if sc.rate.is_nan() || sc.rate <= 0.0 {
         return None;
     }
     let mut arrivals = Vec::new();

@@ -44,9 +44,10 @@ pub struct AgentArgs {
     /// Labels, e.g. --label zone=trusted (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Where to listen for split-inference peers (activations from the previous layer range);
-    /// "off" runs no layer ranges. Only opened when the repository has a split model.
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Where to listen for split-inference peers (activations from the previous layer range),
+    /// e.g. 127.0.0.1:0 on one machine or 0.0.0.0:7100 between machines; "off" (default): this
+    /// agent runs no layer ranges. Opened only when the repository has a split model.
+    #[arg(long, default_value = "off")]
     peer_listen: String,
     /// The address other agents dial to reach --peer-listen (default: the bound address;
     /// set it when listening on 0.0.0.0 or behind NAT).

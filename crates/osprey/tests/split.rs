@@ -14,13 +14,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The two tests start a gateway and agents each; run one at a time, so that neither profiles
+/// its agents while the other loads the machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Agent {
     child: Child,
 }
 
 impl Agent {
     fn start(grpc: &str, name: &str, extra: &[&str]) -> Agent {
-        let mut args = vec!["agent", "--join", grpc, "--name", name, "--threads", "1"];
+        let mut args =
+            vec!["agent", "--join", grpc, "--name", name, "--threads", "1", "--peer-listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         let (child, _) = spawn_until(&args, "joined ", Duration::from_secs(60));
         Agent { child }
@@ -113,6 +118,7 @@ fn embed(addr: &str, texts: &[&str]) -> (u16, Vec<Vec<f32>>, String) {
 
 #[test]
 fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_killed_agent() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let repo = split_repo("faults");
     let repo_s = repo.to_string_lossy().to_string();
     let gw = Server::start(&["--local-agents", "0"]);
@@ -132,7 +138,7 @@ fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_kil
         profiled && stages(&s).first().is_some_and(|(n, r)| n == "a" && r == "0..2") && s["pending"].is_null()
     });
     let first = stages(&split_status(&gw.http));
-    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(first.len() >= 2 && first[1..].iter().all(|(n, _)| n != "a"), "{first:?}");
 
     // The split output equals the whole model's, bit for bit, on the held-out sentences.
     let dir = repo_root().join("models/minilm");
@@ -177,14 +183,25 @@ fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_kil
         })
         .collect();
 
-    // Slow the agent running the untrusted range three times: the plan moves away from it.
-    let holder = first[1].0.clone();
+    // Slow the untrusted agent with the most units three times: the plan moves units away.
+    let units_of = |st: &[(String, String)], node: &str| -> usize {
+        st.iter()
+            .filter(|(n, _)| n == node)
+            .filter_map(|(_, r)| {
+                r.split_once("..")
+                    .and_then(|(a, b)| Some(b.parse::<usize>().ok()? - a.parse::<usize>().ok()?))
+            })
+            .sum()
+    };
+    let holder = if units_of(&first, "b") >= units_of(&first, "c") { "b" } else { "c" };
     let (slowed, spare) = if holder == "b" { (&b, "c") } else { (&c, "b") };
     let slowed_pid = slowed.child.id();
+    let before = units_of(&first, holder);
     std::thread::sleep(Duration::from_millis(500));
     slowed.signal("-USR1");
-    let took = wait_for("a re-split away from the slowed agent", Duration::from_secs(20), || {
-        stages(&split_status(&gw.http)).iter().any(|(n, _)| n == spare)
+    let took = wait_for("a re-split away from the slowed agent", Duration::from_secs(30), || {
+        let st = stages(&split_status(&gw.http));
+        units_of(&st, holder) < before && units_of(&st, spare) > 0
     });
     eprintln!("re-split {took:?} after a 3x slowdown of {holder}: {:?}", stages(&split_status(&gw.http)));
 
@@ -206,7 +223,7 @@ fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_kil
     let (victim, slowed_agent) = if spare == "b" { (b, c) } else { (c, b) };
     assert_eq!(slowed_agent.child.id(), slowed_pid);
     drop(victim);
-    wait_for("a plan without the killed agent", Duration::from_secs(20), || {
+    wait_for("a plan without the killed agent", Duration::from_secs(30), || {
         let st = stages(&split_status(&gw.http));
         !st.is_empty() && st.iter().all(|(n, _)| n != spare)
     });
@@ -232,6 +249,7 @@ fn minilm_split_over_agents_equals_the_whole_model_and_survives_a_slow_and_a_kil
 /// The split model through tritonclient, over HTTP (binary and JSON BYTES) and gRPC.
 #[test]
 fn tritonclient_sends_bytes_to_a_split_model_over_http_and_grpc() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let repo = split_repo("client");
     let repo_s = repo.to_string_lossy().to_string();
     let gw = Server::start(&["--local-agents", "0"]);
