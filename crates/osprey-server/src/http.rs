@@ -94,6 +94,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
         .route("/v2/cluster/nodes/{node}/{action}", post(place_variant))
+        .route("/v2/cluster/splits/{model}/privacy", post(split_privacy))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
@@ -178,6 +179,28 @@ async fn place_variant(
         _ => return Err(Error::not_found("use /v2/cluster/nodes/{node}/load or /unload").into()),
     }
     Ok(StatusCode::ACCEPTED)
+}
+
+/// Osprey extension (admin): changes a split model's privacy pin at run time,
+/// `{"private_units": K}`; the plan is revised at once (a plan that breaks the new pin is
+/// replaced, with requests in flight finishing on the old one).
+async fn split_privacy(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(model): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.require(t.0, Role::Admin)?;
+    let d = gw.split(&model).ok_or_else(|| Error::not_found(format!("no split model '{model}'")))?;
+    let body = body.map_err(rejection)?;
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("body is not valid JSON: {e}")))?;
+    let k = v
+        .get("private_units")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::invalid("send {\"private_units\": K}"))?;
+    d.set_private_units(k as usize)?;
+    Ok(Json(json!({ "model": model, "private_units": k })))
 }
 
 async fn server_metadata() -> Json<Value> {

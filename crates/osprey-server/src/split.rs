@@ -98,6 +98,8 @@ struct State {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SplitStatus {
     pub model: String,
+    /// Units pinned to the trusted zone.
+    pub private_units: usize,
     pub epoch: Option<u64>,
     pub pending: Option<u64>,
     /// `node -> start..end`, in chain order.
@@ -132,6 +134,8 @@ pub struct SplitDriver {
     epoch_changed: Notify,
     started: Instant,
     objective: Objective,
+    /// Units pinned to the trusted zone now (`split.toml`'s, until changed at run time).
+    private_units: std::sync::atomic::AtomicUsize,
 }
 
 impl SplitDriver {
@@ -161,6 +165,7 @@ impl SplitDriver {
             epoch_changed: Notify::new(),
             started: Instant::now(),
             objective,
+            private_units: std::sync::atomic::AtomicUsize::new(spec.private_units),
             spec,
         }))
     }
@@ -278,6 +283,22 @@ impl SplitDriver {
                 st.profiling = Some(name);
             }
         }
+    }
+
+    /// Changes how many leading units are pinned to the trusted zone, and re-plans.
+    pub fn set_private_units(self: &Arc<Self>, k: usize) -> Result<()> {
+        if k > self.spec.units() {
+            return Err(Error::invalid(format!(
+                "private_units {k} exceeds the model's {} units",
+                self.spec.units()
+            )));
+        }
+        self.private_units.store(k, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.reviser.privacy_changed();
+        tracing::info!(model = %self.spec.name, private_units = k, "privacy pin changed; re-planning");
+        self.replan(&mut st);
+        Ok(())
     }
 
     /// An agent's connection ended.
@@ -453,7 +474,7 @@ impl SplitDriver {
             nodes,
             links,
             gateway,
-            private_units: self.spec.private_units,
+            private_units: self.private_units.load(Ordering::Relaxed),
             objective: self.objective,
         }
     }
@@ -653,6 +674,7 @@ impl SplitDriver {
         let names: BTreeMap<&String, &String> = st.peers.iter().map(|(n, p)| (&p.addr, n)).collect();
         SplitStatus {
             model: self.spec.name.clone(),
+            private_units: self.private_units.load(Ordering::Relaxed),
             epoch: current.map(|(e, _)| e),
             pending: st.epochs.pending(),
             stages: current

@@ -395,7 +395,8 @@ mod tests {
         let even = run(&sc, Strategy::Even, Objective::Latency).unwrap();
         assert!(planner.p50_ms < even.p50_ms, "{planner:?} vs {even:?}");
         assert_eq!(planner.lost, 0);
-        assert_eq!(planner.completed as usize, planner.completed as usize);
+        assert!(planner.completed > 30, "{planner:?}");
+        assert!(planner.throughput > even.throughput, "{planner:?} vs {even:?}");
         // Slow the node with the most units three times at 20 s.
         let first = plan(&sc.problem(Objective::Latency), Strategy::Planner).unwrap();
         let big = first.stages.iter().max_by_key(|s| s.units.len()).unwrap().node;

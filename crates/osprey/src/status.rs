@@ -96,8 +96,9 @@ pub fn run(args: StatusArgs) -> Result<(), String> {
             .map(|st| format!("{} {}", st[0].as_str().unwrap_or("?"), st[1].as_str().unwrap_or("?")))
             .collect();
         println!(
-            "\nsplit model {}: epoch {} ({}), answered {}, retried {}, failed {}",
+            "\nsplit model {} (units 0..{} trusted only): epoch {} ({}), answered {}, retried {}, failed {}",
             s["model"].as_str().unwrap_or("?"),
+            s["private_units"],
             s["epoch"].as_u64().map_or("none".to_string(), |e| e.to_string()),
             if plan.is_empty() { "no plan".to_string() } else { plan.join(" -> ") },
             s["answered"],

@@ -264,7 +264,216 @@ fn tritonclient_sends_bytes_to_a_split_model_over_http_and_grpc() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "split checks failed:\n{text}");
     assert!(text.contains("checks passed"), "{text}");
+    // Pin every unit to the trusted zone at run time: the plan moves wholly onto `a`.
+    let resp = common::http_post(&gw.http, "/v2/cluster/splits/minilm/privacy", r#"{"private_units": 7}"#);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    wait_for("a plan on the trusted agent only", Duration::from_secs(20), || {
+        stages(&split_status(&gw.http)) == [("a".to_string(), "0..7".to_string())]
+    });
+    let (code, got, body) = embed(&gw.http, &["The welding station needs new gas cylinders."]);
+    assert!(code == 200 && got.len() == 1, "{body}");
+    let resp = common::http_post(&gw.http, "/v2/cluster/splits/minilm/privacy", r#"{"private_units": 9}"#);
+    assert!(resp.starts_with("HTTP/1.1 400"), "a pin beyond the model's units is refused: {resp}");
     drop((_a, _b));
     assert!(gw.stop().success());
+    let _ = std::fs::remove_dir_all(&repo);
+}
+
+/// Network namespaces joined to the gateway's by veth pairs on a bridge, with each agent's
+/// link rate-limited (`tc tbf`; `netem` delay too where the kernel has it). Removed on drop.
+struct Netns {
+    names: Vec<String>,
+    bridge: String,
+}
+
+impl Netns {
+    /// `None` (with the reason printed) when namespaces cannot be made here.
+    fn create(tag: &str, rates: &[&str]) -> Option<Netns> {
+        let ip = |args: &[&str]| {
+            Command::new("ip").args(args).output().map(|o| o.status.success()).unwrap_or(false)
+        };
+        let tc = |args: &[&str]| {
+            Command::new("tc").args(args).output().map(|o| o.status.success()).unwrap_or(false)
+        };
+        let bridge = format!("ospbr{tag}");
+        if !ip(&["link", "add", &bridge, "type", "bridge"]) {
+            eprintln!("skipped: cannot create network namespaces here (needs root and iproute2)");
+            return None;
+        }
+        let mut ns = Netns { names: Vec::new(), bridge: bridge.clone() };
+        let ok = ip(&["addr", "add", "10.78.0.1/24", "dev", &bridge]) && ip(&["link", "set", &bridge, "up"]);
+        if !ok {
+            eprintln!("skipped: cannot configure the bridge");
+            return None;
+        }
+        let netem = tc(&["qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms"]);
+        if netem {
+            tc(&["qdisc", "del", "dev", "lo", "root"]);
+        }
+        for (i, rate) in rates.iter().enumerate() {
+            let name = format!("osp{tag}{i}");
+            let veth = format!("ospv{tag}{i}");
+            let addr = format!("10.78.0.{}/24", 11 + i);
+            let shape = |dev: &str, netns: Option<&str>| {
+                let mut a: Vec<&str> = Vec::new();
+                if let Some(n) = netns {
+                    a.extend(["-n", n]);
+                }
+                a.extend(["qdisc", "add", "dev", dev, "root"]);
+                if netem {
+                    a.extend(["netem", "delay", "2ms", "rate", rate]);
+                } else {
+                    a.extend(["tbf", "rate", rate, "burst", "64kb", "latency", "100ms"]);
+                }
+                tc(&a)
+            };
+            let ok = ip(&["netns", "add", &name])
+                && {
+                    ns.names.push(name.clone());
+                    true
+                }
+                && ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name])
+                && ip(&["link", "set", &veth, "master", &bridge, "up"])
+                && ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"])
+                && ip(&["-n", &name, "link", "set", "eth0", "up"])
+                && ip(&["-n", &name, "link", "set", "lo", "up"])
+                && shape("eth0", Some(&name))
+                && shape(&veth, None);
+            if !ok {
+                eprintln!("skipped: cannot set up namespace {name} and its link");
+                return None;
+            }
+        }
+        Some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+/// Spawns `osprey ARGS` (inside `netns` when given) and waits for a stdout line starting with
+/// `prefix`; returns the child and the rest of the line.
+fn spawn_in(netns: Option<&str>, args: &[&str], prefix: &'static str) -> (Child, String) {
+    use std::io::{BufRead, BufReader};
+    let bin = env!("CARGO_BIN_EXE_osprey");
+    let mut cmd = match netns {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", n, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.args(args)
+        .current_dir(repo_root())
+        .env("OSPREY_LOG", "warn")
+        .env("OSPREY_JOIN_TOKEN", common::TEST_JOIN_TOKEN)
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn osprey");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(rest) => (child, rest),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("osprey {args:?} printed no '{prefix}' line");
+        }
+    }
+}
+
+/// Agents in their own network namespaces, activations crossing rate-limited links: the split
+/// output still equals the whole model's, and the untrusted agent received only units ≥ 2.
+#[test]
+fn split_inference_across_network_namespaces_with_limited_links() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tag = format!("{}", std::process::id() % 10_000);
+    let Some(ns) = Netns::create(&tag, &["1000mbit", "100mbit"]) else { return };
+    let repo = split_repo("netns");
+    let repo_s = repo.to_string_lossy().to_string();
+    let (gw, line) = spawn_in(
+        None,
+        &["serve", "--http-addr", "10.78.0.1:0", "--grpc-addr", "10.78.0.1:0", "--local-agents", "0"],
+        "ready ",
+    );
+    let gw = Agent { child: gw };
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(String::from))
+            .expect("address")
+    };
+    let (http_addr, grpc) = (field("http"), field("grpc"));
+    let agent = |i: usize, name: &str, extra: &[&str]| {
+        let peer = format!("10.78.0.{}:0", 11 + i);
+        let mut args = vec![
+            "agent",
+            "--join",
+            &grpc,
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--model-repository",
+            &repo_s,
+            "--peer-listen",
+            &peer,
+        ];
+        args.extend_from_slice(extra);
+        Agent { child: spawn_in(Some(&ns.names[i]), &args, "joined ").0 }
+    };
+    let _a = agent(0, "a", &["--label", "zone=trusted", "--memory-mb", "10"]);
+    let _b = agent(1, "b", &[]);
+    wait_for("a plan over both namespaces", Duration::from_secs(60), || {
+        let st = stages(&split_status(&http_addr));
+        st.len() == 2 && st[0] == ("a".to_string(), "0..2".to_string())
+    });
+    // Both directions are probed (a measures its link to b when b joins, b to a at its profile).
+    let bandwidth = |s: &serde_json::Value| {
+        let l = |from: usize, to: &str| s["nodes"][from]["links"][to][1].as_f64();
+        l(0, "b").into_iter().chain(l(1, "a")).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+    };
+    wait_for("the link between the namespaces measured", Duration::from_secs(20), || {
+        bandwidth(&split_status(&http_addr)).is_some()
+    });
+    let s = split_status(&http_addr);
+    let link = bandwidth(&s).unwrap_or(0.0);
+    eprintln!(
+        "measured a <-> b: {} / {} (ms, MB/s)",
+        s["nodes"][0]["links"]["b"], s["nodes"][1]["links"]["a"]
+    );
+    assert!(link > 0.0 && link < 100.0, "a measured bandwidth to b through its 100 Mbit/s link: {link}");
+    let dir = repo_root().join("models/minilm");
+    let mut boundaries = vec!["node_layer_norm".to_string()];
+    boundaries.extend((1..=6).map(|i| format!("node_layer_norm_{}", 2 * i)));
+    let whole = SplitGraph::open(&dir.join("model.onnx"), &boundaries, 32, 384).unwrap().range(0..7).unwrap();
+    let encoder = TextEncoder::load(&dir.join("tokenizer.json"), 32).unwrap();
+    let texts =
+        ["The camera at the parking entrance lost its video signal.", "Vibration on pump two increased."];
+    let (code, got, body) = embed(&http_addr, &texts);
+    assert_eq!(code, 200, "{body}");
+    for (t, g) in texts.iter().zip(&got) {
+        let e = encoder.encode(t).unwrap();
+        let h = whole.run(RangeInput::Tokens { ids: &e.ids, mask: &e.mask }).unwrap();
+        assert_eq!(&pool(&h, &e.mask, 384), g);
+    }
+    wait_for("b's heartbeat reports what it received", Duration::from_secs(5), || {
+        !received(&split_status(&http_addr), "b").is_empty()
+    });
+    for (unit, count) in received(&split_status(&http_addr), "b") {
+        assert!(unit >= 2, "the untrusted agent received {count} inputs of unit {unit}");
+    }
+    drop(gw);
     let _ = std::fs::remove_dir_all(&repo);
 }
