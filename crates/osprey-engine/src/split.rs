@@ -147,6 +147,11 @@ impl RangePlan {
         self.range.clone()
     }
 
+    /// Positions per run (the fixed sequence length) and the hidden width.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.seq_len, self.hidden)
+    }
+
     /// Elements of the hidden state a boundary carries (`seq * hidden`).
     pub fn hidden_len(&self) -> usize {
         self.seq_len * self.hidden

@@ -223,12 +223,10 @@ impl SplitNode {
                 a.boundary
             )));
         }
-        let n = held.plan.hidden_len();
-        let seq = a.mask.len() / 8;
-        let width = n / seq.max(1);
+        let (seq, width) = held.plan.dims();
         if a.shape != [1, seq as i64, width as i64]
-            || a.hidden.len() != n * 4
-            || a.mask.len() * width != n * 8
+            || a.hidden.len() != seq * width * 4
+            || a.mask.len() != seq * 8
         {
             return Err(Status::invalid_argument(format!(
                 "activation shape {:?} with {} + {} bytes does not match the range",
@@ -526,4 +524,62 @@ pub fn serve_peers(
             tracing::error!("peer service stopped: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a peer sends is checked before anything is converted: unknown epoch, wrong
+    /// boundary, wrong shape or byte lengths are refused with the reason.
+    #[test]
+    fn malformed_activations_are_refused_before_conversion() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let node = SplitNode::new(&repo, Arc::new(Semaphore::new(1)), "t".into(), 1.0, 1 << 20).unwrap();
+        assert!(node.models().contains(&"minilm".to_string()), "run scripts/fetch_minilm.py");
+        let load = agent_pb::LoadRange {
+            model: "minilm".into(),
+            epoch: 1,
+            start: 2,
+            end: 4,
+            next_addr: String::new(),
+        };
+        node.load(&load).unwrap();
+        let good = agent_pb::Activation {
+            request_id: 1,
+            model: "minilm".into(),
+            epoch: 1,
+            boundary: 2,
+            shape: vec![1, 32, 384],
+            hidden: vec![0; 32 * 384 * 4],
+            mask: vec![0; 32 * 8],
+            stage_us: vec![],
+            link_us: vec![],
+        };
+        let refused = |a: agent_pb::Activation| node.accept(a).unwrap_err();
+        assert_eq!(
+            refused(agent_pb::Activation { epoch: 2, ..good.clone() }).code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert!(
+            refused(agent_pb::Activation { boundary: 3, ..good.clone() })
+                .message()
+                .contains("starts at unit 2")
+        );
+        assert!(
+            refused(agent_pb::Activation { boundary: 0, ..good.clone() })
+                .message()
+                .contains("starts at unit 2")
+        );
+        let bad_shapes = [
+            agent_pb::Activation { shape: vec![1, 16, 768], ..good.clone() },
+            agent_pb::Activation { hidden: vec![0; 7], ..good.clone() },
+            agent_pb::Activation { mask: vec![0; 16 * 8], ..good.clone() },
+            agent_pb::Activation { shape: vec![i64::MAX, 32, 384], ..good.clone() },
+        ];
+        for a in bad_shapes {
+            assert_eq!(refused(a).code(), tonic::Code::InvalidArgument);
+        }
+        assert!(node.received().is_empty(), "nothing refused is counted as received");
+    }
 }
