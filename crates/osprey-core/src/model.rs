@@ -256,24 +256,35 @@ pub struct RepositoryProblem {
 /// Scans every sub-folder of `root` that holds a `model.toml`. Broken folders are reported, not
 /// fatal. Models come back sorted by name.
 pub fn scan_repository(root: &Path) -> Result<(Vec<ModelSpec>, Vec<RepositoryProblem>)> {
+    let (mut models, problems) = scan_folders(root, "model.toml", ModelSpec::load)?;
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((models, problems))
+}
+
+/// Loads every sub-folder of `root` that holds `marker` with `load`; a folder that fails is
+/// reported (sorted by name), not fatal.
+pub fn scan_folders<T>(
+    root: &Path,
+    marker: &str,
+    load: impl Fn(&Path) -> Result<T>,
+) -> Result<(Vec<T>, Vec<RepositoryProblem>)> {
     let entries = std::fs::read_dir(root)
         .map_err(|e| Error::invalid(format!("model repository {}: {e}", root.display())))?;
-    let mut models = Vec::new();
+    let mut found = Vec::new();
     let mut problems = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.is_dir() || !dir.join("model.toml").exists() {
+        if !dir.is_dir() || !dir.join(marker).exists() {
             continue;
         }
-        match ModelSpec::load(&dir) {
-            Ok(m) => models.push(m),
+        match load(&dir) {
+            Ok(m) => found.push(m),
             Err(error) => problems
                 .push(RepositoryProblem { model: entry.file_name().to_string_lossy().into_owned(), error }),
         }
     }
-    models.sort_by(|a, b| a.name.cmp(&b.name));
     problems.sort_by(|a, b| a.model.cmp(&b.model));
-    Ok((models, problems))
+    Ok((found, problems))
 }
 
 /// A held-out evaluation set: inputs as raw tensor bytes, labels, and each variant's

@@ -226,21 +226,7 @@ impl SplitSpec {
 
 /// Every sub-folder of `root` holding a `split.toml`, sorted by name; broken ones reported.
 pub fn scan_splits(root: &Path) -> Result<(Vec<SplitSpec>, Vec<RepositoryProblem>)> {
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| Error::invalid(format!("model repository {}: {e}", root.display())))?;
-    let mut specs = Vec::new();
-    let mut problems = Vec::new();
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if !dir.is_dir() || !dir.join("split.toml").exists() {
-            continue;
-        }
-        match SplitSpec::load(&dir) {
-            Ok(s) => specs.push(s),
-            Err(error) => problems
-                .push(RepositoryProblem { model: entry.file_name().to_string_lossy().into_owned(), error }),
-        }
-    }
+    let (mut specs, problems) = crate::model::scan_folders(root, "split.toml", SplitSpec::load)?;
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((specs, problems))
 }

@@ -166,6 +166,23 @@ fn check_outputs(path: &Path, model: &TypedModel, declared: &[TensorSpec]) -> Re
     Ok(casts)
 }
 
+/// Runs `plan` on a run state taken from `states` (spawned when none is free) and returns the
+/// state to the pool afterwards; a state whose run failed is dropped.
+pub(crate) fn run_pooled(
+    plan: &Arc<TypedRunnableModel>,
+    states: &std::sync::Mutex<Vec<TypedSimpleState>>,
+    values: TVec<TValue>,
+) -> TractResult<TVec<TValue>> {
+    let pooled = states.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut state = match pooled {
+        Some(s) => s,
+        None => plan.spawn()?,
+    };
+    let out = state.run(values)?;
+    states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
+    Ok(out)
+}
+
 fn datum(dt: DataType) -> DatumType {
     match dt {
         DataType::Bool => DatumType::Bool,
@@ -234,13 +251,7 @@ impl Session {
             values.push(tensor.into_tvalue());
         }
         let fail = |e: TractError| Error::internal(format!("inference failed: {e:#}"));
-        let pooled = self.states.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut state = match pooled {
-            Some(s) => s,
-            None => self.plan.spawn().map_err(fail)?,
-        };
-        let out = state.run(values).map_err(fail)?;
-        self.states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
+        let out = run_pooled(&self.plan, &self.states, values).map_err(fail)?;
         out.iter()
             .zip(&self.outputs)
             .zip(&self.casts)

@@ -194,13 +194,7 @@ impl RangePlan {
             }
         };
         let fail = |e: TractError| Error::internal(format!("layer range {:?} failed: {e:#}", self.range));
-        let pooled = self.states.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut state = match pooled {
-            Some(s) => s,
-            None => self.plan.spawn().map_err(fail)?,
-        };
-        let out = state.run(values).map_err(fail)?;
-        self.states.lock().unwrap_or_else(|e| e.into_inner()).push(state);
+        let out = crate::session::run_pooled(&self.plan, &self.states, values).map_err(fail)?;
         let v = out.first().ok_or_else(|| Error::internal("layer range returned nothing"))?;
         if v.datum_type() != f32::datum_type() {
             return Err(Error::internal(format!(
