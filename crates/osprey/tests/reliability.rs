@@ -181,7 +181,9 @@ fn three_times_capacity_keeps_goodput_and_refuses_the_excess_at_once() {
     let idle = rss_mb(pid);
     let cap = loadgen(&server.http, &["--concurrency", "32", "--duration", "3"]);
     let capacity = cap["throughput_rps"].as_f64().unwrap();
-    assert!(capacity > 50.0, "{cap}");
+    // A floor that only says the server answers at a rate worth overloading: the figure is the
+    // emulated node's, and a busy CI machine has measured 48/s where an idle one measures 60.
+    assert!(capacity > 20.0, "{cap}");
     let rate = format!("{:.0}", 3.0 * capacity);
     let series = std::env::temp_dir().join(format!("osprey-overload-{}.csv", std::process::id()));
     let r = loadgen(
