@@ -1,7 +1,10 @@
 """What the tritonclient check scripts share: counted checks that report instead of stopping,
 and the numpy type of each Open Inference Protocol datatype."""
 
+import csv
+import os
 import sys
+import tomllib
 
 import numpy as np
 
@@ -24,3 +27,15 @@ def finish(suffix=""):
     n = _COUNT[0]
     print(f"{n - len(FAILURES)}/{n} checks passed{suffix}")
     sys.exit(1 if FAILURES else 0)
+
+
+def load_model(models_dir, name):
+    d = os.path.join(models_dir, name)
+    with open(os.path.join(d, "model.toml"), "rb") as f:
+        spec = tomllib.load(f)
+    inp = spec["inputs"][0]
+    x = np.fromfile(os.path.join(d, spec["eval"]["inputs"]), dtype=np.dtype(NP[inp["datatype"]]).newbyteorder("<"))
+    x = x.reshape([spec["eval"]["samples"]] + inp["shape"][1:])
+    with open(os.path.join(d, spec["eval"]["labels"])) as f:
+        rows = list(csv.DictReader(f))
+    return spec, x, rows

@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from checks import NP, check, finish
+from checks import NP, check, finish, load_model
 
 
 def expect_error(fn, what, *needles):
@@ -35,18 +35,6 @@ def expect_error(fn, what, *needles):
             check(n.lower() in text.lower(), f"{what}: expected '{n}' in error, got: {text}")
         return
     check(False, f"{what}: expected an error, got success")
-
-
-def load_model(models_dir, name):
-    d = os.path.join(models_dir, name)
-    with open(os.path.join(d, "model.toml"), "rb") as f:
-        spec = tomllib.load(f)
-    inp = spec["inputs"][0]
-    x = np.fromfile(os.path.join(d, spec["eval"]["inputs"]), dtype=np.dtype(NP[inp["datatype"]]).newbyteorder("<"))
-    x = x.reshape([spec["eval"]["samples"]] + inp["shape"][1:])
-    with open(os.path.join(d, spec["eval"]["labels"])) as f:
-        rows = list(csv.DictReader(f))
-    return spec, x, rows
 
 
 def http_raw(base, path, body=b"", headers=None, method="POST"):

@@ -78,6 +78,11 @@ pub struct TenantConfig {
     /// API keys as `sha256:<64 hex digits>` (see `osprey hash-key`); never the keys themselves.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// A file of more key hashes, one `sha256:...` per line (`#` comments and blank lines
+    /// skipped), e.g. a mounted Kubernetes Secret; read when the configuration is loaded, a
+    /// relative path from the configuration file's folder.
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
     /// Latency objective: the deadline of this tenant's requests, milliseconds.
     #[serde(default = "default_slo_ms")]
     pub latency_slo_ms: u64,
@@ -327,11 +332,45 @@ impl Default for ServerConfig {
     }
 }
 
+/// `sha256:<64 hex digits>`, the only form keys are configured in.
+fn is_key_hash(k: &str) -> bool {
+    let hex = k.strip_prefix("sha256:").unwrap_or("");
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<ServerConfig> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-        Self::parse(&text, path)
+        let mut c = Self::parse(&text, path)?;
+        c.read_key_files(path.parent().unwrap_or(Path::new(".")))?;
+        Ok(c)
+    }
+
+    /// Appends each tenant's `api_keys_file` hashes to its `api_keys` (checked like them).
+    pub fn read_key_files(&mut self, base: &Path) -> Result<()> {
+        for t in &mut self.tenants {
+            let Some(file) = &t.api_keys_file else { continue };
+            let file = base.join(file);
+            let bad = |m: String| {
+                Error::invalid(format!("tenant '{}': api_keys_file {}: {m}", t.name, file.display()))
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?;
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                if !is_key_hash(line) {
+                    return Err(bad(format!(
+                        "line {}: expected 'sha256:<64 hex digits>' (make one with `osprey hash-key`)",
+                        i + 1
+                    )));
+                }
+                t.api_keys.push(line.to_string());
+            }
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<ServerConfig> {
@@ -383,8 +422,7 @@ impl ServerConfig {
                 return Err(bad("names must be unique and match [A-Za-z0-9_.-]".into()));
             }
             for k in &t.api_keys {
-                let hex = k.strip_prefix("sha256:").unwrap_or("");
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if !is_key_hash(k) {
                     return Err(bad(
                         "api_keys must be 'sha256:<64 hex digits>' (make one with `osprey hash-key`)".into(),
                     ));

@@ -3,6 +3,9 @@
 //! controller and the benchmarks.
 //!
 //! # Layout
+//! - [`estimator`]: fits SneakPeek's data-aware accuracy estimators (one logistic regression
+//!   per variant over cheap input features), evaluated per request by
+//!   `osprey_policy::estimate::DataAware`.
 //! - [`lstm`]: OPD's load predictor — 120 s of per-second load in, the maximum of the next
 //!   20 s out, through a 25-unit LSTM and one dense unit; implements
 //!   `osprey_policy::predict::LoadPredictor`.
@@ -14,6 +17,7 @@
 //! Every weight is initialised from a seeded generator (candle's own initialisers draw from an
 //! unseeded one), so a training run is a function of its seed.
 
+pub mod estimator;
 pub mod lstm;
 pub mod opd;
 

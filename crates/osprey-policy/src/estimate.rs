@@ -10,7 +10,8 @@
 //! - [`DataAware`]: a "SneakPeek model" per task: cheap features φ(x) of the raw input
 //!   ([`features`], one pass over the sample) and one logistic regression per variant,
 //!   â_v(x) = σ(w_v · z(x) + b_v), z = (φ − μ)/σ, trained on per-sample correctness of each
-//!   variant. It departs from the paper, whose SneakPeek models predict the class distribution
+//!   variant (fitted by `osprey_learn::estimator`, on candle like the other learned parts; this
+//!   crate only evaluates it). It departs from the paper, whose SneakPeek models predict the class distribution
 //!   and combine it with per-class accuracy: predicting each variant's correctness directly is
 //!   what selection needs, and it also captures input quality (noise, occlusion) that a class
 //!   distribution cannot.
@@ -268,7 +269,7 @@ pub struct DataAware {
 pub const Z_LIMIT: f64 = 10.0;
 
 /// (x − μ)/σ in f64, clamped to ±[`Z_LIMIT`]; NaN (from the input or a zero σ) maps to 0.
-fn standardise(x: f32, mean: f32, std: f32) -> f64 {
+pub fn standardise(x: f32, mean: f32, std: f32) -> f64 {
     let z = (f64::from(x) - f64::from(mean)) / f64::from(std);
     if z.is_nan() { 0.0 } else { z.clamp(-Z_LIMIT, Z_LIMIT) }
 }
@@ -315,66 +316,6 @@ impl DataAware {
             let p = sigmoid(z);
             *o = if p.is_nan() { 0.5 } else { p };
         }
-    }
-
-    /// Fits one L2-regularised logistic regression per variant by full-batch gradient descent.
-    /// `x[i]` are feature rows, `correct[v][i]` whether variant `v` was right on sample `i`.
-    pub fn train(
-        variants: Vec<String>,
-        x: &[Vec<f32>],
-        correct: &[Vec<bool>],
-        settings: &TrainSettings,
-    ) -> DataAware {
-        let d = x.first().map_or(0, Vec::len);
-        let n = x.len().max(1) as f32;
-        let mean: Vec<f32> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f32>() / n).collect();
-        let std: Vec<f32> = (0..d)
-            .map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt().max(1e-6))
-            .collect();
-        let z: Vec<Vec<f32>> = x
-            .iter()
-            .map(|r| r.iter().enumerate().map(|(j, v)| standardise(*v, mean[j], std[j]) as f32).collect())
-            .collect();
-        let mut weights = Vec::new();
-        let mut bias = Vec::new();
-        for y in correct {
-            let mut w = vec![0f32; d];
-            let pos = y.iter().filter(|&&c| c).count() as f32;
-            let prior = ((pos + 1.0) / (n + 2.0)).clamp(1e-3, 1.0 - 1e-3);
-            let mut b = (prior / (1.0 - prior)).ln();
-            for _ in 0..settings.iterations {
-                let mut gw = vec![0f32; d];
-                let mut gb = 0f32;
-                for (row, &t) in z.iter().zip(y) {
-                    let s: f32 = row.iter().zip(&w).map(|(a, b)| a * b).sum::<f32>() + b;
-                    let p = 1.0 / (1.0 + (-s).exp());
-                    let err = p - f32::from(u8::from(t));
-                    for (g, a) in gw.iter_mut().zip(row) {
-                        *g += err * a;
-                    }
-                    gb += err;
-                }
-                for (wj, g) in w.iter_mut().zip(&gw) {
-                    *wj -= settings.learning_rate * (g / n + settings.l2 * *wj);
-                }
-                b -= settings.learning_rate * gb / n;
-            }
-            weights.push(w);
-            bias.push(b);
-        }
-        DataAware { features: "generic-v1".into(), variants, mean, std, weights, bias }
-    }
-}
-
-pub struct TrainSettings {
-    pub iterations: usize,
-    pub learning_rate: f32,
-    pub l2: f32,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        TrainSettings { iterations: 400, learning_rate: 0.5, l2: 1e-3 }
     }
 }
 
@@ -484,32 +425,6 @@ mod tests {
     }
 
     #[test]
-    fn logistic_learns_a_separable_rule_and_is_calibrated_on_it() {
-        // Variant 0 is right when feature 0 is positive; variant 1 is always right.
-        let x: Vec<Vec<f32>> = (0..200).map(|i| vec![(i as f32 - 100.0) / 50.0, (i % 7) as f32]).collect();
-        let c0: Vec<bool> = x.iter().map(|r| r[0] > 0.0).collect();
-        let c1 = vec![true; 200];
-        let m =
-            DataAware::train(vec!["a".into(), "b".into()], &x, &[c0.clone(), c1], &TrainSettings::default());
-        let mut out = [0.0; 2];
-        m.estimate_features(&[1.5, 0.0], &mut out);
-        assert!(out[0] > 0.8 && out[1] > 0.9, "{out:?}");
-        m.estimate_features(&[-1.5, 0.0], &mut out);
-        assert!(out[0] < 0.2, "{out:?}");
-        let preds: Vec<f64> = x
-            .iter()
-            .map(|r| {
-                let mut o = [0.0; 2];
-                m.estimate_features(r, &mut o);
-                o[0]
-            })
-            .collect();
-        assert!(brier(&preds, &c0) < 0.1);
-        let avg = vec![0.5; 200];
-        assert!(brier(&preds, &c0) < brier(&avg, &c0));
-    }
-
-    #[test]
     fn calibration_metrics() {
         assert_eq!(brier(&[1.0, 0.0], &[true, false]), 0.0);
         assert_eq!(brier(&[0.0], &[true]), 1.0);
@@ -532,17 +447,31 @@ mod tests {
         assert!((out[1] - 0.5).abs() < 1e-9);
     }
 
-    /// A real estimator, trained on clean digit-like rows, for the totality property below.
+    /// An estimator fitted to digit-like rows (standardisation from the rows, weights that
+    /// use every feature), for the totality property below; fitting itself is
+    /// `osprey_learn::estimator`'s.
     fn trained() -> DataAware {
-        let mut x = Vec::new();
-        let mut correct = vec![Vec::new(), Vec::new()];
-        for i in 0..64 {
-            let row: Vec<f32> = (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32 / 17.0).collect();
-            x.push(features(Sample { datatype: DataType::Fp32, bytes: &f32s(&row) }).to_vec());
-            correct[0].push(i % 3 == 0);
-            correct[1].push(i % 5 != 0);
+        let x: Vec<Vec<f32>> = (0..64)
+            .map(|i| {
+                let row: Vec<f32> = (0..64).map(|j| ((i * 7 + j * 3) % 17) as f32 / 17.0).collect();
+                features(Sample { datatype: DataType::Fp32, bytes: &f32s(&row) }).to_vec()
+            })
+            .collect();
+        let d = x[0].len();
+        let n = x.len() as f32;
+        let mean: Vec<f32> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f32>() / n).collect();
+        let std: Vec<f32> = (0..d)
+            .map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt().max(1e-6))
+            .collect();
+        let weights = (0..2).map(|v| (0..d).map(|j| ((j + v) % 5) as f32 - 2.0).collect()).collect();
+        DataAware {
+            features: "generic-v1".into(),
+            variants: vec!["a".into(), "b".into()],
+            mean,
+            std,
+            weights,
+            bias: vec![0.3, -0.4],
         }
-        DataAware::train(vec!["a".into(), "b".into()], &x, &correct, &TrainSettings::default())
     }
 
     proptest::proptest! {

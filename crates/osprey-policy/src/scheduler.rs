@@ -68,6 +68,7 @@
 
 use crate::Micros;
 use osprey_core::profile::{Quantile, VariantProfile};
+use rand::{Rng, SeedableRng};
 
 /// Which scheduling rule to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,8 +209,9 @@ pub struct Scheduler {
     last_variant: Option<usize>,
     /// Observed / profiled service time per variant (EWMA).
     slowdown: Vec<f64>,
-    /// xorshift64 state for `Rule::Random`.
-    rng: u64,
+    /// `Rule::Random`'s generator: ChaCha8, seeded, the same stream on every platform and
+    /// `rand` release (what reproducible simulator runs need).
+    rng: rand_chacha::ChaCha8Rng,
     /// Variants some instance can run now (the driver reports placement).
     available: Vec<bool>,
     /// Worker-equivalents serving the model (see [`Scheduler::set_capacity`]).
@@ -260,10 +262,10 @@ pub fn priority(weight: f64, best_accuracy: f64, slack_us: f64, tau_us: f64, bet
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, variants: Vec<VariantModel>) -> Scheduler {
         let slowdown = vec![1.0; variants.len()];
-        let rng = match cfg.rule {
-            Rule::Random(seed) => seed | 1,
+        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(match cfg.rule {
+            Rule::Random(seed) => seed,
             _ => 1,
-        };
+        });
         let available = vec![true; variants.len()];
         Scheduler {
             capacity: f64::from(cfg.workers.max(1)),
@@ -605,15 +607,6 @@ impl Scheduler {
         })
     }
 
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
-    }
-
     /// One-variant batches in a rule-specific order (every rule but `Utility`).
     fn plan_ordered(&mut self, now: Micros) -> Option<(usize, Vec<usize>, f64)> {
         let now_f = now as f64;
@@ -648,7 +641,7 @@ impl Scheduler {
             Rule::Llf | Rule::Dream => self.best_fit(head, now_f)?,
             Rule::Random(_) => {
                 let allowed: Vec<usize> = self.allowed(head).collect();
-                let k = (self.next_random() % allowed.len().max(1) as u64) as usize;
+                let k = self.rng.random_range(0..allowed.len().max(1));
                 *allowed.get(k)?
             }
             Rule::Greedy => {

@@ -267,6 +267,33 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
         overhead_us = %overheads.iter().map(|o| format!("{:.0}", o * 1e6)).collect::<Vec<_>>().join(","),
         "configured"
     );
+    let stages: Vec<serde_json::Value> = cfg
+        .iter()
+        .zip(&problem.pipeline.stages)
+        .zip(&l.target.stages)
+        .map(|((s, st), (_, model))| {
+            let nodes: Vec<String> =
+                gw.cluster.replica_nodes(model.name()).iter().map(|(n, q)| format!("{n}:{q}")).collect();
+            serde_json::json!({
+                "stage": st.name,
+                "model": model.name(),
+                "variant": st.variants[s.variant].name,
+                "replicas": s.replicas,
+                "batch": s.batch,
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    gw.set_configuration(
+        &l.target.name,
+        serde_json::json!({
+            "policy": l.policy.name(),
+            "load_rps": load,
+            "predicted_rps": obs.predicted_rps,
+            "decision_us": decision.as_micros() as u64,
+            "stages": stages,
+        }),
+    );
     gw.metrics.control_decision(&l.target.name, decision.as_secs_f64());
     l.applied = Some(cfg);
 }

@@ -277,6 +277,10 @@ pub struct Gateway {
     timer: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Admitted requests since start (the idle trimmer watches it).
     admitted: Arc<std::sync::atomic::AtomicU64>,
+    /// The last minutes per second, for the dashboard.
+    pub timeline: crate::timeline::Timeline,
+    /// The control loop's last applied configuration per target (pipeline or model).
+    configurations: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 /// Hands freed heap memory back to the operating system once the gateway has been idle for
@@ -523,7 +527,10 @@ impl Gateway {
             let info = NodeInfo { speed: a.speed(), ..NodeInfo::local(a.name(), a.workers()) };
             cluster.join(info, agent, a.workers());
         }
+        let timeline = crate::timeline::Timeline::new(tenants.names().map(String::from).collect());
         Arc::new(Gateway {
+            timeline,
+            configurations: Mutex::default(),
             models,
             pipelines,
             splits,
@@ -592,6 +599,24 @@ impl Gateway {
 
     pub fn pipelines(&self) -> impl Iterator<Item = &Arc<PipelineEntry>> {
         self.pipelines.values()
+    }
+
+    /// Records the control loop's configuration of `target` (shown by the dashboard).
+    pub fn set_configuration(&self, target: &str, configuration: serde_json::Value) {
+        self.configurations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(target.to_string(), configuration);
+    }
+
+    /// The control loop's last configuration of `target`, if it has applied one.
+    pub fn configuration(&self, target: &str) -> Option<serde_json::Value> {
+        self.configurations.lock().unwrap_or_else(|e| e.into_inner()).get(target).cloned()
+    }
+
+    /// Seconds since the gateway started.
+    pub fn uptime_s(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
     }
 
     /// A background task the drain stops with the dispatcher's timer (the control loop).
@@ -853,6 +878,9 @@ impl Gateway {
         let fail = |e: Error| {
             self.metrics.request(entry.name(), "", e.code.label());
             self.metrics.tenant_outcome(&tcfg.name, entry.name(), e.code.label());
+            if admit {
+                self.timeline.record(Instant::now(), tenant, crate::timeline::Outcome::Error, None);
+            }
             e
         };
         if self.draining.load(Ordering::Relaxed) {
@@ -908,10 +936,29 @@ impl Gateway {
                     if o.deadline_met { &t.met } else { &t.late }.inc();
                     t.accuracy.observe(o.estimated_accuracy);
                 }
+                let outcome = if o.deadline_met {
+                    crate::timeline::Outcome::Met
+                } else {
+                    crate::timeline::Outcome::Late
+                };
+                let variant = entry.variants.get(o.variant).map_or("", |v| v.spec.name.as_str());
+                // The timeline counts what tenants sent: a pipeline's first stage stands for
+                // the request (its later stages run with `admit` false).
+                if admit {
+                    self.timeline.record(
+                        Instant::now(),
+                        tenant,
+                        outcome,
+                        Some((entry.name(), variant, o.estimated_accuracy)),
+                    );
+                }
             }
             Err(e) => {
                 self.metrics.request(entry.name(), "", e.code.label());
                 self.metrics.tenant_outcome(&tcfg.name, entry.name(), e.code.label());
+                if admit {
+                    self.timeline.record(Instant::now(), tenant, crate::timeline::Outcome::Error, None);
+                }
             }
         }
         res

@@ -70,7 +70,18 @@ async fn authenticate(
                 next.run(req).await
             }
         }
-        Err(e) => ApiError(e).into_response(),
+        Err(e) => {
+            let dashboard = req.uri().path() == "/dashboard";
+            let mut r = ApiError(e).into_response();
+            if dashboard {
+                // A browser shows its password prompt for Basic only.
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"osprey\", charset=\"UTF-8\""),
+                );
+            }
+            r
+        }
     }
 }
 
@@ -95,6 +106,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/cluster", get(cluster))
         .route("/v2/cluster/nodes/{node}/{action}", post(place_variant))
         .route("/v2/cluster/splits/{model}/privacy", post(split_privacy))
+        .route("/dashboard", get(dashboard_page))
+        .route("/v2/dashboard/data", get(dashboard_data))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .merge(health)
         .fallback(|| async { ApiError(Error::not_found("no such route; the API lives under /v2")) })
@@ -132,12 +145,42 @@ async fn json_errors(resp: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(json!({ "error": message }).to_string()))
 }
 
-async fn live() -> StatusCode {
-    StatusCode::OK
+/// Liveness: the status is the answer (what tritonclient reads); the body `{"live": true}`
+/// is what KServe's clients read.
+async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
 }
 
-async fn ready(State(gw): State<Arc<Gateway>>) -> StatusCode {
-    if gw.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+/// Readiness: 200 `{"ready": true}`, or 503 `{"ready": false}`.
+async fn ready(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<Value>) {
+    let ready = gw.is_ready();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready })))
+}
+
+/// The dashboard page (admin).
+async fn dashboard_page(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+) -> ApiResult<Response> {
+    gw.tenants.require(t.0, Role::Admin)?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        crate::dashboard::PAGE,
+    )
+        .into_response())
+}
+
+/// What the dashboard polls (admin).
+async fn dashboard_data(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.require(t.0, Role::Admin)?;
+    Ok(Json(crate::dashboard::data(&gw)))
 }
 
 /// Osprey extension: the cluster's nodes (what `osprey status` shows).
@@ -210,6 +253,8 @@ async fn server_metadata() -> Json<Value> {
 async fn metrics(State(gw): State<Arc<Gateway>>, Extension(t): Extension<TenantId>) -> ApiResult<Response> {
     gw.tenants.require(t.0, Role::Monitor)?;
     gw.metrics.set_split(&gw.splits().map(|d| d.status()).collect::<Vec<_>>());
+    gw.metrics.set_nodes(&gw.cluster.status());
+    gw.metrics.set_attainment(&gw.timeline.attainment(std::time::Instant::now(), 60));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         gw.metrics.encode(),

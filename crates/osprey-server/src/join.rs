@@ -46,9 +46,10 @@ pub enum TokenSource {
     Generated(PathBuf),
 }
 
-/// `a == b` without an early exit.
+/// `a == b` in constant time (`subtle`: no early exit, and no branch the optimiser may add).
 pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    bool::from(a.ct_eq(b))
 }
 
 /// The default token file: `$OSPREY_STATE_DIR/join-token`, else

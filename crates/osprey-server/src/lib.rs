@@ -33,6 +33,7 @@ pub mod agent;
 pub mod cluster;
 pub mod codec;
 pub mod controller;
+pub mod dashboard;
 pub mod gateway;
 pub mod grpc;
 pub mod heap;
@@ -47,6 +48,7 @@ pub mod server;
 pub mod split;
 pub mod split_node;
 pub mod tenants;
+pub mod timeline;
 pub mod tls;
 
 /// Generated Open Inference Protocol messages and service.

@@ -73,7 +73,30 @@ pub struct LinkLabels {
     pub to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantOnlyLabels {
+    pub tenant: String,
+}
+
 type FGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Per-node gauges, refreshed from the cluster at each scrape ([`Metrics::set_nodes`]).
+struct NodeFamilies {
+    up: Family<NodeLabels, Gauge>,
+    workers: Family<NodeLabels, Gauge>,
+    busy: Family<NodeLabels, Gauge>,
+    slowdown: Family<NodeLabels, FGauge>,
+    cpu_load: Family<NodeLabels, FGauge>,
+    mean_service: Family<NodeLabels, FGauge>,
+    failures: Family<NodeLabels, Gauge>,
+    memory_used: Family<NodeLabels, Gauge>,
+    memory_offered: Family<NodeLabels, Gauge>,
+}
 
 type Hist = Family<VariantLabels, Histogram, fn() -> Histogram>;
 
@@ -116,6 +139,9 @@ pub struct Metrics {
     split_link_bandwidth: Family<LinkLabels, FGauge>,
     split_requests: Family<RequestLabels, Gauge>,
     pub control_duration: Histogram,
+    nodes: NodeFamilies,
+    /// Each tenant's SLO attainment over the last minute ([`Metrics::set_attainment`]).
+    tenant_attainment: Family<TenantOnlyLabels, FGauge>,
     registry: Registry,
 }
 
@@ -255,7 +281,67 @@ impl Metrics {
             "Sentences answered by each split model (outcome: success, retried or failed)",
             split_requests.clone(),
         );
+        let nodes = NodeFamilies {
+            up: Family::default(),
+            workers: Family::default(),
+            busy: Family::default(),
+            slowdown: Family::default(),
+            cpu_load: Family::default(),
+            mean_service: Family::default(),
+            failures: Family::default(),
+            memory_used: Family::default(),
+            memory_offered: Family::default(),
+        };
+        registry.register("node_up", "Nodes attached to the gateway (1 while attached)", nodes.up.clone());
+        registry.register(
+            "node_workers",
+            "Worker threads of each node (its thread budget)",
+            nodes.workers.clone(),
+        );
+        registry.register(
+            "node_busy_workers",
+            "Workers of each node running a batch now",
+            nodes.busy.clone(),
+        );
+        registry.register(
+            "node_slowdown",
+            "Observed over profiled service time of each node (EWMA; 1 = as profiled)",
+            nodes.slowdown.clone(),
+        );
+        registry.register(
+            "node_cpu_load",
+            "Each node's CPU load as its agent reports it",
+            nodes.cpu_load.clone(),
+        );
+        registry.register(
+            "node_mean_service_seconds",
+            "Each node's recent mean batch service time",
+            nodes.mean_service.clone(),
+        );
+        registry.register(
+            "node_recent_failures",
+            "Recent failed batches of each node (the instance selector avoids it while non-zero)",
+            nodes.failures.clone(),
+        );
+        registry.register(
+            "node_memory_used_mb",
+            "Memory the node's loaded instances take, MB (as measured at load)",
+            nodes.memory_used.clone(),
+        );
+        registry.register(
+            "node_memory_offered_mb",
+            "Memory the node offers for instances, MB (0: preloaded in-process agent)",
+            nodes.memory_offered.clone(),
+        );
+        let tenant_attainment = Family::<TenantOnlyLabels, FGauge>::default();
+        registry.register(
+            "tenant_slo_attainment",
+            "Answers on time over all requests of each tenant in the last 60 s (refusals count as misses; absent without requests)",
+            tenant_attainment.clone(),
+        );
         Metrics {
+            nodes,
+            tenant_attainment,
             split_epoch,
             split_stage,
             split_speed,
@@ -403,6 +489,42 @@ impl Metrics {
                 let l =
                     RequestLabels { model: s.model.clone(), variant: String::new(), outcome: outcome.into() };
                 self.split_requests.get_or_create(&l).set(v as i64);
+            }
+        }
+    }
+
+    /// Replaces the per-node series with the cluster's nodes now (a node that left is gone).
+    pub fn set_nodes(&self, nodes: &[crate::cluster::NodeStatus]) {
+        let f = &self.nodes;
+        f.up.clear();
+        f.workers.clear();
+        f.busy.clear();
+        f.slowdown.clear();
+        f.cpu_load.clear();
+        f.mean_service.clear();
+        f.failures.clear();
+        f.memory_used.clear();
+        f.memory_offered.clear();
+        for n in nodes {
+            let l = NodeLabels { node: n.name.clone() };
+            f.up.get_or_create(&l).set(i64::from(n.up));
+            f.workers.get_or_create(&l).set(i64::from(n.workers));
+            f.busy.get_or_create(&l).set(i64::from(n.busy));
+            f.slowdown.get_or_create(&l).set(n.slowdown);
+            f.cpu_load.get_or_create(&l).set(n.cpu_load);
+            f.mean_service.get_or_create(&l).set(n.mean_service_ms / 1e3);
+            f.failures.get_or_create(&l).set(i64::from(n.recent_failures));
+            f.memory_used.get_or_create(&l).set(n.memory_used_mb as i64);
+            f.memory_offered.get_or_create(&l).set(n.memory_mb as i64);
+        }
+    }
+
+    /// Sets each tenant's last-minute SLO attainment (`None`: no request, no sample).
+    pub fn set_attainment(&self, attainment: &std::collections::BTreeMap<String, Option<f64>>) {
+        self.tenant_attainment.clear();
+        for (tenant, a) in attainment {
+            if let Some(a) = a {
+                self.tenant_attainment.get_or_create(&TenantOnlyLabels { tenant: tenant.clone() }).set(*a);
             }
         }
     }

@@ -52,6 +52,7 @@ impl Tenants {
             vec![TenantConfig {
                 name: "default".into(),
                 api_keys: Vec::new(),
+                api_keys_file: None,
                 latency_slo_ms: default_slo_ms,
                 accuracy_floor: 0.0,
                 weight: 1.0,
@@ -105,7 +106,9 @@ impl Tenants {
         self.list.iter().map(|t| t.config.name.as_str())
     }
 
-    /// Resolves the caller from an `Authorization` value (`Bearer <key>`).
+    /// Resolves the caller from an `Authorization` value: `Bearer <key>`, or HTTP Basic
+    /// (`Basic base64(name:key)`, what a browser sends after its password prompt; the name is
+    /// not checked, the key alone identifies the tenant).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<usize> {
         if !self.keys_required {
             return Ok(0);
@@ -117,12 +120,25 @@ impl Tenants {
             )
         };
         // The scheme is case-insensitive (RFC 9110 §11.1).
-        let key = authorization
+        let (scheme, credentials) = authorization
             .and_then(|h| h.trim_start().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, k)| k.trim())
-            .filter(|k| !k.is_empty())
+            .map(|(s, k)| (s, k.trim()))
+            .filter(|(_, k)| !k.is_empty())
             .ok_or_else(unauth)?;
+        let basic;
+        let key = if scheme.eq_ignore_ascii_case("bearer") {
+            credentials
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            use base64::Engine as _;
+            basic = base64::engine::general_purpose::STANDARD
+                .decode(credentials)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(unauth)?;
+            basic.split_once(':').map(|(_, k)| k).filter(|k| !k.is_empty()).ok_or_else(unauth)?
+        } else {
+            return Err(unauth());
+        };
         let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut found = None;
         for (i, t) in self.list.iter().enumerate() {
@@ -231,6 +247,7 @@ mod tests {
         TenantConfig {
             name: name.into(),
             api_keys: key.map(|k| vec![hash_key(k)]).unwrap_or_default(),
+            api_keys_file: None,
             latency_slo_ms: 100,
             accuracy_floor: 0.0,
             weight: 1.0,
@@ -255,6 +272,20 @@ mod tests {
         {
             assert_eq!(ts.authenticate(bad).unwrap_err().code, ErrorCode::Unauthenticated);
         }
+        // HTTP Basic, as a browser sends it: the key is the password, the name is not checked.
+        use base64::Engine as _;
+        let basic = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        assert_eq!(ts.authenticate(Some(&basic("admin:kb"))).unwrap(), 1);
+        assert_eq!(ts.authenticate(Some(&basic(":ka"))).unwrap(), 0);
+        assert_eq!(ts.authenticate(Some(&basic("anyone:a:b"))).unwrap_err().code, ErrorCode::Unauthenticated);
+        for bad in ["kb", "admin:", "admin:nope"] {
+            assert_eq!(
+                ts.authenticate(Some(&basic(bad))).unwrap_err().code,
+                ErrorCode::Unauthenticated,
+                "{bad}"
+            );
+        }
+        assert_eq!(ts.authenticate(Some("Basic !!!")).unwrap_err().code, ErrorCode::Unauthenticated);
     }
 
     #[test]

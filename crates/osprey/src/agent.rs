@@ -29,7 +29,7 @@ pub struct AgentArgs {
     /// Worker threads (the node's thread budget).
     #[arg(long, default_value_t = 1)]
     threads: u32,
-    /// Model repository on this node (default: the bundled zoo).
+    /// Model repository on this node (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Injected slowdown: every batch takes this many times longer (tests, demos).
@@ -88,7 +88,7 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
         tls_ca: args.tls_ca.clone(),
         tls_domain: args.tls_domain.clone(),
         threads: args.threads,
-        model_repository: args.model_repository.clone().unwrap_or_else(crate::default_repository),
+        model_repository: crate::repository(args.model_repository.clone())?,
         slowdown: args.slowdown,
         speed_hint: args.speed_hint,
         labels: args.labels.iter().cloned().collect::<HashMap<_, _>>(),

@@ -18,14 +18,15 @@
 
 use comfy_table::Table;
 use osprey_core::model::scan_repository;
-use osprey_policy::estimate::{DataAware, Sample, TrainSettings, brier, ece, features};
+use osprey_learn::estimator::TrainSettings;
+use osprey_policy::estimate::{DataAware, Sample, brier, ece, features};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Model repository (default: the bundled zoo).
+    /// Model repository (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Also report on ROHE's group_count.csv (per-image correctness of 15 detectors).
@@ -60,17 +61,20 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// Trains on even samples, evaluates on odd ones; returns the model and report rows.
-pub fn evaluate(p: &Problem) -> (DataAware, Report) {
+pub fn evaluate(p: &Problem) -> Result<(DataAware, Report), String> {
     let n = p.x.len();
     let train: Vec<usize> = (0..n).step_by(2).collect();
     let test: Vec<usize> = (1..n).step_by(2).collect();
     let correct_train: Vec<Vec<bool>> = p.correct.iter().map(|c| subset(c, &train)).collect();
-    let model = DataAware::train(
+    let t = Instant::now();
+    let model = osprey_learn::estimator::train(
         p.variants.clone(),
         &subset(&p.x, &train),
         &correct_train,
         &TrainSettings::default(),
-    );
+    )
+    .map_err(|e| format!("{}: {e}", p.name))?;
+    println!("{}: trained in {:.0} ms ({} samples)", p.name, t.elapsed().as_secs_f64() * 1e3, train.len());
     let nv = p.variants.len();
     // Profiled estimate: the train half's mean correctness.
     let profiled: Vec<f64> = correct_train
@@ -139,7 +143,7 @@ pub fn evaluate(p: &Problem) -> (DataAware, Report) {
         format!("{:.3}", routed(&oracle, 0.25)),
         format!("{:.3}", routed(&oracle, 0.5)),
     ]);
-    (model, Report { rows })
+    Ok((model, Report { rows }))
 }
 
 /// variant -> (confidence, count, correct) for one (image, target).
@@ -199,7 +203,7 @@ pub fn rohe_problem(path: &PathBuf) -> Result<Problem, String> {
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {
-    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
+    let repo = crate::repository(args.model_repository.clone())?;
     let (models, _) = scan_repository(&repo).map_err(|e| e.to_string())?;
     let mut table = Table::new();
     table.set_header(["data", "estimator", "Brier", "ECE", "acc @25% best", "acc @50% best"]);
@@ -218,7 +222,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
         let best = (0..names.len()).max_by(|&a, &b| acc(&names[a]).total_cmp(&acc(&names[b]))).unwrap_or(0);
         let p =
             Problem { name: m.name.clone(), variants: names, x, correct: ev.correct.clone(), cheap, best };
-        let (model, report) = evaluate(&p);
+        let (model, report) = evaluate(&p)?;
         for r in report.rows {
             table.add_row(r);
         }
@@ -232,7 +236,7 @@ pub fn run(args: TrainArgs) -> Result<(), String> {
     if let Some(path) = &args.rohe {
         let p = rohe_problem(path)?;
         println!("rohe: cheap = {}, best = {}", p.variants[p.cheap], p.variants[p.best]);
-        for r in evaluate(&p).1.rows {
+        for r in evaluate(&p)?.1.rows {
             table.add_row(r);
         }
     }

@@ -69,7 +69,7 @@ pub struct LoadgenArgs {
     /// Give up on an answer after this many seconds (counted as lost).
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
-    /// Model repository holding the evaluation set (default: the bundled zoo).
+    /// Model repository holding the evaluation set (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Print one JSON line instead of the table.
@@ -172,7 +172,7 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
     {
         return Err("--high and --period-s must be positive".into());
     }
-    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
+    let repo = crate::repository(args.model_repository.clone())?;
     let spec = match scan_repository(&repo)
         .ok()
         .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))

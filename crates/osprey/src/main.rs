@@ -68,14 +68,37 @@ enum Command {
     },
 }
 
-/// The bundled model zoo: `./models` when run from a checkout, else the one this binary was
-/// built from.
-pub fn default_repository() -> PathBuf {
-    let local = PathBuf::from("models");
-    if local.join("digits/model.toml").exists() {
-        return local;
+/// The model repository to use: the one given, else `$OSPREY_MODEL_REPOSITORY`, else
+/// `./models` (run from a checkout: the bundled zoo), else `models/` beside the executable or
+/// `../share/osprey/models` from it (an installed tree). No path of the machine the binary was
+/// built on is compiled in, so a copied or `cargo install`ed binary looks only at these.
+pub fn repository(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(p) = given {
+        return Ok(p);
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))
+    if let Some(p) = std::env::var_os("OSPREY_MODEL_REPOSITORY").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = vec![PathBuf::from("models")];
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
+        candidates.push(dir.join("models"));
+        candidates.push(dir.join("../share/osprey/models"));
+    }
+    let is_repository = |p: &PathBuf| {
+        std::fs::read_dir(p).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().join("model.toml").is_file() || e.path().join("pipeline.toml").is_file())
+        })
+    };
+    candidates.iter().find(|p| is_repository(p)).cloned().ok_or_else(|| {
+        let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "no model repository: pass --model-repository DIR (or set OSPREY_MODEL_REPOSITORY); looked in {} \
+             (the bundled zoo is models/ in the source tree)",
+            looked.join(", ")
+        )
+    })
 }
 
 fn hash_key(key: Option<String>) -> Result<(), String> {

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct OverheadArgs {
-    /// Model repository (default: the bundled zoo).
+    /// Model repository (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Variant to pin in every model (default: each model's first, the cheapest, so that
@@ -79,7 +79,7 @@ fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
 }
 
 pub fn run(args: OverheadArgs) -> Result<(), String> {
-    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
+    let repo = crate::repository(args.model_repository.clone())?;
     let (models, _) = scan_repository(&repo).map_err(|e| e.to_string())?;
     if args.requests == 0 || args.batch_sizes.contains(&0) {
         return Err("--requests and --batch-sizes must be positive".into());

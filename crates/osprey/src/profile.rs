@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ProfileArgs {
-    /// Model repository (default: the bundled zoo).
+    /// Model repository (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Only this model (default: all).
@@ -55,7 +55,7 @@ pub fn inputs_for(model: &ModelSpec, eval: Option<&EvalSet>, batch: u32) -> Resu
 }
 
 pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
-    let repo = args.model_repository.clone().unwrap_or_else(crate::default_repository);
+    let repo = crate::repository(args.model_repository.clone())?;
     let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
     for p in &problems {
         eprintln!("skipping model {}: {}", p.model, p.error);

@@ -17,7 +17,7 @@ pub struct ServeArgs {
     /// gRPC address (default 0.0.0.0:8001, as Triton).
     #[arg(long)]
     grpc_addr: Option<String>,
-    /// Model repository (default: the bundled zoo).
+    /// Model repository (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
     /// Configuration file (TOML).
@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(r) = args.model_repository {
         config.model_repository = Some(r);
     }
-    let repo = config.model_repository.clone().unwrap_or_else(crate::default_repository);
+    let repo = crate::repository(config.model_repository.clone())?;
     let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
     for p in &problems {
         tracing::error!(model = %p.model, "skipping model: {}", p.error);

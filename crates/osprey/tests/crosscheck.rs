@@ -90,6 +90,7 @@ fn live_and_simulated_dispatch_decide_alike() {
                     .map(|(t, slo)| TenantConfig {
                         name: t.to_string(),
                         api_keys: vec![],
+                        api_keys_file: None,
                         latency_slo_ms: *slo,
                         accuracy_floor: 0.0,
                         weight: 1.0,
