@@ -4,11 +4,12 @@
 //! `DIR/timeseries.csv` and SVG plots (time series of late %, accuracy and cost; summary bars
 //! of utility and QoS). The same scenario and seed give byte-identical files.
 
+use crate::plot;
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_core::config::PolicyName;
 use osprey_sim::engine::{arrivals, load_models, selector, simulate_with};
-use osprey_sim::report::{bars_svg, line_svg, row, summary_csv, timeseries_csv};
+use osprey_sim::report::{row, summary_csv, timeseries_csv};
 use osprey_sim::scenario::Scenario;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -130,14 +131,27 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let acc = |i: &osprey_sim::engine::Interval| {
         if i.completed > 0 { i.correct as f64 / i.completed as f64 } else { 0.0 }
     };
-    write("late_pct.svg", line_svg(&format!("{}: late %", scn.name), "late %", &line(&late)))?;
-    write("accuracy.svg", line_svg(&format!("{}: accuracy", scn.name), "accuracy", &line(&acc)))?;
-    write("cost.svg", line_svg(&format!("{}: cost per interval", scn.name), "cost", &line(&|i| i.cost)))?;
+    let out = &args.out;
+    plot::lines(&out.join("late_pct"), &format!("{}: late %", scn.name), "late %", &line(&late))?;
+    plot::lines(&out.join("accuracy"), &format!("{}: accuracy", scn.name), "accuracy", &line(&acc))?;
+    plot::lines(&out.join("cost"), &format!("{}: cost per interval", scn.name), "cost", &line(&|i| i.cost))?;
     let bars = |f: &dyn Fn(&osprey_sim::report::Row) -> f64| {
         rows.iter().map(|r| (r.policy.clone(), f(r))).collect::<Vec<_>>()
     };
-    write("utility.svg", bars_svg(&format!("{}: utility per request", scn.name), &bars(&|r| r.utility)))?;
-    write("qos.svg", bars_svg(&format!("{}: QoS (OPD eq. 3)", scn.name), &bars(&|r| r.qos)))?;
-    println!("wrote summary.csv, timeseries.csv and plots to {}", args.out.display());
+    plot::bars(&out.join("utility"), &format!("{}: utility per request", scn.name), &bars(&|r| r.utility))?;
+    plot::bars(&out.join("qos"), &format!("{}: QoS (OPD eq. 3)", scn.name), &bars(&|r| r.qos))?;
+    plot::report(
+        out,
+        &format!("Osprey bench: {}", scn.name),
+        &[format!(
+            "simulated {:.0} s, {} arrivals, seed {}; late % counts answers not on time among all requests; accuracy among answered",
+            scn.duration_s,
+            arr.len(),
+            scn.seed
+        )],
+        &summary_csv(&rows),
+        &["late_pct", "accuracy", "cost", "utility", "qos"],
+    )?;
+    println!("wrote summary.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}", args.out.display());
     Ok(())
 }

@@ -20,6 +20,7 @@ mod estimator;
 mod loadgen;
 mod overhead;
 mod pipebench;
+mod plot;
 mod profile;
 mod serve;
 mod splitsim;

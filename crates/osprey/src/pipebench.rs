@@ -11,6 +11,7 @@
 //! synthetic sizes of fig. 6 OPD runs a network of that shape with seeded, untrained weights: its
 //! time depends on the shape only, not on what it learned.
 
+use crate::plot;
 use crate::train::{policy_for, predictor_for};
 use comfy_table::Table;
 use osprey_learn::opd::{OpdMeta, OpdNet, OpdPolicy};
@@ -19,7 +20,6 @@ use osprey_policy::configure::{
     synthetic,
 };
 use osprey_sim::pipeline::{PipelineScenario, Run, run};
-use osprey_sim::report::{bars_svg, line_svg};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
@@ -134,6 +134,7 @@ pub fn run_bench(path: &Path, out: &Path, duration: Option<f64>, only: &[String]
         let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
+    let csv_for_report = csv.clone();
     write("summary.csv", csv)?;
     let mut ts = String::from("policy,t_s,load_rps,predicted_rps,cost,qos,objective,reward,late_pct\n");
     for r in &runs {
@@ -160,13 +161,17 @@ pub fn run_bench(path: &Path, out: &Path, duration: Option<f64>, only: &[String]
             .map(|r| (r.policy.clone(), r.intervals.iter().map(|i| (i.start_s as f64, f(i))).collect()))
             .collect()
     };
-    write(
-        "cost.svg",
-        line_svg(&format!("{}: cost (cores) per interval", scn.name), "cores", &line(&|i| i.eval.c)),
+    plot::lines(
+        &out.join("cost"),
+        &format!("{}: cost (cores) per interval", scn.name),
+        "cores",
+        &line(&|i| i.eval.c),
     )?;
-    write(
-        "qos.svg",
-        line_svg(&format!("{}: QoS (eq. 3) per interval", scn.name), "Q", &line(&|i| i.eval.q.max(0.0))),
+    plot::lines(
+        &out.join("qos"),
+        &format!("{}: QoS (eq. 3) per interval", scn.name),
+        "Q",
+        &line(&|i| i.eval.q.max(0.0)),
     )?;
     let mut with_load = line(&|i| i.load_rps);
     with_load.truncate(1);
@@ -179,45 +184,52 @@ pub fn run_bench(path: &Path, out: &Path, duration: Option<f64>, only: &[String]
             r.intervals.iter().map(|i| (i.start_s as f64, i.predicted_rps)).collect(),
         ));
     }
-    write(
-        "load.svg",
-        line_svg(&format!("{}: load and {} forecast", scn.name, scn.predictor), "req/s", &with_load),
+    plot::lines(
+        &out.join("load"),
+        &format!("{}: load and {} forecast", scn.name, scn.predictor),
+        "req/s",
+        &with_load,
     )?;
     let bars = |f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| (r.policy.clone(), f(r))).collect::<Vec<_>>();
-    write(
-        "cost_bars.svg",
-        bars_svg(
-            &format!("{}: mean cost (cores)", scn.name),
-            &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.c))),
-        ),
+    plot::bars(
+        &out.join("cost_bars"),
+        &format!("{}: mean cost (cores)", scn.name),
+        &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.c))),
     )?;
-    write(
-        "qos_bars.svg",
-        bars_svg(&format!("{}: mean QoS", scn.name), &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.q)))),
+    plot::bars(
+        &out.join("qos_bars"),
+        &format!("{}: mean QoS", scn.name),
+        &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.q))),
     )?;
-    write(
-        "objective_bars.svg",
-        bars_svg(
-            &format!("{}: mean objective Q - lambda C", scn.name),
-            &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.objective))),
-        ),
+    plot::bars(
+        &out.join("objective_bars"),
+        &format!("{}: mean objective Q - lambda C", scn.name),
+        &bars(&|r| mean(r.intervals.iter().map(|i| i.eval.objective))),
     )?;
-    let (dt_csv, dt_svg) = decision_times(&problem)?;
+    let dt_csv = decision_times(&problem, &out.join("decision_time"))?;
     write("decision_time.csv", dt_csv)?;
-    write("decision_time.svg", dt_svg)?;
+    let mut plots = vec!["cost", "qos", "load", "cost_bars", "qos_bars", "objective_bars", "decision_time"];
     if let Some(w) = scn.resolve(&base, &scn.opd_weights) {
         let curves = w.with_extension("curves.csv");
         if let Ok(text) = std::fs::read_to_string(&curves) {
             write("training.csv", text.clone())?;
-            write("training.svg", training_svg(&scn.name, &text))?;
+            training_plot(&scn.name, &text, &out.join("training"))?;
+            plots.push("training");
         }
     }
-    println!("wrote summary.csv, timeseries.csv and plots to {}", out.display());
+    plot::report(
+        out,
+        &format!("Osprey pipeline bench: {}", scn.name),
+        &[format!("policies side by side on the same workload; predictor {}", scn.predictor)],
+        &csv_for_report,
+        &plots,
+    )?;
+    println!("wrote summary.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}", out.display());
     Ok(())
 }
 
 /// Fig. 7 from a `curves.csv` written by `osprey train opd`.
-fn training_svg(name: &str, csv: &str) -> String {
+fn training_plot(name: &str, csv: &str, stem: &Path) -> Result<(), String> {
     let rows: Vec<Vec<f64>> = csv
         .lines()
         .skip(1)
@@ -225,16 +237,17 @@ fn training_svg(name: &str, csv: &str) -> String {
         .filter(|r: &Vec<f64>| r.len() >= 6)
         .collect();
     let col = |k: usize| rows.iter().map(|r| (r[0], r[k].max(0.0))).collect::<Vec<_>>();
-    line_svg(
+    plot::lines_with_x(
+        stem,
         &format!("{name}: OPD training per episode"),
+        "episode",
         "value",
         &[("loss".into(), col(3)), ("value loss".into(), col(5)), ("mean reward".into(), col(2))],
     )
-    .replace(">time (s)<", ">episode<")
 }
 
 /// Fig. 6: decision time per policy against pipeline size (synthetic stages × variants).
-fn decision_times(problem: &Problem) -> Result<(String, String), String> {
+fn decision_times(problem: &Problem, stem: &Path) -> Result<String, String> {
     let sizes = [(2usize, 3usize), (4, 5), (7, 7), (10, 10)];
     let limits =
         Limits { f_max: problem.limits.f_max, b_max: problem.limits.b_max, w_max: 1e9, cores_max: 1e9 };
@@ -280,7 +293,12 @@ fn decision_times(problem: &Problem) -> Result<(String, String), String> {
             lines[pi].1.push(((n * v) as f64, quantile(&times, 0.5)));
         }
     }
-    let svg = line_svg("decision time (ms, p50) against stages x variants", "ms", &lines)
-        .replace(">time (s)<", ">stages x variants (2x3, 4x5, 7x7, 10x10)<");
-    Ok((csv, svg))
+    plot::lines_with_x(
+        stem,
+        "decision time (ms, p50) against stages x variants",
+        "stages x variants (2x3, 4x5, 7x7, 10x10)",
+        "ms",
+        &lines,
+    )?;
+    Ok(csv)
 }

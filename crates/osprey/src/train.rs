@@ -18,7 +18,6 @@ use osprey_learn::opd::{self, Episode, OpdPolicy, PpoConfig};
 use osprey_policy::configure::{ConfigPolicy, GreedyPolicy, IpaPolicy, Problem, RandomPolicy};
 use osprey_policy::predict::{Ewma, LastValue, LoadPredictor};
 use osprey_sim::pipeline::{PipelineScenario, per_second};
-use osprey_sim::report::line_svg;
 use osprey_sim::workload::{TraceFormat, Workload};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -314,17 +313,17 @@ fn train_opd(a: OpdArgs) -> Result<(), String> {
     let series = |f: &dyn Fn(&opd::EpisodeLog) -> f64| {
         logs.iter().map(|l| (l.episode as f64, f(l))).collect::<Vec<_>>()
     };
-    let svg = line_svg(
+    crate::plot::lines_with_x(
+        &dir.join(format!("{stem}.training")),
         &format!("{}: OPD training (per episode)", scn.name),
+        "episode",
         "value",
         &[
             ("loss".into(), series(&|l| l.loss.max(0.0))),
             ("value loss".into(), series(&|l| l.value_loss)),
             ("mean reward".into(), series(&|l| l.mean_reward.max(0.0))),
         ],
-    )
-    .replace(">time (s)<", ">episode<");
-    write(format!("{stem}.training.svg"), svg)?;
+    )?;
     let last: Vec<&opd::EpisodeLog> = logs.iter().rev().filter(|l| !l.expert).take(10).collect();
     let first: Vec<&opd::EpisodeLog> = logs.iter().filter(|l| !l.expert).take(10).collect();
     let mean = |v: &[&opd::EpisodeLog]| v.iter().map(|l| l.mean_reward).sum::<f64>() / v.len().max(1) as f64;

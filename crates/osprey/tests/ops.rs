@@ -432,3 +432,30 @@ fn the_binary_stands_alone() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// `osprey bench` writes `report.html` beside `summary.csv`: the table and every plot, each
+/// as SVG and PNG.
+#[test]
+fn bench_writes_a_report_with_its_plots() {
+    let out = scratch("bench");
+    let run = Command::new(env!("CARGO_BIN_EXE_osprey"))
+        .args(["bench", "scenarios/two-models.toml", "--duration", "5", "--out"])
+        .arg(&out)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for line in summary.lines().skip(1) {
+        let policy = line.split(',').next().unwrap();
+        assert!(html.contains(&format!("<td>{policy}</td>")), "{policy} missing from the report");
+    }
+    for plot in ["late_pct", "accuracy", "cost", "utility", "qos"] {
+        assert!(html.contains(&format!("src=\"{plot}.svg\"")), "{plot}");
+        let svg = std::fs::read_to_string(out.join(format!("{plot}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("<text"), "{plot}.svg");
+        let png = std::fs::read(out.join(format!("{plot}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5000, "{plot}.png");
+    }
+}
