@@ -17,7 +17,6 @@ import urllib.parse
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 
 from checks import check, finish
 
@@ -65,29 +64,34 @@ def main():
             url = urllib.parse.urlunsplit((u.scheme, cred + u.netloc, u.path, u.query, u.fragment))
         driver.get(url)
         check(driver.title == "Osprey", f"page title: {driver.title!r}")
-        updates = lambda: int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
+        updates = lambda: int(driver.execute_script("return document.body.dataset.updates || 0"))
         wait_for("the first update", lambda: updates() >= 1)
-        conn = driver.find_element(By.ID, "conn").text
+        conn = driver.execute_script("return document.getElementById('conn').textContent")
         check(conn == "live", f"connection status: {conn!r}")
 
-        nodes = lambda: {e.get_attribute("data-node") for e in driver.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]")}
+        # The page redraws every second: read in one script call, never through element
+        # handles that a redraw makes stale.
+        def attrs(selector, attr):
+            return driver.execute_script(
+                "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.getAttribute(arguments[1]))",
+                selector, attr)
+        nodes = lambda: set(attrs("#nodes tr[data-node]", "data-node"))
         for n in a.node:
             wait_for(f"node {n} in the nodes table", lambda: n in nodes())
-        tenants = lambda: {e.get_attribute("data-tenant") for e in driver.find_elements(By.CSS_SELECTOR, "#tenants tr[data-tenant]")}
+        tenants = lambda: set(attrs("#tenants tr[data-tenant]", "data-tenant"))
         for t in a.tenant:
             check(t in tenants(), f"tenant {t} in the tenants table: {sorted(tenants())}")
 
         # The figures move: answers are counted, and the variant chart gains areas.
-        fig = lambda: driver.find_element(By.ID, "fig-answered").text
+        fig = lambda: driver.execute_script("return document.getElementById('fig-answered').textContent")
         first = fig()
         moved = wait_for("the answers figure to move", lambda: fig() not in (first, "–", "0") and fig())
         check(bool(moved), f"answers figure stayed at {first!r}")
-        areas = lambda: driver.find_elements(By.CSS_SELECTOR, "#chart-variants path")
+        areas = lambda: attrs("#chart-variants path", "d")
         wait_for("the variant-mix chart to draw", lambda: len(areas()) >= 1)
-        lines = driver.find_elements(By.CSS_SELECTOR, "#chart-attainment path")
-        check(len(lines) >= 1, "the SLO attainment chart draws a line")
-        d0 = [p.get_attribute("d") for p in areas()]
-        wait_for("the variant-mix chart to change", lambda: [p.get_attribute("d") for p in areas()] != d0)
+        check(len(attrs("#chart-attainment path", "d")) >= 1, "the SLO attainment chart draws a line")
+        d0 = areas()
+        wait_for("the variant-mix chart to change", lambda: areas() != d0)
         before = updates()
         wait_for("two more updates", lambda: updates() >= before + 2)
         os.makedirs(os.path.dirname(os.path.abspath(a.screenshot)), exist_ok=True)
