@@ -237,36 +237,8 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
             );
         }
     }
-    let text: Vec<String> = cfg
-        .iter()
-        .zip(&problem.pipeline.stages)
-        .zip(&l.target.stages)
-        .map(|((s, st), (_, model))| {
-            let at: Vec<String> =
-                gw.cluster.replica_nodes(model.name()).iter().map(|(n, q)| format!("{n}:{q}")).collect();
-            format!(
-                "{}={}x{}/b{}@{}",
-                st.name,
-                st.variants[s.variant].name,
-                s.replicas,
-                s.batch,
-                at.join("+")
-            )
-        })
-        .collect();
-    tracing::info!(
-        target = %l.target.name,
-        policy = l.policy.name(),
-        load = format!("{load:.1}"),
-        predicted = format!("{:.1}", obs.predicted_rps),
-        decision_us = decision.as_micros() as u64,
-        ran_qos = format!("{:.4}", ran.q),
-        ran_cost = format!("{:.2}", ran.c),
-        ran_objective = format!("{:.4}", ran.objective),
-        config = %text.join(" "),
-        overhead_us = %overheads.iter().map(|o| format!("{:.0}", o * 1e6)).collect::<Vec<_>>().join(","),
-        "configured"
-    );
+    // Per stage, once: the applied configuration and where its replicas run, for the log line
+    // and the dashboard.
     let stages: Vec<serde_json::Value> = cfg
         .iter()
         .zip(&problem.pipeline.stages)
@@ -284,6 +256,34 @@ pub fn decide_and_apply(gw: &Gateway, l: &mut Loop, load: f64) {
             })
         })
         .collect();
+    let text: Vec<String> = stages
+        .iter()
+        .map(|v| {
+            let nodes: Vec<&str> =
+                v["nodes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
+            format!(
+                "{}={}x{}/b{}@{}",
+                v["stage"].as_str().unwrap_or_default(),
+                v["variant"].as_str().unwrap_or_default(),
+                v["replicas"],
+                v["batch"],
+                nodes.join("+")
+            )
+        })
+        .collect();
+    tracing::info!(
+        target = %l.target.name,
+        policy = l.policy.name(),
+        load = format!("{load:.1}"),
+        predicted = format!("{:.1}", obs.predicted_rps),
+        decision_us = decision.as_micros() as u64,
+        ran_qos = format!("{:.4}", ran.q),
+        ran_cost = format!("{:.2}", ran.c),
+        ran_objective = format!("{:.4}", ran.objective),
+        config = %text.join(" "),
+        overhead_us = %overheads.iter().map(|o| format!("{:.0}", o * 1e6)).collect::<Vec<_>>().join(","),
+        "configured"
+    );
     gw.set_configuration(
         &l.target.name,
         serde_json::json!({
