@@ -250,6 +250,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsSection>,
     /// The per-interval control loop for pipelines; none: stages choose per batch.
     pub control: Option<ControlSection>,
+    /// The ONNX Runtime library (`libonnxruntime.so`) for models tract cannot run; none:
+    /// `$OSPREY_ONNXRUNTIME`, then beside the executable.
+    pub onnxruntime: Option<PathBuf>,
 }
 
 /// The control loop (OPD's per-interval configuration) of every served pipeline.
@@ -328,6 +331,7 @@ impl Default for ServerConfig {
             cluster: ClusterSection::default(),
             tls: None,
             control: None,
+            onnxruntime: None,
         }
     }
 }

@@ -95,6 +95,33 @@ struct ModelFile {
     outputs: Vec<TensorSpec>,
     variants: Vec<VariantSpec>,
     eval: Option<EvalSpec>,
+    #[serde(default)]
+    engine: Option<Engine>,
+}
+
+/// The engine a model's variants run on (`engine = "tract" | "onnxruntime"` in `model.toml`).
+/// Absent: tract, falling back to onnxruntime (with a log line) when tract cannot load a
+/// variant and the onnxruntime library is available. Named: that engine only.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Tract,
+    Onnxruntime,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Tract => "tract",
+            Engine::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn default_max_batch() -> u32 {
@@ -116,6 +143,8 @@ pub struct ModelSpec {
     pub outputs: Vec<TensorSpec>,
     pub variants: Vec<VariantSpec>,
     pub eval: Option<EvalSpec>,
+    /// `None`: tract with fallback to onnxruntime; see [`Engine`].
+    pub engine: Option<Engine>,
 }
 
 impl ModelSpec {
@@ -198,6 +227,7 @@ impl ModelSpec {
             outputs: f.outputs,
             variants: f.variants,
             eval: f.eval,
+            engine: f.engine,
         })
     }
 
@@ -431,6 +461,18 @@ accuracy = 0.5
         for bad in ["", "../x", ".hidden", "a/b", "a..b", "é", &"a".repeat(65), "a b"] {
             assert!(!is_valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_engine_key_names_tract_or_onnxruntime_and_is_absent_by_default() {
+        let d = tmp("engine");
+        let parse = |t: &str| ModelSpec::parse("m", &d, t, &d.join("model.toml"));
+        assert_eq!(parse(GOOD).unwrap().engine, None);
+        let on = |e: &str| format!("engine = \"{e}\"\n{GOOD}");
+        assert_eq!(parse(&on("onnxruntime")).unwrap().engine, Some(Engine::Onnxruntime));
+        assert_eq!(parse(&on("tract")).unwrap().engine, Some(Engine::Tract));
+        let e = parse(&on("tensorrt")).unwrap_err();
+        assert!(e.message.contains("model.toml:1:") && e.message.contains("tensorrt"), "{e}");
     }
 
     #[test]

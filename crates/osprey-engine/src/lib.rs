@@ -2,7 +2,10 @@
 //!
 //! # Layout
 //! - [`session`]: an ONNX variant loaded through tract with a symbolic batch dimension; the
-//!   plan is built and optimised once and shared by every worker thread.
+//!   plan is built and optimised once and shared by every worker thread. The engine seam:
+//!   a session runs on tract or on onnxruntime, the rest of Osprey does not see which.
+//! - [`onnxruntime`]: the second engine, ONNX Runtime loaded at run time for graphs tract
+//!   cannot translate.
 //! - [`batch`]: concatenating requests into one batch and splitting outputs back.
 //! - [`profile`]: measuring latency per batch size (p50/p90/p99) and throughput.
 //! - [`split`]: a transformer cut at layer boundaries, ranges of layers run on different nodes.
@@ -12,6 +15,7 @@
 //! zoo's graphs unchanged, and can cut a graph at a named tensor, which split inference needs.
 
 pub mod batch;
+pub mod onnxruntime;
 pub mod profile;
 pub mod session;
 pub mod split;

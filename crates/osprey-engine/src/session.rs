@@ -1,12 +1,19 @@
-//! One model variant loaded for execution.
+//! One model variant loaded for execution, on one of two engines.
 //!
-//! The ONNX graph declares its batch dimension symbolically (`N`); tract keeps it symbolic
-//! through optimisation, so one plan serves every batch size. The plan is immutable and
-//! shared (`Arc`); each call to [`Session::run`] spawns a fresh execution state, so any number
-//! of worker threads may run the same session at once.
+//! **tract** (the default): the ONNX graph's batch dimension is made symbolic (`N`) and stays
+//! symbolic through optimisation, so one plan serves every batch size. The plan is immutable
+//! and shared (`Arc`); run states are pooled, so any number of worker threads may run the same
+//! session at once. **onnxruntime** ([`crate::onnxruntime`]): for graphs tract cannot
+//! translate, or models whose `model.toml` names it.
+//!
+//! Engine choice ([`Session::load`]): `engine = "tract"` or `"onnxruntime"` in `model.toml`
+//! runs that engine only; without the key a variant tract refuses is retried on onnxruntime,
+//! when its library can be loaded, and a warning names the variant and tract's reason. Either
+//! way the graph is checked against `model.toml` (names, datatypes, per-sample dimensions)
+//! before it serves, and [`Session::run`] checks every batch against the declaration.
 
 use osprey_core::error::{Error, Result};
-use osprey_core::model::{ModelSpec, TensorSpec, VariantSpec};
+use osprey_core::model::{Engine, ModelSpec, TensorSpec, VariantSpec};
 use osprey_core::tensor::{DataType, RawTensor};
 use std::path::Path;
 use std::sync::Arc;
@@ -14,13 +21,22 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 pub struct Session {
+    backend: Backend,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+enum Backend {
+    Tract(TractPlan),
+    Onnxruntime(crate::onnxruntime::Loaded),
+}
+
+struct TractPlan {
     plan: Arc<TypedRunnableModel>,
     /// Run states kept between calls (one per concurrent caller at most): a state costs
     /// allocations to build, and tract resets it (values and resolved symbols) after each run,
     /// so reusing one is the same computation. A state whose run failed is dropped.
     states: std::sync::Mutex<Vec<TypedSimpleState>>,
-    inputs: Vec<TensorSpec>,
-    outputs: Vec<TensorSpec>,
     /// Per output: whether the engine types it symbolically (`TDim`, as tract does for shape
     /// arithmetic such as an ArgMax label) and it is cast to the declared integer type.
     casts: Vec<bool>,
@@ -202,14 +218,68 @@ fn datum(dt: DataType) -> DatumType {
 }
 
 impl Session {
-    /// Loads and optimises `variant` of `model`.
+    /// Loads `variant` of `model` on the engine its `model.toml` names (see the module docs).
     pub fn load(model: &ModelSpec, variant: &VariantSpec) -> Result<Session> {
         let path = model.variant_path(variant)?;
-        Self::load_path(&path, &model.inputs, &model.outputs)
+        match model.engine {
+            Some(engine) => Self::load_on(engine, &path, &model.inputs, &model.outputs),
+            None => match Self::load_path(&path, &model.inputs, &model.outputs) {
+                Ok(s) => Ok(s),
+                Err(tract) => {
+                    if !crate::onnxruntime::available() {
+                        return Err(Error::invalid(format!(
+                            "{} (tract; onnxruntime could be tried: set OSPREY_ONNXRUNTIME to \
+                             libonnxruntime.so)",
+                            tract.message
+                        )));
+                    }
+                    match Self::load_on(Engine::Onnxruntime, &path, &model.inputs, &model.outputs) {
+                        Ok(s) => {
+                            tracing::warn!(
+                                model = %model.name,
+                                variant = %variant.name,
+                                reason = %tract.message,
+                                "tract cannot run this variant; it runs on onnxruntime"
+                            );
+                            Ok(s)
+                        }
+                        Err(ort) => Err(Error::invalid(format!(
+                            "tract: {}; onnxruntime: {}",
+                            tract.message, ort.message
+                        ))),
+                    }
+                }
+            },
+        }
     }
 
-    /// Loads the graph at `path` for tensors declared as `inputs` and `outputs`, after
-    /// checking the declaration against the graph (see [`check_graph`]).
+    /// Loads the graph at `path` on `engine` only.
+    pub fn load_on(
+        engine: Engine,
+        path: &Path,
+        inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
+    ) -> Result<Session> {
+        match engine {
+            Engine::Tract => Self::load_path(path, inputs, outputs),
+            Engine::Onnxruntime => Ok(Session {
+                backend: Backend::Onnxruntime(crate::onnxruntime::Loaded::load(path, inputs, outputs)?),
+                inputs: inputs.to_vec(),
+                outputs: outputs.to_vec(),
+            }),
+        }
+    }
+
+    /// The engine this session runs on.
+    pub fn engine(&self) -> Engine {
+        match self.backend {
+            Backend::Tract(_) => Engine::Tract,
+            Backend::Onnxruntime(_) => Engine::Onnxruntime,
+        }
+    }
+
+    /// Loads the graph at `path` through tract for tensors declared as `inputs` and
+    /// `outputs`, after checking the declaration against the graph.
     pub fn load_path(path: &Path, inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Result<Session> {
         let fail = |e: TractError| Error::invalid(format!("{}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(fail)?;
@@ -224,9 +294,7 @@ impl Session {
         let casts = check_outputs(path, &typed, outputs)?;
         let plan = typed.into_runnable().map_err(fail)?;
         Ok(Session {
-            casts,
-            plan,
-            states: Default::default(),
+            backend: Backend::Tract(TractPlan { casts, plan, states: Default::default() }),
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
         })
@@ -237,12 +305,18 @@ impl Session {
         if inputs.len() != self.inputs.len() {
             return Err(Error::internal("input count does not match the model"));
         }
-        let mut values: TVec<TValue> = TVec::new();
         for (t, spec) in inputs.iter().zip(&self.inputs) {
             if t.datatype != spec.datatype || t.shape[1..] != *spec.sample_shape() || t.datatype.is_variable()
             {
                 return Err(Error::internal(format!("input '{}' does not match the model", spec.name)));
             }
+        }
+        let tract = match &self.backend {
+            Backend::Tract(t) => t,
+            Backend::Onnxruntime(o) => return o.run(inputs, &self.outputs),
+        };
+        let mut values: TVec<TValue> = TVec::new();
+        for (t, spec) in inputs.iter().zip(&self.inputs) {
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             // SAFETY: `from_raw_dt` copies `t.data` after checking its length against shape x
             // element size; any bit pattern is a valid value of these plain numeric types.
@@ -251,10 +325,10 @@ impl Session {
             values.push(tensor.into_tvalue());
         }
         let fail = |e: TractError| Error::internal(format!("inference failed: {e:#}"));
-        let out = run_pooled(&self.plan, &self.states, values).map_err(fail)?;
+        let out = run_pooled(&tract.plan, &tract.states, values).map_err(fail)?;
         out.iter()
             .zip(&self.outputs)
-            .zip(&self.casts)
+            .zip(&tract.casts)
             .map(|((v, spec), &cast)| {
                 let casted;
                 let v = if cast {
@@ -403,7 +477,8 @@ mod tests {
             &[spec("label", DataType::Int64, &[-1]), spec("probabilities", DataType::Fp32, &[-1, 10])],
         )
         .unwrap();
-        assert_eq!(s.casts, vec![true, false], "the label is typed TDim by the engine");
+        let Backend::Tract(t) = &s.backend else { panic!("loaded on tract") };
+        assert_eq!(t.casts, vec![true, false], "the label is typed TDim by the engine");
         let x = std::fs::read(dir.join("sklearn_mlp_inputs.bin")).unwrap();
         let want: Vec<i64> = std::fs::read_to_string(dir.join("sklearn_mlp_labels.txt"))
             .unwrap()

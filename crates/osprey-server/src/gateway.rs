@@ -178,6 +178,15 @@ impl ModelEntry {
         &self.spec.name
     }
 
+    /// The backend the model config reports: `osprey-tract`, `osprey-onnxruntime`, or both
+    /// joined by `+` when its variants run on different engines.
+    pub fn backend(&self) -> String {
+        let mut engines: Vec<&str> = self.variants.iter().map(|v| v.session.engine().as_str()).collect();
+        engines.sort_unstable();
+        engines.dedup();
+        format!("osprey-{}", engines.join("+"))
+    }
+
     pub fn variant_index(&self, name: &str) -> Option<usize> {
         self.variants.iter().position(|v| v.spec.name == name)
     }

@@ -239,7 +239,7 @@ impl GrpcInferenceService for InferenceService {
         let config = pb::ModelConfig {
             name: m.name().into(),
             platform: "onnxruntime_onnx".into(),
-            backend: "osprey-tract".into(),
+            backend: m.backend(),
             max_batch_size: m.spec.max_batch_size as i32,
             input: m
                 .spec

@@ -360,7 +360,7 @@ pub fn config_json(m: &ModelEntry) -> Value {
     json!({
         "name": m.name(),
         "platform": "onnxruntime_onnx",
-        "backend": "osprey-tract",
+        "backend": m.backend(),
         "max_batch_size": m.spec.max_batch_size,
         "input": m.spec.inputs.iter().map(tensor).collect::<Vec<_>>(),
         "output": m.spec.outputs.iter().map(tensor).collect::<Vec<_>>(),

@@ -29,6 +29,10 @@ pub struct AgentArgs {
     /// Worker threads (the node's thread budget).
     #[arg(long, default_value_t = 1)]
     threads: u32,
+    /// ONNX Runtime library (libonnxruntime.so) for models tract cannot run (default:
+    /// $OSPREY_ONNXRUNTIME, else beside the executable).
+    #[arg(long)]
+    onnxruntime: Option<PathBuf>,
     /// Model repository on this node (default: $OSPREY_MODEL_REPOSITORY, else ./models, else models/ beside the executable).
     #[arg(long)]
     model_repository: Option<PathBuf>,
@@ -66,6 +70,7 @@ pub fn run_agent(args: AgentArgs) -> Result<(), String> {
     if args.threads == 0 || bad(args.slowdown, 1.0) || bad(args.speed_hint, 1e-6) {
         return Err("--threads must be positive, --slowdown at least 1 and --speed-hint positive".into());
     }
+    crate::use_onnxruntime(args.onnxruntime.clone());
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(p)) => osprey_server::join::read_token_file(p).map_err(|e| e.to_string())?,

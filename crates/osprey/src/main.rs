@@ -102,6 +102,15 @@ pub fn repository(given: Option<PathBuf>) -> Result<PathBuf, String> {
     })
 }
 
+/// Names the ONNX Runtime library for models tract cannot run (`--onnxruntime`, or the
+/// config's `onnxruntime`); without one the engine looks at `$OSPREY_ONNXRUNTIME`, then beside
+/// the executable, when such a model first loads.
+pub fn use_onnxruntime(path: Option<PathBuf>) {
+    if let Some(p) = path {
+        osprey_engine::onnxruntime::set_library(p);
+    }
+}
+
 fn hash_key(key: Option<String>) -> Result<(), String> {
     let key = match key {
         Some(k) => k,

@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// throughput).
     #[arg(long)]
     split_objective: Option<String>,
+    /// ONNX Runtime library (libonnxruntime.so) for models tract cannot run or whose
+    /// model.toml says engine = "onnxruntime" (default: the config's, else $OSPREY_ONNXRUNTIME).
+    #[arg(long)]
+    onnxruntime: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
@@ -54,6 +58,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(r) = args.model_repository {
         config.model_repository = Some(r);
     }
+    crate::use_onnxruntime(args.onnxruntime.clone().or(config.onnxruntime.clone()));
     let repo = crate::repository(config.model_repository.clone())?;
     let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
     for p in &problems {
