@@ -63,6 +63,15 @@
 //! `max_retries` times, or whose deadline no variant can still meet, is answered
 //! `UNAVAILABLE` at once. A late answer from a batch that failed over is ignored
 //! ([`Dispatcher::handle_batch_done`] returns `None`): never a duplicate answer.
+//!
+//! # Models added and retired at run time (model control)
+//! [`Dispatcher::add_model`] appends a model under the next id (ids are never reused, so a
+//! batch or a queued request always names the revision it was admitted to): in-process nodes
+//! host it at once, placement asks the others to load it. [`Dispatcher::retire_model`] stops a
+//! model's admissions (its name then resolves to nothing, or to the revision added to replace
+//! it, which the driver adds first: load before unload); what it has queued and running still
+//! completes on its variants, and once nothing is left its variants are unloaded everywhere and
+//! [`Action::Retired`] tells the driver it may free the revision.
 
 use crate::Micros;
 use crate::instance::{self, InstanceView, Selector};
@@ -208,6 +217,11 @@ pub enum Action {
         node: NodeId,
         reason: String,
     },
+    /// A retired model has finished its last request and is unloaded everywhere: the driver
+    /// may drop what it holds for it.
+    Retired {
+        model: ModelId,
+    },
 }
 
 /// How a batch ended on its node.
@@ -350,6 +364,10 @@ struct Model {
     last_batch: Option<Micros>,
     /// Batches of this model in flight.
     running: u32,
+    /// Retired ([`Dispatcher::retire_model`]): takes no request, finishes what it has.
+    retired: bool,
+    /// Retired, finished and unloaded everywhere.
+    gone: bool,
 }
 
 /// Errors of the admin operations (load, unload).
@@ -377,21 +395,26 @@ pub struct Dispatcher {
 /// (`Dispatcher::assign_replicas`), µs.
 pub const ACTIVE_US: Micros = 10_000_000;
 
+impl Model {
+    fn new(m: ModelSetup) -> Model {
+        Model {
+            name: m.name,
+            sched: m.scheduler,
+            measured_mb: vec![None; m.variants.len()],
+            variants: m.variants,
+            replicas: None,
+            quota: BTreeMap::new(),
+            last_batch: None,
+            running: 0,
+            retired: false,
+            gone: false,
+        }
+    }
+}
+
 impl Dispatcher {
     pub fn new(cfg: DispatchConfig, models: Vec<ModelSetup>) -> Dispatcher {
-        let models = models
-            .into_iter()
-            .map(|m| Model {
-                name: m.name,
-                sched: m.scheduler,
-                measured_mb: vec![None; m.variants.len()],
-                variants: m.variants,
-                replicas: None,
-                quota: BTreeMap::new(),
-                last_batch: None,
-                running: 0,
-            })
-            .collect();
+        let models = models.into_iter().map(Model::new).collect();
         let mut d = Dispatcher {
             cfg,
             models,
@@ -413,9 +436,80 @@ impl Dispatcher {
         &self.cfg
     }
 
-    /// The model index of `name`.
+    /// The model index of `name`: its newest revision that is not retired.
     pub fn model_id(&self, name: &str) -> Option<ModelId> {
-        self.models.iter().position(|m| m.name == name)
+        self.models.iter().rposition(|m| m.name == name && !m.retired)
+    }
+
+    /// Adds a model at run time under the next id (see the module docs): in-process nodes
+    /// that may hold it host it at once, placement asks the others to load it.
+    pub fn add_model(&mut self, now: Micros, setup: ModelSetup) -> ModelId {
+        let id = self.models.len();
+        let name = setup.name.clone();
+        let variants = setup.variants.len();
+        self.models.push(Model::new(setup));
+        for n in self.nodes.values_mut() {
+            let allowed = n.info.models.as_ref().is_none_or(|names| names.contains(&name));
+            if n.info.preloaded && allowed {
+                n.hosted.extend((0..variants).map(|v| (id, v)));
+            }
+        }
+        self.place();
+        self.refresh_capacity();
+        self.pump(now);
+        id
+    }
+
+    /// Retires `model`: no new request is admitted to it; what it has queued and running
+    /// completes; then its variants are unloaded from every node and [`Action::Retired`]
+    /// follows. Retiring an unknown or retired model does nothing.
+    pub fn retire_model(&mut self, now: Micros, model: ModelId) {
+        let Some(m) = self.models.get_mut(model) else { return };
+        if m.retired {
+            return;
+        }
+        m.retired = true;
+        m.replicas = None;
+        m.quota.clear();
+        for n in self.nodes.values_mut() {
+            // Loads still under way are answered later and then dropped (`handle_loaded`).
+            n.loading.retain(|&(mm, _)| mm != model);
+        }
+        self.refresh_capacity();
+        self.pump(now);
+    }
+
+    /// Whether `model` was retired.
+    pub fn is_retired(&self, model: ModelId) -> bool {
+        self.models.get(model).is_none_or(|m| m.retired)
+    }
+
+    /// Unloads every retired model that has nothing left to run.
+    fn finish_retired(&mut self) {
+        for k in 0..self.models.len() {
+            let m = &self.models[k];
+            if !m.retired || m.gone || !m.sched.is_empty() || m.running > 0 {
+                continue;
+            }
+            if self.inflight.values().any(|b| b.model == k) {
+                continue;
+            }
+            self.models[k].gone = true;
+            for (&id, n) in self.nodes.iter_mut() {
+                let held: Vec<(ModelId, usize)> =
+                    n.hosted.iter().chain(&n.unloading).copied().filter(|&(m, _)| m == k).collect();
+                for s in held {
+                    n.hosted.remove(&s);
+                    n.unloading.remove(&s);
+                    n.last_used.remove(&s);
+                    n.measured.remove(&s);
+                    if !n.info.preloaded {
+                        self.actions.push_back(Action::Unload { node: id, model: s.0, variant: s.1 });
+                    }
+                }
+            }
+            self.actions.push_back(Action::Retired { model: k });
+        }
     }
 
     pub fn scheduler(&self, model: ModelId) -> &Scheduler {
@@ -549,6 +643,7 @@ impl Dispatcher {
                 .models
                 .iter()
                 .enumerate()
+                .filter(|(_, model)| !model.retired)
                 .flat_map(|(m, model)| {
                     model.variants.iter().enumerate().map(move |(v, (_, mb))| Need {
                         model: m,
@@ -588,8 +683,17 @@ impl Dispatcher {
         error: &str,
         memory_mb: Option<u64>,
     ) {
+        let retired = self.is_retired(model);
         let Some(n) = self.nodes.get_mut(&node) else { return };
         n.last_seen = n.last_seen.max(now);
+        if retired {
+            // Loaded after its model was retired: unloaded again at once.
+            n.loading.remove(&(model, variant));
+            if error.is_empty() && !n.info.preloaded {
+                self.actions.push_back(Action::Unload { node, model, variant });
+            }
+            return;
+        }
         if n.loading.remove(&(model, variant)) && error.is_empty() {
             n.hosted.insert((model, variant));
             n.last_used.insert((model, variant), now);
@@ -788,12 +892,12 @@ impl Dispatcher {
 
     /// A validated request arrives for `model`: it is queued, or answered at once with why not.
     pub fn handle_arrival(&mut self, now: Micros, model: ModelId, r: Request) {
-        let Some(m) = self.models.get_mut(model) else {
+        let Some(m) = self.models.get_mut(model).filter(|m| !m.retired) else {
             self.actions.push_back(Action::Reply {
                 model,
                 request: r.id,
                 why: Why::Rejected,
-                error: Error::not_found("unknown model"),
+                error: Error::not_found("unknown model (it was unloaded)"),
             });
             return;
         };
@@ -1045,6 +1149,7 @@ impl Dispatcher {
                 break;
             }
         }
+        self.finish_retired();
     }
 
     /// Some live node hosting a variant of `model` has a free worker and a free replica of

@@ -173,6 +173,7 @@ impl Pair {
                 Action::Unload { node, model, variant } => {
                     self.changes.push(("unload", node, model, variant))
                 }
+                Action::Retired { model } => self.changes.push(("retired", 0, model, 0)),
                 Action::Disconnect { .. } => {}
             }
         }
@@ -349,6 +350,50 @@ fn unload_waits_for_the_variants_batches_and_needs_another_host() {
     p.d.unload(p.now, &on, "m", "small").unwrap();
     // Its batch is in flight: no Unload yet.
     assert!(!std::iter::from_fn(|| p.d.poll_action()).any(|a| matches!(a, Action::Unload { .. })));
+    p.run_until(100_000);
+    p.assert_each_answered_once();
+}
+
+#[test]
+fn a_reload_adds_a_revision_first_and_the_old_one_finishes_its_queue_before_it_is_released() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    let a = p.join(remote("a", 1, 1.0, 100));
+    for id in 1..=5 {
+        p.arrive(0, request(id, 0, 10_000_000, None));
+    }
+    // The new revision takes id 1 and is placed (loaded) while the old one still serves.
+    let new = p.d.add_model(p.now, model("m", Rule::Fixed(0), 1000.0));
+    p.drive();
+    assert_eq!((new, p.d.model_id("m")), (1, Some(1)), "the name resolves to the newest revision");
+    assert!(p.changes.contains(&("load", a, 1, 0)), "{:?}", p.changes);
+    p.d.retire_model(p.now, 0);
+    p.drive();
+    assert_eq!(p.d.model_id("m"), Some(1));
+    // An arrival at the retired revision is refused (the driver sends new ones to id 1).
+    p.d.handle_arrival(p.now, 0, request(99, p.now, 1_000_000, None));
+    assert!(matches!(p.d.poll_action(), Some(Action::Reply { request: 99, .. })));
+    assert!(!p.changes.iter().any(|c| c.0 == "retired"), "queued requests remain: not released yet");
+    p.arrive(1, request(6, p.now, 10_000_000, None));
+    p.run_until(1_000_000);
+    p.assert_each_answered_once();
+    let unload = p.changes.iter().position(|c| *c == ("unload", a, 0, 0)).expect("old revision unloaded");
+    let retired = p.changes.iter().position(|c| *c == ("retired", 0, 0, 0)).expect("released");
+    assert!(unload < retired, "{:?}", p.changes);
+    assert!(!p.changes.iter().any(|c| c.0 == "unload" && c.2 == 1), "the new revision stays loaded");
+    // Retiring twice changes nothing.
+    let before = p.changes.len();
+    p.d.retire_model(p.now, 0);
+    p.drive();
+    assert_eq!(p.changes.len(), before);
+}
+
+#[test]
+fn an_added_model_is_hosted_at_once_by_preloaded_nodes() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    p.join(NodeInfo::local("local", 1));
+    let id = p.d.add_model(p.now, model("n", Rule::Fixed(0), 1000.0));
+    assert!(p.d.model_ready(id));
+    p.arrive(id, request(1, p.now, 1_000_000, None));
     p.run_until(100_000);
     p.assert_each_answered_once();
 }

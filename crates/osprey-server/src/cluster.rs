@@ -112,7 +112,9 @@ pub struct NodeStatus {
 /// The live cluster: one dispatcher, its agents and its timer.
 pub struct Cluster {
     core: Mutex<Core>,
-    models: Vec<Arc<ModelEntry>>,
+    /// Every revision of every model, by the dispatcher's model id (append-only: model control
+    /// adds revisions; a retired one is dropped, `None`, once the dispatcher says it is done).
+    models: std::sync::RwLock<Vec<Option<Arc<ModelEntry>>>>,
     epoch: Instant,
     /// Wakes the timer task when the next timeout moved earlier.
     wake: Notify,
@@ -136,7 +138,7 @@ impl Cluster {
                 dispatched: HashMap::new(),
                 next_request: 1,
             }),
-            models,
+            models: std::sync::RwLock::new(models.into_iter().map(Some).collect()),
             epoch: Instant::now(),
             wake: Notify::new(),
             armed: AtomicU64::new(u64::MAX),
@@ -164,8 +166,32 @@ impl Cluster {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn models(&self) -> &[Arc<ModelEntry>] {
-        &self.models
+    /// The revision of model `id`, while it is not dropped.
+    pub fn entry(&self, id: ModelId) -> Option<Arc<ModelEntry>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned().flatten()
+    }
+
+    /// Adds a model revision at run time: the dispatcher takes it under the next id, which
+    /// `entry` (built by `make` with that id) is registered under before any batch of it runs.
+    pub fn add_model(
+        self: &Arc<Self>,
+        make: impl FnOnce(ModelId) -> Arc<ModelEntry>,
+        setup: osprey_policy::dispatch::ModelSetup,
+    ) -> Arc<ModelEntry> {
+        self.with(|core, now| {
+            let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+            let entry = make(models.len());
+            models.push(Some(entry.clone()));
+            drop(models);
+            let id = core.d.add_model(now, setup);
+            debug_assert_eq!(id, entry.index);
+            entry
+        })
+    }
+
+    /// Retires model revision `id`: no new request reaches it, queued and running ones finish.
+    pub fn retire_model(self: &Arc<Self>, id: ModelId) {
+        self.with(|core, now| core.d.retire_model(now, id));
     }
 
     /// Runs `f` on the dispatcher, then carries out what it decided.
@@ -202,7 +228,10 @@ impl Cluster {
                     let work = Work {
                         batch: run.batch,
                         unit: WorkUnit::Variant {
-                            model: self.models[run.model].clone(),
+                            model: match self.entry(run.model) {
+                                Some(m) => m,
+                                None => continue,
+                            },
                             variant: run.variant,
                         },
                         members,
@@ -213,7 +242,8 @@ impl Cluster {
                 Action::Reply { request, error, why, .. } => {
                     if let Some(w) = core.waiting.remove(&request) {
                         if why == Why::Expired
-                            && let Some(v) = self.models[w.model].variants.first()
+                            && let Some(m) = self.entry(w.model)
+                            && let Some(v) = m.variants.first()
                         {
                             v.stats.lock().unwrap_or_else(|e| e.into_inner()).fail.add(w.enqueued.elapsed());
                         }
@@ -221,9 +251,10 @@ impl Cluster {
                     }
                 }
                 Action::Load { node, model, variant } | Action::Unload { node, model, variant } => {
-                    if let Some(s) = core.agents.get(&node) {
+                    if let Some(s) = core.agents.get(&node)
+                        && let Some(m) = self.entry(model)
+                    {
                         let load = matches!(a, Action::Load { .. });
-                        let m = &self.models[model];
                         let v = m.variants[variant].spec.name.clone();
                         todo.push(Todo::Place {
                             agent: s.agent.clone(),
@@ -231,6 +262,12 @@ impl Cluster {
                             model: m.name().into(),
                             variant: v,
                         });
+                    }
+                }
+                Action::Retired { model } => {
+                    let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+                    if let Some(m) = models.get_mut(model).and_then(Option::take) {
+                        tracing::info!(model = %m.name(), revision = model, "retired revision released");
                     }
                 }
                 Action::Disconnect { node, reason } => {
@@ -324,8 +361,8 @@ impl Cluster {
 
     /// A node's answer to a load; `memory_kib` is what it measured the load took (0: unknown).
     fn loaded(self: &Arc<Self>, node: NodeId, model: &str, variant: &str, error: &str, memory_kib: u64) {
-        let Some(m) = self.models.iter().position(|e| e.name() == model) else { return };
-        let Some(v) = self.models[m].variant_index(variant) else { return };
+        let Some(m) = self.lock().d.model_id(model) else { return };
+        let Some(v) = self.entry(m).and_then(|e| e.variant_index(variant)) else { return };
         if !error.is_empty() {
             tracing::warn!(node, model, variant, "load failed: {error}");
         }
@@ -386,7 +423,9 @@ impl Cluster {
     pub fn status(&self) -> Vec<NodeStatus> {
         let core = self.lock();
         let mut replicas: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
-        for m in &self.models {
+        let live: Vec<Arc<ModelEntry>> =
+            self.models.read().unwrap_or_else(|e| e.into_inner()).iter().flatten().cloned().collect();
+        for m in &live {
             if let Some(k) = core.d.model_id(m.name()) {
                 for (node, q) in core.d.replica_nodes(k) {
                     replicas.entry(node).or_default().insert(m.name().to_string(), q);
@@ -458,7 +497,7 @@ impl Cluster {
 
     /// Answers a finished batch's members (outside the lock) and records statistics.
     fn answer(&self, a: Answered) -> Vec<Todo> {
-        let model = &self.models[a.model];
+        let model = &a.model;
         let ve = &model.variants[a.variant];
         let series = &model.metrics.variants[a.variant];
         let rows: u32 = a.pairs.iter().map(|(w, _)| w.req.rows).sum();
@@ -533,7 +572,8 @@ impl Cluster {
 
 /// A finished batch on its way to its members.
 struct Answered {
-    model: ModelId,
+    /// Taken before the dispatcher may release a retired revision.
+    model: Arc<ModelEntry>,
     variant: usize,
     pairs: Vec<(Waiting, Vec<RawTensor>)>,
     /// Compute input, infer, output.
@@ -558,6 +598,7 @@ impl CompletionSink for Cluster {
             let dispatched = core.dispatched.remove(&batch);
             if let Some(done) = core.d.handle_batch_done(now, batch, outcome)
                 && let Ok(ex) = result
+                && let Some(entry) = cluster.entry(done.model)
             {
                 let name =
                     core.agents.get(&node).map_or_else(|| format!("node-{node}").into(), |s| s.name.clone());
@@ -569,14 +610,8 @@ impl CompletionSink for Cluster {
                     .filter_map(|(r, out)| core.waiting.remove(&r.id).map(|w| (w, out)))
                     .collect();
                 let times = [compute_input, compute_infer, compute_output];
-                answer = Some((
-                    done.model,
-                    done.variant,
-                    pairs,
-                    times,
-                    name,
-                    dispatched.unwrap_or_else(Instant::now),
-                ));
+                answer =
+                    Some((entry, done.variant, pairs, times, name, dispatched.unwrap_or_else(Instant::now)));
             }
             cluster.drain(&mut core, &mut todo);
             if let Some(t) = core.d.poll_timeout()

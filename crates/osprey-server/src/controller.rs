@@ -138,7 +138,7 @@ pub fn targets(gw: &Gateway, c: &ControlSection) -> Result<Vec<Target>, String> 
             continue;
         }
         let slo = gw.tenants.tightest_slo_ms(m.name()).unwrap_or(100);
-        out.push(Target::model(m, slo as f64));
+        out.push(Target::model(&m, slo as f64));
     }
     Ok(out)
 }

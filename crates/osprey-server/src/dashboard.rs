@@ -32,6 +32,7 @@ pub fn data(gw: &Gateway) -> Value {
     }
     let models: Vec<Value> = gw
         .models()
+        .iter()
         .map(|m| {
             json!({
                 "name": m.name(),

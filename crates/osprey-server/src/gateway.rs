@@ -241,6 +241,10 @@ pub struct GatewayConfig {
     /// Split models of the repository (`split.toml`); one without its weights is a problem
     /// that says how to add them.
     pub splits: Vec<osprey_core::split::SplitSpec>,
+    /// The repository the models came from, for model control (`None`: no model can be
+    /// loaded at run time).
+    pub repository: Option<std::path::PathBuf>,
+    pub model_control: crate::repository::Mode,
 }
 
 impl GatewayConfig {
@@ -259,18 +263,25 @@ impl GatewayConfig {
             join_token: None,
             pipelines: Vec::new(),
             splits: Vec::new(),
+            repository: None,
+            model_control: crate::repository::Mode::None,
         }
     }
 }
 
 pub struct Gateway {
-    models: BTreeMap<String, Arc<ModelEntry>>,
+    /// The served models by name (model control replaces and removes entries at run time).
+    pub(crate) models: std::sync::RwLock<BTreeMap<String, Arc<ModelEntry>>>,
     pipelines: BTreeMap<String, Arc<PipelineEntry>>,
     splits: BTreeMap<String, Arc<crate::split::SplitDriver>>,
     pub tenants: Tenants,
     pub policy: PolicyName,
     epoch: Instant,
-    problems: Vec<RepositoryProblem>,
+    pub(crate) problems: std::sync::RwLock<Vec<RepositoryProblem>>,
+    /// What building a model at run time needs (model control).
+    pub(crate) builder: Builder,
+    /// Model control: the repository, the mode, one operation at a time.
+    pub(crate) control: crate::repository::Control,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
@@ -385,6 +396,68 @@ fn estimator(policy: PolicyName, spec: &ModelSpec) -> Box<dyn AccuracyEstimator>
     e
 }
 
+/// Builds a served model from its spec: at start for every model, and at run time for model
+/// control (the same code, so a model loaded later is served exactly as one loaded at start).
+pub(crate) struct Builder {
+    scheduler: SchedulerSection,
+    cap: Capacity,
+    weights: Vec<f64>,
+    tenant_names: Vec<String>,
+    measure: Box<Measure>,
+}
+
+/// Supplies a variant's latency profile when its folder has no `profile.toml`.
+type Measure = dyn Fn(&ModelSpec, &VariantSpec, &Session) -> VariantProfile + Send + Sync;
+
+impl Builder {
+    /// Loads every variant of `spec` with its latency profile (`profile.toml`, else
+    /// measured): the slow part, done before anything served changes.
+    pub(crate) fn load(&self, spec: &ModelSpec) -> Result<Vec<VariantEntry>> {
+        let path = spec.dir.join("profile.toml");
+        let profile = if path.exists() { ModelProfile::load(&path)? } else { ModelProfile::default() };
+        spec.variants
+            .iter()
+            .map(|v| {
+                let session = Session::load(spec, v)?;
+                let vp = match profile.variant(&v.name) {
+                    Some(p) if !p.batches.is_empty() => p.clone(),
+                    _ => (self.measure)(spec, v, &session),
+                };
+                Ok(VariantEntry {
+                    spec: v.clone(),
+                    session: Arc::new(session),
+                    profile: vp,
+                    stats: Mutex::default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The dispatcher's view of the model.
+    pub(crate) fn setup(&self, spec: &ModelSpec, variants: &[VariantEntry]) -> ModelSetup {
+        let profiles = variants.iter().map(|v| v.profile.clone()).collect();
+        ModelSetup {
+            name: spec.name.clone(),
+            scheduler: scheduler_for(&self.scheduler, spec, profiles, self.cap, &self.weights),
+            variants: variants.iter().map(|v| (v.spec.name.clone(), u64::from(v.spec.memory_mb))).collect(),
+        }
+    }
+
+    /// The served model under dispatcher id `index`.
+    pub(crate) fn entry(
+        &self,
+        spec: ModelSpec,
+        variants: Vec<VariantEntry>,
+        index: usize,
+        metrics: &Metrics,
+    ) -> ModelEntry {
+        let estimator = estimator(self.scheduler.policy, &spec);
+        let names: Vec<String> = variants.iter().map(|v| v.spec.name.clone()).collect();
+        let metrics = metrics.for_model(&spec.name, &names, &self.tenant_names);
+        ModelEntry { spec, variants, estimator, index, metrics, arrivals: Default::default() }
+    }
+}
+
 impl Gateway {
     /// Loads every model's variants (a variant that fails to load makes its model a problem,
     /// reported like a broken folder), then starts the dispatcher, its timer and the local
@@ -392,84 +465,40 @@ impl Gateway {
     /// folder has no `profile.toml`.
     pub fn start(
         config: GatewayConfig,
-        mut measure: impl FnMut(&ModelSpec, &VariantSpec, &Session) -> VariantProfile,
+        measure: impl Fn(&ModelSpec, &VariantSpec, &Session) -> VariantProfile + Send + Sync + 'static,
     ) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::new());
-        let mut loaded = BTreeMap::new();
         let mut problems = config.problems;
-        for spec in config.models {
-            let profile = spec.dir.join("profile.toml");
-            let profile = if profile.exists() {
-                match ModelProfile::load(&profile) {
-                    Ok(p) => p,
-                    Err(error) => {
-                        problems.push(RepositoryProblem { model: spec.name.clone(), error });
-                        continue;
-                    }
-                }
-            } else {
-                ModelProfile::default()
-            };
-            let mut variants = Vec::new();
-            let mut failed = None;
-            for v in &spec.variants {
-                match Session::load(&spec, v) {
-                    Ok(session) => {
-                        let vp = match profile.variant(&v.name) {
-                            Some(p) if !p.batches.is_empty() => p.clone(),
-                            _ => measure(&spec, v, &session),
-                        };
-                        variants.push(VariantEntry {
-                            spec: v.clone(),
-                            session: Arc::new(session),
-                            profile: vp,
-                            stats: Mutex::default(),
-                        });
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            if let Some(error) = failed {
-                tracing::error!(model = %spec.name, "not served: {}", error.message);
-                problems.push(RepositoryProblem { model: spec.name.clone(), error });
-                continue;
-            }
-            loaded.insert(spec.name.clone(), (spec, variants));
-        }
         let workers: u32 = config.local_agents.iter().map(|a| a.threads.max(1)).sum();
         let cap = Capacity { max_batch: config.max_batch, max_queue: config.limits.max_queue, workers };
         let tenants = Tenants::new(&config.tenants, config.limits.default_timeout_ms, 0);
         let tenant_names: Vec<String> = tenants.names().map(String::from).collect();
         let weights: Vec<f64> = (0..tenant_names.len()).map(|t| tenants.get(t).config.weight).collect();
+        let builder = Builder {
+            scheduler: config.scheduler.clone(),
+            cap,
+            weights,
+            tenant_names,
+            measure: Box::new(measure),
+        };
         let mut models = BTreeMap::new();
         let mut setups = Vec::new();
-        for (index, (name, (spec, variants))) in loaded.into_iter().enumerate() {
-            let profiles = variants.iter().map(|v: &VariantEntry| v.profile.clone()).collect();
-            setups.push(ModelSetup {
-                name: name.clone(),
-                scheduler: scheduler_for(&config.scheduler, &spec, profiles, cap, &weights),
-                variants: variants
-                    .iter()
-                    .map(|v| (v.spec.name.clone(), u64::from(v.spec.memory_mb)))
-                    .collect(),
-            });
-            let estimator = estimator(config.scheduler.policy, &spec);
-            let names: Vec<String> = variants.iter().map(|v| v.spec.name.clone()).collect();
-            let metrics = metrics.for_model(&name, &names, &tenant_names);
-            models.insert(
-                name,
-                Arc::new(ModelEntry {
-                    spec,
-                    variants,
-                    estimator,
-                    index,
-                    metrics,
-                    arrivals: Default::default(),
-                }),
-            );
+        // In dispatcher id order.
+        let mut entries: Vec<Arc<ModelEntry>> = Vec::new();
+        for spec in config.models {
+            let name = spec.name.clone();
+            let variants = match builder.load(&spec) {
+                Ok(v) => v,
+                Err(error) => {
+                    tracing::error!(model = %name, "not served: {}", error.message);
+                    problems.push(RepositoryProblem { model: name, error });
+                    continue;
+                }
+            };
+            setups.push(builder.setup(&spec, &variants));
+            let entry = Arc::new(builder.entry(spec, variants, setups.len() - 1, &metrics));
+            entries.push(entry.clone());
+            models.insert(name, entry);
         }
         let dispatch = DispatchConfig {
             selector: config.selector,
@@ -477,7 +506,6 @@ impl Gateway {
             batch_timeout_us: cluster::BATCH_TIMEOUT.as_micros() as u64,
             ..DispatchConfig::default()
         };
-        let entries: Vec<Arc<ModelEntry>> = models.values().cloned().collect();
         let mut pipelines = BTreeMap::new();
         for spec in config.pipelines {
             let name = spec.name.clone();
@@ -540,13 +568,15 @@ impl Gateway {
         Arc::new(Gateway {
             timeline,
             configurations: Mutex::default(),
-            models,
+            models: std::sync::RwLock::new(models),
             pipelines,
             splits,
             tenants,
             policy: config.scheduler.policy,
             epoch: Instant::now(),
-            problems,
+            problems: std::sync::RwLock::new(problems),
+            builder,
+            control: crate::repository::Control::new(config.repository, config.model_control),
             limits: config.limits.clone(),
             metrics,
             draining: AtomicBool::new(false),
@@ -560,12 +590,14 @@ impl Gateway {
         })
     }
 
-    pub fn models(&self) -> impl Iterator<Item = &Arc<ModelEntry>> {
-        self.models.values()
+    /// The served models now, by name.
+    pub fn models(&self) -> Vec<Arc<ModelEntry>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
-    pub fn problems(&self) -> &[RepositoryProblem] {
-        &self.problems
+    /// The repository's problems now (broken folders, models that failed to load).
+    pub fn problems(&self) -> Vec<RepositoryProblem> {
+        self.problems.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn agent_name(&self) -> &str {
@@ -574,9 +606,10 @@ impl Gateway {
 
     /// Ready: not draining, and every served model has a live node hosting some variant.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
-            && !self.models.is_empty()
-            && self.models.keys().all(|m| self.cluster.model_ready(m))
+        !self.draining.load(Ordering::Relaxed) && {
+            let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+            !models.is_empty() && models.keys().all(|m| self.cluster.model_ready(m))
+        }
     }
 
     /// Ready to answer `model`: not draining and some live node hosts one of its variants (for
@@ -638,10 +671,10 @@ impl Gateway {
         self.inflight.load(Ordering::Acquire)
     }
 
-    pub fn model(&self, name: &str) -> Result<&Arc<ModelEntry>> {
-        self.models.get(name).ok_or_else(|| {
-            let known: Vec<&str> =
-                self.models.keys().chain(self.pipelines.keys()).map(String::as_str).collect();
+    pub fn model(&self, name: &str) -> Result<Arc<ModelEntry>> {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        models.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = models.keys().chain(self.pipelines.keys()).map(String::as_str).collect();
             Error::not_found(format!("unknown model '{name}'; served models: {}", known.join(", ")))
         })
     }
@@ -668,7 +701,7 @@ impl Gateway {
                 (p.stages[0].clone(), None)
             }
             None => {
-                let entry = self.model(model)?.clone();
+                let entry = self.model(model)?;
                 let pinned = entry.resolve_version(version)?;
                 (entry, pinned)
             }
@@ -913,28 +946,63 @@ impl Gateway {
         let estimate = estimate(&entry, &req);
         entry.metrics.estimator.observe(t0.elapsed().as_secs_f64());
         let (tx, rx) = oneshot::channel();
-        let policy_req = Request {
-            id: 0,
-            tenant,
-            rows: req.rows,
-            arrival: self.cluster.to_us_pub(now),
-            deadline: self.cluster.to_us_pub(deadline),
-            weight,
-            floor,
-            pinned: req.pinned,
-            estimate: estimate.clone(),
+        // Held through the submission: model control swaps a revision under the write side
+        // and retires the old one after, so a request reaches either the revision it was
+        // validated against before its retirement, or the one serving now.
+        let submitted: Result<(u64, usize)> = {
+            let served = self.models.read().unwrap_or_else(|e| e.into_inner());
+            let mut req = req;
+            let moved = match served.get(entry.name()) {
+                Some(current) if !Arc::ptr_eq(current, &entry) => {
+                    let same = current.spec.inputs == entry.spec.inputs
+                        && current.spec.outputs == entry.spec.outputs
+                        && current
+                            .variants
+                            .iter()
+                            .map(|v| &v.spec.name)
+                            .eq(entry.variants.iter().map(|v| &v.spec.name));
+                    if same {
+                        req.model = current.clone();
+                        Ok(())
+                    } else {
+                        Err(Error::unavailable(format!(
+                            "model '{}' was reloaded with other tensors or variants while this request was \
+                             being admitted; send it again",
+                            entry.name()
+                        )))
+                    }
+                }
+                Some(_) => Ok(()),
+                None => Err(Error::not_found(format!("unknown model '{}' (it was unloaded)", entry.name()))),
+            };
+            moved.map(|()| {
+                let policy_req = Request {
+                    id: 0,
+                    tenant,
+                    rows: req.rows,
+                    arrival: self.cluster.to_us_pub(now),
+                    deadline: self.cluster.to_us_pub(deadline),
+                    weight,
+                    floor,
+                    pinned: req.pinned,
+                    estimate: estimate.clone(),
+                };
+                let index = req.model.index;
+                let waiting = Waiting {
+                    model: index,
+                    req: Arc::new(req),
+                    tenant: self.tenants.get(tenant).name.clone(),
+                    estimate,
+                    enqueued: now,
+                    deadline,
+                    reply: tx,
+                };
+                (self.cluster.submit(policy_req, waiting), index)
+            })
         };
-        let waiting = Waiting {
-            model: entry.index,
-            req: Arc::new(req),
-            tenant: self.tenants.get(tenant).name.clone(),
-            estimate,
-            enqueued: now,
-            deadline,
-            reply: tx,
-        };
-        let id = self.cluster.submit(policy_req, waiting);
-        let mut cancel = CancelOnDrop { cluster: self.cluster.clone(), model: entry.index, id: Some(id) };
+        // Metrics stay with `entry`: a compatible revision has the same name and variants.
+        let (id, index) = submitted.map_err(fail)?;
+        let mut cancel = CancelOnDrop { cluster: self.cluster.clone(), model: index, id: Some(id) };
         let res = rx.await.unwrap_or_else(|_| Err(Error::internal("the request was dropped by its worker")));
         cancel.id = None;
         drop(guard);

@@ -65,12 +65,7 @@ fn tensor_meta(t: &osprey_core::model::TensorSpec) -> pb::model_metadata_respons
 }
 
 /// The model a call names, with the caller's right to see it and the version checked.
-fn model_ready<'a>(
-    gw: &'a Gateway,
-    tenant: usize,
-    name: &str,
-    version: &str,
-) -> Result<&'a Arc<ModelEntry>, Status> {
+fn model_ready(gw: &Gateway, tenant: usize, name: &str, version: &str) -> Result<Arc<ModelEntry>, Status> {
     gw.tenants.check_visible(tenant, name).map_err(status)?;
     let m = gw.model(name).map_err(status)?;
     m.resolve_version(version).map_err(status)?;
@@ -271,8 +266,8 @@ impl GrpcInferenceService for InferenceService {
     ) -> R<pb::ModelStatisticsResponse> {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
-        let models: Vec<&Arc<ModelEntry>> = if r.name.is_empty() {
-            self.gw.models().filter(|m| self.gw.tenants.may_see(t, m.name())).collect()
+        let models: Vec<Arc<ModelEntry>> = if r.name.is_empty() {
+            self.gw.models().into_iter().filter(|m| self.gw.tenants.may_see(t, m.name())).collect()
         } else {
             self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
             vec![self.gw.model(&r.name).map_err(status)?]
@@ -326,48 +321,43 @@ impl GrpcInferenceService for InferenceService {
         let t = self.tenant(&r)?;
         use pb::repository_index_response::ModelIndex;
         let ready_only = r.into_inner().ready;
-        let mut models: Vec<ModelIndex> = self
+        let models: Vec<ModelIndex> = self
             .gw
-            .models()
-            .filter(|m| self.gw.tenants.may_see(t, m.name()))
-            .flat_map(|m| {
-                m.variants.iter().map(move |v| ModelIndex {
-                    name: m.name().into(),
-                    version: v.spec.name.clone(),
-                    state: "READY".into(),
-                    reason: String::new(),
-                })
-            })
+            .repository_index(t, ready_only)
+            .into_iter()
+            .map(|e| ModelIndex { name: e.name, version: e.version, state: e.state.into(), reason: e.reason })
             .collect();
-        models.extend(self.gw.splits().filter(|d| self.gw.tenants.may_see(t, d.name())).map(|d| {
-            ModelIndex {
-                name: d.name().into(),
-                version: String::new(),
-                state: if self.gw.model_is_ready(d.name()) { "READY" } else { "UNAVAILABLE" }.into(),
-                reason: if self.gw.model_is_ready(d.name()) {
-                    String::new()
-                } else {
-                    "no split plan is active".into()
-                },
-            }
-        }));
-        models.extend(self.gw.pipelines().filter(|p| self.gw.tenants.may_see(t, p.name())).map(|p| {
-            ModelIndex {
-                name: p.name().into(),
-                version: String::new(),
-                state: if self.gw.model_is_ready(p.name()) { "READY" } else { "UNAVAILABLE" }.into(),
-                reason: String::new(),
-            }
-        }));
-        if !ready_only && self.gw.tenants.role(t) >= osprey_core::config::Role::Monitor {
-            models.extend(self.gw.problems().iter().map(|p| ModelIndex {
-                name: p.model.clone(),
-                version: String::new(),
-                state: "UNAVAILABLE".into(),
-                reason: p.error.message.clone(),
-            }));
-        }
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<pb::RepositoryModelLoadRequest>,
+    ) -> R<pb::RepositoryModelLoadResponse> {
+        let t = self.tenant(&r)?;
+        self.gw.tenants.require(t, osprey_core::config::Role::Admin).map_err(status)?;
+        let r = r.into_inner();
+        if !r.parameters.is_empty() {
+            return Err(status(Error::invalid(
+                "load takes no parameters here (a config override or uploaded files are not supported)",
+            )));
+        }
+        self.gw.request_load(&r.model_name).await.map_err(status)?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        r: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> R<pb::RepositoryModelUnloadResponse> {
+        let t = self.tenant(&r)?;
+        self.gw.tenants.require(t, osprey_core::config::Role::Admin).map_err(status)?;
+        let r = r.into_inner();
+        if r.parameters.keys().any(|k| k != "unload_dependents") {
+            return Err(status(Error::invalid("unload takes no parameters but unload_dependents")));
+        }
+        self.gw.request_unload(&r.model_name).await.map_err(status)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> R<pb::ModelInferResponse> {

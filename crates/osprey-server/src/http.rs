@@ -102,6 +102,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route("/v2/repository/models/{model}/unload", post(repository_unload))
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
         .route("/v2/cluster/nodes/{node}/{action}", post(place_variant))
@@ -156,6 +158,57 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<Value>) {
     let ready = gw.is_ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready })))
+}
+
+/// A load or unload request's body: empty, or a JSON object whose `parameters` (Triton's
+/// config override and file upload) are not supported and refused rather than ignored.
+fn control_body(body: Result<Bytes, BytesRejection>) -> ApiResult<()> {
+    let body = body.map_err(rejection)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::from(Error::invalid(format!("request body is not valid JSON: {e}"))))?;
+    // tritonclient's unload sends `unload_dependents`; a model here has no dependents that
+    // could be unloaded with it (a pipeline's stage models are refused), so it changes nothing.
+    let params = v
+        .get("parameters")
+        .and_then(Value::as_object)
+        .map_or(0, |p| p.keys().filter(|k| *k != "unload_dependents").count());
+    if !v.is_object() || params > 0 {
+        return Err(Error::invalid(
+            "load and unload take no parameters here (a config override or uploaded files are not supported): \
+             change the model's folder in the repository and load it",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `POST /v2/repository/models/{model}/load` (admin; `--model-control-mode explicit`).
+async fn repository_load(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(model): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.require(t.0, Role::Admin)?;
+    control_body(body)?;
+    gw.request_load(&model).await?;
+    Ok(Json(json!({})))
+}
+
+/// `POST /v2/repository/models/{model}/unload` (admin; `--model-control-mode explicit`).
+async fn repository_unload(
+    State(gw): State<Arc<Gateway>>,
+    Extension(t): Extension<TenantId>,
+    Path(model): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    gw.tenants.require(t.0, Role::Admin)?;
+    control_body(body)?;
+    gw.request_unload(&model).await?;
+    Ok(Json(json!({})))
 }
 
 /// The dashboard page (admin).
@@ -282,7 +335,7 @@ fn metadata(m: &ModelEntry) -> Value {
 }
 
 /// The model an address names, with the caller's right to see it and the version checked.
-fn addressed<'a>(gw: &'a Gateway, t: TenantId, r: &ModelRef) -> Result<&'a Arc<ModelEntry>, Error> {
+fn addressed(gw: &Gateway, t: TenantId, r: &ModelRef) -> Result<Arc<ModelEntry>, Error> {
     gw.tenants.check_visible(t.0, &r.model)?;
     let m = gw.model(&r.model)?;
     m.resolve_version(&r.version)?;
@@ -335,7 +388,8 @@ async fn model_metadata(
         }
         return Ok(Json(pipeline_metadata(p)));
     }
-    Ok(Json(metadata(addressed(&gw, t, &r)?)))
+    let m = addressed(&gw, t, &r)?;
+    Ok(Json(metadata(&m)))
 }
 
 async fn model_ready(
@@ -376,7 +430,8 @@ async fn model_config(
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(config_json(addressed(&gw, t, &r)?)))
+    let m = addressed(&gw, t, &r)?;
+    Ok(Json(config_json(&m)))
 }
 
 fn dur(d: &crate::gateway::Duration2) -> Value {
@@ -414,8 +469,12 @@ fn stats_json(m: &ModelEntry, only: Option<usize>) -> Vec<Value> {
 }
 
 async fn all_stats(State(gw): State<Arc<Gateway>>, Extension(t): Extension<TenantId>) -> Json<Value> {
-    let all: Vec<Value> =
-        gw.models().filter(|m| gw.tenants.may_see(t.0, m.name())).flat_map(|m| stats_json(m, None)).collect();
+    let all: Vec<Value> = gw
+        .models()
+        .iter()
+        .filter(|m| gw.tenants.may_see(t.0, m.name()))
+        .flat_map(|m| stats_json(m, None))
+        .collect();
     Json(json!({ "model_stats": all }))
 }
 
@@ -427,7 +486,7 @@ async fn model_stats(
     gw.tenants.check_visible(t.0, &r.model)?;
     let m = gw.model(&r.model)?;
     let v = m.resolve_version(&r.version)?;
-    Ok(Json(json!({ "model_stats": stats_json(m, v) })))
+    Ok(Json(json!({ "model_stats": stats_json(&m, v) })))
 }
 
 async fn repository_index(
@@ -442,34 +501,17 @@ async fn repository_index(
             .map_err(|e| Error::invalid(format!("repository index body is not valid JSON: {e}")))?;
         ready_only = v.get("ready").and_then(Value::as_bool).unwrap_or(false);
     }
-    let mut out: Vec<Value> = gw
-        .models()
-        .filter(|m| gw.tenants.may_see(t.0, m.name()))
-        .flat_map(|m| {
-            m.variants
-                .iter()
-                .map(move |v| json!({ "name": m.name(), "version": v.spec.name, "state": "READY" }))
+    let out: Vec<Value> = gw
+        .repository_index(t.0, ready_only)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!({ "name": e.name, "version": e.version, "state": e.state });
+            if !e.reason.is_empty() {
+                v["reason"] = json!(e.reason);
+            }
+            v
         })
         .collect();
-    // Split models: ready while a plan is active.
-    out.extend(gw.splits().filter(|d| gw.tenants.may_see(t.0, d.name())).map(|d| {
-        if gw.model_is_ready(d.name()) {
-            json!({ "name": d.name(), "version": "", "state": "READY" })
-        } else {
-            json!({ "name": d.name(), "version": "", "state": "UNAVAILABLE", "reason": "no split plan is active" })
-        }
-    }));
-    // Pipelines have no versions: one entry each, ready when all their stages are.
-    out.extend(gw.pipelines().filter(|p| gw.tenants.may_see(t.0, p.name())).map(|p| {
-        let state = if gw.model_is_ready(p.name()) { "READY" } else { "UNAVAILABLE" };
-        json!({ "name": p.name(), "version": "", "state": state })
-    }));
-    // The repository's problems (file names, parse errors) are for operators.
-    if !ready_only && gw.tenants.role(t.0) >= Role::Monitor {
-        out.extend(gw.problems().iter().map(
-            |p| json!({ "name": p.model, "version": "", "state": "UNAVAILABLE", "reason": p.error.message }),
-        ));
-    }
     Ok(Json(Value::Array(out)))
 }
 

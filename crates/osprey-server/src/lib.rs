@@ -28,6 +28,8 @@
 //! - [`server`]: binds both protocols to injected listeners and drains on shutdown.
 //! - [`tls`]: certificates for both listeners and the agent link (rustls).
 //! - [`tenants`]: API keys (hashed, constant-time), objectives, rate quotas.
+//! - [`repository`]: model control (Triton's `none | poll | explicit`): loading, reloading
+//!   and unloading models while serving, and the repository index.
 
 pub mod agent;
 pub mod cluster;
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod protocol;
+pub mod repository;
 pub mod server;
 pub mod split;
 pub mod split_node;

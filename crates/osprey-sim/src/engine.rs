@@ -466,7 +466,10 @@ impl Sim<'_> {
                     self.not_on_time(self.now);
                 }
                 // Simulated nodes host every variant and need no connection.
-                Action::Load { .. } | Action::Unload { .. } | Action::Disconnect { .. } => {}
+                Action::Load { .. }
+                | Action::Unload { .. }
+                | Action::Disconnect { .. }
+                | Action::Retired { .. } => {}
             }
         }
     }

@@ -103,6 +103,8 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
                 scheduler: Default::default(),
                 join_token: None,
                 pipelines: Vec::new(),
+                repository: None,
+                model_control: Default::default(),
             },
             |_, v, _| osprey_core::profile::VariantProfile {
                 name: v.name.clone(),

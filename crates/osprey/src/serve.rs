@@ -38,6 +38,18 @@ pub struct ServeArgs {
     /// throughput).
     #[arg(long)]
     split_objective: Option<String>,
+    /// Model control, as Triton's: none (every model loaded at start, no load/unload), poll
+    /// (the repository is rescanned: new folders loaded, changed ones reloaded, removed ones
+    /// unloaded) or explicit (POST /v2/repository/models/M/load|unload, admin).
+    #[arg(long, default_value = "none")]
+    model_control_mode: String,
+    /// Explicit mode: a model to load at start (repeatable; "*": all). Without it explicit
+    /// mode starts with no model loaded.
+    #[arg(long = "load-model")]
+    load_model: Vec<String>,
+    /// Poll mode: seconds between repository scans.
+    #[arg(long, default_value_t = 15.0)]
+    repository_poll_secs: f64,
     /// ONNX Runtime library (libonnxruntime.so) for models tract cannot run or whose
     /// model.toml says engine = "onnxruntime" (default: the config's, else $OSPREY_ONNXRUNTIME).
     #[arg(long)]
@@ -60,7 +72,23 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     }
     crate::use_onnxruntime(args.onnxruntime.clone().or(config.onnxruntime.clone()));
     let repo = crate::repository(config.model_repository.clone())?;
-    let (models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
+    let mode = osprey_server::repository::Mode::parse(&args.model_control_mode)
+        .ok_or_else(|| format!("--model-control-mode {}: none, poll or explicit", args.model_control_mode))?;
+    if !args.load_model.is_empty() && mode != osprey_server::repository::Mode::Explicit {
+        return Err("--load-model needs --model-control-mode explicit".into());
+    }
+    if !(args.repository_poll_secs.is_finite() && args.repository_poll_secs >= 0.1) {
+        return Err("--repository-poll-secs must be at least 0.1".into());
+    }
+    let (mut models, problems) = scan_repository(&repo).map_err(|e| e.to_string())?;
+    if mode == osprey_server::repository::Mode::Explicit && !args.load_model.iter().any(|m| m == "*") {
+        for name in &args.load_model {
+            if !models.iter().any(|m| &m.name == name) {
+                return Err(format!("--load-model {name}: no such model in {}", repo.display()));
+            }
+        }
+        models.retain(|m| args.load_model.contains(&m.name));
+    }
     for p in &problems {
         tracing::error!(model = %p.model, "skipping model: {}", p.error);
     }
@@ -150,6 +178,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 join_token: Some(join_token),
                 pipelines,
                 splits,
+                repository: Some(repo.clone()),
+                model_control: mode,
             },
             quick_profile,
         );
@@ -196,7 +226,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         println!(
             "osprey {} serving {} model(s) and {} pipeline(s) from {}",
             osprey_server::SERVER_VERSION,
-            gw.models().count(),
+            gw.models().len(),
             gw.pipelines().count(),
             repo.display()
         );
@@ -231,6 +261,19 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 p.display(),
                 if matches!(source, TokenSource::Generated(_)) { "  (token generated now)" } else { "" }
             ),
+        }
+        match mode {
+            osprey_server::repository::Mode::None => {}
+            osprey_server::repository::Mode::Explicit => println!(
+                "model control explicit: POST /v2/repository/models/MODEL/load | unload (admin)"
+            ),
+            osprey_server::repository::Mode::Poll => {
+                println!("model control poll: {} rescanned every {} s", repo.display(), args.repository_poll_secs);
+                osprey_server::repository::start_polling(
+                    gw.clone(),
+                    std::time::Duration::from_secs_f64(args.repository_poll_secs),
+                );
+            }
         }
         println!("ready http={http_addr} grpc={grpc_addr}");
         use std::io::Write;
