@@ -74,4 +74,4 @@ pub const SERVER_NAME: &str = "osprey";
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Protocol extensions this server implements (server metadata `extensions`).
 pub const EXTENSIONS: &[&str] =
-    &["binary_tensor_data", "model_configuration", "statistics", "parameters", "model_repository(index)"];
+    &["binary_tensor_data", "model_configuration", "statistics", "parameters", "model_repository"];
