@@ -66,7 +66,8 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 struct Node {
     cfg: NodeConfig,
-    models: HashMap<String, ModelSpec>,
+    /// The models of this node's repository, by name; a load re-reads the model's folder.
+    models: std::sync::RwLock<HashMap<String, Arc<ModelSpec>>>,
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     busy: AtomicU32,
     errors: AtomicU64,
@@ -143,7 +144,7 @@ pub async fn run(
         }
     }
     let node = Arc::new(Node {
-        models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
+        models: std::sync::RwLock::new(models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect()),
         sessions: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         errors: AtomicU64::new(0),
@@ -226,7 +227,7 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
             threads: node.cfg.threads,
             memory_mb: node.cfg.memory_mb,
             labels: node.cfg.labels.clone(),
-            models: node.models.keys().cloned().collect(),
+            models: node.models.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect(),
             speed_hint: node.cfg.speed_hint,
             cores: cores(),
             accelerator: String::new(),
@@ -286,12 +287,10 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
                         let (m, v) = (l.model.clone(), l.variant.clone());
                         let n2 = node.clone();
                         let res = tokio::task::spawn_blocking(move || {
-                            let model = n2.models.get(&m).ok_or_else(|| {
-                                Error::not_found(format!("model '{m}' is not on this node"))
-                            })?;
                             let _one = n2.loading.lock().unwrap_or_else(|e| e.into_inner());
+                            let model = n2.reread(&m)?;
                             let before = memory_in_use_kib();
-                            n2.session(model, &v)?;
+                            n2.load_fresh(&model, &v)?;
                             // At least 1 KiB when measured: 0 on the wire means "not measured".
                             Ok(before.zip(memory_in_use_kib()).map_or(0, |(b, a)| a.saturating_sub(b).max(1)))
                         })
@@ -363,6 +362,36 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
 }
 
 impl Node {
+    /// The model's spec as its folder says now (a model reloaded by the gateway's model control
+    /// may have changed on this node too); the one read at start when the folder cannot be
+    /// read now, and an error for a model this node never had.
+    fn reread(&self, name: &str) -> Result<Arc<ModelSpec>> {
+        let known = self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        let known = known.ok_or_else(|| Error::not_found(format!("model '{name}' is not on this node")))?;
+        match ModelSpec::load(&self.cfg.model_repository.join(name)) {
+            Ok(spec) => {
+                let spec = Arc::new(spec);
+                self.models.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), spec.clone());
+                Ok(spec)
+            }
+            Err(e) => {
+                tracing::warn!(model = %name, "re-reading the model folder failed ({}); using the one read at start", e.message);
+                Ok(known)
+            }
+        }
+    }
+
+    /// Loads `variant` from disk, replacing any session of it held now (a load is also how a
+    /// reloaded model reaches this node).
+    fn load_fresh(&self, model: &ModelSpec, variant: &str) -> Result<()> {
+        let v = model.variant(variant).ok_or_else(|| Error::not_found(format!("no variant '{variant}'")))?;
+        let s = Arc::new(Session::load(model, v)?);
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert((model.name.clone(), variant.to_string()), s);
+        }
+        Ok(())
+    }
+
     fn session(&self, model: &ModelSpec, variant: &str) -> Result<Arc<Session>> {
         let key = (model.name.clone(), variant.to_string());
         if let Some(s) = self.sessions.lock().ok().and_then(|m| m.get(&key).cloned()) {
@@ -420,7 +449,10 @@ impl Node {
     fn run_checked(&self, rb: agent_pb::RunBatch) -> Result<Vec<RawTensor>> {
         let model = self
             .models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .get(&rb.model)
+            .cloned()
             .ok_or_else(|| Error::not_found(format!("model '{}' is not on this node", rb.model)))?;
         if rb.inputs.len() != model.inputs.len() {
             return Err(Error::invalid("wrong number of inputs"));
@@ -443,7 +475,7 @@ impl Node {
             }
             inputs.push(RawTensor::from_bytes(dt, t.shape, t.data)?);
         }
-        let session = self.session(model, &rb.variant)?;
+        let session = self.session(&model, &rb.variant)?;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run(&inputs)))
             .unwrap_or_else(|_| Err(Error::internal("the engine failed on this batch")))
     }

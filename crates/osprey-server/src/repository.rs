@@ -23,10 +23,12 @@
 //! **What it does not cover.** Pipelines and split models are built at start from the models
 //! then served; a model that a pipeline uses as a stage is neither reloaded nor unloaded (the
 //! request says so), and pipelines and split models themselves are not loaded or unloaded at
-//! run time. Remote agents hold their own copy of the repository, read when they start: a
-//! model loaded at run time is placed on those that declared it, and a reload there runs their
-//! copy. The control loop's targets are the models served at start; a model loaded later has
-//! its variant chosen per batch.
+//! run time. Remote agents hold their own copy of the repository: a model loaded at run time is
+//! placed on the agents that had its folder when they joined, and each load re-reads the
+//! model's folder on the agent (so a reload runs the agent's copy as it is then; keeping the
+//! copies alike is the operator's, as with any file on those machines). The control loop's
+//! targets are the models served at start; a model loaded later has its variant chosen per
+//! batch.
 
 use crate::gateway::Gateway;
 use osprey_core::error::{Error, Result};

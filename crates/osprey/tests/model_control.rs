@@ -1,10 +1,11 @@
 //! Triton's model-control API end to end: `--model-control-mode explicit` driven by
-//! tritonclient (load, reload under load with nothing lost, unload, the index), `poll`
-//! following a repository folder that changes, and `none` refusing both requests.
+//! tritonclient (load, reload under load with nothing lost, unload, the index), a reload that
+//! reaches a remote agent, `poll` following a repository folder that changes, and `none`
+//! refusing both requests.
 
 mod common;
 
-use common::{Server, http_get, http_post, repo_root};
+use common::{Server, http_get, http_post, repo_root, spawn_until};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -150,6 +151,75 @@ fn without_model_control_load_and_unload_are_refused_and_say_how() {
         assert!(status(&resp) >= 400 && body(&resp).contains("--model-control-mode explicit"), "{resp}");
     }
     assert!(index(&server.http).iter().any(|e| e.0 == "digits" && e.2 == "READY"));
+    assert!(server.stop().success());
+    let _ = std::fs::remove_dir_all(&repo);
+}
+
+#[test]
+fn a_reload_reaches_a_remote_agent_which_rereads_its_copy() {
+    let repo = repository("remote", &["digits"]);
+    let server = Server::start(&[
+        "--model-repository",
+        repo.to_str().unwrap(),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "*",
+        "--local-agents",
+        "0",
+    ]);
+    let (mut agent, _) = spawn_until(
+        &[
+            "agent",
+            "--join",
+            &server.grpc,
+            "--name",
+            "edge",
+            "--threads",
+            "1",
+            "--model-repository",
+            repo.to_str().unwrap(),
+        ],
+        "joined ",
+        Duration::from_secs(60),
+    );
+    let infer = |version: &str| {
+        let path = if version.is_empty() {
+            "/v2/models/digits/infer".to_string()
+        } else {
+            format!("/v2/models/digits/versions/{version}/infer")
+        };
+        let zeros = vec!["0"; 64].join(",");
+        let body = format!(
+            r#"{{"inputs":[{{"name":"image","datatype":"FP32","shape":[1,8,8],"data":[{zeros}]}}]}}"#
+        );
+        http_post(&server.http, &path, &body)
+    };
+    until(&server.http, "served by the agent", |i| i.iter().any(|e| e.0 == "digits" && e.2 == "READY"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&infer("large")) != 200 {
+        assert!(Instant::now() < deadline, "the agent never answered: {}", infer("large"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The folder changes on the agent's copy (here the same directory): `large` is gone.
+    let toml = repo.join("digits/model.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, &text[..text.rfind("[[variants]]").unwrap()]).unwrap();
+    let resp = http_post(&server.http, "/v2/repository/models/digits/load", "{}");
+    assert_eq!(status(&resp), 200, "{resp}");
+    let gone = infer("large");
+    assert_eq!(status(&gone), 404, "{gone}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = infer("medium");
+        if status(&r) == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reloaded model never answered on the agent: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
     assert!(server.stop().success());
     let _ = std::fs::remove_dir_all(&repo);
 }
