@@ -26,7 +26,6 @@ checked against their sha256. Needs numpy, onnxruntime, pillow and scikit-learn.
 Usage: python3 scripts/fetch_wild.py [--out DIR]
 """
 import argparse
-import hashlib
 import json
 import pathlib
 import shutil
@@ -35,6 +34,8 @@ import sys
 import zipfile
 
 import numpy as np
+
+from fetch_minilm import digest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = ROOT / "scripts" / ".cache"
@@ -50,14 +51,6 @@ WHEELS = {
         "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
     ),
 }
-
-
-def digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def wheel(key):

@@ -102,8 +102,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(repository_load))
-        .route("/v2/repository/models/{model}/unload", post(repository_unload))
+        .route("/v2/repository/models/{model}/{action}", post(repository_control))
         .route("/metrics", get(metrics))
         .route("/v2/cluster", get(cluster))
         .route("/v2/cluster/nodes/{node}/{action}", post(place_variant))
@@ -185,29 +184,21 @@ fn control_body(body: Result<Bytes, BytesRejection>) -> ApiResult<()> {
     Ok(())
 }
 
-/// `POST /v2/repository/models/{model}/load` (admin; `--model-control-mode explicit`).
-async fn repository_load(
+/// `POST /v2/repository/models/{model}/load` and `…/unload` (admin; `--model-control-mode
+/// explicit`).
+async fn repository_control(
     State(gw): State<Arc<Gateway>>,
     Extension(t): Extension<TenantId>,
-    Path(model): Path<String>,
+    Path((model, action)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     gw.tenants.require(t.0, Role::Admin)?;
     control_body(body)?;
-    gw.request_load(&model).await?;
-    Ok(Json(json!({})))
-}
-
-/// `POST /v2/repository/models/{model}/unload` (admin; `--model-control-mode explicit`).
-async fn repository_unload(
-    State(gw): State<Arc<Gateway>>,
-    Extension(t): Extension<TenantId>,
-    Path(model): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
-    gw.tenants.require(t.0, Role::Admin)?;
-    control_body(body)?;
-    gw.request_unload(&model).await?;
+    match action.as_str() {
+        "load" => gw.request_load(&model).await?,
+        "unload" => gw.request_unload(&model).await?,
+        _ => return Err(Error::not_found(format!("no route: {action} (load or unload)")).into()),
+    }
     Ok(Json(json!({})))
 }
 

@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{Server, TEST_JOIN_TOKEN, http_post, repo_root};
-use std::path::{Path, PathBuf};
+use common::{Server, TEST_JOIN_TOKEN, copy_dir, http_post, repo_root};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// The onnxruntime library of the installed wheel (or `$OSPREY_ONNXRUNTIME`).
@@ -34,18 +34,6 @@ fn wild() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -5,22 +5,10 @@
 
 mod common;
 
-use common::{Server, http_get, http_post, repo_root, spawn_until};
-use std::path::{Path, PathBuf};
+use common::{Server, copy_dir, http_get, http_post, repo_root, spawn_until};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// A repository with the zoo's digits under each of `names`.
 fn repository(tag: &str, names: &[&str]) -> PathBuf {
@@ -54,17 +42,22 @@ fn index(addr: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// Polls `pred` over the index until it holds (deadline 60 s).
-fn until(addr: &str, what: &str, pred: impl Fn(&[(String, String, String)]) -> bool) {
+/// Polls `probe` until `pred` holds on what it returns (deadline 60 s).
+fn poll<T: std::fmt::Debug>(what: &str, probe: impl Fn() -> T, pred: impl Fn(&T) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let i = index(addr);
-        if pred(&i) {
+        let v = probe();
+        if pred(&v) {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: index still {i:?}");
+        assert!(Instant::now() < deadline, "{what}: still {v:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls `pred` over the index until it holds.
+fn until(addr: &str, what: &str, pred: impl Fn(&[(String, String, String)]) -> bool) {
+    poll(what, || index(addr), |i| pred(i));
 }
 
 #[test]
@@ -196,11 +189,7 @@ fn a_reload_reaches_a_remote_agent_which_rereads_its_copy() {
         http_post(&server.http, &path, &body)
     };
     until(&server.http, "served by the agent", |i| i.iter().any(|e| e.0 == "digits" && e.2 == "READY"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&infer("large")) != 200 {
-        assert!(Instant::now() < deadline, "the agent never answered: {}", infer("large"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll("the agent answers", || infer("large"), |r| status(r) == 200);
     // The folder changes on the agent's copy (here the same directory): `large` is gone.
     let toml = repo.join("digits/model.toml");
     let text = std::fs::read_to_string(&toml).unwrap();
@@ -209,15 +198,7 @@ fn a_reload_reaches_a_remote_agent_which_rereads_its_copy() {
     assert_eq!(status(&resp), 200, "{resp}");
     let gone = infer("large");
     assert_eq!(status(&gone), 404, "{gone}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = infer("medium");
-        if status(&r) == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the reloaded model never answered on the agent: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll("the reloaded model answers on the agent", || infer("medium"), |r| status(r) == 200);
     let _ = agent.kill();
     let _ = agent.wait();
     assert!(server.stop().success());

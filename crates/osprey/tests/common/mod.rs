@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 /// The join token every spawned gateway and agent shares (through `OSPREY_JOIN_TOKEN`).
 pub const TEST_JOIN_TOKEN: &str = "osprey-test-join-token-0123456789";
 
+/// Copies a folder recursively (test repositories built from the zoo).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
