@@ -108,6 +108,10 @@ pub struct TenantConfig {
     pub compute_rate_ms: Option<f64>,
     /// Burst allowance of the cost quota, compute milliseconds (default: one second's worth).
     pub compute_burst_ms: Option<f64>,
+    /// Quality objective of this tenant's multi-modal requests (`[tenants.quality]`); none:
+    /// the defaults of [`crate::multimodal::QualityObjective`].
+    #[serde(default)]
+    pub quality: Option<crate::multimodal::QualityObjective>,
 }
 
 /// Roles, each including the one before it.
@@ -434,6 +438,9 @@ impl ServerConfig {
             }
             if !(t.weight > 0.0 && t.weight.is_finite() && (0.0..=1.0).contains(&t.accuracy_floor)) {
                 return Err(bad("weight must be positive and accuracy_floor within 0..1".into()));
+            }
+            if let Some(q) = &t.quality {
+                q.check().map_err(bad)?;
             }
             let positive = |x: Option<f64>| x.is_none_or(|r| r > 0.0 && r.is_finite());
             if t.latency_slo_ms == 0

@@ -7,6 +7,8 @@
 //!   variant), its strict parsing, and held-out evaluation sets.
 //! - [`pipeline`]: pipelines in the repository (`<repo>/<pipeline>/pipeline.toml`): a chain of
 //!   stage models and the tensor mapping between them.
+//! - [`multimodal`]: multi-modal models (`<repo>/<model>/multimodal.toml`): one classifier per
+//!   modality over the same classes, the fusion rules, and tenants' quality objectives.
 //! - [`split`]: split models (`<repo>/<model>/split.toml`): a transformer whose layer ranges
 //!   run on different agents, its tokenizer, boundaries and privacy rule.
 //! - [`profile`]: latency profiles per variant and batch size (written by `osprey profile`).
@@ -17,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod multimodal;
 pub mod pipeline;
 pub mod profile;
 pub mod split;

@@ -247,6 +247,14 @@ pub struct Done {
     pub members: Vec<Request>,
 }
 
+/// [`Dispatcher::expected_service`]: a call's expected time on the best instance now, and
+/// that instance's recent failure share.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Expected {
+    pub latency_us: f64,
+    pub failure_rate: f64,
+}
+
 /// Observed behaviour of one node, for instance selection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
@@ -1258,6 +1266,53 @@ impl Dispatcher {
             .map(|n| n.health.overhead_us)
             .collect();
         o.iter().sum::<f64>() / o.len().max(1) as f64
+    }
+
+    /// What one call of `rows` samples on `variant` of `model` is expected to take if sent
+    /// now, for plans that span models (cross-modal refinement, [`crate::refine`]):
+    /// ```text
+    /// over live nodes i hosting the variant:
+    ///   tᵢ = predicted_finishᵢ(ℓ(rows))  + overheadᵢ  + ℓ(queued) / hosts
+    ///        (instance::predicted_finish: speed, slowdown σ and backlog; overheadᵢ the link and
+    ///         driver cost per batch; the last term the model's queue ahead, as one batch spread
+    ///         over the hosting nodes' workers)
+    /// expected = min tᵢ, with that node's recent failure share
+    /// ```
+    /// `None` when no live node hosts it.
+    pub fn expected_service(&self, model: ModelId, variant: usize, rows: u32) -> Option<Expected> {
+        let m = self.models.get(model)?;
+        if variant >= m.variants.len() {
+            return None;
+        }
+        let latency = m.sched.latency(variant, rows.max(1));
+        let hosts: Vec<&Node> =
+            self.nodes.values().filter(|n| n.hosted.contains(&(model, variant))).collect();
+        let workers: u32 = hosts.iter().map(|n| n.info.workers.max(1)).sum();
+        let queued = m.sched.len() as u32;
+        let ahead =
+            if queued == 0 { 0.0 } else { m.sched.latency(variant, queued) / f64::from(workers.max(1)) };
+        hosts
+            .iter()
+            .map(|n| {
+                let view = InstanceView {
+                    up: true,
+                    speed: n.info.speed,
+                    slowdown: n.health.slowdown,
+                    workers: n.info.workers,
+                    busy: n.running,
+                    mean_service_us: n.health.mean_service_us,
+                    recent_failures: n.health.failures,
+                    recent_successes: n.health.successes,
+                };
+                let tries = n.health.failures + n.health.successes;
+                let failure_rate =
+                    if tries == 0 { 0.0 } else { f64::from(n.health.failures) / f64::from(tries) };
+                Expected {
+                    latency_us: instance::predicted_finish(&view, latency) + n.health.overhead_us + ahead,
+                    failure_rate,
+                }
+            })
+            .min_by(|a, b| a.latency_us.total_cmp(&b.latency_us))
     }
 
     /// Where `model`'s replicas are: (node name, replicas there), empty when unbounded.

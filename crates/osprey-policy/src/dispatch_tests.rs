@@ -681,3 +681,32 @@ fn replicas_of_more_models_than_threads_spread_over_the_nodes() {
     assert_eq!((on(&p, "a"), on(&p, "b")), (0, 4));
     p.assert_each_answered_once();
 }
+
+#[test]
+fn the_expected_service_time_sees_speed_contention_and_failures() {
+    let mut p = Pair::new(vec![model("m", Rule::Fixed(0), 1000.0)]);
+    assert_eq!(p.d.expected_service(0, 0, 1), None, "nothing hosts it yet");
+    let n = p.join(remote("n", 1, 2.0, 100));
+    let e = p.d.expected_service(0, 0, 1).expect("hosted");
+    // The scheduler plans by p90 (1100 us here), at speed 2.
+    assert!((e.latency_us - 550.0).abs() < 1.0, "{e:?}");
+    assert_eq!(e.failure_rate, 0.0);
+    assert!(p.d.expected_service(0, 1, 1).unwrap().latency_us > e.latency_us, "the large variant costs more");
+    // Contention: an injected 4x slowdown is seen after a few batches.
+    p.truth.get_mut(&n).unwrap().0 = 4.0;
+    for i in 0..30 {
+        let t = p.now;
+        p.arrive(0, request(i, t, 1_000_000, None));
+        p.run_until(t + 20_000);
+    }
+    let slow = p.d.expected_service(0, 0, 1).unwrap();
+    assert!(slow.latency_us > 3.0 * e.latency_us, "{slow:?} vs {e:?}");
+    // A node that fails is gone; the other node's figure is what remains.
+    let m = p.join(remote("m", 1, 1.0, 100));
+    let fresh = p.d.expected_service(0, 0, 1).unwrap();
+    assert!(fresh.latency_us < slow.latency_us, "the healthy node is the best instance now");
+    p.kill(m);
+    p.kill(n);
+    p.run_until(p.now + 5_000_000);
+    assert_eq!(p.d.expected_service(0, 0, 1), None);
+}

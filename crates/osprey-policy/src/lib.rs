@@ -18,6 +18,8 @@
 //! - [`configure`]: per-control-interval pipeline configuration (OPD eq. 1-4, 7): the
 //!   objective, security limits, Random / Greedy / exact IPA policies behind one trait.
 //! - [`predict`]: load predictors (last value, EWMA; the LSTM is in `osprey-learn`), SMAPE.
+//! - [`refine`]: cross-modal refinement of one multi-modal request (which modality and variant
+//!   answers first, whether and with what to refine, fusion).
 //! - [`setup`]: a policy name + model -> scheduling rule and estimator (shared by drivers).
 
 pub mod configure;
@@ -27,6 +29,7 @@ pub mod instance;
 pub mod placement;
 pub mod predict;
 pub mod quota;
+pub mod refine;
 pub mod scheduler;
 pub mod setup;
 pub mod split;

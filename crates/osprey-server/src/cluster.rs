@@ -401,6 +401,18 @@ impl Cluster {
         core.d.model_id(model).is_some_and(|m| core.d.model_ready(m))
     }
 
+    /// A call's expected time on `variant` of the model with dispatcher id `model` if sent
+    /// now, with the failure share of the instance it would run on
+    /// (`Dispatcher::expected_service`); `None` when no live node hosts it.
+    pub fn expected_service(
+        &self,
+        model: ModelId,
+        variant: usize,
+        rows: u32,
+    ) -> Option<osprey_policy::dispatch::Expected> {
+        self.lock().d.expected_service(model, variant, rows)
+    }
+
     /// Requests queued or in flight.
     pub fn outstanding(&self) -> usize {
         self.lock().waiting.len()
@@ -563,6 +575,7 @@ impl Cluster {
                 batch_size: rows,
                 tenant: w.tenant.clone(),
                 pipeline: None,
+                multimodal: None,
             };
             todo.push(Todo::Answer(w, Ok(outcome)));
         }

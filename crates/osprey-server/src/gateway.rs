@@ -59,6 +59,11 @@ pub struct RequestOptions {
     pub priority: Option<u64>,
     /// Osprey's `min_accuracy`: raises the tenant's accuracy floor for this request.
     pub min_accuracy: Option<f64>,
+    /// Osprey's `max_ensemble` (multi-modal models): lowers the tenant's ensemble size.
+    pub max_ensemble: Option<u64>,
+    /// Osprey's `min_confidence` (multi-modal models): the fused confidence target of this
+    /// request, instead of the tenant's.
+    pub min_confidence: Option<f64>,
 }
 
 /// A request that passed validation: only these enter a queue.
@@ -82,6 +87,9 @@ pub struct ValidRequest {
     /// Set when the address names a pipeline: `model` is then its first stage and `outputs`
     /// index the last stage's outputs.
     pub pipeline: Option<Arc<PipelineEntry>>,
+    /// Set when the address names a multi-modal model: its parts per modality (`model`,
+    /// `rows` and `outputs` are then the first part's, `inputs` empty).
+    pub multimodal: Option<Box<crate::multimodal::MultiModalRequest>>,
 }
 
 /// What a successful inference returns to the protocol layer.
@@ -101,11 +109,17 @@ pub struct InferOutcome {
     pub tenant: Arc<str>,
     /// When a pipeline answered: what ran each stage (`model` is then its last stage).
     pub pipeline: Option<PipelineRun>,
+    /// When a multi-modal model answered: what answered and how it was fused (`model` and
+    /// `variant` are then the first answer's, `outputs` the fused probabilities).
+    pub multimodal: Option<crate::multimodal::MultiModalRun>,
 }
 
 impl InferOutcome {
-    /// The name the client addressed: the pipeline's, or the model's.
+    /// The name the client addressed: the pipeline's, the multi-modal model's, or the model's.
     pub fn addressed_name(&self) -> &str {
+        if let Some(m) = &self.multimodal {
+            return m.entry.name();
+        }
         self.pipeline.as_ref().map_or(self.model.name(), |r| r.entry.name())
     }
 }
@@ -241,6 +255,9 @@ pub struct GatewayConfig {
     /// Split models of the repository (`split.toml`); one without its weights is a problem
     /// that says how to add them.
     pub splits: Vec<osprey_core::split::SplitSpec>,
+    /// Multi-modal models of the repository (`multimodal.toml`); one whose members do not
+    /// check against the served models is a problem.
+    pub multimodal: Vec<osprey_core::multimodal::MultiModalSpec>,
     /// The repository the models came from, for model control (`None`: no model can be
     /// loaded at run time).
     pub repository: Option<std::path::PathBuf>,
@@ -263,6 +280,7 @@ impl GatewayConfig {
             join_token: None,
             pipelines: Vec::new(),
             splits: Vec::new(),
+            multimodal: Vec::new(),
             repository: None,
             model_control: crate::repository::Mode::None,
         }
@@ -274,6 +292,7 @@ pub struct Gateway {
     pub(crate) models: std::sync::RwLock<BTreeMap<String, Arc<ModelEntry>>>,
     pipelines: BTreeMap<String, Arc<PipelineEntry>>,
     splits: BTreeMap<String, Arc<crate::split::SplitDriver>>,
+    multimodals: BTreeMap<String, Arc<crate::multimodal::MultiModalEntry>>,
     pub tenants: Tenants,
     pub policy: PolicyName,
     epoch: Instant,
@@ -524,11 +543,31 @@ impl Gateway {
                 }
             }
         }
+        let mut multimodals = BTreeMap::new();
+        for spec in config.multimodal {
+            let name = spec.name.clone();
+            if models.contains_key(&name) || pipelines.contains_key(&name) {
+                let error =
+                    Error::invalid(format!("multi-modal model '{name}' has the name of a model or pipeline"));
+                problems.push(RepositoryProblem { model: name, error });
+                continue;
+            }
+            match crate::multimodal::MultiModalEntry::new(spec, &entries) {
+                Ok(m) => {
+                    multimodals.insert(name, Arc::new(m));
+                }
+                Err(error) => {
+                    tracing::error!(model = %name, "multi-modal model not served: {}", error.message);
+                    problems.push(RepositoryProblem { model: name, error });
+                }
+            }
+        }
         let cluster = Cluster::new(Dispatcher::new(dispatch, setups), entries);
         let mut splits = BTreeMap::new();
         for spec in config.splits {
             let name = spec.name.clone();
-            if models.contains_key(&name) || pipelines.contains_key(&name) {
+            if models.contains_key(&name) || pipelines.contains_key(&name) || multimodals.contains_key(&name)
+            {
                 let error =
                     Error::invalid(format!("split model '{name}' has the name of a model or pipeline"));
                 problems.push(RepositoryProblem { model: name, error });
@@ -571,6 +610,7 @@ impl Gateway {
             models: std::sync::RwLock::new(models),
             pipelines,
             splits,
+            multimodals,
             tenants,
             policy: config.scheduler.policy,
             epoch: Instant::now(),
@@ -622,6 +662,10 @@ impl Gateway {
             return !self.draining.load(Ordering::Relaxed)
                 && p.stages.iter().all(|s| self.cluster.model_ready(s.name()));
         }
+        if let Some(m) = self.multimodals.get(model) {
+            return !self.draining.load(Ordering::Relaxed)
+                && m.members().any(|s| self.cluster.model_ready(s));
+        }
         !self.draining.load(Ordering::Relaxed) && self.cluster.model_ready(model)
     }
 
@@ -632,6 +676,15 @@ impl Gateway {
 
     pub fn splits(&self) -> impl Iterator<Item = &Arc<crate::split::SplitDriver>> {
         self.splits.values()
+    }
+
+    /// The served multi-modal model of that name.
+    pub fn multimodal(&self, name: &str) -> Option<&Arc<crate::multimodal::MultiModalEntry>> {
+        self.multimodals.get(name)
+    }
+
+    pub fn multimodals(&self) -> impl Iterator<Item = &Arc<crate::multimodal::MultiModalEntry>> {
+        self.multimodals.values()
     }
 
     /// The served pipeline of that name.
@@ -674,7 +727,12 @@ impl Gateway {
     pub fn model(&self, name: &str) -> Result<Arc<ModelEntry>> {
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
         models.get(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = models.keys().chain(self.pipelines.keys()).map(String::as_str).collect();
+            let known: Vec<&str> = models
+                .keys()
+                .chain(self.pipelines.keys())
+                .chain(self.multimodals.keys())
+                .map(String::as_str)
+                .collect();
             Error::not_found(format!("unknown model '{name}'; served models: {}", known.join(", ")))
         })
     }
@@ -690,6 +748,9 @@ impl Gateway {
         outputs: &[String],
         opts: &RequestOptions,
     ) -> Result<ValidRequest> {
+        if let Some(mm) = self.multimodals.get(model) {
+            return self.validate_multimodal(mm.clone(), version, id, inputs, outputs, opts);
+        }
         let pipeline = self.pipelines.get(model).cloned();
         let (entry, pinned) = match &pipeline {
             Some(p) => {
@@ -793,6 +854,7 @@ impl Gateway {
             priority: opts.priority,
             min_accuracy: opts.min_accuracy,
             pipeline,
+            multimodal: None,
         })
     }
 
@@ -898,6 +960,9 @@ impl Gateway {
     /// Admits, queues and awaits one request of `tenant`. Every admitted request ends in
     /// exactly one answer: the outcome or an explicit error.
     pub async fn infer(&self, mut req: ValidRequest, tenant: usize) -> Result<InferOutcome> {
+        if let Some(m) = req.multimodal.take() {
+            return self.infer_multimodal(*m, req, tenant).await;
+        }
         match req.pipeline.take() {
             Some(p) => self.infer_pipeline(p, req, tenant).await,
             None => {
@@ -1088,7 +1153,7 @@ fn cost_ms(entry: &ModelEntry, req: &ValidRequest) -> f64 {
 }
 
 /// The estimated accuracy of each variant on this request's input, averaged over its samples.
-fn estimate(entry: &ModelEntry, req: &ValidRequest) -> Vec<f64> {
+pub(crate) fn estimate(entry: &ModelEntry, req: &ValidRequest) -> Vec<f64> {
     let nv = entry.variants.len();
     let mut estimate = vec![0.0; nv];
     let mut row = vec![0.0; nv];

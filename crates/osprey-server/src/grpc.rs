@@ -176,7 +176,10 @@ impl GrpcInferenceService for InferenceService {
         let t = self.tenant(&r)?;
         let r = r.into_inner();
         self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
-        let known = if self.gw.pipeline(&r.name).is_some() || self.gw.split(&r.name).is_some() {
+        let known = if self.gw.pipeline(&r.name).is_some()
+            || self.gw.split(&r.name).is_some()
+            || self.gw.multimodal(&r.name).is_some()
+        {
             r.version.is_empty()
         } else {
             model_ready(&self.gw, t, &r.name, &r.version).is_ok()
@@ -215,6 +218,22 @@ impl GrpcInferenceService for InferenceService {
                 platform: "osprey_pipeline".into(),
                 inputs: p.inputs().iter().map(tensor_meta).collect(),
                 outputs: p.outputs().iter().map(tensor_meta).collect(),
+            }));
+        }
+        if let Some(mm) = self.gw.multimodal(&r.name) {
+            self.gw.tenants.check_visible(t, &r.name).map_err(status)?;
+            if !r.version.is_empty() {
+                return Err(status(Error::not_found(format!(
+                    "multi-modal model '{}' has no versions",
+                    r.name
+                ))));
+            }
+            return Ok(Response::new(pb::ModelMetadataResponse {
+                name: mm.name().into(),
+                versions: Vec::new(),
+                platform: "osprey_multimodal".into(),
+                inputs: mm.inputs.iter().map(|(_, t)| tensor_meta(t)).collect(),
+                outputs: vec![tensor_meta(&mm.output)],
             }));
         }
         let m = model_ready(&self.gw, t, &r.name, &r.version)?;
@@ -422,6 +441,8 @@ pub fn decode_request(r: &mut pb::ModelInferRequest) -> Result<Decoded, Error> {
         deadline_ms: param_u64(&r.parameters, "deadline_ms")?,
         priority: param_u64(&r.parameters, "priority")?,
         min_accuracy: param_f64(&r.parameters, "min_accuracy")?,
+        max_ensemble: param_u64(&r.parameters, "max_ensemble")?,
+        min_confidence: param_f64(&r.parameters, "min_confidence")?,
     };
     for o in &r.outputs {
         if o.parameters.contains_key("classification") {

@@ -348,6 +348,24 @@ pub fn pipeline_metadata(p: &crate::pipeline::PipelineEntry) -> Value {
     })
 }
 
+/// A multi-modal model's metadata: every modality's inputs (a request may carry some of
+/// them), the fused output, its modalities and fusion rules.
+pub fn multimodal_metadata(m: &crate::multimodal::MultiModalEntry) -> Value {
+    json!({
+        "name": m.name(),
+        "versions": [],
+        "platform": "osprey_multimodal",
+        "inputs": m.inputs.iter().map(|(_, t)| tensor_meta(t)).collect::<Vec<_>>(),
+        "outputs": [tensor_meta(&m.output)],
+        "parameters": {
+            "description": m.spec.description,
+            "modalities": m.modalities_parameter(),
+            "fusion": m.fusion_parameter(),
+            "labels": m.labels,
+        }
+    })
+}
+
 async fn model_metadata(
     State(gw): State<Arc<Gateway>>,
     Extension(t): Extension<TenantId>,
@@ -379,6 +397,13 @@ async fn model_metadata(
         }
         return Ok(Json(pipeline_metadata(p)));
     }
+    if let Some(m) = gw.multimodal(&r.model) {
+        gw.tenants.check_visible(t.0, &r.model)?;
+        if !r.version.is_empty() {
+            return Err(Error::not_found(format!("multi-modal model '{}' has no versions", r.model)).into());
+        }
+        return Ok(Json(multimodal_metadata(m)));
+    }
     let m = addressed(&gw, t, &r)?;
     Ok(Json(metadata(&m)))
 }
@@ -388,7 +413,7 @@ async fn model_ready(
     Extension(t): Extension<TenantId>,
     Path(r): Path<ModelRef>,
 ) -> ApiResult<StatusCode> {
-    if gw.pipeline(&r.model).is_some() || gw.split(&r.model).is_some() {
+    if gw.pipeline(&r.model).is_some() || gw.split(&r.model).is_some() || gw.multimodal(&r.model).is_some() {
         gw.tenants.check_visible(t.0, &r.model)?;
         if !r.version.is_empty() {
             return Err(Error::not_found(format!("model '{}' has no versions", r.model)).into());
@@ -749,6 +774,13 @@ pub fn decode_request(
             Some(v) => {
                 Some(v.as_f64().ok_or_else(|| Error::invalid("parameter 'min_accuracy' must be a number"))?)
             }
+        },
+        max_ensemble: param_u64(p, "max_ensemble")?,
+        min_confidence: match p.get("min_confidence") {
+            None => None,
+            Some(v) => Some(
+                v.as_f64().ok_or_else(|| Error::invalid("parameter 'min_confidence' must be a number"))?,
+            ),
         },
     };
     let binary_default = match p.get("binary_data_output") {

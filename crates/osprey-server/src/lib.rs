@@ -13,6 +13,8 @@
 //! - [`agent`]: the `Agent` seam (in-process worker pool, remote, fake) and its work item.
 //! - [`pipeline`]: pipelines addressed as one model: stages chained in the gateway, the
 //!   deadline split over them.
+//! - [`multimodal`]: multi-modal models addressed as one model: the parts per modality, the
+//!   calls `osprey_policy::refine` asks for, the fused answer.
 //! - [`protocol`]: what REST and gRPC share: caller, typed response parameters, edge metrics.
 //! - [`http`]: REST routes, JSON tensors and Triton's binary tensor extension.
 //! - [`grpc`]: `inference.GRPCInferenceService` (the `.proto` lives in `proto/`).
@@ -43,6 +45,7 @@ pub mod http;
 pub mod join;
 pub mod listener;
 pub mod metrics;
+pub mod multimodal;
 pub mod node;
 pub mod pipeline;
 pub mod protocol;

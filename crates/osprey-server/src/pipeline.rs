@@ -160,6 +160,7 @@ impl Gateway {
                 priority: req.priority,
                 min_accuracy: req.min_accuracy,
                 pipeline: None,
+                multimodal: None,
             };
             let mut o = self.infer_stage(stage_req, tenant, k == 0).await?;
             queue += o.queue;

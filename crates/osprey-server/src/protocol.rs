@@ -43,7 +43,10 @@ pub enum ParamValue<'a> {
 }
 
 /// The parameters every inference response carries (see the README's table); a pipeline's
-/// also say what ran each stage (`pipeline_stages`: `stage=model/variant@node,...`).
+/// also say what ran each stage (`pipeline_stages`: `stage=model/variant@node,...`); a
+/// multi-modal model's say what answered and how it was fused (`modalities`, `ensemble`:
+/// `modality=model/variant@node,...`, `fused_confidence`, `refined`, `refinement_stop`,
+/// `fusion`, `calls`).
 pub fn response_parameters(o: &InferOutcome) -> Vec<(&'static str, ParamValue<'_>)> {
     let mut v = vec![
         ("variant", ParamValue::Str(&o.model.variants[o.variant].spec.name)),
@@ -58,6 +61,15 @@ pub fn response_parameters(o: &InferOutcome) -> Vec<(&'static str, ParamValue<'_
     if let Some(run) = &o.pipeline {
         v.push(("pipeline_stages", ParamValue::Owned(crate::pipeline::stages_parameter(&run.stages))));
     }
+    if let Some(m) = &o.multimodal {
+        v.push(("modalities", ParamValue::Owned(m.modalities())));
+        v.push(("ensemble", ParamValue::Owned(m.ensemble())));
+        v.push(("fused_confidence", ParamValue::Double(m.fused_confidence)));
+        v.push(("refined", ParamValue::Bool(m.refined)));
+        v.push(("refinement_stop", ParamValue::Str(m.stop.as_str())));
+        v.push(("fusion", ParamValue::Str(m.fusion.as_str())));
+        v.push(("calls", ParamValue::Int(m.calls as i64)));
+    }
     v
 }
 
@@ -66,7 +78,12 @@ pub fn response_parameters(o: &InferOutcome) -> Vec<(&'static str, ParamValue<'_
 /// the gateway. One rule for both protocols.
 pub fn count_edge_error(gw: &Gateway, model: &str, e: &Error) {
     if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::PayloadTooLarge) {
-        let label = if gw.model(model).is_ok() || gw.pipeline(model).is_some() { model } else { "" };
+        let label =
+            if gw.model(model).is_ok() || gw.pipeline(model).is_some() || gw.multimodal(model).is_some() {
+                model
+            } else {
+                ""
+            };
         gw.metrics.request(label, "", e.code.label());
     }
 }

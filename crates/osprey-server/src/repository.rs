@@ -167,10 +167,10 @@ impl Gateway {
 
     /// Why `name` cannot be loaded or unloaded on its own, if it cannot.
     fn fixed(&self, name: &str) -> Result<()> {
-        if self.pipeline(name).is_some() || self.split(name).is_some() {
+        if self.pipeline(name).is_some() || self.split(name).is_some() || self.multimodal(name).is_some() {
             return Err(Error::invalid(format!(
-                "'{name}' is a pipeline or a split model: those are built at start and not loaded or unloaded \
-                 at run time"
+                "'{name}' is a pipeline, a split model or a multi-modal model: those are built at start and not \
+                 loaded or unloaded at run time"
             )));
         }
         if let Some(p) = self.pipelines().find(|p| p.stages.iter().any(|s| s.name() == name)) {
@@ -345,6 +345,12 @@ impl Gateway {
                 out.push(entry(d.name(), "", "READY", String::new()));
             } else if !ready_only {
                 out.push(entry(d.name(), "", "UNAVAILABLE", "no split plan is active".into()));
+            }
+        }
+        for m in self.multimodals().filter(|m| visible(m.name())) {
+            let ready = self.model_is_ready(m.name());
+            if ready || !ready_only {
+                out.push(entry(m.name(), "", if ready { "READY" } else { "UNAVAILABLE" }, String::new()));
             }
         }
         for p in self.pipelines().filter(|p| visible(p.name())) {

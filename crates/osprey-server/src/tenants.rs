@@ -63,6 +63,7 @@ impl Tenants {
                 role: Role::Admin,
                 compute_rate_ms: None,
                 compute_burst_ms: None,
+                quality: None,
             }]
         } else {
             configs.to_vec()
@@ -257,6 +258,7 @@ mod tests {
             role: Role::Tenant,
             compute_rate_ms: None,
             compute_burst_ms: None,
+            quality: None,
         }
     }
 

@@ -93,6 +93,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
         let gw = Gateway::start(
             GatewayConfig {
                 splits: Vec::new(),
+                multimodal: Vec::new(),
                 models: models.clone(),
                 problems: Vec::new(),
                 limits: Limits::default(),

@@ -117,6 +117,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         tracing::error!(model = %p.model, "skipping split model: {}", p.error);
         problems.push(p);
     }
+    let (multimodal, broken) = osprey_core::multimodal::scan_multimodal(&repo).map_err(|e| e.to_string())?;
+    for p in broken {
+        tracing::error!(model = %p.model, "skipping multi-modal model: {}", p.error);
+        problems.push(p);
+    }
     let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4);
     let wanted = args.local_agents.unwrap_or(config.agents.len().max(1));
     let local_agents: Vec<osprey_core::config::AgentConfig> = (0..wanted)
@@ -178,6 +183,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 join_token: Some(join_token),
                 pipelines,
                 splits,
+                multimodal,
                 repository: Some(repo.clone()),
                 model_control: mode,
             },
@@ -186,6 +192,9 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         for m in gw.models() {
             let names: Vec<&str> = m.variants.iter().map(|v| v.spec.name.as_str()).collect();
             tracing::info!(model = m.name(), variants = %names.join(","), "model ready");
+        }
+        for m in gw.multimodals() {
+            tracing::info!(model = m.name(), modalities = %m.modalities_parameter(), "multi-modal model ready");
         }
         let http_addr = http.local_addr().map_err(|e| e.to_string())?;
         let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;

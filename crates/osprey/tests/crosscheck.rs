@@ -100,6 +100,7 @@ fn live_and_simulated_dispatch_decide_alike() {
                         role: Default::default(),
                         compute_rate_ms: None,
                         compute_burst_ms: None,
+                        quality: None,
                     })
                     .collect(),
                 scheduler: SchedulerSection { policy: PolicyName::DataAware, ..SchedulerSection::default() },

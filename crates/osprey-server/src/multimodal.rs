@@ -1,0 +1,432 @@
+//! Multi-modal models served live: a `multimodal.toml` of the repository addressed as one
+//! model over the Open Inference Protocol. A request carries the inputs of one or more of its
+//! modalities (each modality's inputs are its member model's, named as there); the answer is
+//! the fused class probabilities under the model's output name, and the response parameters
+//! say which modalities and variants answered, the fused confidence and whether refinement
+//! happened.
+//!
+//! Decisions are `osprey_policy::refine` (sans-IO): this module builds its services (every
+//! variant of every modality the request carries and the tenant may use, with the per-input
+//! accuracy estimate, the per-class accuracy profile, and `Dispatcher::expected_service` for
+//! the instance it would run on), runs the calls it asks for one after another, each as an
+//! ordinary request of the member model pinned to the variant (its own queue, batching and
+//! instance selection), and reports answers and failures back.
+//!
+//! The tenant's sample and cost quotas are charged once, by the first call; later calls of
+//! the same request are not charged again. The time budget is the tenant's
+//! `quality.time_budget_ms` (default its `latency_slo_ms`), tightened by the request's
+//! `timeout` or `deadline_ms`.
+
+use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, ValidRequest};
+use osprey_core::ErrorCode;
+use osprey_core::error::{Error, Result};
+use osprey_core::model::{ModelSpec, TensorSpec};
+use osprey_core::multimodal::{Fusion, MultiModalSpec};
+use osprey_core::tensor::RawTensor;
+use osprey_policy::refine::{Objective, Refinement, Service, Step, Stop};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A served multi-modal model: its spec, and its inputs (the members' in modality order, each
+/// with the modality it belongs to). Members are looked up by name at each request, so a
+/// member reloaded or unloaded by model control is seen at once.
+#[derive(Debug)]
+pub struct MultiModalEntry {
+    pub spec: MultiModalSpec,
+    pub inputs: Vec<(usize, TensorSpec)>,
+    pub output: TensorSpec,
+    pub labels: Vec<String>,
+}
+
+/// The validated parts of a multi-modal request: per modality, the member model's request,
+/// or `None` when the request does not carry that modality.
+#[derive(Debug)]
+pub struct MultiModalRequest {
+    pub entry: Arc<MultiModalEntry>,
+    pub parts: Vec<Option<ValidRequest>>,
+    /// The request's `max_ensemble` and `min_confidence` parameters.
+    pub max_ensemble: Option<usize>,
+    pub min_confidence: Option<f64>,
+}
+
+/// One call that answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub modality: String,
+    pub model: String,
+    pub variant: String,
+    pub node: Arc<str>,
+    pub estimated_accuracy: f64,
+}
+
+/// How a multi-modal request was answered.
+#[derive(Debug, Clone)]
+pub struct MultiModalRun {
+    pub entry: Arc<MultiModalEntry>,
+    pub answers: Vec<Answer>,
+    pub fused_confidence: f64,
+    pub refined: bool,
+    pub stop: Stop,
+    pub fusion: Fusion,
+    /// Calls made, failed ones included.
+    pub calls: usize,
+}
+
+impl MultiModalRun {
+    /// The modalities that answered, comma-separated, in answer order (a response parameter).
+    pub fn modalities(&self) -> String {
+        let mut seen: Vec<&str> = Vec::new();
+        for a in &self.answers {
+            if !seen.contains(&a.modality.as_str()) {
+                seen.push(&a.modality);
+            }
+        }
+        seen.join(",")
+    }
+
+    /// `modality=model/variant@node` per answer, comma-separated (a response parameter).
+    pub fn ensemble(&self) -> String {
+        self.answers
+            .iter()
+            .map(|a| format!("{}={}/{}@{}", a.modality, a.model, a.variant, a.node))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl MultiModalEntry {
+    /// Checks the spec against the served models (`MultiModalSpec::check`).
+    pub fn new(spec: MultiModalSpec, served: &[Arc<ModelEntry>]) -> Result<MultiModalEntry> {
+        let specs: Vec<ModelSpec> = served.iter().map(|m| m.spec.clone()).collect();
+        let members = spec.check(&specs)?;
+        let inputs = members
+            .iter()
+            .enumerate()
+            .flat_map(|(k, m)| m.inputs.iter().map(move |t| (k, t.clone())))
+            .collect();
+        let labels = members[0].labels.clone();
+        let output = TensorSpec {
+            name: spec.output.clone(),
+            datatype: osprey_core::tensor::DataType::Fp32,
+            shape: vec![-1, labels.len() as i64],
+        };
+        Ok(MultiModalEntry { spec, inputs, output, labels })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Member model names in modality order.
+    pub fn members(&self) -> impl Iterator<Item = &str> {
+        self.spec.modalities.iter().map(|m| m.model.as_str())
+    }
+
+    /// `modality=model` per modality, comma-separated.
+    pub fn modalities_parameter(&self) -> String {
+        self.spec.modalities.iter().map(|m| format!("{}={}", m.name, m.model)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn fusion_parameter(&self) -> String {
+        self.spec.fusion.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl Gateway {
+    /// Validates a request to multi-modal model `mm`: every tensor belongs to one modality,
+    /// each modality it carries has all its inputs (checked by that member model's own rules),
+    /// one batch size throughout, and only the fused output may be asked for.
+    pub(crate) fn validate_multimodal(
+        &self,
+        mm: Arc<MultiModalEntry>,
+        version: &str,
+        id: String,
+        inputs: Vec<InputTensor>,
+        outputs: &[String],
+        opts: &RequestOptions,
+    ) -> Result<ValidRequest> {
+        let name = mm.name().to_string();
+        if !version.is_empty() {
+            return Err(Error::not_found(format!(
+                "multi-modal model '{name}' has no versions; address it as /v2/models/{name}"
+            )));
+        }
+        if opts.max_ensemble == Some(0) {
+            return Err(Error::invalid("max_ensemble must be at least 1"));
+        }
+        if let Some(c) = opts.min_confidence
+            && !(0.0..=1.0).contains(&c)
+        {
+            return Err(Error::invalid("min_confidence must be within 0..1"));
+        }
+        if let Some(o) = outputs.iter().find(|o| **o != mm.output.name) {
+            return Err(Error::invalid(format!(
+                "model '{name}' has no output '{o}'; it has '{}'",
+                mm.output.name
+            )));
+        }
+        let mut groups: Vec<Vec<InputTensor>> = (0..mm.spec.modalities.len()).map(|_| Vec::new()).collect();
+        for it in inputs {
+            let Some((k, _)) = mm.inputs.iter().find(|(_, t)| t.name == it.name) else {
+                let names: Vec<String> = mm
+                    .inputs
+                    .iter()
+                    .map(|(k, t)| format!("{} ({})", t.name, mm.spec.modalities[*k].name))
+                    .collect();
+                return Err(Error::invalid(format!(
+                    "model '{name}' has no input '{}'; its inputs are: {}",
+                    it.name,
+                    names.join(", ")
+                )));
+            };
+            groups[*k].push(it);
+        }
+        if groups.iter().all(Vec::is_empty) {
+            return Err(Error::invalid(format!(
+                "a request to '{name}' must carry the inputs of at least one modality ({})",
+                mm.modalities_parameter()
+            )));
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut rows: Option<u32> = None;
+        for (k, group) in groups.into_iter().enumerate() {
+            if group.is_empty() {
+                parts.push(None);
+                continue;
+            }
+            let modality = &mm.spec.modalities[k];
+            let part = self
+                .validate(&modality.model, "", id.clone(), group, std::slice::from_ref(&mm.output.name), opts)
+                .map_err(|e| {
+                    let code = if e.code == ErrorCode::NotFound { ErrorCode::Unavailable } else { e.code };
+                    Error::new(
+                        code,
+                        format!("modality '{}' (model '{}'): {}", modality.name, modality.model, e.message),
+                    )
+                })?;
+            if *rows.get_or_insert(part.rows) != part.rows {
+                return Err(Error::invalid("every modality's inputs must have the same batch size"));
+            }
+            parts.push(Some(part));
+        }
+        let first = parts.iter().flatten().next().ok_or_else(|| Error::internal("no modality validated"))?;
+        Ok(ValidRequest {
+            model: first.model.clone(),
+            id,
+            pinned: None,
+            inputs: Vec::new(),
+            rows: first.rows,
+            outputs: first.outputs.clone(),
+            timeout: first.timeout,
+            priority: first.priority,
+            min_accuracy: first.min_accuracy,
+            pipeline: None,
+            multimodal: Some(Box::new(MultiModalRequest {
+                entry: mm,
+                parts,
+                max_ensemble: opts.max_ensemble.map(|n| n.min(usize::MAX as u64) as usize),
+                min_confidence: opts.min_confidence,
+            })),
+        })
+    }
+
+    /// Answers a validated multi-modal request by cross-modal refinement (module docs).
+    pub(crate) async fn infer_multimodal(
+        &self,
+        m: MultiModalRequest,
+        req: ValidRequest,
+        tenant: usize,
+    ) -> Result<InferOutcome> {
+        let name = m.entry.name().to_string();
+        let result = self.refine(&m, &req, tenant).await;
+        let label = result.as_ref().map_or_else(|e| e.code.label(), |_| "ok");
+        self.metrics.request(&name, "", label);
+        result
+    }
+
+    async fn refine(&self, m: &MultiModalRequest, req: &ValidRequest, tenant: usize) -> Result<InferOutcome> {
+        let started = Instant::now();
+        let tcfg = &self.tenants.get(tenant).config;
+        let q = tcfg.quality.clone().unwrap_or_default();
+        let spec = &m.entry.spec;
+        for (k, part) in m.parts.iter().enumerate() {
+            let modality = &spec.modalities[k].name;
+            if part.is_some() && !q.modalities.is_empty() && !q.modalities.contains(modality) {
+                return Err(Error::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "tenant '{}' may use the modalities {} of '{}'; this request carries '{modality}'",
+                        tcfg.name,
+                        q.modalities.join(", "),
+                        spec.name
+                    ),
+                ));
+            }
+        }
+        let fusion = q.fusion.unwrap_or(spec.fusion[0]);
+        if !spec.fusion.contains(&fusion) {
+            return Err(Error::invalid(format!(
+                "tenant '{}' asks for fusion '{}', which '{}' does not support ({})",
+                tcfg.name,
+                fusion.as_str(),
+                spec.name,
+                m.entry.fusion_parameter()
+            )));
+        }
+        let budget = Duration::from_millis(q.time_budget_ms.unwrap_or(tcfg.latency_slo_ms));
+        let budget = req.timeout.map_or(budget, |t| t.min(budget));
+        let mut services = Vec::new();
+        for (k, part) in m.parts.iter().enumerate() {
+            let Some(part) = part else { continue };
+            let entry = &part.model;
+            let estimate = crate::gateway::estimate(entry, part);
+            for (v, variant) in entry.variants.iter().enumerate() {
+                let Some(e) = self.cluster.expected_service(entry.index, v, part.rows) else { continue };
+                services.push(Service {
+                    modality: k,
+                    variant: v,
+                    accuracy: estimate.get(v).copied().unwrap_or(variant.spec.accuracy),
+                    class_accuracy: variant.spec.class_accuracy.clone(),
+                    latency_us: e.latency_us,
+                    failure_rate: e.failure_rate,
+                });
+            }
+        }
+        if services.is_empty() {
+            return Err(Error::unavailable(format!(
+                "no live node hosts a variant of the modalities this request to '{}' carries",
+                spec.name
+            )));
+        }
+        let objective = Objective {
+            max_ensemble: m.max_ensemble.map_or(q.max_ensemble, |n| n.min(q.max_ensemble)),
+            strategy: q.strategy,
+            min_accuracy: q.min_accuracy.max(tcfg.accuracy_floor).max(req.min_accuracy.unwrap_or(0.0)),
+            min_confidence: m.min_confidence.unwrap_or(q.min_confidence),
+            budget_us: budget.as_micros() as u64,
+            first_share: q.first_share,
+            fusion,
+        };
+        let deadline = started + budget;
+        let mut r = Refinement::new(objective, services, self.now_us());
+        let mut first: Option<InferOutcome> = None;
+        let mut answers = Vec::new();
+        let mut last_error: Option<Error> = None;
+        let (mut queue, mut compute, mut batch) = (Duration::ZERO, Duration::ZERO, 1);
+        let mut charged = false;
+        let stop = loop {
+            let now_us = self.now_us();
+            match r.poll(now_us) {
+                Step::Done(stop) => break stop,
+                Step::Wait => return Err(Error::internal("a refinement call is outstanding")),
+                Step::Call { service, deadline: by } => {
+                    let s = r.services()[service].clone();
+                    let Some(part) = m.parts[s.modality].as_ref() else {
+                        r.handle_failure(service, now_us);
+                        continue;
+                    };
+                    let call = ValidRequest {
+                        model: part.model.clone(),
+                        id: part.id.clone(),
+                        pinned: Some(s.variant),
+                        inputs: part.inputs.clone(),
+                        rows: part.rows,
+                        outputs: part.outputs.clone(),
+                        timeout: Some(Duration::from_micros(by.saturating_sub(now_us).max(1))),
+                        priority: part.priority,
+                        min_accuracy: None,
+                        pipeline: None,
+                        multimodal: None,
+                    };
+                    let admit = !charged;
+                    match self.infer_stage(call, tenant, admit).await {
+                        Ok(o) => {
+                            charged = true;
+                            let probs = probabilities(&o, m.entry.labels.len());
+                            match probs {
+                                Ok(rows) => r.handle_answer(service, rows, self.now_us()),
+                                Err(e) => {
+                                    last_error = Some(e);
+                                    r.handle_failure(service, self.now_us());
+                                    continue;
+                                }
+                            }
+                            queue += o.queue;
+                            compute += o.compute;
+                            batch = o.batch_size;
+                            answers.push(Answer {
+                                modality: spec.modalities[s.modality].name.clone(),
+                                model: o.model.name().to_string(),
+                                variant: o.model.variants[o.variant].spec.name.clone(),
+                                node: o.node.clone(),
+                                estimated_accuracy: o.estimated_accuracy,
+                            });
+                            if first.is_none() {
+                                first = Some(o);
+                            }
+                        }
+                        Err(e) => {
+                            // A tenant over its quota or queue share ends the request; anything
+                            // else is one failed call (the quota was charged at admission).
+                            if e.code == ErrorCode::ResourceExhausted {
+                                return Err(e);
+                            }
+                            charged = true;
+                            last_error = Some(e);
+                            r.handle_failure(service, self.now_us());
+                        }
+                    }
+                }
+            }
+        };
+        let Some(mut o) = first else {
+            return Err(last_error.unwrap_or_else(|| {
+                let fastest = r.services().iter().map(Service::expected_us).fold(f64::INFINITY, f64::min);
+                Error::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!(
+                        "no modality of this request can answer within its {} us budget (the fastest is expected \
+                         to take {fastest:.0} us)",
+                        budget.as_micros()
+                    ),
+                )
+            }));
+        };
+        let fused = r.fused();
+        let classes = m.entry.labels.len();
+        let flat: Vec<f32> = fused.iter().flatten().copied().collect();
+        let tensor = RawTensor::from_f32(vec![fused.len() as i64, classes as i64], &flat)?;
+        let out_idx = o.outputs.first().map_or(0, |(i, _)| *i);
+        o.outputs = vec![(out_idx, tensor)];
+        o.queue = queue;
+        o.compute = compute;
+        o.batch_size = batch;
+        o.deadline_met = Instant::now() <= deadline;
+        o.estimated_accuracy = answers.iter().map(|a| a.estimated_accuracy).fold(0.0, f64::max);
+        o.multimodal = Some(MultiModalRun {
+            entry: m.entry.clone(),
+            fused_confidence: r.confidence(),
+            refined: r.refined(),
+            stop,
+            fusion,
+            calls: r.calls(),
+            answers,
+        });
+        Ok(o)
+    }
+}
+
+/// The class probabilities of a member's answer, per row.
+fn probabilities(o: &InferOutcome, classes: usize) -> Result<Vec<Vec<f32>>> {
+    let (_, t) =
+        o.outputs.first().ok_or_else(|| Error::internal("a modality answered without its output"))?;
+    let values = t.to_f32()?;
+    if classes == 0 || values.len() % classes != 0 {
+        return Err(Error::internal(format!(
+            "model '{}' answered {} values, not rows of {classes} class probabilities",
+            o.model.name(),
+            values.len()
+        )));
+    }
+    Ok(values.chunks(classes).map(<[f32]>::to_vec).collect())
+}

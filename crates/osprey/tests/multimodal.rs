@@ -1,0 +1,150 @@
+//! Multi-modal requests end to end: `osprey serve` on the bundled repository (whose
+//! `digit_events` pairs the image and the spoken digits), driven by the official Triton clients
+//! and by raw HTTP under tenants with different quality objectives.
+
+mod common;
+
+use common::{Server, post_as, repo_root};
+use std::process::Command;
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("osprey-mm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One image and one clip of the same class from the held-out sets, as JSON inputs.
+fn event_inputs(image: bool, audio: bool) -> Vec<String> {
+    let models = repo_root().join("models");
+    let mut out = Vec::new();
+    if image {
+        let bytes = std::fs::read(models.join("digits/eval/inputs.bin")).unwrap();
+        let px: Vec<String> = bytes[..64 * 4]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).to_string())
+            .collect();
+        out.push(format!(
+            r#"{{"name":"image","datatype":"FP32","shape":[1,8,8],"data":[{}]}}"#,
+            px.join(",")
+        ));
+    }
+    if audio {
+        let bytes = std::fs::read(models.join("spoken_digits/eval/inputs.bin")).unwrap();
+        let pcm: Vec<String> =
+            bytes[..6400 * 2].chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]]).to_string()).collect();
+        out.push(format!(
+            r#"{{"name":"waveform","datatype":"INT16","shape":[1,6400],"data":[{}]}}"#,
+            pcm.join(",")
+        ));
+    }
+    out
+}
+
+fn body(inputs: &[String], params: &str) -> String {
+    format!(r#"{{"inputs":[{}],"parameters":{{{params}}}}}"#, inputs.join(","))
+}
+
+fn param<'a>(v: &'a serde_json::Value, k: &str) -> &'a serde_json::Value {
+    &v["parameters"][k]
+}
+
+/// tritonclient (HTTP and gRPC): one modality, both, a batch, and refusals
+/// (tests/python/multimodal.py says what it checks).
+#[test]
+fn multimodal_requests_through_tritonclient() {
+    let dir = scratch("triton");
+    let config = dir.join("osprey.toml");
+    std::fs::write(
+        &config,
+        "[[tenants]]\nname = \"site\"\nlatency_slo_ms = 2000\n[tenants.quality]\nmax_ensemble = 3\n\
+         min_confidence = 0.999\nstrategy = \"select_by_overall_accuracy\"\nfusion = \"product\"\n",
+    )
+    .unwrap();
+    let server = Server::start(&["--config", &config.to_string_lossy()]);
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/python/multimodal.py"))
+        .args(["--http", &server.http, "--grpc", &server.grpc, "--models"])
+        .arg(repo_root().join("models"))
+        .output()
+        .expect("run python3 (install it and `pip install tritonclient[http,grpc] numpy`)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "multi-modal checks failed:\n{text}");
+    assert!(text.contains("checks passed"), "{text}");
+    assert!(server.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Tenants' objectives decide: allowed modalities (403 otherwise), the ensemble size, the
+/// strategy and the fusion rule; a request's `min_confidence` replaces the tenant's target.
+#[test]
+fn tenant_objectives_shape_the_refinement() {
+    let dir = scratch("tenants");
+    let config = dir.join("osprey.toml");
+    let hash = osprey_server::tenants::hash_key;
+    std::fs::write(
+        &config,
+        format!(
+            "[[tenants]]\nname = \"camera\"\napi_keys = [\"{}\"]\nlatency_slo_ms = 2000\n\
+             [tenants.quality]\nmodalities = [\"image\"]\nmax_ensemble = 1\n\
+             [[tenants]]\nname = \"careful\"\napi_keys = [\"{}\"]\nlatency_slo_ms = 2000\n\
+             [tenants.quality]\nmax_ensemble = 4\nmin_confidence = 1.0\nstrategy = \"enhance_generalization\"\n\
+             fusion = \"weighted_average\"\n",
+            hash("camera-key-0123456789"),
+            hash("careful-key-0123456789"),
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", &config.to_string_lossy()]);
+    let path = "/v2/models/digit_events/infer";
+    let camera = Some("camera-key-0123456789");
+    let careful = Some("careful-key-0123456789");
+
+    // The camera tenant: image only, one call.
+    let (status, text) = post_as(&server.http, path, camera, &body(&event_inputs(true, false), ""));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(param(&v, "modalities"), "image", "{v}");
+    assert_eq!(param(&v, "calls"), 1);
+    assert_eq!(param(&v, "refined"), false);
+    assert_eq!(v["model_name"], "digit_events");
+    assert_eq!(v["outputs"][0]["name"], "probabilities");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 10]));
+    let (status, text) = post_as(&server.http, path, camera, &body(&event_inputs(true, true), ""));
+    assert_eq!(status, 403, "a modality the tenant may not use: {text}");
+    assert!(text.contains("audio"), "{text}");
+
+    // The careful tenant: a target nothing reaches, so every service that fits is called, up
+    // to its ensemble size of 4 (both modalities have three variants each).
+    let (status, text) = post_as(&server.http, path, careful, &body(&event_inputs(true, true), ""));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(param(&v, "fusion"), "weighted_average");
+    assert_eq!(param(&v, "refined"), true, "{v}");
+    let calls = param(&v, "calls").as_i64().unwrap();
+    assert!(calls <= 4, "{v}");
+    let ensemble = param(&v, "ensemble").as_str().unwrap();
+    assert_eq!(ensemble.split(',').count() as i64, calls, "every call answered: {ensemble}");
+    assert!(ensemble.contains("image=") && ensemble.contains("audio="), "{ensemble}");
+    assert_eq!(param(&v, "refinement_stop"), "ensemble_full", "{v}");
+    // A request's own target: any answer meets 0, so one call.
+    let (status, text) =
+        post_as(&server.http, path, careful, &body(&event_inputs(true, true), r#""min_confidence":0.0"#));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((param(&v, "calls"), param(&v, "refinement_stop")), (&1.into(), &"target_met".into()), "{v}");
+
+    // Refusals: no modality at all, a bad target, the audio of the wrong type.
+    let (status, text) = post_as(&server.http, path, careful, r#"{"inputs":[]}"#);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("at least one modality"), "{text}");
+    let (status, text) =
+        post_as(&server.http, path, careful, &body(&event_inputs(true, false), r#""min_confidence":2"#));
+    assert_eq!(status, 400, "{text}");
+    let wrong = r#"{"inputs":[{"name":"waveform","datatype":"FP32","shape":[1,2],"data":[0,0]}]}"#;
+    let (status, text) = post_as(&server.http, path, careful, wrong);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("modality 'audio'"), "{text}");
+    assert!(server.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
