@@ -399,6 +399,15 @@ def build_spoken(out_dir, rng, per_class_train, per_class_eval):
 
 
 # ----------------------------------------------------------------------------------------------
+# Occlusion explanations of the two tasks: 2x2-pixel patches of the image, 50 ms segments of
+# the clip (`[explain]` in model.toml).
+EXPLAIN = {
+    "digits": ["[explain]", "grid = [4, 4]", "baseline = 0.0", ""],
+    "spoken_digits": ["[explain]", "grid = [16]", "baseline = 0.0", ""],
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing a task folder
 # ----------------------------------------------------------------------------------------------
 def write_task(out_dir, task, modality, xev, yev, variants, input_decl, description,
@@ -434,6 +443,7 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
         'datatype = "FP32"',
         f"shape = {output_decl['shape']}",
         "",
+    ] + EXPLAIN.get(task, []) + [
         "[eval]",
         'inputs = "eval/inputs.bin"',
         'labels = "eval/labels.csv"',

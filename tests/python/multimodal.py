@@ -99,7 +99,7 @@ def main():
             names_out = [t["name"] for t in md["outputs"]]
             platform = md["platform"]
         check(names_in == ["image", "waveform"], f"{proto}: metadata inputs {names_in}")
-        check(names_out == ["probabilities"], f"{proto}: metadata outputs {names_out}")
+        check(names_out == ["probabilities", "explanation"], f"{proto}: metadata outputs {names_out}")
         check(platform == "osprey_multimodal", f"{proto}: platform {platform}")
 
         # One modality, one call: the member's own answer.
@@ -149,6 +149,32 @@ def main():
         check(y is not None and y.shape == (4, 10), f"{proto}: batch output shape {None if y is None else y.shape}")
         if y is not None:
             check(np.allclose(y.sum(axis=1), 1.0, atol=1e-4), f"{proto}: fused rows are distributions")
+
+        # An explanation: occlusion of 2x2-pixel patches, by the service that answered first;
+        # the client masks the patches itself, calls that variant, and gets the same figures.
+        ev = events[:1]
+        r = c.infer(a.model, inputs(mod, ["image"], ev), parameters={"explain": True, "max_ensemble": 1})
+        p = params_of(proto, r.get_response())
+        y = r.as_numpy("probabilities")
+        e = r.as_numpy("explanation")
+        check(e is not None and e.shape == (1, 16), f"{proto}: explanation shape {None if e is None else e.shape}")
+        by = p.get("explained", "")
+        check(by.startswith("image=digits/"), f"{proto}: explained by {by!r} ({p})")
+        if e is not None and by.startswith("image=digits/"):
+            variant = by.split("/", 1)[1]
+            x = img_x[[ev[0][0]]]
+            cls = int(y.argmax())
+            masked = np.repeat(x, 16, axis=0)
+            for k in range(16):
+                r0, c0 = (k // 4) * 2, (k % 4) * 2
+                masked[k, r0:r0 + 2, c0:c0 + 2] = 0.0
+            mi = mod.InferInput("image", list(masked.shape), "FP32")
+            mi.set_data_from_numpy(masked)
+            pm = c.infer("digits", [mi], model_version=variant).as_numpy("probabilities")
+            base = member_answer(c, mod, "image", "digits", variant, ev)
+            want = base[0, cls] - pm[:, cls]
+            err = float(np.abs(want - e[0]).max())
+            check(err <= 1e-5, f"{proto}: explanation equals the client's own occlusion (differs by {err})")
 
         # Refusals.
         bad = mod.InferInput("pixels", [1, 8, 8], "FP32")

@@ -97,6 +97,31 @@ struct ModelFile {
     eval: Option<EvalSpec>,
     #[serde(default)]
     engine: Option<Engine>,
+    #[serde(default)]
+    explain: Option<ExplainSpec>,
+}
+
+/// How an occlusion explanation cuts a sample (`[explain]` in `model.toml`): a grid over the
+/// per-sample shape, one patch per cell, each replaced by `baseline` in turn.
+///
+/// ```toml
+/// [explain]
+/// grid = [4, 4]      # an 8x8 image in 16 patches of 2x2 pixels
+/// baseline = 0.0     # the value a masked element takes (in the input's datatype)
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainSpec {
+    pub grid: Vec<i64>,
+    #[serde(default)]
+    pub baseline: f64,
+}
+
+impl ExplainSpec {
+    /// Patches per sample.
+    pub fn patches(&self) -> usize {
+        self.grid.iter().product::<i64>().max(0) as usize
+    }
 }
 
 /// The engine a model's variants run on (`engine = "tract" | "onnxruntime"` in `model.toml`).
@@ -145,6 +170,8 @@ pub struct ModelSpec {
     pub eval: Option<EvalSpec>,
     /// `None`: tract with fallback to onnxruntime; see [`Engine`].
     pub engine: Option<Engine>,
+    /// Occlusion explanations of the first input, when declared.
+    pub explain: Option<ExplainSpec>,
 }
 
 impl ModelSpec {
@@ -211,6 +238,19 @@ impl ModelSpec {
             }
             resolve_inside(dir, &v.file).map_err(|e| bad(e.message))?;
         }
+        if let Some(x) = &f.explain {
+            let sample = &f.inputs[0].shape[1..];
+            if x.grid.len() != sample.len()
+                || x.grid.iter().zip(sample).any(|(&g, &d)| g < 1 || g > d)
+                || !x.baseline.is_finite()
+            {
+                return Err(bad(format!(
+                    "[explain] grid {:?} must have one count per dimension of input '{}' {:?}, each within 1..=that \
+                     dimension, and a finite baseline",
+                    x.grid, f.inputs[0].name, sample
+                )));
+            }
+        }
         if let Some(ev) = &f.eval {
             resolve_inside(dir, &ev.inputs).map_err(|e| bad(e.message))?;
             resolve_inside(dir, &ev.labels).map_err(|e| bad(e.message))?;
@@ -228,6 +268,7 @@ impl ModelSpec {
             variants: f.variants,
             eval: f.eval,
             engine: f.engine,
+            explain: f.explain,
         })
     }
 

@@ -76,6 +76,28 @@ impl EnsembleStrategy {
     }
 }
 
+/// When a tenant's multi-modal answers come with an explanation.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExplainWhen {
+    Never,
+    /// When the request asks (parameter `explain`, or the `explanation` output named).
+    #[default]
+    Requested,
+    Always,
+}
+
+/// What happens to an explanation that cannot fit the time budget.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExplainMiss {
+    /// Answer without it (the response says it was skipped and why).
+    #[default]
+    Skip,
+    /// Refuse the request at admission (504) unless an answer and its explanation both fit.
+    Refuse,
+}
+
 /// A tenant's quality objective for multi-modal requests (`[tenants.quality]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -99,6 +121,8 @@ pub struct QualityObjective {
     pub first_share: f64,
     /// Fusion rule; default: the model's first.
     pub fusion: Option<Fusion>,
+    pub explain: ExplainWhen,
+    pub explain_miss: ExplainMiss,
 }
 
 impl Default for QualityObjective {
@@ -112,6 +136,8 @@ impl Default for QualityObjective {
             time_budget_ms: None,
             first_share: 0.5,
             fusion: None,
+            explain: ExplainWhen::default(),
+            explain_miss: ExplainMiss::default(),
         }
     }
 }

@@ -29,6 +29,12 @@ pub struct VariantProfile {
     pub swap_us: f64,
     /// Sorted by batch size.
     pub batches: Vec<BatchProfile>,
+    /// p90 of one occlusion explanation of one sample (every masked copy run as one batch, and
+    /// the attribution), µs, when written; the gateway plans an explanation with the larger of
+    /// this and the batch latency of the masked copies. `osprey profile` does not write it
+    /// yet: absent, the batch latency alone counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain_us: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -126,6 +132,7 @@ mod tests {
         let v = VariantProfile {
             name: "v".into(),
             swap_us: 0.0,
+            explain_us: None,
             batches: vec![bp(1, 100.0), bp(4, 250.0), bp(8, 450.0)],
         };
         assert_eq!(v.latency_us(1, Quantile::P50), Some(100.0));
@@ -133,7 +140,7 @@ mod tests {
         assert_eq!(v.latency_us(8, Quantile::P50), Some(450.0));
         assert_eq!(v.latency_us(10, Quantile::P50), Some(550.0));
         assert!(v.latency_us(4, Quantile::P99).unwrap() > v.latency_us(4, Quantile::P50).unwrap());
-        let empty = VariantProfile { name: "e".into(), swap_us: 0.0, batches: vec![] };
+        let empty = VariantProfile { name: "e".into(), swap_us: 0.0, explain_us: None, batches: vec![] };
         assert_eq!(empty.latency_us(1, Quantile::P50), None);
     }
 
@@ -141,7 +148,12 @@ mod tests {
     fn round_trips_through_toml() {
         let p = ModelProfile {
             host: "h".into(),
-            variants: vec![VariantProfile { name: "v".into(), swap_us: 0.0, batches: vec![bp(1, 10.0)] }],
+            variants: vec![VariantProfile {
+                name: "v".into(),
+                swap_us: 0.0,
+                explain_us: None,
+                batches: vec![bp(1, 10.0)],
+            }],
         };
         let back: ModelProfile = toml::from_str(&p.to_toml()).unwrap();
         assert_eq!(back, p);

@@ -7,6 +7,7 @@
 //! - [`onnxruntime`]: the second engine, ONNX Runtime loaded at run time for graphs tract
 //!   cannot translate.
 //! - [`batch`]: concatenating requests into one batch and splitting outputs back.
+//! - [`explain`]: occlusion explanations (masked copies of an input, the attribution).
 //! - [`profile`]: measuring latency per batch size (p50/p90/p99) and throughput.
 //! - [`split`]: a transformer cut at layer boundaries, ranges of layers run on different nodes.
 //! - [`text`]: text into token inputs (the model's own tokenizer).
@@ -15,6 +16,7 @@
 //! zoo's graphs unchanged, and can cut a graph at a named tensor, which split inference needs.
 
 pub mod batch;
+pub mod explain;
 pub mod onnxruntime;
 pub mod profile;
 pub mod session;

@@ -63,7 +63,7 @@ pub fn profile_variant(
             throughput_rps: if mean > 0.0 { b as f64 * 1e6 / mean } else { 0.0 },
         });
     }
-    Ok(VariantProfile { name: name.to_string(), swap_us: 0.0, batches })
+    Ok(VariantProfile { name: name.to_string(), swap_us: 0.0, explain_us: None, batches })
 }
 
 #[cfg(test)]

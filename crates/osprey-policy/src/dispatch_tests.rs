@@ -14,7 +14,7 @@ fn profile(us: f64) -> VariantProfile {
         p99_us: us * 1.2 * (1.0 + 0.25 * f64::from(batch - 1)),
         throughput_rps: 0.0,
     };
-    VariantProfile { name: String::new(), swap_us: 0.0, batches: vec![b(1), b(8)] }
+    VariantProfile { name: String::new(), swap_us: 0.0, explain_us: None, batches: vec![b(1), b(8)] }
 }
 
 fn model(name: &str, rule: Rule, base_us: f64) -> ModelSetup {

@@ -35,6 +35,18 @@
 //! Every call is planned to finish by the deadline by its expected time; a call that overruns
 //! is the dispatcher's to expire, and what has answered by then is the answer.
 //!
+//! # Explanations
+//! When the request is to be explained, x(s) is the expected time of explaining with service s
+//! (its masked copies as one batch on the same instance; none if s's model declares no
+//! explanation). The explanation is of the fused class, by the service that answered first, s₀:
+//! ```text
+//! refuse mode : the first call must satisfy fits(s, L) with e(s) + x(s) in place of e(s), and
+//!               only services that can explain are candidates (none: refused at once)
+//! both modes  : once s₀ answered and now + x(s₀) ≤ deadline, every refinement call must
+//!               satisfy now + e(s) + x(s₀) ≤ deadline (the explanation's time stays reserved)
+//! explain     : with s₀ when now + x(s₀) ≤ deadline after the refinement stops; else skipped
+//! ```
+//!
 //! # Fusion ([`fuse`]), per row, of answers p₁..pₘ
 //! ```text
 //! product          F(y) ∝ Πᵢ max(pᵢ(y), 1e-12)
@@ -55,7 +67,7 @@
 //! formulas are not public; the expected-time rule above is Osprey's.
 
 use crate::Micros;
-use osprey_core::multimodal::{EnsembleStrategy, Fusion};
+use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion};
 
 /// One (modality, variant) pair a request may call.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +82,8 @@ pub struct Service {
     pub latency_us: f64,
     /// Recent share of failed batches on that instance, 0..1.
     pub failure_rate: f64,
+    /// x(s) of the module docs, µs; `None`: this service cannot explain.
+    pub explain_us: Option<f64>,
 }
 
 impl Service {
@@ -93,6 +107,8 @@ pub struct Objective {
     pub budget_us: Micros,
     pub first_share: f64,
     pub fusion: Fusion,
+    /// The request is to be explained, and what to do when that cannot fit.
+    pub explain: Option<ExplainMiss>,
 }
 
 /// Why a refinement stopped.
@@ -191,6 +207,12 @@ impl Refinement {
     pub fn confidence(&self) -> f64 {
         confidence(&self.fused)
     }
+    /// `service`'s own answer (rows x classes), if it answered.
+    pub fn answer(&self, service: usize) -> Option<&[Vec<f32>]> {
+        let k = self.answered.iter().position(|&s| s == service)?;
+        Some(&self.answers[k])
+    }
+
     /// More than one answer was fused.
     pub fn refined(&self) -> bool {
         self.answered.len() > 1
@@ -267,9 +289,36 @@ impl Refinement {
         }
     }
 
+    /// Untried services whose call (plus the time kept for the explanation) fits by `limit`.
     fn untried_fitting(&self, now: Micros, limit: Micros) -> impl Iterator<Item = usize> + '_ {
-        (0..self.services.len())
-            .filter(move |&s| !self.tried[s] && now as f64 + self.services[s].expected_us() <= limit as f64)
+        let first = self.answered.is_empty();
+        let refuse = self.obj.explain == Some(ExplainMiss::Refuse);
+        let reserve = if first { None } else { self.explain_reserve(now) };
+        (0..self.services.len()).filter(move |&s| {
+            let svc = &self.services[s];
+            let extra = if first && refuse {
+                match svc.explain_us {
+                    Some(x) => x.max(0.0),
+                    None => return false,
+                }
+            } else {
+                reserve.unwrap_or(0.0)
+            };
+            !self.tried[s] && now as f64 + svc.expected_us() + extra <= limit as f64
+        })
+    }
+
+    /// x(s₀) when an explanation is wanted and still fits by the deadline.
+    fn explain_reserve(&self, now: Micros) -> Option<f64> {
+        self.obj.explain?;
+        let x = self.services[*self.answered.first()?].explain_us?.max(0.0);
+        (now as f64 + x <= self.deadline as f64).then_some(x)
+    }
+
+    /// After the refinement stopped: the service to explain the answer with, if the request is
+    /// to be explained and that fits by the deadline (module docs).
+    pub fn explain_with(&self, now: Micros) -> Option<usize> {
+        self.explain_reserve(now).and(self.answered.first().copied())
     }
 
     fn pick_first(&self, now: Micros) -> Option<usize> {
@@ -405,7 +454,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn svc(modality: usize, variant: usize, accuracy: f64, latency_us: f64) -> Service {
-        Service { modality, variant, accuracy, class_accuracy: Vec::new(), latency_us, failure_rate: 0.0 }
+        Service {
+            modality,
+            variant,
+            accuracy,
+            class_accuracy: Vec::new(),
+            latency_us,
+            failure_rate: 0.0,
+            explain_us: None,
+        }
     }
 
     fn obj(max_ensemble: usize, strategy: EnsembleStrategy) -> Objective {
@@ -417,6 +474,7 @@ mod tests {
             budget_us: 10_000,
             first_share: 0.5,
             fusion: Fusion::Product,
+            explain: None,
         }
     }
 
@@ -523,6 +581,42 @@ mod tests {
         assert!(r.fused().is_empty());
     }
 
+    #[test]
+    fn an_explanation_keeps_its_time_or_is_refused_or_skipped() {
+        let mut cheap = svc(0, 0, 0.9, 1_000.0);
+        cheap.explain_us = Some(9_500.0);
+        let mut other = svc(1, 0, 0.9, 2_000.0);
+        other.explain_us = Some(2_000.0);
+        let services = vec![cheap, other, svc(1, 1, 0.95, 500.0)];
+        // Refuse: only services that can explain and fit with it: `other` (2 000 + 2 000), as
+        // the cheap one needs 1 000 + 9 500 of the 10 000.
+        let mut o = obj(3, EnsembleStrategy::SelectByOverallAccuracy);
+        o.explain = Some(ExplainMiss::Refuse);
+        o.first_share = 1.0;
+        let mut r = Refinement::new(o.clone(), services.clone(), 0);
+        assert_eq!(r.poll(0), Step::Call { service: 1, deadline: 10_000 });
+        r.handle_answer(1, vec![one_hot(10, 2, 0.5)], 2_000);
+        // Refinement by the most accurate service, which need not explain.
+        assert_eq!(r.poll(2_000), Step::Call { service: 2, deadline: 10_000 });
+        r.handle_answer(2, vec![one_hot(10, 2, 0.5)], 7_600);
+        // At 7 600 service 0 (1 000) would leave too little for the explanation (2 000).
+        assert_eq!(r.poll(7_600), Step::Done(Stop::NoTime));
+        assert_eq!(r.explain_with(7_600), Some(1));
+        assert_eq!(r.explain_with(8_500), None, "too late to explain");
+        // Refuse with nothing able to explain in time: refused before any call.
+        let mut o2 = o.clone();
+        o2.budget_us = 3_000;
+        let mut r2 = Refinement::new(o2, services.clone(), 0);
+        assert_eq!(r2.poll(0), Step::Done(Stop::NoTime));
+        // Skip: the cheapest answers whether or not it can explain.
+        o.explain = Some(ExplainMiss::Skip);
+        o.min_accuracy = 0.0;
+        let mut r3 = Refinement::new(o, services, 0);
+        assert_eq!(r3.poll(0), Step::Call { service: 2, deadline: 10_000 });
+        r3.handle_answer(2, vec![one_hot(10, 2, 0.5)], 500);
+        assert_eq!(r3.explain_with(500), None, "service 2 cannot explain: skipped");
+    }
+
     fn probs(raw: Vec<f32>) -> Vec<f32> {
         let z: f32 = raw.iter().sum();
         raw.iter().map(|p| p / z).collect()
@@ -558,14 +652,17 @@ mod tests {
                 EnsembleStrategy::EnhanceConfidence,
                 EnsembleStrategy::EnhanceGeneralization,
             ]),
+            k_explain in 0usize..3,
         ) {
             let services: Vec<Service> = latencies.iter().enumerate().map(|(i, &l)| Service {
                 failure_rate: failures[i],
+                explain_us: (i % 3 != 2).then_some(l * 4.0),
                 class_accuracy: (0..4).map(|c| 0.5 + 0.1 * ((i + c) % 5) as f64).collect(),
                 ..svc(i % 2, i, 0.5 + 0.07 * i as f64, l)
             }).collect();
+            let explain = [None, Some(ExplainMiss::Skip), Some(ExplainMiss::Refuse)][k_explain];
             let o = Objective { max_ensemble, strategy, min_accuracy: 0.6, min_confidence: target,
-                budget_us: budget, first_share: share, fusion: Fusion::Product };
+                budget_us: budget, first_share: share, fusion: Fusion::Product, explain };
             let start = 1_000;
             let mut r = Refinement::new(o, services.clone(), start);
             let mut now = start;
@@ -589,6 +686,16 @@ mod tests {
                     Step::Done(stop) => {
                         if stop == Stop::TargetMet {
                             prop_assert!(r.confidence() >= target);
+                        }
+                        // An explanation is only planned when it fits by the profile.
+                        if let Some(s) = r.explain_with(now) {
+                            prop_assert!(explain.is_some());
+                            prop_assert_eq!(Some(s), r.answered().first().copied());
+                            prop_assert!(now as f64 + services[s].explain_us.unwrap() <= (start + budget) as f64);
+                        }
+                        // Refuse mode: the first service could explain.
+                        if explain == Some(ExplainMiss::Refuse) && !r.answered().is_empty() {
+                            prop_assert!(services[r.answered()[0]].explain_us.is_some());
                         }
                         break;
                     }

@@ -790,6 +790,7 @@ mod tests {
         VariantProfile {
             name: "v".into(),
             swap_us: 0.0,
+            explain_us: None,
             batches: per_batch_us
                 .iter()
                 .map(|&(b, us)| BatchProfile {

@@ -64,6 +64,8 @@ pub struct RequestOptions {
     /// Osprey's `min_confidence` (multi-modal models): the fused confidence target of this
     /// request, instead of the tenant's.
     pub min_confidence: Option<f64>,
+    /// Osprey's `explain` (multi-modal models): explain the answer.
+    pub explain: Option<bool>,
 }
 
 /// A request that passed validation: only these enter a queue.
@@ -111,10 +113,19 @@ pub struct InferOutcome {
     pub pipeline: Option<PipelineRun>,
     /// When a multi-modal model answered: what answered and how it was fused (`model` and
     /// `variant` are then the first answer's, `outputs` the fused probabilities).
-    pub multimodal: Option<crate::multimodal::MultiModalRun>,
+    pub multimodal: Option<Box<crate::multimodal::MultiModalRun>>,
 }
 
 impl InferOutcome {
+    /// The name of output `idx` of [`InferOutcome::outputs`]: the multi-modal model's outputs,
+    /// or the answering model's.
+    pub fn output_name(&self, idx: usize) -> &str {
+        match &self.multimodal {
+            Some(m) => m.entry.outputs.get(idx).map_or("", |t| t.name.as_str()),
+            None => self.model.spec.outputs.get(idx).map_or("", |t| t.name.as_str()),
+        }
+    }
+
     /// The name the client addressed: the pipeline's, the multi-modal model's, or the model's.
     pub fn addressed_name(&self) -> &str {
         if let Some(m) = &self.multimodal {

@@ -82,6 +82,15 @@ fn param_u64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Optio
     }
 }
 
+fn param_bool(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Option<bool>, Error> {
+    use pb::infer_parameter::ParameterChoice as C;
+    match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(C::BoolParam(v)) => Ok(Some(*v)),
+        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a boolean"))),
+    }
+}
+
 fn param_f64(p: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Option<f64>, Error> {
     use pb::infer_parameter::ParameterChoice as C;
     match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
@@ -233,7 +242,7 @@ impl GrpcInferenceService for InferenceService {
                 versions: Vec::new(),
                 platform: "osprey_multimodal".into(),
                 inputs: mm.inputs.iter().map(|(_, t)| tensor_meta(t)).collect(),
-                outputs: vec![tensor_meta(&mm.output)],
+                outputs: mm.outputs.iter().map(tensor_meta).collect(),
             }));
         }
         let m = model_ready(&self.gw, t, &r.name, &r.version)?;
@@ -442,6 +451,7 @@ pub fn decode_request(r: &mut pb::ModelInferRequest) -> Result<Decoded, Error> {
         priority: param_u64(&r.parameters, "priority")?,
         min_accuracy: param_f64(&r.parameters, "min_accuracy")?,
         max_ensemble: param_u64(&r.parameters, "max_ensemble")?,
+        explain: param_bool(&r.parameters, "explain")?,
         min_confidence: param_f64(&r.parameters, "min_confidence")?,
     };
     for o in &r.outputs {
@@ -522,7 +532,7 @@ impl InferenceService {
         let mut raw = Vec::with_capacity(o.outputs.len());
         for (idx, t) in std::mem::take(&mut o.outputs) {
             outputs.push(pb::model_infer_response::InferOutputTensor {
-                name: o.model.spec.outputs[idx].name.clone(),
+                name: o.output_name(idx).to_string(),
                 datatype: t.datatype.as_str().into(),
                 shape: t.shape,
                 parameters: HashMap::new(),

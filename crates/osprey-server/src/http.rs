@@ -356,7 +356,7 @@ pub fn multimodal_metadata(m: &crate::multimodal::MultiModalEntry) -> Value {
         "versions": [],
         "platform": "osprey_multimodal",
         "inputs": m.inputs.iter().map(|(_, t)| tensor_meta(t)).collect::<Vec<_>>(),
-        "outputs": [tensor_meta(&m.output)],
+        "outputs": m.outputs.iter().map(tensor_meta).collect::<Vec<_>>(),
         "parameters": {
             "description": m.spec.description,
             "modalities": m.modalities_parameter(),
@@ -776,6 +776,12 @@ pub fn decode_request(
             }
         },
         max_ensemble: param_u64(p, "max_ensemble")?,
+        explain: match p.get("explain") {
+            None => None,
+            Some(v) => {
+                Some(v.as_bool().ok_or_else(|| Error::invalid("parameter 'explain' must be a boolean"))?)
+            }
+        },
         min_confidence: match p.get("min_confidence") {
             None => None,
             Some(v) => Some(
@@ -878,7 +884,7 @@ fn encode_response(o: &InferOutcome, id: &str, binary_out: &[bool], binary_defau
             out.push(b',');
         }
         out.extend_from_slice(b"{\"name\":");
-        text(&mut out, &o.model.spec.outputs[*idx].name);
+        text(&mut out, o.output_name(*idx));
         out.extend_from_slice(b",\"datatype\":\"");
         out.extend_from_slice(t.datatype.as_str().as_bytes());
         out.extend_from_slice(b"\",\"shape\":");

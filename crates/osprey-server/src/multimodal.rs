@@ -21,7 +21,7 @@ use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOpti
 use osprey_core::ErrorCode;
 use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, TensorSpec};
-use osprey_core::multimodal::{Fusion, MultiModalSpec};
+use osprey_core::multimodal::{ExplainMiss, ExplainWhen, Fusion, MultiModalSpec};
 use osprey_core::tensor::RawTensor;
 use osprey_policy::refine::{Objective, Refinement, Service, Step, Stop};
 use std::sync::Arc;
@@ -35,8 +35,15 @@ pub struct MultiModalEntry {
     pub spec: MultiModalSpec,
     pub inputs: Vec<(usize, TensorSpec)>,
     pub output: TensorSpec,
+    /// The outputs a request may name: the fused probabilities, then `explanation` (FP32
+    /// `[-1, -1]`: per row, one attribution per patch of the modality that answered first)
+    /// when some member declares `[explain]`.
+    pub outputs: Vec<TensorSpec>,
     pub labels: Vec<String>,
 }
+
+/// The explanation output's name.
+pub const EXPLANATION: &str = "explanation";
 
 /// The validated parts of a multi-modal request: per modality, the member model's request,
 /// or `None` when the request does not carry that modality.
@@ -47,6 +54,8 @@ pub struct MultiModalRequest {
     /// The request's `max_ensemble` and `min_confidence` parameters.
     pub max_ensemble: Option<usize>,
     pub min_confidence: Option<f64>,
+    /// The request asked for an explanation (parameter `explain`, or the output named).
+    pub explain: bool,
 }
 
 /// One call that answered.
@@ -70,6 +79,9 @@ pub struct MultiModalRun {
     pub fusion: Fusion,
     /// Calls made, failed ones included.
     pub calls: usize,
+    /// When an explanation was wanted: `Ok("modality=model/variant")` that explained, or
+    /// `Err(why it was skipped)`.
+    pub explained: Option<std::result::Result<String, String>>,
 }
 
 impl MultiModalRun {
@@ -110,7 +122,15 @@ impl MultiModalEntry {
             datatype: osprey_core::tensor::DataType::Fp32,
             shape: vec![-1, labels.len() as i64],
         };
-        Ok(MultiModalEntry { spec, inputs, output, labels })
+        let mut outputs = vec![output.clone()];
+        if members.iter().any(|m| m.explain.is_some()) {
+            outputs.push(TensorSpec {
+                name: EXPLANATION.into(),
+                datatype: osprey_core::tensor::DataType::Fp32,
+                shape: vec![-1, -1],
+            });
+        }
+        Ok(MultiModalEntry { spec, inputs, output, outputs, labels })
     }
 
     pub fn name(&self) -> &str {
@@ -159,11 +179,16 @@ impl Gateway {
         {
             return Err(Error::invalid("min_confidence must be within 0..1"));
         }
-        if let Some(o) = outputs.iter().find(|o| **o != mm.output.name) {
+        if let Some(o) = outputs.iter().find(|o| !mm.outputs.iter().any(|t| &t.name == *o)) {
+            let names: Vec<&str> = mm.outputs.iter().map(|t| t.name.as_str()).collect();
             return Err(Error::invalid(format!(
-                "model '{name}' has no output '{o}'; it has '{}'",
-                mm.output.name
+                "model '{name}' has no output '{o}'; it has {}",
+                names.join(", ")
             )));
+        }
+        let explain = opts.explain.unwrap_or(false) || outputs.iter().any(|o| o == EXPLANATION);
+        if explain && mm.outputs.len() < 2 {
+            return Err(Error::invalid(format!("no modality of '{name}' declares explanations ([explain])")));
         }
         let mut groups: Vec<Vec<InputTensor>> = (0..mm.spec.modalities.len()).map(|_| Vec::new()).collect();
         for it in inputs {
@@ -226,6 +251,7 @@ impl Gateway {
                 parts,
                 max_ensemble: opts.max_ensemble.map(|n| n.min(usize::MAX as u64) as usize),
                 min_confidence: opts.min_confidence,
+                explain,
             })),
         })
     }
@@ -273,6 +299,19 @@ impl Gateway {
                 m.entry.fusion_parameter()
             )));
         }
+        let explain = match (q.explain, m.explain) {
+            (ExplainWhen::Never, true) => {
+                return Err(Error::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "tenant '{}' has explanations turned off (quality.explain = \"never\")",
+                        tcfg.name
+                    ),
+                ));
+            }
+            (ExplainWhen::Always, _) | (ExplainWhen::Requested, true) => Some(q.explain_miss),
+            _ => None,
+        };
         let budget = Duration::from_millis(q.time_budget_ms.unwrap_or(tcfg.latency_slo_ms));
         let budget = req.timeout.map_or(budget, |t| t.min(budget));
         let mut services = Vec::new();
@@ -280,8 +319,16 @@ impl Gateway {
             let Some(part) = part else { continue };
             let entry = &part.model;
             let estimate = crate::gateway::estimate(entry, part);
+            let patches = entry.spec.explain.as_ref().map_or(0, |x| x.patches() as u32);
             for (v, variant) in entry.variants.iter().enumerate() {
                 let Some(e) = self.cluster.expected_service(entry.index, v, part.rows) else { continue };
+                // x(s): the masked copies as one batch on the best instance now, or the
+                // profiled explanation when that is slower.
+                let explain_us = (patches > 0).then(|| {
+                    let batch = self.cluster.expected_service(entry.index, v, part.rows * patches);
+                    let profiled = variant.profile.explain_us.unwrap_or(0.0) * f64::from(part.rows);
+                    batch.map_or(profiled, |b| b.latency_us.max(profiled))
+                });
                 services.push(Service {
                     modality: k,
                     variant: v,
@@ -289,6 +336,7 @@ impl Gateway {
                     class_accuracy: variant.spec.class_accuracy.clone(),
                     latency_us: e.latency_us,
                     failure_rate: e.failure_rate,
+                    explain_us,
                 });
             }
         }
@@ -306,6 +354,7 @@ impl Gateway {
             budget_us: budget.as_micros() as u64,
             first_share: q.first_share,
             fusion,
+            explain,
         };
         let deadline = started + budget;
         let mut r = Refinement::new(objective, services, self.now_us());
@@ -382,11 +431,12 @@ impl Gateway {
         let Some(mut o) = first else {
             return Err(last_error.unwrap_or_else(|| {
                 let fastest = r.services().iter().map(Service::expected_us).fold(f64::INFINITY, f64::min);
+                let with = if explain == Some(ExplainMiss::Refuse) { " with its explanation" } else { "" };
                 Error::new(
                     ErrorCode::DeadlineExceeded,
                     format!(
-                        "no modality of this request can answer within its {} us budget (the fastest is expected \
-                         to take {fastest:.0} us)",
+                        "no modality of this request can answer{with} within its {} us budget (the fastest \
+                         answer is expected to take {fastest:.0} us)",
                         budget.as_micros()
                     ),
                 )
@@ -396,14 +446,37 @@ impl Gateway {
         let classes = m.entry.labels.len();
         let flat: Vec<f32> = fused.iter().flatten().copied().collect();
         let tensor = RawTensor::from_f32(vec![fused.len() as i64, classes as i64], &flat)?;
-        let out_idx = o.outputs.first().map_or(0, |(i, _)| *i);
-        o.outputs = vec![(out_idx, tensor)];
+        o.outputs = vec![(0, tensor)];
+        let mut explained = None;
+        if explain.is_some() {
+            let targets: Vec<usize> = fused.iter().map(|row| osprey_policy::refine::argmax(row)).collect();
+            let why = match r.explain_with(self.now_us()) {
+                None => Err("it could not finish within the time budget".to_string()),
+                Some(k) => {
+                    let s = r.services()[k].clone();
+                    let base: Vec<f32> = r.answer(k).unwrap_or_default().iter().flatten().copied().collect();
+                    match self.explanation(m, &s, &base, &targets, tenant, deadline).await {
+                        Ok(t) => {
+                            o.outputs.push((1, t));
+                            let modality = &spec.modalities[s.modality];
+                            let variant = m.parts[s.modality]
+                                .as_ref()
+                                .and_then(|p| p.model.variants.get(s.variant))
+                                .map_or("", |v| v.spec.name.as_str());
+                            Ok(format!("{}={}/{variant}", modality.name, modality.model))
+                        }
+                        Err(e) => Err(e.message),
+                    }
+                }
+            };
+            explained = Some(why);
+        }
         o.queue = queue;
         o.compute = compute;
         o.batch_size = batch;
         o.deadline_met = Instant::now() <= deadline;
         o.estimated_accuracy = answers.iter().map(|a| a.estimated_accuracy).fold(0.0, f64::max);
-        o.multimodal = Some(MultiModalRun {
+        o.multimodal = Some(Box::new(MultiModalRun {
             entry: m.entry.clone(),
             fused_confidence: r.confidence(),
             refined: r.refined(),
@@ -411,8 +484,69 @@ impl Gateway {
             fusion,
             calls: r.calls(),
             answers,
-        });
+            explained,
+        }));
         Ok(o)
+    }
+
+    /// Occlusion attribution of `targets` (per row) by service `s`: the masked copies of its
+    /// modality's inputs go through the dispatcher pinned to `s`'s variant (in pieces of at
+    /// most the model's batch size), not charged to the tenant again.
+    async fn explanation(
+        &self,
+        m: &MultiModalRequest,
+        s: &Service,
+        base: &[f32],
+        targets: &[usize],
+        tenant: usize,
+        deadline: Instant,
+    ) -> Result<RawTensor> {
+        let part = m.parts[s.modality].as_ref().ok_or_else(|| Error::internal("no such modality"))?;
+        let x =
+            part.model.spec.explain.clone().ok_or_else(|| Error::internal("the model does not explain"))?;
+        let patches = x.patches();
+        let masked = osprey_engine::explain::occlude(&part.inputs, &x)?;
+        let total = part.rows as usize * patches;
+        let piece = part.model.spec.max_batch_size.max(1) as usize;
+        let mut probs: Vec<f32> = Vec::with_capacity(total * m.entry.labels.len());
+        let mut start = 0;
+        while start < total {
+            let n = piece.min(total - start);
+            let inputs = masked
+                .iter()
+                .map(|t| {
+                    let per = t.data.len() / total;
+                    let mut shape = t.shape.clone();
+                    shape[0] = n as i64;
+                    RawTensor::from_bytes(t.datatype, shape, t.data[start * per..(start + n) * per].to_vec())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(
+                    ErrorCode::DeadlineExceeded,
+                    "the time budget ran out while explaining",
+                ));
+            }
+            let call = ValidRequest {
+                model: part.model.clone(),
+                id: part.id.clone(),
+                pinned: Some(s.variant),
+                inputs,
+                rows: n as u32,
+                outputs: part.outputs.clone(),
+                timeout: Some(left),
+                priority: part.priority,
+                min_accuracy: None,
+                pipeline: None,
+                multimodal: None,
+            };
+            let o = self.infer_stage(call, tenant, false).await?;
+            probs.extend(probabilities(&o, m.entry.labels.len())?.into_iter().flatten());
+            start += n;
+        }
+        let a = osprey_engine::explain::attribution(base, &probs, m.entry.labels.len(), patches, targets)?;
+        RawTensor::from_f32(vec![part.rows as i64, patches as i64], &a)
     }
 }
 

@@ -69,6 +69,11 @@ pub fn response_parameters(o: &InferOutcome) -> Vec<(&'static str, ParamValue<'_
         v.push(("refinement_stop", ParamValue::Str(m.stop.as_str())));
         v.push(("fusion", ParamValue::Str(m.fusion.as_str())));
         v.push(("calls", ParamValue::Int(m.calls as i64)));
+        match &m.explained {
+            Some(Ok(by)) => v.push(("explained", ParamValue::Str(by))),
+            Some(Err(why)) => v.push(("explanation_skipped", ParamValue::Str(why))),
+            None => {}
+        }
     }
     v
 }

@@ -242,6 +242,7 @@ fn split_as_model(repo: &std::path::Path, name: &str) -> Option<ModelSpec> {
         variants: Vec::new(),
         eval: None,
         engine: None,
+        explain: None,
     })
 }
 

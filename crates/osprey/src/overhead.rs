@@ -110,6 +110,7 @@ pub fn run(args: OverheadArgs) -> Result<(), String> {
             |_, v, _| osprey_core::profile::VariantProfile {
                 name: v.name.clone(),
                 swap_us: 0.0,
+                explain_us: None,
                 batches: Vec::new(),
             },
         );

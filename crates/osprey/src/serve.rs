@@ -309,7 +309,7 @@ fn quick_profile(
         }
         Err(e) => {
             tracing::warn!(model = %model.name, variant = %v.name, "could not profile: {e}");
-            VariantProfile { name: v.name.clone(), swap_us: 0.0, batches: Vec::new() }
+            VariantProfile { name: v.name.clone(), swap_us: 0.0, explain_us: None, batches: Vec::new() }
         }
     }
 }

@@ -75,8 +75,9 @@ fn multimodal_requests_through_tritonclient() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Tenants' objectives decide: allowed modalities (403 otherwise), the ensemble size, the
-/// strategy and the fusion rule; a request's `min_confidence` replaces the tenant's target.
+/// Tenants' objectives decide: allowed modalities and explanations (403 otherwise), the
+/// ensemble size, the strategy and the fusion rule; a request's `min_confidence` replaces the
+/// tenant's target; an explained answer says which service explained it.
 #[test]
 fn tenant_objectives_shape_the_refinement() {
     let dir = scratch("tenants");
@@ -86,7 +87,7 @@ fn tenant_objectives_shape_the_refinement() {
         &config,
         format!(
             "[[tenants]]\nname = \"camera\"\napi_keys = [\"{}\"]\nlatency_slo_ms = 2000\n\
-             [tenants.quality]\nmodalities = [\"image\"]\nmax_ensemble = 1\n\
+             [tenants.quality]\nmodalities = [\"image\"]\nmax_ensemble = 1\nexplain = \"never\"\n\
              [[tenants]]\nname = \"careful\"\napi_keys = [\"{}\"]\nlatency_slo_ms = 2000\n\
              [tenants.quality]\nmax_ensemble = 4\nmin_confidence = 1.0\nstrategy = \"enhance_generalization\"\n\
              fusion = \"weighted_average\"\n",
@@ -113,6 +114,10 @@ fn tenant_objectives_shape_the_refinement() {
     let (status, text) = post_as(&server.http, path, camera, &body(&event_inputs(true, true), ""));
     assert_eq!(status, 403, "a modality the tenant may not use: {text}");
     assert!(text.contains("audio"), "{text}");
+    let (status, text) =
+        post_as(&server.http, path, camera, &body(&event_inputs(true, false), r#""explain":true"#));
+    assert_eq!(status, 403, "explanations are off for this tenant: {text}");
+    assert!(text.contains("explain"), "{text}");
 
     // The careful tenant: a target nothing reaches, so every service that fits is called, up
     // to its ensemble size of 4 (both modalities have three variants each).
@@ -127,6 +132,14 @@ fn tenant_objectives_shape_the_refinement() {
     assert_eq!(ensemble.split(',').count() as i64, calls, "every call answered: {ensemble}");
     assert!(ensemble.contains("image=") && ensemble.contains("audio="), "{ensemble}");
     assert_eq!(param(&v, "refinement_stop"), "ensemble_full", "{v}");
+    // An explanation of the audio: one attribution per 50 ms segment.
+    let (status, text) =
+        post_as(&server.http, path, careful, &body(&event_inputs(false, true), r#""explain":true"#));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["outputs"][1]["name"], "explanation", "{v}");
+    assert_eq!(v["outputs"][1]["shape"], serde_json::json!([1, 16]));
+    assert!(param(&v, "explained").as_str().unwrap_or("").starts_with("audio=spoken_digits/"), "{v}");
     // A request's own target: any answer meets 0, so one call.
     let (status, text) =
         post_as(&server.http, path, careful, &body(&event_inputs(true, true), r#""min_confidence":0.0"#));
