@@ -25,6 +25,10 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
     /// Time a request's body has to arrive after its headers, milliseconds (408 after).
     pub body_read_timeout_ms: u64,
+    /// At shutdown (SIGTERM/SIGINT), how long admitted requests may take to finish,
+    /// milliseconds; open connections get twice as long to close. Keep it below the
+    /// orchestrator's own grace (Kubernetes' `terminationGracePeriodSeconds`, 30 s by default).
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             max_connections: 4096,
             header_read_timeout_ms: 30_000,
             body_read_timeout_ms: 30_000,
+            drain_timeout_ms: 5_000,
         }
     }
 }

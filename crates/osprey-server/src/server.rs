@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! signal ─┬─> both servers stop accepting; idle connections close; open ones finish their
-//!         │   request (at most 2 × DRAIN_GRACE: a client that never closes cannot hold us)
-//!         └─> gateway drains: new requests 503, admitted ones run (at most DRAIN_GRACE)
+//!         │   request (at most 2 × grace: a client that never closes cannot hold us)
+//!         └─> gateway drains: new requests 503, admitted ones run (at most the grace,
+//!             `[limits] drain_timeout_ms`)
 //!             -> agents stop (remote agents' streams end) -> both done -> return
 //! ```
 
@@ -16,9 +17,6 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// How long open connections may take to finish after the shutdown signal.
-pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Listeners {
     pub http: TcpListener,
@@ -73,15 +71,16 @@ pub async fn serve(
         .add_service(agents)
         .serve_with_incoming_shutdown(incoming, wait(rx.clone()));
     let servers = async { tokio::join!(http, grpc) };
+    let drain_grace = std::time::Duration::from_millis(gw.limits.drain_timeout_ms);
     let grace = async {
         wait(rx.clone()).await;
-        tokio::time::sleep(DRAIN_GRACE * 2).await;
+        tokio::time::sleep(drain_grace * 2).await;
     };
     let bounded = async {
         tokio::select! {
             (h, g) = servers => h.and(g.map_err(std::io::Error::other)),
             _ = grace => {
-                tracing::warn!("connections still open {:?} after shutdown began; closing them", DRAIN_GRACE * 2);
+                tracing::warn!("connections still open {:?} after shutdown began; closing them", drain_grace * 2);
                 Ok(())
             }
         }
@@ -91,7 +90,7 @@ pub async fn serve(
     // the gRPC server is not held open by them).
     let drain = async {
         wait(rx.clone()).await;
-        let left = gw.drain_within(DRAIN_GRACE).await;
+        let left = gw.drain_within(drain_grace).await;
         if left > 0 {
             tracing::warn!(
                 "{left} admitted request(s) still unanswered after the grace period; stopping anyway"
