@@ -7,8 +7,14 @@ later serve a multi-modal pair:
 * ``digits``        image: scikit-learn's 8x8 handwritten digits, degraded like a cheap camera
                     would (shift, sensor noise, occlusion). Input ``image`` FP32 [-1, 8, 8].
 * ``spoken_digits`` audio: the words "zero".."nine" synthesised by espeak-ng in many voices,
-                    speeds and pitches, with background noise, 0.8 s of 8 kHz PCM16.
+                    speeds and pitches, 0.8 s of 8 kHz PCM16, each clip at one of five
+                    difficulty grades (a quiet room at 30 dB SNR up to -3 dB with
+                    reverberation and another speaker underneath).
                     Input ``waveform`` INT16 [-1, 6400].
+
+Within each task the inputs range from easy to hard (the ``severity`` column of the held-out
+set), and the variants' capacity shows on the hard ones: the smallest variant fails many
+inputs the largest gets right.
 
 Each task has three variants whose accuracy and cost really differ:
 
@@ -17,7 +23,7 @@ Each task has three variants whose accuracy and cost really differ:
 * digits/large   MLP 64-512-512-10 with 25-view test-time augmentation (every 1-2 px shift),
                  so compute is ~7.5 M multiply-adds per image while weights stay ~1 MB
 * spoken/small   coarse spectrogram (64-point frames) -> 16 log bands x 4 segments -> linear
-* spoken/medium  256-point STFT, hop 128 -> 32 log-mel x 8 segments -> MLP(128)
+* spoken/medium  256-point STFT, hop 128 -> 24 log-mel x 6 segments -> MLP(64)
 * spoken/large   512-point STFT, hop 32 -> 40 log-mel x 16 segments -> MLP(512, 256); the
                  high-resolution front end costs ~50 M multiply-adds per clip
 
@@ -42,7 +48,10 @@ Outputs per task: ``models/<task>/<variant>.onnx``, ``models/<task>/model.toml``
 profiled accuracy, overall and per class), and a held-out evaluation set:
 ``models/<task>/eval/inputs.bin`` (the input tensor's raw little-endian bytes, row-major) and
 ``models/<task>/eval/labels.csv`` (``index,label,<variant>...`` with 1 where that variant was
-right on that sample, plus ``<variant>_pred`` columns).
+right on that sample, plus ``<variant>_pred`` and ``severity`` columns), with every variant's
+output on every held-out sample in ``models/<task>/eval/probabilities.bin``. The paired
+multi-modal set ``models/digit_events/eval/pairs.csv`` matches held-out images and clips of
+the same class.
 
 Usage: python3 scripts/build_zoo.py [--out models] [--seed 7]
 Needs: numpy, scikit-learn, onnx (onnxruntime optional), and the espeak-ng program.
@@ -151,10 +160,13 @@ def shift_matrix(dx, dy):
 
 
 def degrade(images, rng):
-    """Camera-like degradation with a per-sample severity, so per-sample difficulty varies."""
+    """Camera-like degradation with a per-sample severity, so per-sample difficulty varies:
+    (images, grades)."""
     out = np.empty_like(images)
+    grades = np.zeros(len(images), np.int64)
     for i, im in enumerate(images):
         sev = rng.choice([0, 1, 2, 3], p=[0.3, 0.3, 0.25, 0.15])
+        grades[i] = sev
         dx, dy = rng.integers(-1, 2, size=2) if sev >= 1 else (0, 0)
         im = np.roll(np.roll(im, dy, axis=0), dx, axis=1)
         im = im + rng.normal(0, [0.0, 0.08, 0.15, 0.25][sev], size=im.shape)
@@ -162,7 +174,7 @@ def degrade(images, rng):
             r, c = rng.integers(0, 6, size=2)
             im[r:r + 3, c:c + 3] = 0.0
         out[i] = np.clip(im, -0.5, 1.5)
-    return out.astype(np.float32)
+    return out.astype(np.float32), grades
 
 
 def build_digits(out_dir, rng):
@@ -173,9 +185,9 @@ def build_digits(out_dir, rng):
     n_eval = 540
     ev, tr = idx[:n_eval], idx[n_eval:]
     # Training data: clean plus several degraded copies; evaluation: one degraded copy.
-    xtr = np.concatenate([x[tr]] + [degrade(x[tr], rng) for _ in range(4)])
+    xtr = np.concatenate([x[tr]] + [degrade(x[tr], rng)[0] for _ in range(4)])
     ytr = np.concatenate([y[tr]] * 5)
-    xev = degrade(x[ev], rng)
+    xev, grades = degrade(x[ev], rng)
     yev = y[ev]
     ftr, fev = xtr.reshape(len(xtr), 64), xev.reshape(len(xev), 64)
 
@@ -235,7 +247,9 @@ def build_digits(out_dir, rng):
     write_task(out_dir, "digits", "image", xev, yev, variants,
                input_decl=dict(name="image", datatype="FP32", shape=[-1, 8, 8]),
                description="Handwritten digits 0-9 from a degraded 8x8 camera "
-                           "(scikit-learn digits with shift, noise and occlusion)")
+                           "(scikit-learn digits with shift, noise and occlusion)",
+               grades=grades)
+    return yev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +292,7 @@ def place(a, rng):
 
 
 def make_audio(n_per_class, rng):
+    """The pipeline's clips: one moderate degradation (``place``) for all."""
     xs, ys = [], []
     for label, word in enumerate(CLASSES):
         for _ in range(n_per_class):
@@ -287,6 +302,78 @@ def make_audio(n_per_class, rng):
             ys.append(label)
     x = (np.stack(xs) * 32767).astype(np.int16)
     return x, np.array(ys)
+
+
+# Difficulty grades of the spoken_digits task, from a quiet room (0) to a loud one where
+# another speaker talks underneath (4): signal-to-noise ratio per grade, and how often each
+# grade occurs.
+SEVERITY_SNR_DB = [30, 16, 8, 2, -3]
+SEVERITY_P = [0.25, 0.25, 0.2, 0.15, 0.15]
+
+
+def trim(a):
+    nz = np.nonzero(np.abs(a) > 0.01)[0]
+    return a[nz[0]:nz[-1] + 1] if len(nz) else a
+
+
+def room_response(rng, t60):
+    """A synthetic room impulse response: the direct path, then exponentially decaying noise
+    (-60 dB at ``t60`` seconds)."""
+    n = int(SR * t60)
+    h = rng.normal(0, 1, n) * np.exp(-6.9 * np.arange(n) / n)
+    h[0] = 1.0 + abs(h[0])
+    return h / np.sqrt((h ** 2).sum())
+
+
+def degrade_clip(a, others, rng, sev):
+    """One clip at difficulty grade ``sev``: reverberation (grade 2 and up, often), white or
+    low-passed background noise at the grade's SNR, mains hum, another word underneath
+    (grade 3 and up), then a random gain."""
+    a = trim(a)[:CLIP]
+    if sev >= 2 and rng.random() < 0.6:
+        a = np.convolve(a, room_response(rng, rng.uniform(0.1, 0.25 + 0.1 * sev)))[:CLIP]
+    clip = np.zeros(CLIP, np.float32)
+    off = rng.integers(0, CLIP - len(a) + 1)
+    clip[off:off + len(a)] = a
+    sig = np.sqrt(np.mean(a ** 2)) + 1e-6
+    snr_db = SEVERITY_SNR_DB[sev] + rng.uniform(-2, 2)
+    noise = rng.normal(0, 1, CLIP)
+    if sev >= 1 and rng.random() < 0.5:  # low-passed noise, like a machine room
+        noise = np.convolve(noise, np.ones(8) / 8, "same")
+    noise = noise / (np.sqrt(np.mean(noise ** 2)) + 1e-9) * sig / (10 ** (snr_db / 20))
+    if sev >= 3:
+        o = trim(others[rng.integers(len(others))])[:CLIP]
+        under = np.zeros(CLIP)
+        at = rng.integers(0, CLIP - len(o) + 1)
+        under[at:at + len(o)] = o
+        noise = noise + under / (np.sqrt(np.mean(o ** 2)) + 1e-9) * sig * rng.uniform(0.3, 0.6)
+    hum = np.sin(2 * np.pi * rng.uniform(50, 120) * np.arange(CLIP) / SR) * sig * rng.uniform(0, 0.5)
+    x = clip + noise + hum
+    return x / (np.abs(x).max() + 1e-6) * rng.uniform(0.2, 0.9)
+
+
+def speak_words(n_per_class, rng):
+    """``n_per_class`` utterances of every word, each in a random voice, speed and pitch."""
+    out = []
+    for label, word in enumerate(CLASSES):
+        for _ in range(n_per_class):
+            voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+            out.append((label, synth(word, voice, int(rng.integers(90, 280)), int(rng.integers(5, 95)))))
+    return out
+
+
+def graded_audio(words, rng, copies=1):
+    """Every utterance ``copies`` times, each copy at an independently drawn difficulty grade:
+    (clips INT16 [N, CLIP], labels, grades)."""
+    pool = [a for _, a in words]
+    xs, ys, grades = [], [], []
+    for _ in range(copies):
+        for label, a in words:
+            sev = int(rng.choice(len(SEVERITY_P), p=SEVERITY_P))
+            xs.append(degrade_clip(a, pool, rng, sev))
+            ys.append(label)
+            grades.append(sev)
+    return (np.stack(xs) * 32767).astype(np.int16), np.array(ys), np.array(grades)
 
 
 def mel_filters(n_bins, n_mels, sr):
@@ -357,13 +444,16 @@ class FrontEnd:
 
 
 def build_spoken(out_dir, rng, per_class_train, per_class_eval):
-    print(f"  synthesising {10 * (per_class_train + per_class_eval)} clips with espeak-ng ...",
+    print(f"  synthesising {10 * (per_class_train + per_class_eval)} utterances with espeak-ng ...",
           flush=True)
-    xtr, ytr = make_audio(per_class_train, rng)
-    xev, yev = make_audio(per_class_eval, rng)
+    train_words = speak_words(per_class_train, rng)
+    eval_words = speak_words(per_class_eval, rng)
+    # Training: every utterance three times at independent grades; evaluation: once.
+    xtr, ytr, _ = graded_audio(train_words, rng, copies=3)
+    xev, yev, grades = graded_audio(eval_words, rng)
     specs = {
         "small": (FrontEnd(64, 64, 16, 4), None, "64-point frames, 16 bands x 4 segments, linear"),
-        "medium": (FrontEnd(256, 128, 32, 8), ((128,), 1e-3), "256-point STFT hop 128, 32 mel x 8, MLP(128)"),
+        "medium": (FrontEnd(256, 128, 24, 6), ((64,), 1e-3), "256-point STFT hop 128, 24 mel x 6, MLP(64)"),
         "large": (FrontEnd(512, 32, 40, 16), ((512, 256), 3e-2), "512-point STFT hop 32, 40 mel x 16, MLP(512,256)"),
     }
     variants = {}
@@ -394,16 +484,20 @@ def build_spoken(out_dir, rng, per_class_train, per_class_eval):
         g.save(os.path.join(out_dir, f"{name}.onnx"), inp, v["build"](g, None), v["doc"])
     write_task(out_dir, "spoken_digits", "audio", xev, yev, variants,
                input_decl=dict(name="waveform", datatype="INT16", shape=[-1, CLIP]),
-               description="Spoken digits 0-9, 0.8 s of 8 kHz PCM16 with background noise "
-                           "(espeak-ng voices, speeds and pitches)")
+               description="Spoken digits 0-9, 0.8 s of 8 kHz PCM16 from quiet to loud rooms "
+                           "(espeak-ng voices, speeds and pitches; noise, reverberation, "
+                           "another speaker)",
+               grades=grades)
+    return yev
 
 
 # ----------------------------------------------------------------------------------------------
-# Occlusion explanations of the two tasks: 2x2-pixel patches of the image, 50 ms segments of
-# the clip (`[explain]` in model.toml).
+# Occlusion explanations of the two tasks: 2x2-pixel patches of the image (masked to the blank
+# background), 50 ms segments of the clip (masked with the clip's own quietest segment: digital
+# silence never occurs in a recording, and the model reads it as evidence of its own).
 EXPLAIN = {
     "digits": ["[explain]", "grid = [4, 4]", "baseline = 0.0", ""],
-    "spoken_digits": ["[explain]", "grid = [16]", "baseline = 0.0", ""],
+    "spoken_digits": ["[explain]", "grid = [16]", 'fill = "quietest"', ""],
 }
 
 
@@ -411,9 +505,13 @@ EXPLAIN = {
 # Writing a task folder
 # ----------------------------------------------------------------------------------------------
 def write_task(out_dir, task, modality, xev, yev, variants, input_decl, description,
-               output_decl=None, preds=None):
+               output_decl=None, preds=None, grades=None):
     """``preds``: per variant, the class each held-out sample ends up as (defaults to the argmax
-    of the variant's own output); a pipeline stage's correctness is measured in context."""
+    of the variant's own output); a pipeline stage's correctness is measured in context.
+    ``grades``: each held-out sample's difficulty grade (a ``severity`` column, and accuracy per
+    grade in the printout); with it, every variant's output on every held-out sample is kept
+    in ``eval/probabilities.bin`` (FP32, [variant, sample, class], little-endian) for the
+    simulator's refinement and fusion."""
     output_decl = output_decl or dict(name="probabilities", shape=[-1, 10])
     ev_dir = os.path.join(out_dir, "eval")
     os.makedirs(ev_dir, exist_ok=True)
@@ -421,10 +519,15 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
     names = list(variants)
     preds = preds or {n: variants[n]["probs"].argmax(axis=1) for n in names}
     with open(os.path.join(ev_dir, "labels.csv"), "w") as f:
-        f.write("index,label," + ",".join(names) + "," + ",".join(f"{n}_pred" for n in names) + "\n")
+        f.write("index,label," + ",".join(names) + "," + ",".join(f"{n}_pred" for n in names)
+                + (",severity" if grades is not None else "") + "\n")
         for i, y in enumerate(yev):
             f.write(f"{i},{y}," + ",".join(str(int(preds[n][i] == y)) for n in names) + ","
-                    + ",".join(str(int(preds[n][i])) for n in names) + "\n")
+                    + ",".join(str(int(preds[n][i])) for n in names)
+                    + (f",{int(grades[i])}" if grades is not None else "") + "\n")
+    if grades is not None:
+        probs = np.stack([variants[n]["probs"] for n in names]).astype("<f4")
+        probs.tofile(os.path.join(ev_dir, "probabilities.bin"))
     onnx_ok = check_with_onnxruntime(out_dir, names, input_decl["name"], xev, variants)
     lines = [
         "# Generated by scripts/build_zoo.py; accuracy is measured on eval/ (held out).",
@@ -448,7 +551,7 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
         'inputs = "eval/inputs.bin"',
         'labels = "eval/labels.csv"',
         f"samples = {len(yev)}",
-    ]
+    ] + (['probabilities = "eval/probabilities.bin"'] if grades is not None else [])
     print(f"  {task}: {len(yev)} held-out samples (onnxruntime check: {onnx_ok})")
     for n in names:
         acc = float((preds[n] == yev).mean())
@@ -465,7 +568,12 @@ def write_task(out_dir, task, modality, xev, yev, variants, input_decl, descript
             f"memory_mb = {max(1, round(size * 3 / 1e6))}",
             "threads = 1",
         ]
-        print(f"    {n:7s} accuracy {acc:.3f}  ({size / 1e6:.2f} MB)")
+        by_grade = ""
+        if grades is not None:
+            by_grade = "  by grade " + " ".join(
+                f"{float((preds[n][grades == g] == yev[grades == g]).mean()):.2f}"
+                for g in sorted(set(grades.tolist())))
+        print(f"    {n:7s} accuracy {acc:.3f}  ({size / 1e6:.2f} MB){by_grade}")
     with open(os.path.join(out_dir, "model.toml"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -798,7 +906,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models"))
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--train-per-class", type=int, default=260)
-    ap.add_argument("--eval-per-class", type=int, default=20)
+    ap.add_argument("--eval-per-class", type=int, default=60,
+                    help="held-out utterances per class of spoken_digits (its pipeline takes 40)")
     ap.add_argument("--only", choices=["tasks", "pipelines", "digits_pipeline", "spoken_pipeline"],
                     help="build only the single-model tasks, only the pipelines, or one pipeline")
     args = ap.parse_args()
@@ -809,8 +918,7 @@ def main():
         build_digits_pipeline(args.out, np.random.default_rng(args.seed + 100))
     if args.only in (None, "pipelines", "spoken_pipeline"):
         print("building spoken_pipeline ...", flush=True)
-        build_spoken_pipeline(args.out, np.random.default_rng(args.seed + 200), args.train_per_class,
-                              args.eval_per_class * 2)
+        build_spoken_pipeline(args.out, np.random.default_rng(args.seed + 200), args.train_per_class, 40)
     if args.only not in (None, "tasks"):
         return
     rng = np.random.default_rng(args.seed)
@@ -819,9 +927,34 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
     print("building digits ...", flush=True)
-    build_digits(os.path.join(args.out, "digits"), rng)
+    y_image = build_digits(os.path.join(args.out, "digits"), rng)
     print("building spoken_digits ...", flush=True)
-    build_spoken(os.path.join(args.out, "spoken_digits"), rng, args.train_per_class, args.eval_per_class)
+    y_audio = build_spoken(os.path.join(args.out, "spoken_digits"), rng, args.train_per_class,
+                           args.eval_per_class)
+    write_pairs(os.path.join(args.out, "digit_events"), y_image, y_audio, rng)
+
+
+def write_pairs(out_dir, y_image, y_audio, rng):
+    """The paired multi-modal set of ``digit_events``: one event = one held-out image and one
+    held-out clip of the same class, paired at random, so each modality's difficulty is
+    independent of the other's. Even samples pair with even ones (the half the estimators train
+    on) and odd with odd (``held_out = 1``), so held-out events never touch training inputs."""
+    rows = []
+    for parity in (0, 1):
+        for c in range(10):
+            imgs = [i for i in range(parity, len(y_image), 2) if y_image[i] == c]
+            clips = [i for i in range(parity, len(y_audio), 2) if y_audio[i] == c]
+            imgs, clips = list(rng.permutation(imgs)), list(rng.permutation(clips))
+            rows += [(c, int(a), int(b), parity) for a, b in zip(imgs, clips)]
+    order = rng.permutation(len(rows))
+    os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    with open(os.path.join(out_dir, "eval", "pairs.csv"), "w") as f:
+        f.write("event,label,image,audio,held_out\n")
+        for e, k in enumerate(order):
+            c, a, b, parity = rows[k]
+            f.write(f"{e},{c},{a},{b},{parity}\n")
+    held = sum(r[3] for r in rows)
+    print(f"  digit_events: {len(rows)} paired events ({held} held out)")
 
 
 if __name__ == "__main__":

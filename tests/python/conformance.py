@@ -74,8 +74,9 @@ def main():
     gindex = g.get_model_repository_index()
     check(sorted({m.name for m in gindex.models if m.state == "READY"}) == names, "gRPC repository index")
     on_disk = sorted(d for d in os.listdir(args.models)
-                     if any(os.path.exists(os.path.join(args.models, d, f)) for f in ("model.toml", "pipeline.toml")))
-    check(names == on_disk, f"every bundled model and pipeline is served: {names} vs {on_disk}")
+                     if any(os.path.exists(os.path.join(args.models, d, f))
+                            for f in ("model.toml", "pipeline.toml", "multimodal.toml")))
+    check(names == on_disk, f"every bundled model, pipeline and multi-modal model is served: {names} vs {on_disk}")
 
     # Pipelines are checked by tests/python/pipeline.py.
     for name in [n for n in names if os.path.exists(os.path.join(args.models, n, "model.toml"))]:

@@ -78,6 +78,10 @@ pub struct EvalSpec {
     pub inputs: String,
     pub labels: String,
     pub samples: usize,
+    /// Every variant's output on every sample: FP32 little-endian, `[variant, sample, class]`
+    /// in the order of the labels file's variant columns (what the simulator fuses).
+    #[serde(default)]
+    pub probabilities: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -102,12 +106,14 @@ struct ModelFile {
 }
 
 /// How an occlusion explanation cuts a sample (`[explain]` in `model.toml`): a grid over the
-/// per-sample shape, one patch per cell, each replaced by `baseline` in turn.
+/// per-sample shape, one patch per cell, each masked in turn.
 ///
 /// ```toml
 /// [explain]
 /// grid = [4, 4]      # an 8x8 image in 16 patches of 2x2 pixels
 /// baseline = 0.0     # the value a masked element takes (in the input's datatype)
+/// fill = "value"     # or "quietest": a masked patch takes the content of the sample's
+///                    # lowest-energy patch (its noise floor) instead of the baseline
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +121,22 @@ pub struct ExplainSpec {
     pub grid: Vec<i64>,
     #[serde(default)]
     pub baseline: f64,
+    #[serde(default)]
+    pub fill: Fill,
+}
+
+/// What a masked patch holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// Every element the `baseline` value: right where the baseline is what absence looks
+    /// like (an image's blank background).
+    #[default]
+    Value,
+    /// The sample's own lowest-energy patch, element by element (cyclically when patches
+    /// differ in size): right for signals that always carry a noise floor, where exact
+    /// digital silence is a perturbation the model never saw and reads as evidence itself.
+    Quietest,
 }
 
 impl ExplainSpec {
@@ -369,6 +391,13 @@ pub struct EvalSet {
     /// `correct[v][i]`: variant `variants[v]` was right on sample `i`.
     pub variants: Vec<String>,
     pub correct: Vec<Vec<bool>>,
+    /// Each sample's difficulty grade (0 = easiest), when the labels file has a `severity`
+    /// column.
+    pub severity: Option<Vec<u32>>,
+    /// `probabilities[v]`: variant `variants[v]`'s class probabilities, `classes` per sample,
+    /// when the evaluation set keeps them.
+    pub probabilities: Option<Vec<Vec<f32>>>,
+    pub classes: usize,
 }
 
 impl EvalSet {
@@ -402,7 +431,9 @@ impl EvalSet {
             .iter()
             .position(|h| *h == "label")
             .ok_or_else(|| Error::invalid(format!("{}: no 'label' column", labels_path.display())))?;
+        let severity_col = header.iter().position(|h| *h == "severity");
         let mut labels = Vec::new();
+        let mut severity = Vec::new();
         let mut correct = vec![Vec::new(); variants.len()];
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
@@ -410,6 +441,9 @@ impl EvalSet {
             labels.push(f.get(label_col).and_then(|s| s.parse().ok()).ok_or_else(bad)?);
             for (k, &c) in cols.iter().enumerate() {
                 correct[k].push(f.get(c).ok_or_else(bad)?.trim() == "1");
+            }
+            if let Some(c) = severity_col {
+                severity.push(f.get(c).and_then(|s| s.trim().parse().ok()).ok_or_else(bad)?);
             }
         }
         if labels.len() != ev.samples {
@@ -420,7 +454,41 @@ impl EvalSet {
                 ev.samples
             )));
         }
-        Ok(EvalSet { input, inputs, labels, variants, correct })
+        let classes = model.labels.len();
+        let probabilities = match &ev.probabilities {
+            None => None,
+            Some(file) => {
+                let path = resolve_inside(&model.dir, file)?;
+                let bytes =
+                    std::fs::read(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+                // Columns of the labels file, in its order: the file's variant axis.
+                let in_file: Vec<&str> =
+                    header.iter().copied().filter(|h| model.variants.iter().any(|v| v.name == *h)).collect();
+                let want = in_file.len() * ev.samples * classes * 4;
+                if classes == 0 || bytes.len() != want {
+                    return Err(Error::invalid(format!(
+                        "{}: {} bytes, expected {} variants x {} samples x {classes} classes x 4",
+                        path.display(),
+                        bytes.len(),
+                        in_file.len(),
+                        ev.samples
+                    )));
+                }
+                let all: Vec<f32> =
+                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let per = ev.samples * classes;
+                let of = |v: &String| in_file.iter().position(|h| h == v).map(|k| all[k * per..(k + 1) * per].to_vec());
+                Some(variants.iter().filter_map(of).collect())
+            }
+        };
+        let severity = severity_col.map(|_| severity);
+        Ok(EvalSet { input, inputs, labels, variants, correct, severity, probabilities, classes })
+    }
+
+    /// Variant `v`'s class probabilities on sample `i`, when the set keeps them.
+    pub fn probabilities(&self, v: usize, i: usize) -> Option<&[f32]> {
+        let p = self.probabilities.as_ref()?.get(v)?;
+        p.get(i * self.classes..(i + 1) * self.classes)
     }
 
     pub fn len(&self) -> usize {
@@ -463,10 +531,36 @@ mod tests {
             labels: vec![0; n],
             variants: vec![],
             correct: vec![],
+            severity: None,
+            probabilities: None,
+            classes: 1,
         };
         assert_eq!(ev(5).held_out(), vec![1, 3]);
         assert!(ev(10).held_out().iter().all(|i| i % 2 == 1), "never the even (training) half");
         assert_eq!(ev(1).held_out(), vec![0]);
+    }
+
+    #[test]
+    fn bundled_evaluation_sets_keep_grades_and_every_variants_output() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        for name in ["digits", "spoken_digits"] {
+            let spec = ModelSpec::load(&dir.join(name)).unwrap();
+            let ev = spec.load_eval().unwrap().unwrap();
+            assert_eq!(ev.variants, ["small", "medium", "large"], "{name}");
+            let grades = ev.severity.as_ref().expect("a severity column");
+            assert!(grades.iter().any(|&g| g == 0) && grades.iter().any(|&g| g >= 3), "{name}: easy and hard");
+            // The kept outputs agree with the correctness columns: argmax = label iff right.
+            for v in 0..ev.variants.len() {
+                for i in 0..ev.len() {
+                    let p = ev.probabilities(v, i).expect("probabilities kept");
+                    let top = (0..p.len()).fold(0, |b, k| if p[k] > p[b] { k } else { b });
+                    assert_eq!(top as u32 == ev.labels[i], ev.correct[v][i], "{name} {v} {i}");
+                    assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-3);
+                }
+            }
+            // A hard input the largest variant gets right and the smallest does not exists.
+            assert!((0..ev.len()).any(|i| ev.correct[2][i] && !ev.correct[0][i]), "{name}");
+        }
     }
 
     const GOOD: &str = r#"

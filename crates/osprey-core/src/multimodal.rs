@@ -181,6 +181,27 @@ struct MultiModalFile {
     #[serde(default = "default_fusion")]
     fusion: Vec<Fusion>,
     modalities: Vec<ModalityDecl>,
+    #[serde(default)]
+    eval: Option<PairsSpec>,
+}
+
+/// `[eval]` of a multi-modal folder: the paired set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PairsSpec {
+    /// CSV: `event,label,<modality>...,held_out`; each modality column is a sample index into
+    /// that modality's model's evaluation set (of the same class); `held_out` is 1 where every
+    /// sample is in the estimators' held-out half.
+    pub pairs: String,
+}
+
+/// One paired event: one sample per modality, all of the same class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairedEvent {
+    pub label: u32,
+    /// Per modality (declaration order): the sample's index in that model's evaluation set.
+    pub samples: Vec<usize>,
+    pub held_out: bool,
 }
 
 fn default_output() -> String {
@@ -203,6 +224,7 @@ pub struct MultiModalSpec {
     /// Supported fusion rules, the default first.
     pub fusion: Vec<Fusion>,
     pub modalities: Vec<ModalityDecl>,
+    pub eval: Option<PairsSpec>,
 }
 
 impl MultiModalSpec {
@@ -246,7 +268,16 @@ impl MultiModalSpec {
             output: f.output,
             fusion: f.fusion,
             modalities: f.modalities,
+            eval: f.eval,
         })
+    }
+
+    /// The paired set, when `[eval]` names one.
+    pub fn load_pairs(&self) -> Result<Option<Vec<PairedEvent>>> {
+        let Some(ev) = &self.eval else { return Ok(None) };
+        let path = crate::model::resolve_inside(&self.dir, &ev.pairs)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        parse_pairs(&text, &self.modalities).map(Some).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
     /// The member models in modality order, checked (see the module docs).
@@ -295,6 +326,26 @@ impl MultiModalSpec {
     }
 }
 
+fn parse_pairs(text: &str, modalities: &[ModalityDecl]) -> std::result::Result<Vec<PairedEvent>, String> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).ok_or_else(|| format!("no '{name}' column"));
+    let label = col("label")?;
+    let held = col("held_out")?;
+    let cols = modalities.iter().map(|m| col(&m.name)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let num = |c: usize| f.get(c).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| format!("line {}: malformed row", n + 2));
+        out.push(PairedEvent {
+            label: num(label)? as u32,
+            samples: cols.iter().map(|&c| num(c)).collect::<std::result::Result<_, _>>()?,
+            held_out: num(held)? == 1,
+        });
+    }
+    Ok(out)
+}
+
 /// Every sub-folder of `root` holding a `multimodal.toml`, sorted by name; broken ones reported.
 pub fn scan_multimodal(root: &Path) -> Result<(Vec<MultiModalSpec>, Vec<RepositoryProblem>)> {
     let (mut specs, problems) = crate::model::scan_folders(root, "multimodal.toml", MultiModalSpec::load)?;
@@ -326,6 +377,29 @@ mod tests {
         let members = spec.check(&models).expect("checks");
         assert_eq!(members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["digits", "spoken_digits"]);
         assert_eq!(spec.fusion[0], Fusion::Product);
+        // The paired set: same class in every modality, held-out events only on odd samples.
+        let pairs = spec.load_pairs().expect("pairs parse").expect("the bundled model has pairs");
+        let evals: Vec<_> = members.iter().map(|m| m.load_eval().unwrap().unwrap()).collect();
+        assert!(pairs.len() >= 400, "{}", pairs.len());
+        for p in &pairs {
+            for (k, &i) in p.samples.iter().enumerate() {
+                assert_eq!(evals[k].labels[i], p.label, "{p:?}");
+                assert_eq!(i % 2 == 1, p.held_out, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_name_a_sample_per_modality() {
+        let mods = vec![
+            ModalityDecl { name: "image".into(), model: "a".into() },
+            ModalityDecl { name: "audio".into(), model: "b".into() },
+        ];
+        let p = parse_pairs("event,label,audio,image,held_out\n0,3,7,9,1\n1,2,4,6,0\n", &mods).unwrap();
+        assert_eq!(p[0], PairedEvent { label: 3, samples: vec![9, 7], held_out: true });
+        assert!(!p[1].held_out);
+        assert!(parse_pairs("event,label,image,held_out\n", &mods).unwrap_err().contains("'audio'"));
+        assert!(parse_pairs("event,label,image,audio,held_out\n0,x,1,2,0\n", &mods).unwrap_err().contains("line 2"));
     }
 
     #[test]

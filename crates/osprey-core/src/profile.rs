@@ -30,9 +30,9 @@ pub struct VariantProfile {
     /// Sorted by batch size.
     pub batches: Vec<BatchProfile>,
     /// p90 of one occlusion explanation of one sample (every masked copy run as one batch, and
-    /// the attribution), µs, when written; the gateway plans an explanation with the larger of
-    /// this and the batch latency of the masked copies. `osprey profile` does not write it
-    /// yet: absent, the batch latency alone counts.
+    /// the attribution), µs; `osprey profile` writes it for models with `[explain]`. The
+    /// gateway plans an explanation with the larger of this and the batch latency of the masked
+    /// copies; absent, the batch latency alone counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explain_us: Option<f64>,
 }

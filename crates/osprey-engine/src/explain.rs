@@ -4,7 +4,9 @@
 //! Occlusion sensitivity (Zeiler and Fergus, "Visualizing and Understanding Convolutional
 //! Networks", ECCV 2014), per sample x, answered class ŷ and patch k of the `[explain]` grid:
 //! ```text
-//! x₍ₖ₎  = x with every element of patch k set to the baseline
+//! x₍ₖ₎  = x with every element of patch k set to the baseline (fill = "value"), or to the
+//!        matching element of x's lowest-energy patch q = argmin_j mean_{e∈j} x_e² (fill =
+//!        "quietest", its noise floor)
 //! aₖ    = p(ŷ | x) − p(ŷ | x₍ₖ₎)
 //! ```
 //! A large aₖ: masking patch k takes probability away from the answer (the answer rests on
@@ -19,7 +21,7 @@
 
 use crate::Session;
 use osprey_core::error::{Error, Result};
-use osprey_core::model::ExplainSpec;
+use osprey_core::model::{ExplainSpec, Fill};
 use osprey_core::tensor::{DataType, RawTensor};
 
 /// The baseline in `dt`'s little-endian encoding.
@@ -36,6 +38,28 @@ fn encode(dt: DataType, v: f64) -> Result<Vec<u8>> {
         DataType::Uint32 => (v as u32).to_le_bytes().to_vec(),
         DataType::Uint64 => (v as u64).to_le_bytes().to_vec(),
         other => return Err(Error::invalid(format!("occlusion cannot mask {other} inputs"))),
+    })
+}
+
+/// Every element of `data` as a number (the datatypes [`encode`] can write).
+fn decode(dt: DataType, data: &[u8]) -> Result<Vec<f64>> {
+    macro_rules! conv {
+        ($t:ty, $n:expr) => {
+            data.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f64).collect()
+        };
+    }
+    Ok(match dt {
+        DataType::Fp32 => conv!(f32, 4),
+        DataType::Fp64 => conv!(f64, 8),
+        DataType::Int8 => conv!(i8, 1),
+        DataType::Int16 => conv!(i16, 2),
+        DataType::Int32 => conv!(i32, 4),
+        DataType::Int64 => conv!(i64, 8),
+        DataType::Uint8 => conv!(u8, 1),
+        DataType::Uint16 => conv!(u16, 2),
+        DataType::Uint32 => conv!(u32, 4),
+        DataType::Uint64 => conv!(u64, 8),
+        other => return Err(Error::invalid(format!("occlusion cannot read {other} inputs"))),
     })
 }
 
@@ -73,18 +97,33 @@ pub fn occlude(inputs: &[RawTensor], x: &ExplainSpec) -> Result<Vec<RawTensor>> 
     }
     let patches = x.patches();
     let owner = patch_of_elements(sample, &x.grid);
+    // Each patch's elements, in row-major order.
+    let mut members = vec![Vec::new(); patches];
+    for (e, &p) in owner.iter().enumerate() {
+        members[p].push(e);
+    }
     let size = first.datatype.size();
     let per = owner.len() * size;
     let base = encode(first.datatype, x.baseline)?;
+    let values = match x.fill {
+        Fill::Value => None,
+        Fill::Quietest => Some(decode(first.datatype, &first.data)?),
+    };
     let mut out = Vec::with_capacity(first.data.len() * patches);
     for n in 0..rows as usize {
         let row = &first.data[n * per..(n + 1) * per];
-        for k in 0..patches {
+        let quietest = values.as_ref().map(|v| quietest_patch(&v[n * owner.len()..(n + 1) * owner.len()], &members));
+        for (k, elements) in members.iter().enumerate() {
             let mut copy = row.to_vec();
-            for (e, &p) in owner.iter().enumerate() {
-                if p == k {
-                    copy[e * size..(e + 1) * size].copy_from_slice(&base);
-                }
+            for (j, &e) in elements.iter().enumerate() {
+                let fill = match quietest {
+                    None => &base[..],
+                    Some(q) => {
+                        let src = members[q][j % members[q].len()];
+                        &row[src * size..(src + 1) * size]
+                    }
+                };
+                copy[e * size..(e + 1) * size].copy_from_slice(fill);
             }
             out.extend_from_slice(&copy);
         }
@@ -102,6 +141,18 @@ pub fn occlude(inputs: &[RawTensor], x: &ExplainSpec) -> Result<Vec<RawTensor>> 
         all.push(RawTensor::from_bytes(t.datatype, shape, data)?);
     }
     Ok(all)
+}
+
+/// The patch with the lowest mean squared value (the first of equals).
+fn quietest_patch(sample: &[f64], members: &[Vec<usize>]) -> usize {
+    let energy = |m: &Vec<usize>| m.iter().map(|&e| sample[e].powi(2)).sum::<f64>() / m.len().max(1) as f64;
+    let mut best = 0;
+    for k in 1..members.len() {
+        if energy(&members[k]) < energy(&members[best]) {
+            best = k;
+        }
+    }
+    best
 }
 
 /// aₖ of the module docs for every sample: `base` is rows × classes (the answer being
@@ -179,7 +230,7 @@ mod tests {
 
     #[test]
     fn each_copy_masks_exactly_its_patch_and_other_inputs_repeat() {
-        let x = ExplainSpec { grid: vec![2], baseline: -1.0 };
+        let x = ExplainSpec { grid: vec![2], baseline: -1.0, fill: Fill::Value };
         let image = RawTensor::from_f32(vec![2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap();
         let side = RawTensor::from_f32(vec![2, 1], &[10.0, 20.0]).unwrap();
         let out = occlude(&[image, side], &x).unwrap();
@@ -190,8 +241,26 @@ mod tests {
         );
         assert_eq!(out[1].to_f32().unwrap(), vec![10.0, 10.0, 20.0, 20.0]);
         let pcm = RawTensor::from_bytes(DataType::Int16, vec![1, 2], vec![7, 0, 9, 0]).unwrap();
-        let out = occlude(&[pcm], &ExplainSpec { grid: vec![2], baseline: 0.0 }).unwrap();
+        let out = occlude(&[pcm], &ExplainSpec { grid: vec![2], baseline: 0.0, fill: Fill::Value }).unwrap();
         assert_eq!(out[0].data, vec![0, 0, 9, 0, 7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn quietest_fill_copies_the_lowest_energy_patch_cyclically() {
+        let x = ExplainSpec { grid: vec![3], baseline: 0.0, fill: Fill::Quietest };
+        // Patches of 10 elements in 3 cells: [0..4), [4..7), [7..10); the middle one is quietest.
+        let row = [5.0, -5.0, 6.0, 4.0, 1.0, -1.0, 0.5, 9.0, 8.0, -9.0];
+        let out = occlude(&[RawTensor::from_f32(vec![1, 10], &row).unwrap()], &x).unwrap();
+        let v = out[0].to_f32().unwrap();
+        // Copy 0: patch 0 (4 elements) takes 1, -1, 0.5, then 1 again.
+        assert_eq!(&v[..10], &[1.0, -1.0, 0.5, 1.0, 1.0, -1.0, 0.5, 9.0, 8.0, -9.0]);
+        // Copy 1 masks the quietest patch with itself: the sample unchanged.
+        assert_eq!(&v[10..20], &row);
+        assert_eq!(&v[27..30], &[1.0, -1.0, 0.5]);
+        // Integers too, rows apart: the second row's quietest patch is its first.
+        let pcm = RawTensor::from_bytes(DataType::Int16, vec![2, 2], vec![9, 0, 1, 0, 2, 0, 30, 0]).unwrap();
+        let out = occlude(&[pcm], &ExplainSpec { grid: vec![2], baseline: 0.0, fill: Fill::Quietest }).unwrap();
+        assert_eq!(out[0].data, vec![1, 0, 1, 0, 9, 0, 1, 0, 2, 0, 30, 0, 2, 0, 2, 0]);
     }
 
     #[test]

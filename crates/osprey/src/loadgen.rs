@@ -214,6 +214,7 @@ fn pipeline_as_model(repo: &std::path::Path, name: &str) -> Option<ModelSpec> {
             inputs: "eval/inputs.bin".into(),
             labels: "eval/labels.csv".into(),
             samples,
+            probabilities: None,
         }),
         ..(*first).clone()
     })

@@ -1,6 +1,8 @@
 //! `osprey profile`: measures every variant's latency per batch size (p50/p90/p99) and
 //! single-instance throughput on this machine, with a progress bar, and writes
-//! `<model>/profile.toml`, which the gateway's policies read. `--compare-engines` runs every
+//! `<model>/profile.toml`, which the gateway's policies read. A model with `[explain]` also
+//! has one sample's occlusion explanation timed per variant (`explain_us`, p90: every masked
+//! copy as one batch, then the attribution). `--compare-engines` runs every
 //! variant on tract and on onnxruntime instead, one engine after the other on the same inputs,
 //! and prints both with their ratio and the largest output difference.
 
@@ -84,8 +86,11 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
     if args.compare_engines {
         return compare_engines(&models, &settings);
     }
-    let total: u64 = models.iter().map(|m| m.variants.len() as u64).sum::<u64>()
-        * (settings.batch_sizes.len() * settings.iterations) as u64;
+    let total: u64 = models
+        .iter()
+        .map(|m| m.variants.len() as u64 * (settings.batch_sizes.len() + usize::from(m.explain.is_some())) as u64)
+        .sum::<u64>()
+        * settings.iterations as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{msg:24} [{bar:40}] {pos}/{len} runs, {eta} left")
@@ -100,6 +105,8 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
     );
     let mut table = Table::new();
     table.set_header(["model", "variant", "batch", "p50 us", "p90 us", "p99 us", "samples/s"]);
+    let mut explained = Table::new();
+    explained.set_header(["model", "variant", "patches", "explanation p90 us (one sample)"]);
     for m in &models {
         let eval = m.load_eval().map_err(|e| e.to_string())?;
         let mut profile = ModelProfile { host: host.clone(), variants: Vec::new() };
@@ -109,6 +116,13 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
             let vp =
                 profile_variant(&v.name, &s, &settings, |b| inputs_for(m, eval.as_ref(), b), || bar.inc(1))
                     .map_err(|e: Error| e.to_string())?;
+            let mut vp = vp;
+            if let Some(x) = &m.explain {
+                let one = inputs_for(m, eval.as_ref(), 1).map_err(|e| e.to_string())?;
+                let us = time_explanation(&s, &one, x, &settings, || bar.inc(1)).map_err(|e| e.to_string())?;
+                explained.add_row([m.name.clone(), v.name.clone(), x.patches().to_string(), format!("{us:.0}")]);
+                vp.explain_us = Some(us);
+            }
             for b in &vp.batches {
                 table.add_row([
                     m.name.clone(),
@@ -131,10 +145,37 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
     }
     bar.finish_and_clear();
     println!("{table}");
+    if !explained.is_empty() {
+        println!("{explained}");
+    }
     if !args.dry_run {
         println!("wrote profile.toml for {} model(s) under {}", models.len(), repo.display());
     }
     Ok(())
+}
+
+/// p90 of `settings.iterations` occlusion explanations of `one` (after the warm-up), µs.
+fn time_explanation(
+    session: &Session,
+    one: &[RawTensor],
+    x: &osprey_core::model::ExplainSpec,
+    settings: &ProfileSettings,
+    mut tick: impl FnMut(),
+) -> Result<f64> {
+    for _ in 0..settings.warmup {
+        osprey_engine::explain::explain(session, one, x, 0)?;
+    }
+    let mut us: Vec<f64> = (0..settings.iterations)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let r = osprey_engine::explain::explain(session, one, x, 0);
+            tick();
+            r.map(|_| t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect::<Result<_>>()?;
+    us.sort_by(f64::total_cmp);
+    let k = ((us.len() as f64 * 0.9).ceil() as usize).clamp(1, us.len()) - 1;
+    Ok(us[k])
 }
 
 /// The largest absolute difference between two engines' outputs (floats compared as numbers,

@@ -14,13 +14,22 @@ fn scratch(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// One image and one clip of the same class from the held-out sets, as JSON inputs.
-fn event_inputs(image: bool, audio: bool) -> Vec<String> {
+/// The paired held-out events of `digit_events` and its members' evaluation sets.
+fn paired() -> (Vec<osprey_core::multimodal::PairedEvent>, [osprey_core::model::EvalSet; 2]) {
     let models = repo_root().join("models");
+    let spec = osprey_core::multimodal::MultiModalSpec::load(&models.join("digit_events")).unwrap();
+    let events = spec.load_pairs().unwrap().expect("a paired set");
+    let eval = |m: &str| osprey_core::model::ModelSpec::load(&models.join(m)).unwrap().load_eval().unwrap().unwrap();
+    (events.into_iter().filter(|e| e.held_out).collect(), [eval("digits"), eval("spoken_digits")])
+}
+
+/// One paired event (one image and one clip of the same class), as JSON inputs.
+fn inputs_of(event: &osprey_core::multimodal::PairedEvent, image: bool, audio: bool) -> Vec<String> {
+    let (_, [images, clips]) = paired();
     let mut out = Vec::new();
     if image {
-        let bytes = std::fs::read(models.join("digits/eval/inputs.bin")).unwrap();
-        let px: Vec<String> = bytes[..64 * 4]
+        let px: Vec<String> = images
+            .sample(event.samples[0])
             .chunks(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).to_string())
             .collect();
@@ -30,15 +39,36 @@ fn event_inputs(image: bool, audio: bool) -> Vec<String> {
         ));
     }
     if audio {
-        let bytes = std::fs::read(models.join("spoken_digits/eval/inputs.bin")).unwrap();
-        let pcm: Vec<String> =
-            bytes[..6400 * 2].chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]]).to_string()).collect();
+        let pcm: Vec<String> = clips
+            .sample(event.samples[1])
+            .chunks(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]).to_string())
+            .collect();
         out.push(format!(
             r#"{{"name":"waveform","datatype":"INT16","shape":[1,6400],"data":[{}]}}"#,
             pcm.join(",")
         ));
     }
     out
+}
+
+/// The first held-out event, as JSON inputs.
+fn event_inputs(image: bool, audio: bool) -> Vec<String> {
+    inputs_of(&paired().0[0], image, audio)
+}
+
+/// A held-out event no variant of either modality is sure of (every top probability under
+/// 0.99, from the outputs the evaluation sets keep): no average of answers reaches 1.0 on it.
+fn unsure_event() -> osprey_core::multimodal::PairedEvent {
+    let (events, evals) = paired();
+    let unsure = |k: usize, i: usize| {
+        (0..evals[k].variants.len())
+            .all(|v| evals[k].probabilities(v, i).unwrap().iter().all(|&p| p < 0.99))
+    };
+    events
+        .into_iter()
+        .find(|e| unsure(0, e.samples[0]) && unsure(1, e.samples[1]))
+        .expect("an event no variant is sure of")
 }
 
 fn body(inputs: &[String], params: &str) -> String {
@@ -119,9 +149,11 @@ fn tenant_objectives_shape_the_refinement() {
     assert_eq!(status, 403, "explanations are off for this tenant: {text}");
     assert!(text.contains("explain"), "{text}");
 
-    // The careful tenant: a target nothing reaches, so every service that fits is called, up
-    // to its ensemble size of 4 (both modalities have three variants each).
-    let (status, text) = post_as(&server.http, path, careful, &body(&event_inputs(true, true), ""));
+    // The careful tenant: a target nothing reaches on an event no variant is sure of, so every
+    // service that fits is called, up to its ensemble size of 4 (both modalities have three
+    // variants each).
+    let unsure = unsure_event();
+    let (status, text) = post_as(&server.http, path, careful, &body(&inputs_of(&unsure, true, true), ""));
     assert_eq!(status, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(param(&v, "fusion"), "weighted_average");
