@@ -477,7 +477,9 @@ impl EvalSet {
                 let all: Vec<f32> =
                     bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                 let per = ev.samples * classes;
-                let of = |v: &String| in_file.iter().position(|h| h == v).map(|k| all[k * per..(k + 1) * per].to_vec());
+                let of = |v: &String| {
+                    in_file.iter().position(|h| h == v).map(|k| all[k * per..(k + 1) * per].to_vec())
+                };
                 Some(variants.iter().filter_map(of).collect())
             }
         };
@@ -548,7 +550,7 @@ mod tests {
             let ev = spec.load_eval().unwrap().unwrap();
             assert_eq!(ev.variants, ["small", "medium", "large"], "{name}");
             let grades = ev.severity.as_ref().expect("a severity column");
-            assert!(grades.iter().any(|&g| g == 0) && grades.iter().any(|&g| g >= 3), "{name}: easy and hard");
+            assert!(grades.contains(&0) && grades.iter().any(|&g| g >= 3), "{name}: easy and hard");
             // The kept outputs agree with the correctness columns: argmax = label iff right.
             for v in 0..ev.variants.len() {
                 for i in 0..ev.len() {

@@ -276,8 +276,11 @@ impl MultiModalSpec {
     pub fn load_pairs(&self) -> Result<Option<Vec<PairedEvent>>> {
         let Some(ev) = &self.eval else { return Ok(None) };
         let path = crate::model::resolve_inside(&self.dir, &ev.pairs)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-        parse_pairs(&text, &self.modalities).map(Some).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        parse_pairs(&text, &self.modalities)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
     /// The member models in modality order, checked (see the module docs).
@@ -329,14 +332,19 @@ impl MultiModalSpec {
 fn parse_pairs(text: &str, modalities: &[ModalityDecl]) -> std::result::Result<Vec<PairedEvent>, String> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).ok_or_else(|| format!("no '{name}' column"));
+    let col =
+        |name: &str| header.iter().position(|h| *h == name).ok_or_else(|| format!("no '{name}' column"));
     let label = col("label")?;
     let held = col("held_out")?;
     let cols = modalities.iter().map(|m| col(&m.name)).collect::<std::result::Result<Vec<_>, _>>()?;
     let mut out = Vec::new();
     for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let num = |c: usize| f.get(c).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| format!("line {}: malformed row", n + 2));
+        let num = |c: usize| {
+            f.get(c)
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| format!("line {}: malformed row", n + 2))
+        };
         out.push(PairedEvent {
             label: num(label)? as u32,
             samples: cols.iter().map(|&c| num(c)).collect::<std::result::Result<_, _>>()?,
@@ -399,7 +407,11 @@ mod tests {
         assert_eq!(p[0], PairedEvent { label: 3, samples: vec![9, 7], held_out: true });
         assert!(!p[1].held_out);
         assert!(parse_pairs("event,label,image,held_out\n", &mods).unwrap_err().contains("'audio'"));
-        assert!(parse_pairs("event,label,image,audio,held_out\n0,x,1,2,0\n", &mods).unwrap_err().contains("line 2"));
+        assert!(
+            parse_pairs("event,label,image,audio,held_out\n0,x,1,2,0\n", &mods)
+                .unwrap_err()
+                .contains("line 2")
+        );
     }
 
     #[test]

@@ -45,7 +45,9 @@ fn encode(dt: DataType, v: f64) -> Result<Vec<u8>> {
 fn decode(dt: DataType, data: &[u8]) -> Result<Vec<f64>> {
     macro_rules! conv {
         ($t:ty, $n:expr) => {
-            data.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f64).collect()
+            data.chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])) as f64)
+                .collect()
         };
     }
     Ok(match dt {
@@ -112,8 +114,9 @@ pub fn occlude(inputs: &[RawTensor], x: &ExplainSpec) -> Result<Vec<RawTensor>> 
     let mut out = Vec::with_capacity(first.data.len() * patches);
     for n in 0..rows as usize {
         let row = &first.data[n * per..(n + 1) * per];
-        let quietest = values.as_ref().map(|v| quietest_patch(&v[n * owner.len()..(n + 1) * owner.len()], &members));
-        for (k, elements) in members.iter().enumerate() {
+        let quietest =
+            values.as_ref().map(|v| quietest_patch(&v[n * owner.len()..(n + 1) * owner.len()], &members));
+        for elements in &members {
             let mut copy = row.to_vec();
             for (j, &e) in elements.iter().enumerate() {
                 let fill = match quietest {
@@ -259,7 +262,8 @@ mod tests {
         assert_eq!(&v[27..30], &[1.0, -1.0, 0.5]);
         // Integers too, rows apart: the second row's quietest patch is its first.
         let pcm = RawTensor::from_bytes(DataType::Int16, vec![2, 2], vec![9, 0, 1, 0, 2, 0, 30, 0]).unwrap();
-        let out = occlude(&[pcm], &ExplainSpec { grid: vec![2], baseline: 0.0, fill: Fill::Quietest }).unwrap();
+        let out =
+            occlude(&[pcm], &ExplainSpec { grid: vec![2], baseline: 0.0, fill: Fill::Quietest }).unwrap();
         assert_eq!(out[0].data, vec![1, 0, 1, 0, 9, 0, 1, 0, 2, 0, 30, 0, 2, 0, 2, 0]);
     }
 

@@ -88,7 +88,9 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
     }
     let total: u64 = models
         .iter()
-        .map(|m| m.variants.len() as u64 * (settings.batch_sizes.len() + usize::from(m.explain.is_some())) as u64)
+        .map(|m| {
+            m.variants.len() as u64 * (settings.batch_sizes.len() + usize::from(m.explain.is_some())) as u64
+        })
         .sum::<u64>()
         * settings.iterations as u64;
     let bar = ProgressBar::new(total);
@@ -119,8 +121,14 @@ pub fn run(args: ProfileArgs) -> std::result::Result<(), String> {
             let mut vp = vp;
             if let Some(x) = &m.explain {
                 let one = inputs_for(m, eval.as_ref(), 1).map_err(|e| e.to_string())?;
-                let us = time_explanation(&s, &one, x, &settings, || bar.inc(1)).map_err(|e| e.to_string())?;
-                explained.add_row([m.name.clone(), v.name.clone(), x.patches().to_string(), format!("{us:.0}")]);
+                let us =
+                    time_explanation(&s, &one, x, &settings, || bar.inc(1)).map_err(|e| e.to_string())?;
+                explained.add_row([
+                    m.name.clone(),
+                    v.name.clone(),
+                    x.patches().to_string(),
+                    format!("{us:.0}"),
+                ]);
                 vp.explain_us = Some(us);
             }
             for b in &vp.batches {

@@ -19,7 +19,8 @@ fn paired() -> (Vec<osprey_core::multimodal::PairedEvent>, [osprey_core::model::
     let models = repo_root().join("models");
     let spec = osprey_core::multimodal::MultiModalSpec::load(&models.join("digit_events")).unwrap();
     let events = spec.load_pairs().unwrap().expect("a paired set");
-    let eval = |m: &str| osprey_core::model::ModelSpec::load(&models.join(m)).unwrap().load_eval().unwrap().unwrap();
+    let eval =
+        |m: &str| osprey_core::model::ModelSpec::load(&models.join(m)).unwrap().load_eval().unwrap().unwrap();
     (events.into_iter().filter(|e| e.held_out).collect(), [eval("digits"), eval("spoken_digits")])
 }
 
@@ -62,8 +63,7 @@ fn event_inputs(image: bool, audio: bool) -> Vec<String> {
 fn unsure_event() -> osprey_core::multimodal::PairedEvent {
     let (events, evals) = paired();
     let unsure = |k: usize, i: usize| {
-        (0..evals[k].variants.len())
-            .all(|v| evals[k].probabilities(v, i).unwrap().iter().all(|&p| p < 0.99))
+        (0..evals[k].variants.len()).all(|v| evals[k].probabilities(v, i).unwrap().iter().all(|&p| p < 0.99))
     };
     events
         .into_iter()
