@@ -18,7 +18,13 @@ fn fuzz_targets_survive_a_short_afl_run() {
         "the fuzzing smoke test needs cargo-afl: cargo install cargo-afl && cargo afl config --build (.ci/run does it)"
     );
     let secs = std::env::var("OSPREY_FUZZ_SECS").unwrap_or_else(|_| "5".into());
-    let out = Command::new(root.join("fuzz/run.sh")).arg(&secs).output().expect("run fuzz/run.sh");
+    // Unoptimised targets unless told otherwise: the build dominates a few seconds of fuzzing.
+    let profile = std::env::var("OSPREY_FUZZ_PROFILE").unwrap_or_else(|_| "smoke".into());
+    let out = Command::new(root.join("fuzz/run.sh"))
+        .arg(&secs)
+        .env("OSPREY_FUZZ_PROFILE", profile)
+        .output()
+        .expect("run fuzz/run.sh");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");
     assert!(out.status.success(), "fuzzing found a crash or could not run:\n{text}");
