@@ -32,8 +32,9 @@
 //!               accuracy of s on class y; ties go to higher a(s), then lower e(s))
 //! conf(F)     = minₙ maxᵧ Fₙ(y)   over the request's rows n
 //! ```
-//! Every call is planned to finish by the deadline by its expected time; a call that overruns
-//! is the dispatcher's to expire, and what has answered by then is the answer.
+//! Every call is planned to finish by the deadline by its expected time, as the driver
+//! estimates it just before the decision ([`Refinement::refresh`]); a call that overruns is
+//! the dispatcher's to expire, and what has answered by then is the answer.
 //!
 //! # Explanations
 //! When the request is to be explained, x(s) is the expected time of explaining with service s
@@ -190,6 +191,18 @@ impl Refinement {
     }
     pub fn services(&self) -> &[Service] {
         &self.services
+    }
+
+    /// Replaces each service's expected latency and failure share with `now_of`'s figure
+    /// `(latency_us, failure_rate)`, where it has one: queues, contention and failures change
+    /// while a request refines, so the driver asks its dispatcher again before each decision.
+    pub fn refresh(&mut self, mut now_of: impl FnMut(&Service) -> Option<(f64, f64)>) {
+        for s in &mut self.services {
+            if let Some((latency_us, failure_rate)) = now_of(s) {
+                s.latency_us = latency_us;
+                s.failure_rate = failure_rate;
+            }
+        }
     }
     /// Services that answered, in the order they did.
     pub fn answered(&self) -> &[usize] {

@@ -84,12 +84,13 @@ pub enum Rule {
     /// Earliest deadline first on one given variant.
     Edf(usize),
     /// Least laxity first (laxity = deadline − now − exec time of the most accurate variant);
-    /// runs the most accurate variant that still fits the chosen request, else the fastest.
+    /// runs the most accurate variant that still fits the chosen request with the queue behind
+    /// it, else the fastest.
     Llf,
     /// DREAM, as the quality-driven paper's public code defines it: drop a request as soon as
     /// it cannot finish (now + min_exec > deadline); otherwise rank by
     /// urgency = min_exec / (remaining − min_exec), most urgent first; run the most accurate
-    /// variant that fits the most urgent request.
+    /// variant that fits the most urgent request with the queue behind it.
     Dream,
     /// FIFO, a uniformly random variant per batch (seeded: same seed, same choices).
     Random(u64),
@@ -594,13 +595,31 @@ impl Scheduler {
         plan
     }
 
-    /// FIFO on one variant per request (baselines, and pinned requests under them).
     /// The most accurate variant (by profile) that can finish `r` by its deadline from `now`,
-    /// else the fastest allowed one.
+    /// else the fastest allowed one (LLF's and DREAM's variant choice).
+    ///
+    /// "Fits" counts the queue behind `r`: ROHE's orchestrators keep an instance only while its
+    /// measured response time (queueing included) is within the task's allocated time, so a
+    /// slow variant drops out as load builds. From the queue, that response time is
+    /// ```text
+    /// resp(v) = ℓ_v(rows) + ⌈Q / b⌉ · ℓ_v(b) / W     Q: rows queued besides r, b: largest
+    ///                                                 batch, W: workers
+    /// ```
+    /// and v fits when now + resp(v) ≤ deadline(r). Without the queue term a sustained load
+    /// sends every batch to the most accurate variant and the queue grows without bound.
     fn best_fit(&self, r: &Request, now: f64) -> Option<usize> {
+        let others: u32 = self.queue.iter().filter(|q| q.id != r.id).map(|q| q.rows).sum();
+        let b = self.cfg.max_rows.max(1);
+        let backlog = |v: usize| {
+            if others == 0 {
+                0.0
+            } else {
+                f64::from(others.div_ceil(b)) * self.latency(v, b) / f64::from(self.cfg.workers.max(1))
+            }
+        };
         let fits = self
             .allowed(r)
-            .filter(|&v| now + self.latency(v, r.rows) <= r.deadline as f64)
+            .filter(|&v| now + self.latency(v, r.rows) + backlog(v) <= r.deadline as f64)
             .max_by(|&a, &b| self.variants[a].accuracy.total_cmp(&self.variants[b].accuracy));
         fits.or_else(|| {
             self.allowed(r).min_by(|&a, &b| self.latency(a, r.rows).total_cmp(&self.latency(b, r.rows)))
@@ -980,16 +999,27 @@ mod tests {
         s.admit(0, req(2, 0, 1_000, [0.6, 0.8, 0.95])).unwrap();
         assert_eq!(s.next_batch(0).batch.unwrap().members[0].id, 2);
         // DREAM drops a request that cannot finish and serves the most urgent one with the most
-        // accurate variant that still fits it.
-        let mut s =
-            Scheduler::new(SchedulerConfig { max_rows: 1, ..SchedulerConfig::for_test(Rule::Dream) }, zoo());
+        // accurate variant that still fits it with the queue behind it (medium: 500 µs for it
+        // and 500 µs for request 1 behind it, by 1200 µs).
+        let dream = || {
+            Scheduler::new(SchedulerConfig { max_rows: 1, ..SchedulerConfig::for_test(Rule::Dream) }, zoo())
+        };
+        let mut s = dream();
         s.admit(0, req(1, 0, 10_000, [0.6, 0.8, 0.95])).unwrap();
-        s.admit(0, req(2, 0, 700, [0.6, 0.8, 0.95])).unwrap();
+        s.admit(0, req(2, 0, 1_200, [0.6, 0.8, 0.95])).unwrap();
         s.admit(0, req(3, 0, 200, [0.6, 0.8, 0.95])).unwrap();
         let p = s.next_batch(100);
         assert_eq!(p.expired.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3]);
         let b = p.batch.unwrap();
         assert_eq!((b.members[0].id, b.variant), (2, 1));
+        // A longer queue behind it: medium would leave it late, so the fastest variant.
+        let mut s = dream();
+        for i in 10..16 {
+            s.admit(0, req(i, 0, 10_000, [0.6, 0.8, 0.95])).unwrap();
+        }
+        s.admit(0, req(2, 0, 1_200, [0.6, 0.8, 0.95])).unwrap();
+        let b = s.next_batch(100).batch.unwrap();
+        assert_eq!((b.members[0].id, b.variant), (2, 0));
         // Greedy takes the cheapest variant meeting the floor.
         let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Greedy), zoo());
         let mut r = req(1, 0, 10_000, [0.6, 0.8, 0.95]);

@@ -365,6 +365,12 @@ impl Gateway {
         let mut charged = false;
         let stop = loop {
             let now_us = self.now_us();
+            // The instances' queues and health as they are now, not as they were at arrival.
+            r.refresh(|s| {
+                let part = m.parts[s.modality].as_ref()?;
+                let e = self.cluster.expected_service(part.model.index, s.variant, part.rows)?;
+                Some((e.latency_us, e.failure_rate))
+            });
             match r.poll(now_us) {
                 Step::Done(stop) => break stop,
                 Step::Wait => return Err(Error::internal("a refinement call is outstanding")),
