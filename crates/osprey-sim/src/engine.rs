@@ -52,7 +52,7 @@ impl ModelContext {
         load_models(scn, base)?.into_iter().next().ok_or_else(|| "the scenario names no model".to_string())
     }
 
-    fn load_named(name: &str, repo: &Path) -> Result<ModelContext, String> {
+    pub(crate) fn load_named(name: &str, repo: &Path) -> Result<ModelContext, String> {
         let (models, _) = scan_repository(repo).map_err(|e| e.to_string())?;
         let spec = models
             .into_iter()
@@ -120,7 +120,7 @@ pub fn arrivals(scn: &Scenario, base: &Path, models: &[ModelContext]) -> Result<
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Event {
+pub(crate) enum Event {
     Arrival(usize),
     BatchDone(BatchId),
     Node(usize),
@@ -179,7 +179,7 @@ pub struct Decision {
     pub rows: u32,
 }
 
-struct SimNode {
+pub(crate) struct SimNode {
     name: String,
     spec: usize,
     /// True slowdown from scenario events (the dispatcher only sees its effect).
@@ -188,7 +188,7 @@ struct SimNode {
     free_at: Vec<u64>,
 }
 
-struct Running {
+pub(crate) struct Running {
     node: NodeId,
     model: usize,
     variant: usize,
@@ -196,28 +196,30 @@ struct Running {
     service_us: f64,
 }
 
-struct Sim<'a> {
-    scn: &'a Scenario,
-    models: &'a [ModelContext],
-    d: Dispatcher,
-    estimators: Vec<Box<dyn AccuracyEstimator>>,
-    cache: Vec<Vec<Option<Vec<f64>>>>,
-    heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
-    seq: u64,
-    now: u64,
-    nodes: HashMap<NodeId, SimNode>,
+pub(crate) struct Sim<'a> {
+    pub(crate) scn: &'a Scenario,
+    pub(crate) models: &'a [ModelContext],
+    pub(crate) d: Dispatcher,
+    pub(crate) estimators: Vec<Box<dyn AccuracyEstimator>>,
+    pub(crate) cache: Vec<Vec<Option<Vec<f64>>>>,
+    pub(crate) heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    pub(crate) seq: u64,
+    pub(crate) now: u64,
+    pub(crate) nodes: HashMap<NodeId, SimNode>,
     /// Scenario node index -> its current dispatcher id (a recovered node joins anew).
-    live: Vec<Option<NodeId>>,
-    running: HashMap<BatchId, Running>,
-    arrivals: &'a [Arrival],
-    ran: HashSet<u64>,
-    rng: StdRng,
-    out: Summary,
-    series: Vec<Interval>,
-    timer_at: Option<u64>,
-    sample_bytes: Vec<usize>,
-    variant_base: Vec<usize>,
-    decisions: Vec<Decision>,
+    pub(crate) live: Vec<Option<NodeId>>,
+    pub(crate) running: HashMap<BatchId, Running>,
+    pub(crate) arrivals: &'a [Arrival],
+    pub(crate) ran: HashSet<u64>,
+    pub(crate) rng: StdRng,
+    pub(crate) out: Summary,
+    pub(crate) series: Vec<Interval>,
+    pub(crate) timer_at: Option<u64>,
+    pub(crate) sample_bytes: Vec<usize>,
+    pub(crate) variant_base: Vec<usize>,
+    pub(crate) decisions: Vec<Decision>,
+    /// A multi-modal run: arrivals are paired events, answered through `crate::multimodal`.
+    pub(crate) mm: Option<crate::multimodal::State>,
 }
 
 /// Runs one policy on the scenario's arrivals with Osprey's instance selection.
@@ -260,91 +262,117 @@ pub fn simulate_logged(
     selector: Selector,
     arrivals: &[Arrival],
 ) -> (Summary, Vec<Interval>, Vec<Decision>) {
-    let section = SchedulerSection {
-        policy,
-        fixed_variant: scn.scheduler.fixed_variant.clone(),
-        urgency_weight: scn.scheduler.urgency_weight,
-        miss_penalty: scn.scheduler.miss_penalty,
-    };
-    let workers: u32 = scn.nodes.iter().map(|n| n.workers).sum();
-    let cap = Capacity { max_batch: scn.max_batch, max_queue: 1 << 16, workers };
-    let weights: Vec<f64> = scn.tenants.iter().map(|t| t.weight).collect();
-    let setups = models
-        .iter()
-        .map(|m| {
-            let profiles = m
-                .spec
-                .variants
-                .iter()
-                .map(|v| m.profile.variant(&v.name).cloned().unwrap_or_default())
-                .collect();
-            ModelSetup {
-                name: m.spec.name.clone(),
-                scheduler: scheduler_for(&section, &m.spec, profiles, cap, &weights),
-                variants: m.spec.variants.iter().map(|v| (v.name.clone(), u64::from(v.memory_mb))).collect(),
-            }
-        })
-        .collect();
-    let d = Dispatcher::new(DispatchConfig { selector, ..DispatchConfig::default() }, setups);
-    let estimators = models.iter().map(|m| estimator_for(policy, &m.spec, m.data_aware.clone()).0).collect();
-    let intervals = (scn.duration_s / scn.interval_s).ceil() as usize;
-    let mut variant_base = Vec::new();
-    let mut names = Vec::new();
-    for m in models {
-        variant_base.push(names.len());
-        names.extend(m.spec.variants.iter().map(|v| format!("{}/{}", m.spec.name, v.name)));
-    }
-    let mut sim = Sim {
-        scn,
-        models,
-        d,
-        estimators,
-        cache: models.iter().map(|m| vec![None; m.eval.len()]).collect(),
-        heap: BinaryHeap::new(),
-        seq: 0,
-        now: 0,
-        nodes: HashMap::new(),
-        live: vec![None; scn.nodes.len()],
-        running: HashMap::new(),
-        arrivals,
-        ran: HashSet::new(),
-        rng: StdRng::seed_from_u64(scn.seed.wrapping_add(17)),
-        out: Summary {
-            policy: policy.as_str().into(),
-            duration_s: scn.duration_s,
-            variants: vec![0; names.len()],
-            variant_names: names,
-            mean_slo_us: scn.tenants.iter().map(|t| t.latency_slo_ms * 1000.0).sum::<f64>()
-                / scn.tenants.len().max(1) as f64,
-            ..Summary::default()
-        },
-        series: (0..intervals.max(1))
-            .map(|i| Interval { t_s: i as f64 * scn.interval_s, ..Interval::default() })
-            .collect(),
-        timer_at: None,
-        sample_bytes: models
-            .iter()
-            .map(|m| m.spec.inputs[0].sample_elements() * m.spec.inputs[0].datatype.size())
-            .collect(),
-        variant_base,
-        decisions: Vec::new(),
-    };
-    for k in 0..scn.nodes.len() {
-        sim.join(k);
-    }
-    sim.run();
-    sim.out.capacity_s = f64::from(workers) * scn.duration_s;
-    sim.out.latencies_us.sort_unstable();
+    let mut sim = Sim::new(scn, models, policy, selector, arrivals);
+    sim.execute();
     (sim.out, sim.series, sim.decisions)
 }
 
+impl<'a> Sim<'a> {
+    /// The engine for one policy, its nodes joined, nothing run yet.
+    pub(crate) fn new(
+        scn: &'a Scenario,
+        models: &'a [ModelContext],
+        policy: PolicyName,
+        selector: Selector,
+        arrivals: &'a [Arrival],
+    ) -> Sim<'a> {
+        let section = SchedulerSection {
+            policy,
+            fixed_variant: scn.scheduler.fixed_variant.clone(),
+            urgency_weight: scn.scheduler.urgency_weight,
+            miss_penalty: scn.scheduler.miss_penalty,
+        };
+        let workers: u32 = scn.nodes.iter().map(|n| n.workers).sum();
+        let cap = Capacity { max_batch: scn.max_batch, max_queue: 1 << 16, workers };
+        let weights: Vec<f64> = scn.tenants.iter().map(|t| t.weight).collect();
+        let setups = models
+            .iter()
+            .map(|m| {
+                let profiles = m
+                    .spec
+                    .variants
+                    .iter()
+                    .map(|v| m.profile.variant(&v.name).cloned().unwrap_or_default())
+                    .collect();
+                ModelSetup {
+                    name: m.spec.name.clone(),
+                    scheduler: scheduler_for(&section, &m.spec, profiles, cap, &weights),
+                    variants: m
+                        .spec
+                        .variants
+                        .iter()
+                        .map(|v| (v.name.clone(), u64::from(v.memory_mb)))
+                        .collect(),
+                }
+            })
+            .collect();
+        let d = Dispatcher::new(DispatchConfig { selector, ..DispatchConfig::default() }, setups);
+        let estimators =
+            models.iter().map(|m| estimator_for(policy, &m.spec, m.data_aware.clone()).0).collect();
+        let intervals = (scn.duration_s / scn.interval_s).ceil() as usize;
+        let mut variant_base = Vec::new();
+        let mut names = Vec::new();
+        for m in models {
+            variant_base.push(names.len());
+            names.extend(m.spec.variants.iter().map(|v| format!("{}/{}", m.spec.name, v.name)));
+        }
+        let mut sim = Sim {
+            scn,
+            models,
+            d,
+            estimators,
+            cache: models.iter().map(|m| vec![None; m.eval.len()]).collect(),
+            heap: BinaryHeap::new(),
+            seq: 0,
+            now: 0,
+            nodes: HashMap::new(),
+            live: vec![None; scn.nodes.len()],
+            running: HashMap::new(),
+            arrivals,
+            ran: HashSet::new(),
+            rng: StdRng::seed_from_u64(scn.seed.wrapping_add(17)),
+            out: Summary {
+                policy: policy.as_str().into(),
+                duration_s: scn.duration_s,
+                variants: vec![0; names.len()],
+                variant_names: names,
+                mean_slo_us: scn.tenants.iter().map(|t| t.latency_slo_ms * 1000.0).sum::<f64>()
+                    / scn.tenants.len().max(1) as f64,
+                ..Summary::default()
+            },
+            series: (0..intervals.max(1))
+                .map(|i| Interval { t_s: i as f64 * scn.interval_s, ..Interval::default() })
+                .collect(),
+            timer_at: None,
+            sample_bytes: models
+                .iter()
+                .map(|m| m.spec.inputs[0].sample_elements() * m.spec.inputs[0].datatype.size())
+                .collect(),
+            variant_base,
+            decisions: Vec::new(),
+            mm: None,
+        };
+        sim.out.capacity_s = f64::from(workers) * scn.duration_s;
+        for k in 0..scn.nodes.len() {
+            sim.join(k);
+        }
+        sim
+    }
+
+    /// Runs every arrival to its end.
+    pub(crate) fn execute(&mut self) {
+        self.run();
+        self.out.latencies_us.sort_unstable();
+    }
+}
+
 impl Sim<'_> {
-    fn push(&mut self, t: u64, e: Event) {
+    pub(crate) fn push(&mut self, t: u64, e: Event) {
         self.seq += 1;
         self.heap.push(Reverse((t, self.seq, e)));
     }
 
-    fn bucket(&mut self, t: u64) -> Option<&mut Interval> {
+    pub(crate) fn bucket(&mut self, t: u64) -> Option<&mut Interval> {
         let i = (t as f64 / 1e6 / self.scn.interval_s) as usize;
         self.series.get_mut(i)
     }
@@ -379,6 +407,7 @@ impl Sim<'_> {
             self.now = t;
             self.out.events += 1;
             match e {
+                Event::Arrival(i) if self.mm.is_some() => self.mm_arrive(i),
                 Event::Arrival(i) => self.arrive(i),
                 Event::BatchDone(b) => self.finish(b),
                 Event::Node(k) => self.node_event(k),
@@ -407,7 +436,7 @@ impl Sim<'_> {
         }
     }
 
-    fn estimate(&mut self, model: usize, sample: usize) -> Vec<f64> {
+    pub(crate) fn estimate(&mut self, model: usize, sample: usize) -> Vec<f64> {
         let nv = self.models[model].spec.variants.len();
         let cacheable = self.estimators[model].name() != "per-class";
         if cacheable && let Some(e) = &self.cache[model][sample] {
@@ -446,7 +475,7 @@ impl Sim<'_> {
         self.d.handle_arrival(self.now, a.model, r);
     }
 
-    fn not_on_time(&mut self, t: u64) {
+    pub(crate) fn not_on_time(&mut self, t: u64) {
         if let Some(b) = self.bucket(t) {
             b.not_on_time += 1;
         }
@@ -457,6 +486,7 @@ impl Sim<'_> {
         while let Some(a) = self.d.poll_action() {
             match a {
                 Action::Run(run) => self.start(run),
+                Action::Reply { request, why, .. } if self.mm.is_some() => self.mm_reply(request, why),
                 Action::Reply { why, .. } => {
                     match why {
                         Why::Rejected => self.out.rejected += 1,
@@ -539,6 +569,12 @@ impl Sim<'_> {
             bk.cost += cost;
         }
         let overhead = self.scn.request_overhead_us.max(0.0) as u64;
+        if self.mm.is_some() {
+            for r in done.members {
+                self.mm_answer(r.id, b.model, b.variant);
+            }
+            return;
+        }
         let m = &self.models[b.model];
         for r in done.members {
             let a = self.arrivals[r.id as usize];

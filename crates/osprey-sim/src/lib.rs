@@ -19,6 +19,7 @@
 //! that sample.
 
 pub mod engine;
+pub mod multimodal;
 pub mod pipeline;
 pub mod report;
 pub mod rohe;

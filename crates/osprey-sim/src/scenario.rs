@@ -7,6 +7,7 @@
 //! seed = 7
 //! duration_s = 60
 //! model = "spoken_digits"             # or: models = [{ name = "digits", share = 2 }, ...]
+//!                                      # or: multimodal = "digit_events" (crate::multimodal)
 //! model_repository = "../models"       # relative to this file
 //! policies = ["most-accurate", "fixed", "profiled", "data-aware"]
 //! [[nodes]]
@@ -47,6 +48,10 @@ pub struct Scenario {
     /// Several models on the same nodes; each arrival belongs to one, by share.
     #[serde(default)]
     pub models: Vec<ModelShare>,
+    /// A multi-modal model (a `multimodal.toml` folder) instead: arrivals are its paired
+    /// held-out events and `policies` are those of `crate::multimodal::POLICIES`.
+    #[serde(default)]
+    pub multimodal: String,
     #[serde(default = "default_repo")]
     pub model_repository: String,
     #[serde(default = "sixteen")]
@@ -177,6 +182,10 @@ pub struct TenantSpec {
     /// Share of the arrivals that belong to this tenant (normalised over tenants).
     #[serde(default = "one")]
     pub share: f64,
+    /// Quality objective of this tenant's multi-modal events (`[tenants.quality]`, as in the
+    /// server configuration); default: the server's defaults.
+    #[serde(default)]
+    pub quality: Option<osprey_core::multimodal::QualityObjective>,
 }
 
 /// Weights of OPD's QoS (eq. 3): Q = αV + βT − L − γE when E ≥ 0, and Q = αV + βT − L − δ(−E)
@@ -239,12 +248,6 @@ impl Scenario {
     }
 
     pub fn check(&self) -> Result<(), String> {
-        if self.model.is_empty() == self.models.is_empty() {
-            return Err("name the served model with either `model` or `models` (not both)".into());
-        }
-        if self.models.iter().any(|m| m.share.is_nan() || m.share < 0.0) {
-            return Err("model shares must be non-negative".into());
-        }
         if self.estimator_us.is_nan()
             || self.estimator_us < 0.0
             || self.request_overhead_us.is_nan()
@@ -268,6 +271,15 @@ impl Scenario {
                 return Err(format!("event at {} s names unknown node '{}'", e.at_s, e.node));
             }
         }
+        if !self.multimodal.is_empty() {
+            return self.check_multimodal();
+        }
+        if self.model.is_empty() == self.models.is_empty() {
+            return Err("name the served model with either `model` or `models` (not both)".into());
+        }
+        if self.models.iter().any(|m| m.share.is_nan() || m.share < 0.0) {
+            return Err("model shares must be non-negative".into());
+        }
         for sel in &self.selectors {
             if crate::engine::selector(sel).is_none() {
                 return Err(format!("unknown selector '{sel}'; known: predicted, round-robin, least-queue"));
@@ -280,6 +292,29 @@ impl Scenario {
             if PolicyName::parse(p).is_none() {
                 let names: Vec<&str> = PolicyName::ALL.iter().map(|p| p.as_str()).collect();
                 return Err(format!("unknown policy '{p}'; known: {}", names.join(", ")));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_multimodal(&self) -> Result<(), String> {
+        if !self.model.is_empty() || !self.models.is_empty() {
+            return Err(
+                "a multi-modal scenario serves its `multimodal` model's members; drop `model`/`models`"
+                    .into(),
+            );
+        }
+        for t in &self.tenants {
+            if let Some(q) = &t.quality {
+                q.check().map_err(|e| format!("tenant '{}': {e}", t.name))?;
+            }
+        }
+        for p in &self.policies {
+            if crate::multimodal::MmPolicy::parse(p).is_none() {
+                return Err(format!(
+                    "unknown multi-modal policy '{p}'; known: {}",
+                    crate::multimodal::POLICIES.join(", ")
+                ));
             }
         }
         Ok(())

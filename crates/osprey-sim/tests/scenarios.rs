@@ -14,12 +14,14 @@ fn scenarios() -> Vec<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        // Pipeline scenarios (OPD's experiment) have their own test in osprey-learn.
+        // Pipeline scenarios (OPD's experiment) have their own test in osprey-learn, and
+        // multi-modal ones theirs in tests/multimodal.rs.
         .filter(|p| {
             !osprey_sim::pipeline::PipelineScenario::is_pipeline_file(
                 &std::fs::read_to_string(p).unwrap_or_default(),
             )
         })
+        .filter(|p| Scenario::load(p).is_ok_and(|(s, _)| s.multimodal.is_empty()))
         .collect();
     v.sort();
     v

@@ -2,7 +2,11 @@
 //! [`crate::pipebench`]; any other runs every policy of a scenario on the same arrivals in
 //! the simulator, with a progress bar; prints a table; writes `DIR/summary.csv`,
 //! `DIR/timeseries.csv` and SVG plots (time series of late %, accuracy and cost; summary bars
-//! of utility and QoS). The same scenario and seed give byte-identical files.
+//! of utility and QoS). The same scenario and seed give byte-identical files. A multi-modal
+//! scenario (`multimodal = ...`) runs its policies on paired events
+//! ([`osprey_sim::multimodal`]) and also writes `DIR/multimodal.csv` (per tenant: accuracy,
+//! late %, refinement rate, calls per request, explanation share, goodput and its share of
+//! the oracle's).
 
 use crate::plot;
 use comfy_table::Table;
@@ -46,6 +50,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         scn.policies = args.policies.clone();
         scn.check()?;
     }
+    if !scn.multimodal.is_empty() {
+        return run_multimodal(&scn, &base, &args.out);
+    }
     let models = load_models(&scn, &base)?;
     let arr = arrivals(&scn, &base, &models)?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -75,6 +82,21 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     let wall = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    write_outputs(&scn, &args.out, &rows, &series, arr.len(), events, wall)?;
+    println!("wrote summary.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}", args.out.display());
+    Ok(())
+}
+
+/// Prints the summary table and writes summary.csv, timeseries.csv, the plots and the report.
+fn write_outputs(
+    scn: &Scenario,
+    out: &std::path::Path,
+    rows: &[osprey_sim::report::Row],
+    series: &[(String, Vec<osprey_sim::engine::Interval>)],
+    arrivals: usize,
+    events: u64,
+    wall: f64,
+) -> Result<(), String> {
     let mut table = Table::new();
     table.set_header([
         "policy",
@@ -90,7 +112,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "p50 ms",
         "p99 ms",
     ]);
-    for r in &rows {
+    for r in rows {
         table.add_row([
             r.policy.clone(),
             r.requests.to_string(),
@@ -110,18 +132,18 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "scenario {} ({} s simulated, {} arrivals, seed {}; inputs: {})",
         scn.name,
         scn.duration_s,
-        arr.len(),
+        arrivals,
         scn.seed,
         osprey_core::model::EvalSet::HELD_OUT
     );
     println!("{table}");
     println!("simulated {events} events in {wall:.2} s: {:.0} events/s", events as f64 / wall.max(1e-9));
     let write = |name: &str, text: String| {
-        let p = args.out.join(name);
+        let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("summary.csv", summary_csv(&rows))?;
-    write("timeseries.csv", timeseries_csv(&series))?;
+    write("summary.csv", summary_csv(rows))?;
+    write("timeseries.csv", timeseries_csv(series))?;
     let line = |f: &dyn Fn(&osprey_sim::engine::Interval) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
         series.iter().map(|(p, s)| (p.clone(), s.iter().map(|i| (i.t_s, f(i))).collect())).collect()
     };
@@ -131,7 +153,6 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let acc = |i: &osprey_sim::engine::Interval| {
         if i.completed > 0 { i.correct as f64 / i.completed as f64 } else { 0.0 }
     };
-    let out = &args.out;
     plot::lines(&out.join("late_pct"), &format!("{}: late %", scn.name), "late %", &line(&late))?;
     plot::lines(&out.join("accuracy"), &format!("{}: accuracy", scn.name), "accuracy", &line(&acc))?;
     plot::lines(&out.join("cost"), &format!("{}: cost per interval", scn.name), "cost", &line(&|i| i.cost))?;
@@ -145,13 +166,71 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         &format!("Osprey bench: {}", scn.name),
         &[format!(
             "simulated {:.0} s, {} arrivals, seed {}; late % counts answers not on time among all requests; accuracy among answered",
-            scn.duration_s,
-            arr.len(),
-            scn.seed
+            scn.duration_s, arrivals, scn.seed
         )],
-        &summary_csv(&rows),
+        &summary_csv(rows),
         &["late_pct", "accuracy", "cost", "utility", "qos"],
     )?;
-    println!("wrote summary.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}", args.out.display());
+    Ok(())
+}
+
+/// A multi-modal scenario: every policy on the same paired events, side by side.
+fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path) -> Result<(), String> {
+    use osprey_sim::multimodal::{MmContext, MmPolicy, arrivals, simulate, tenants_csv};
+    let ctx = MmContext::load(scn, base)?;
+    let arr = arrivals(scn, base, &ctx)?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let bar = ProgressBar::new(scn.policies.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} runs")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for name in &scn.policies {
+        bar.set_message(name.clone());
+        let policy = MmPolicy::parse(name).ok_or_else(|| format!("unknown multi-modal policy '{name}'"))?;
+        runs.push((name.clone(), simulate(scn, &ctx, policy, &arr)));
+        bar.inc(1);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let rows: Vec<_> = runs.iter().map(|(_, r)| row(&r.summary, &scn.qos)).collect();
+    let series: Vec<_> = runs.iter().map(|(p, r)| (p.clone(), r.series.clone())).collect();
+    let events = runs.iter().map(|(_, r)| r.summary.events).sum();
+    write_outputs(scn, out, &rows, &series, arr.len(), events, wall)?;
+    let oracle = runs
+        .iter()
+        .find(|(p, _)| p == "oracle")
+        .and_then(|(_, r)| r.tenants.last())
+        .map(|t| t.on_time_correct);
+    let refs: Vec<(String, &osprey_sim::multimodal::MmRun)> =
+        runs.iter().map(|(p, r)| (p.clone(), r)).collect();
+    let per_tenant = tenants_csv(&refs, scn, oracle);
+    let mut table = Table::new();
+    table.set_header([
+        "policy",
+        "tenant",
+        "accuracy",
+        "late %",
+        "refined %",
+        "calls/request",
+        "explained %",
+        "goodput of oracle",
+    ]);
+    for line in per_tenant.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if let [policy, tenant, _, acc, late, refined, calls, explained, _, of] = f.as_slice() {
+            table.add_row([*policy, *tenant, *acc, *late, *refined, *calls, *explained, *of]);
+        }
+    }
+    println!("{table}");
+    let p = out.join("multimodal.csv");
+    std::fs::write(&p, per_tenant).map_err(|e| format!("{}: {e}", p.display()))?;
+    println!(
+        "wrote summary.csv, multimodal.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}",
+        out.display()
+    );
     Ok(())
 }
