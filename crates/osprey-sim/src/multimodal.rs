@@ -384,8 +384,8 @@ impl Sim<'_> {
         };
         match policy {
             MmPolicy::QualityDriven | MmPolicy::NoRefinement | MmPolicy::Profiled => {
-                let services = self.mm_run(e).services.clone();
-                self.mm_run(e).refinement = Some(Refinement::new(obj, services, a.t));
+                let Some(run) = self.mm_run(e) else { return };
+                run.refinement = Some(Refinement::new(obj, run.services.clone(), a.t));
                 self.mm_step(e);
             }
             MmPolicy::Oracle => {
@@ -401,16 +401,14 @@ impl Sim<'_> {
                         let acc = |v: usize| self.models[k].spec.variants[v].accuracy;
                         acc(x).total_cmp(&acc(y))
                     });
-                    let s = self
-                        .mm_run(e)
-                        .services
-                        .iter()
-                        .position(|s| Some(s.variant) == best && s.modality == k);
+                    let s = self.mm_run(e).and_then(|r| {
+                        r.services.iter().position(|s| Some(s.variant) == best && s.modality == k)
+                    });
                     if let Some(s) = s {
                         self.mm_call(e, s, true, false);
                     }
                 }
-                if self.mm_run(e).calls == 0 {
+                if self.mm_run(e).is_some_and(|r| r.calls == 0) {
                     self.mm_finish(e);
                 }
             }
@@ -418,30 +416,27 @@ impl Sim<'_> {
                 for k in carried {
                     // Unpinned: the rule picks the variant; any of the modality's services
                     // stands for the call (the answer is read by the variant that ran).
-                    let s = self.mm_run(e).services.iter().position(|s| s.modality == k);
+                    let s = self.mm_run(e).and_then(|r| r.services.iter().position(|s| s.modality == k));
                     if let Some(s) = s {
                         self.mm_call(e, s, false, false);
                     }
                 }
-                if self.mm_run(e).calls == 0 {
+                if self.mm_run(e).is_some_and(|r| r.calls == 0) {
                     self.mm_finish(e);
                 }
             }
         }
     }
 
-    fn mm_run(&mut self, e: usize) -> &mut EventRun {
-        match self.mm.as_mut() {
-            Some(mm) => &mut mm.runs[e],
-            None => unreachable!("multi-modal state exists while a multi-modal run executes"),
-        }
+    fn mm_run(&mut self, e: usize) -> Option<&mut EventRun> {
+        self.mm.as_mut().and_then(|mm| mm.runs.get_mut(e))
     }
 
     /// The hindsight choice: cheapest fitting service right on this input, else cheapest
     /// fitting.
     fn oracle_pick(&mut self, e: usize) -> Option<usize> {
         let now = self.now as f64;
-        let run = self.mm_run(e);
+        let run = self.mm_run(e)?;
         let (samples, deadline) = (run.samples.clone(), run.deadline as f64);
         let services = run.services.clone();
         let fits: Vec<usize> =
@@ -475,8 +470,8 @@ impl Sim<'_> {
     /// `explanation`: the occlusion batch of the answer (one row per patch) instead.
     fn mm_call(&mut self, e: usize, service: usize, pin: bool, explanation: bool) {
         let (model, variant, sample, tenant, deadline, arrival) = {
-            let run = self.mm_run(e);
-            let s = &run.services[service];
+            let Some(run) = self.mm_run(e) else { return };
+            let Some(s) = run.services.get(service) else { return };
             (s.modality, s.variant, run.samples[s.modality], run.tenant, run.deadline, run.arrival)
         };
         let rows = match explanation {
@@ -521,7 +516,9 @@ impl Sim<'_> {
             return;
         }
         if explanation {
-            self.mm_run(e).explained = true;
+            if let Some(run) = self.mm_run(e) {
+                run.explained = true;
+            }
             self.mm_count(e);
             return;
         }
@@ -534,7 +531,7 @@ impl Sim<'_> {
             run.services.iter().position(|s| s.modality == model && s.variant == variant).unwrap_or(service);
         self.out.variants[self.variant_base[model] + variant] += 1;
         let now = self.now;
-        let run = self.mm_run(e);
+        let Some(run) = self.mm_run(e) else { return };
         run.outstanding = run.outstanding.saturating_sub(1);
         match run.refinement.as_mut() {
             Some(r) => {
@@ -564,7 +561,7 @@ impl Sim<'_> {
             return;
         }
         let now = self.now;
-        let run = self.mm_run(e);
+        let Some(run) = self.mm_run(e) else { return };
         run.outstanding = run.outstanding.saturating_sub(1);
         run.failures.push(why);
         match run.refinement.as_mut() {
