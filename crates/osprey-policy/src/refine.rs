@@ -68,7 +68,7 @@
 //! formulas are not public; the expected-time rule above is Osprey's.
 
 use crate::Micros;
-use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion};
+use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion, QualityObjective};
 
 /// One (modality, variant) pair a request may call.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +110,31 @@ pub struct Objective {
     pub fusion: Fusion,
     /// The request is to be explained, and what to do when that cannot fit.
     pub explain: Option<ExplainMiss>,
+}
+
+impl Objective {
+    /// A tenant's `[tenants.quality]` for one request of `budget_us`: the accuracy target at
+    /// least `floor` (the tenant's accuracy floor, a request's `min_accuracy`), fused by
+    /// `fusion`, explained as `explain` says. The live gateway and the simulator both build it
+    /// here; the gateway then narrows it by the request's own options.
+    pub fn from_quality(
+        q: &QualityObjective,
+        budget_us: Micros,
+        floor: f64,
+        fusion: Fusion,
+        explain: Option<ExplainMiss>,
+    ) -> Objective {
+        Objective {
+            max_ensemble: q.max_ensemble,
+            strategy: q.strategy,
+            min_accuracy: q.min_accuracy.max(floor),
+            min_confidence: q.min_confidence,
+            budget_us: budget_us.max(1),
+            first_share: q.first_share,
+            fusion,
+            explain,
+        }
+    }
 }
 
 /// Why a refinement stopped.

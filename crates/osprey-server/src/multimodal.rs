@@ -346,16 +346,10 @@ impl Gateway {
                 spec.name
             )));
         }
-        let objective = Objective {
-            max_ensemble: m.max_ensemble.map_or(q.max_ensemble, |n| n.min(q.max_ensemble)),
-            strategy: q.strategy,
-            min_accuracy: q.min_accuracy.max(tcfg.accuracy_floor).max(req.min_accuracy.unwrap_or(0.0)),
-            min_confidence: m.min_confidence.unwrap_or(q.min_confidence),
-            budget_us: budget.as_micros() as u64,
-            first_share: q.first_share,
-            fusion,
-            explain,
-        };
+        let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));
+        let mut objective = Objective::from_quality(&q, budget.as_micros() as u64, floor, fusion, explain);
+        objective.max_ensemble = m.max_ensemble.map_or(q.max_ensemble, |n| n.min(q.max_ensemble));
+        objective.min_confidence = m.min_confidence.unwrap_or(q.min_confidence);
         let deadline = started + budget;
         let mut r = Refinement::new(objective, services, self.now_us());
         let mut first: Option<InferOutcome> = None;

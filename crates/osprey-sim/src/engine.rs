@@ -86,7 +86,8 @@ pub struct Arrival {
     pub sample: usize,
 }
 
-fn pick(rng: &mut StdRng, shares: &[f64]) -> usize {
+/// An index drawn with probability proportional to its (non-negative) share.
+pub(crate) fn pick(rng: &mut StdRng, shares: &[f64]) -> usize {
     let total: f64 = shares.iter().map(|s| s.max(0.0)).sum::<f64>().max(1e-12);
     let mut x = rng.random::<f64>() * total;
     for (i, s) in shares.iter().enumerate() {

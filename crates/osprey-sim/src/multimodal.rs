@@ -47,7 +47,7 @@
 use crate::engine::{Arrival, ModelContext, Sim, Summary};
 use crate::scenario::Scenario;
 use osprey_core::config::PolicyName;
-use osprey_core::multimodal::{ExplainWhen, Fusion, MultiModalSpec, PairedEvent, QualityObjective};
+use osprey_core::multimodal::{ExplainWhen, Fusion, MultiModalSpec, PairedEvent};
 use osprey_policy::dispatch::Why;
 use osprey_policy::instance::Selector;
 use osprey_policy::refine::{Objective, Refinement, Service, Step, argmax, fuse};
@@ -167,20 +167,11 @@ impl MmContext {
 pub fn arrivals(scn: &Scenario, base: &Path, ctx: &MmContext) -> Result<Vec<Arrival>, String> {
     let times = scn.workload.arrivals(scn.duration_s, scn.seed, base)?;
     let mut rng = StdRng::seed_from_u64(scn.seed ^ 0x51ed_270b_b5c8_8d3f);
-    let shares: Vec<f64> = scn.tenants.iter().map(|t| t.share.max(0.0)).collect();
-    let total: f64 = shares.iter().sum::<f64>().max(1e-12);
+    let shares: Vec<f64> = scn.tenants.iter().map(|t| t.share).collect();
     Ok(times
         .into_iter()
         .map(|t| {
-            let mut x = rng.random::<f64>() * total;
-            let tenant = shares
-                .iter()
-                .position(|&s| {
-                    let hit = x < s;
-                    x -= s;
-                    hit
-                })
-                .unwrap_or(shares.len() - 1);
+            let tenant = crate::engine::pick(&mut rng, &shares);
             let sample = rng.random_range(0..ctx.events.len());
             Arrival { t, tenant, model: 0, sample }
         })
@@ -229,16 +220,17 @@ pub fn simulate(scn: &Scenario, ctx: &MmContext, policy: MmPolicy, arrivals: &[A
                 MmPolicy::QualityDriven => q.max_ensemble,
                 _ => 1,
             };
+            let budget_ms = q.time_budget_ms.map_or(t.latency_slo_ms, |b| b as f64);
+            let fusion = q.fusion.unwrap_or(ctx.spec.fusion[0]);
+            let explain = (q.explain == ExplainWhen::Always).then_some(q.explain_miss);
             let mut objective =
-                objective(&q, t.latency_slo_ms, t.accuracy_floor, max_ensemble, ctx.spec.fusion[0]);
+                Objective::from_quality(&q, (budget_ms * 1000.0) as u64, t.accuracy_floor, fusion, explain);
+            objective.max_ensemble = max_ensemble;
             if policy == MmPolicy::Profiled {
                 // Its best version: the most accurate service by profile that fits the whole
                 // budget (no target is unreachable, so the first-call rule takes the largest).
                 objective.min_accuracy = 1.0;
                 objective.first_share = 1.0;
-            }
-            if q.explain == ExplainWhen::Always {
-                objective.explain = Some(q.explain_miss);
             }
             TenantObjective { objective, carried }
         })
@@ -254,26 +246,6 @@ pub fn simulate(scn: &Scenario, ctx: &MmContext, policy: MmPolicy, arrivals: &[A
     sim.execute();
     let state = sim.mm.take();
     MmRun { summary: sim.out, series: sim.series, tenants: state.map(|s| s.tenants).unwrap_or_default() }
-}
-
-fn objective(
-    q: &QualityObjective,
-    slo_ms: f64,
-    floor: f64,
-    max_ensemble: usize,
-    default: Fusion,
-) -> Objective {
-    let budget_ms = q.time_budget_ms.map_or(slo_ms, |b| b as f64);
-    Objective {
-        max_ensemble,
-        strategy: q.strategy,
-        min_accuracy: q.min_accuracy.max(floor),
-        min_confidence: q.min_confidence,
-        budget_us: (budget_ms * 1000.0).max(1.0) as u64,
-        first_share: q.first_share,
-        fusion: q.fusion.unwrap_or(default),
-        explain: None,
-    }
 }
 
 struct TenantObjective {
