@@ -226,6 +226,9 @@ pub struct SchedulerSection {
     pub urgency_weight: f64,
     /// λ: utility lost when a request misses its deadline.
     pub miss_penalty: f64,
+    /// How multi-modal requests are answered (`quality-driven`, or a baseline:
+    /// `no-refinement`, `profiled`, `fixed-ensemble`, `edf`, `llf`, `dream`).
+    pub multimodal: crate::multimodal::MultiModalPolicy,
 }
 
 impl Default for SchedulerSection {
@@ -235,6 +238,7 @@ impl Default for SchedulerSection {
             fixed_variant: None,
             urgency_weight: 1.0,
             miss_penalty: 1.0,
+            multimodal: crate::multimodal::MultiModalPolicy::default(),
         }
     }
 }
@@ -398,6 +402,14 @@ impl ServerConfig {
         {
             return Err(Error::invalid(format!(
                 "{}: max_batch, max_request_batch, max_queue, max_connections and the read timeouts must be positive",
+                path.display()
+            )));
+        }
+        if c.scheduler.multimodal == crate::multimodal::MultiModalPolicy::Oracle {
+            return Err(Error::invalid(format!(
+                "{}: [scheduler] multimodal = \"oracle\" is the simulator's hindsight bound; a server \
+                 cannot know which answers are right (use quality-driven, no-refinement, profiled, \
+                 fixed-ensemble, edf, llf or dream)",
                 path.display()
             )));
         }

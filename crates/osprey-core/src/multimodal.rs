@@ -98,6 +98,80 @@ pub enum ExplainMiss {
     Refuse,
 }
 
+/// How multi-modal requests are answered (`[scheduler] multimodal`): the quality-driven
+/// refinement of `osprey_policy::refine`, or one of the baselines it is measured against.
+/// `osprey_policy::refine::plan` turns a policy into the calls of one request; the live gateway
+/// and the simulator both go through it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MultiModalPolicy {
+    /// The cheapest service that can meet the target first, then refinement while the fused
+    /// confidence is below the tenant's target and time allows.
+    #[default]
+    QualityDriven,
+    /// The same first answer, never refined (`max_ensemble = 1`).
+    NoRefinement,
+    /// One call, to the most accurate service by its estimate that fits the whole budget
+    /// (single-modality profiled selection with the profiled estimator).
+    Profiled,
+    /// Every carried modality at once on its most accurate variant by profile, fused by the
+    /// tenant's rule when all have answered.
+    FixedEnsemble,
+    /// ROHE's legacy orchestrators: every carried modality at once, the variant left to the
+    /// member model's scheduling rule (set `[scheduler] policy` to the same name), the
+    /// answers averaged.
+    Edf,
+    Llf,
+    Dream,
+    /// Hindsight upper bound (the simulator only: it knows each input's correctness).
+    Oracle,
+}
+
+impl MultiModalPolicy {
+    pub const ALL: [MultiModalPolicy; 8] = [
+        MultiModalPolicy::QualityDriven,
+        MultiModalPolicy::NoRefinement,
+        MultiModalPolicy::Profiled,
+        MultiModalPolicy::FixedEnsemble,
+        MultiModalPolicy::Edf,
+        MultiModalPolicy::Llf,
+        MultiModalPolicy::Dream,
+        MultiModalPolicy::Oracle,
+    ];
+
+    pub fn parse(s: &str) -> Option<MultiModalPolicy> {
+        MultiModalPolicy::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultiModalPolicy::QualityDriven => "quality-driven",
+            MultiModalPolicy::NoRefinement => "no-refinement",
+            MultiModalPolicy::Profiled => "profiled",
+            MultiModalPolicy::FixedEnsemble => "fixed-ensemble",
+            MultiModalPolicy::Edf => "edf",
+            MultiModalPolicy::Llf => "llf",
+            MultiModalPolicy::Dream => "dream",
+            MultiModalPolicy::Oracle => "oracle",
+        }
+    }
+
+    /// The member models' scheduling rule this policy is measured with (the simulator sets
+    /// it; live, `[scheduler] policy`).
+    pub fn member_rule(self) -> crate::config::PolicyName {
+        use crate::config::PolicyName;
+        match self {
+            MultiModalPolicy::QualityDriven | MultiModalPolicy::NoRefinement | MultiModalPolicy::Oracle => {
+                PolicyName::DataAware
+            }
+            MultiModalPolicy::Profiled | MultiModalPolicy::FixedEnsemble => PolicyName::Profiled,
+            MultiModalPolicy::Edf => PolicyName::Edf,
+            MultiModalPolicy::Llf => PolicyName::Llf,
+            MultiModalPolicy::Dream => PolicyName::Dream,
+        }
+    }
+}
+
 /// A tenant's quality objective for multi-modal requests (`[tenants.quality]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

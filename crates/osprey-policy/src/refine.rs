@@ -5,8 +5,9 @@
 //! pair it may use is a [`Service`]. The driver builds a [`Refinement`] from the services, the
 //! tenant's [`Objective`] and the time, then loops: [`Refinement::poll`] says which service to
 //! call (or to wait, or that it is done), and the driver reports each call's answer
-//! ([`Refinement::handle_answer`]) or failure ([`Refinement::handle_failure`]). The live
-//! gateway and the simulator drive this same code.
+//! ([`Refinement::handle_answer`]) or failure ([`Refinement::handle_failure`]). [`plan`]
+//! says, per [`MultiModalPolicy`], whether a request refines this way or fans out at once (the
+//! baselines). The live gateway and the simulator drive this same code.
 //!
 //! # The rule
 //! ```text
@@ -68,7 +69,7 @@
 //! formulas are not public; the expected-time rule above is Osprey's.
 
 use crate::Micros;
-use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion, QualityObjective};
+use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion, MultiModalPolicy, QualityObjective};
 
 /// One (modality, variant) pair a request may call.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +78,8 @@ pub struct Service {
     pub variant: usize,
     /// Estimated accuracy for this input (data-aware or profiled), 0..1.
     pub accuracy: f64,
+    /// The variant's held-out (profiled) accuracy, whatever the estimator says of this input.
+    pub profiled_accuracy: f64,
     /// Held-out accuracy per class; empty: `accuracy` for every class.
     pub class_accuracy: Vec<f64>,
     /// Expected latency of one call on the instance it would run on, µs (see the module docs).
@@ -148,6 +151,8 @@ pub enum Stop {
     Exhausted,
     /// No untried service can finish before the deadline.
     NoTime,
+    /// A fan-out ([`Plan::FanOut`]): every call it made has ended.
+    FannedOut,
 }
 
 impl Stop {
@@ -157,6 +162,7 @@ impl Stop {
             Stop::EnsembleFull => "ensemble_full",
             Stop::Exhausted => "exhausted",
             Stop::NoTime => "no_time",
+            Stop::FannedOut => "fanned_out",
         }
     }
 }
@@ -429,6 +435,98 @@ impl Refinement {
     }
 }
 
+/// How one request is answered under a [`MultiModalPolicy`] (see [`plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Drive a [`Refinement`] under this objective.
+    Refine(Objective),
+    /// Make these calls at once, each `(service, pinned)`: pinned to the service's variant, or
+    /// left to the member model's scheduling rule (the answer is then the variant that ran);
+    /// fuse the answers by `fusion` once every call has ended.
+    FanOut { calls: Vec<(usize, bool)>, fusion: Fusion },
+    /// The hindsight oracle: the simulator picks, knowing which answers are right.
+    Hindsight,
+}
+
+/// The calls of one request under `policy`, given the tenant's objective and the request's
+/// services (the live gateway and the simulator both ask here):
+/// ```text
+/// quality-driven  Refine(objective)
+/// no-refinement   Refine(objective, max_ensemble = 1)
+/// profiled        Refine(objective, max_ensemble = 1, min_accuracy = 1, first_share = 1):
+///                 no target is reachable, so the first-call rule takes the most accurate
+///                 service (by its estimate: the profile under the profiled estimator) that
+///                 fits the whole budget
+/// fixed-ensemble  FanOut: per carried modality, the service of highest profiled accuracy
+///                 (ties: lower e(s)), pinned; fused by the tenant's rule
+/// edf, llf, dream FanOut: one unpinned call per carried modality, averaged (ROHE's phase 0
+///                 sends every task at once and aggregates by mean)
+/// oracle          Hindsight
+/// ```
+pub fn plan(policy: MultiModalPolicy, mut obj: Objective, services: &[Service]) -> Plan {
+    let mut modalities: Vec<usize> = services.iter().map(|s| s.modality).collect();
+    modalities.sort_unstable();
+    modalities.dedup();
+    match policy {
+        MultiModalPolicy::QualityDriven => Plan::Refine(obj),
+        MultiModalPolicy::NoRefinement => {
+            obj.max_ensemble = 1;
+            Plan::Refine(obj)
+        }
+        MultiModalPolicy::Profiled => {
+            obj.max_ensemble = 1;
+            obj.min_accuracy = 1.0;
+            obj.first_share = 1.0;
+            Plan::Refine(obj)
+        }
+        MultiModalPolicy::FixedEnsemble => {
+            let calls = modalities
+                .iter()
+                .filter_map(|&k| {
+                    (0..services.len()).filter(|&i| services[i].modality == k).max_by(|&a, &b| {
+                        let (x, y) = (&services[a], &services[b]);
+                        x.profiled_accuracy
+                            .total_cmp(&y.profiled_accuracy)
+                            .then(y.expected_us().total_cmp(&x.expected_us()))
+                    })
+                })
+                .map(|i| (i, true))
+                .collect();
+            Plan::FanOut { calls, fusion: obj.fusion }
+        }
+        MultiModalPolicy::Edf | MultiModalPolicy::Llf | MultiModalPolicy::Dream => {
+            let calls = modalities
+                .iter()
+                .filter_map(|&k| services.iter().position(|s| s.modality == k))
+                .map(|i| (i, false))
+                .collect();
+            Plan::FanOut { calls, fusion: Fusion::Average }
+        }
+        MultiModalPolicy::Oracle => Plan::Hindsight,
+    }
+}
+
+/// After a fan-out: the service to explain the answer with, the one that answered first,
+/// when it can explain and now + x(s) ≤ deadline (the same rule as
+/// [`Refinement::explain_with`]).
+pub fn fan_out_explainer(
+    services: &[Service],
+    first: Option<usize>,
+    now: Micros,
+    deadline: Micros,
+) -> Option<usize> {
+    let s = first?;
+    let x = services.get(s)?.explain_us?.max(0.0);
+    (now as f64 + x <= deadline as f64).then_some(s)
+}
+
+/// x(s) of the module docs: the masked copies as one batch on the instance the call would run
+/// on (`batch_us`, the dispatcher's expected time for that many rows), or the profiled
+/// explanation time when that is slower (or when there is no batch figure).
+pub fn explain_estimate(batch_us: Option<f64>, profiled_us: f64) -> f64 {
+    batch_us.map_or(profiled_us, |b| b.max(profiled_us))
+}
+
 /// conf(F): the smallest over rows of the largest class probability; 0 when empty.
 pub fn confidence(rows: &[Vec<f32>]) -> f64 {
     if rows.is_empty() {
@@ -496,11 +594,59 @@ mod tests {
             modality,
             variant,
             accuracy,
+            profiled_accuracy: accuracy,
             class_accuracy: Vec::new(),
             latency_us,
             failure_rate: 0.0,
             explain_us: None,
         }
+    }
+
+    #[test]
+    fn plans_of_the_baselines() {
+        // Two modalities: image (0) with a cheap and an accurate variant, audio (1) with one.
+        let mut services = vec![svc(0, 0, 0.9, 100.0), svc(0, 1, 0.6, 400.0), svc(1, 0, 0.7, 200.0)];
+        services[1].profiled_accuracy = 0.95;
+        let o = obj(3, EnsembleStrategy::EnhanceConfidence);
+        assert_eq!(plan(MultiModalPolicy::QualityDriven, o.clone(), &services), Plan::Refine(o.clone()));
+        let Plan::Refine(n) = plan(MultiModalPolicy::NoRefinement, o.clone(), &services) else { panic!() };
+        assert_eq!(n.max_ensemble, 1);
+        let Plan::Refine(p) = plan(MultiModalPolicy::Profiled, o.clone(), &services) else { panic!() };
+        assert_eq!((p.max_ensemble, p.min_accuracy, p.first_share), (1, 1.0, 1.0));
+        // Fixed ensemble: the profile's best per modality, pinned, whatever this input's
+        // estimate says; the tenant's fusion.
+        assert_eq!(
+            plan(MultiModalPolicy::FixedEnsemble, o.clone(), &services),
+            Plan::FanOut { calls: vec![(1, true), (2, true)], fusion: o.fusion }
+        );
+        for legacy in [MultiModalPolicy::Edf, MultiModalPolicy::Llf, MultiModalPolicy::Dream] {
+            assert_eq!(
+                plan(legacy, o.clone(), &services),
+                Plan::FanOut { calls: vec![(0, false), (2, false)], fusion: Fusion::Average }
+            );
+        }
+        assert_eq!(plan(MultiModalPolicy::Oracle, o, &services), Plan::Hindsight);
+        // The profiled policy's single call is the most accurate that fits the whole budget.
+        let Plan::Refine(p) =
+            plan(MultiModalPolicy::Profiled, obj(3, EnsembleStrategy::EnhanceConfidence), &services)
+        else {
+            panic!()
+        };
+        let mut r = Refinement::new(p, services.clone(), 0);
+        assert_eq!(r.poll(0), Step::Call { service: 0, deadline: 10_000 });
+    }
+
+    #[test]
+    fn fan_out_explains_with_the_first_answer_when_it_fits() {
+        let mut services = vec![svc(0, 0, 0.9, 100.0), svc(1, 0, 0.7, 200.0)];
+        assert_eq!(fan_out_explainer(&services, Some(0), 0, 1000), None, "cannot explain");
+        services[0].explain_us = Some(800.0);
+        assert_eq!(fan_out_explainer(&services, Some(0), 100, 1000), Some(0));
+        assert_eq!(fan_out_explainer(&services, Some(0), 300, 1000), None, "does not fit");
+        assert_eq!(fan_out_explainer(&services, None, 0, 1000), None);
+        assert_eq!(explain_estimate(Some(500.0), 300.0), 500.0);
+        assert_eq!(explain_estimate(Some(200.0), 300.0), 300.0);
+        assert_eq!(explain_estimate(None, 300.0), 300.0);
     }
 
     fn obj(max_ensemble: usize, strategy: EnsembleStrategy) -> Objective {

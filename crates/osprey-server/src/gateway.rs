@@ -306,6 +306,8 @@ pub struct Gateway {
     multimodals: BTreeMap<String, Arc<crate::multimodal::MultiModalEntry>>,
     pub tenants: Tenants,
     pub policy: PolicyName,
+    /// How multi-modal requests are answered (`[scheduler] multimodal`).
+    pub multimodal_policy: osprey_core::multimodal::MultiModalPolicy,
     epoch: Instant,
     pub(crate) problems: std::sync::RwLock<Vec<RepositoryProblem>>,
     /// What building a model at run time needs (model control).
@@ -624,6 +626,7 @@ impl Gateway {
             multimodals,
             tenants,
             policy: config.scheduler.policy,
+            multimodal_policy: config.scheduler.multimodal,
             epoch: Instant::now(),
             problems: std::sync::RwLock::new(problems),
             builder,

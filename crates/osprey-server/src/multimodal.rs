@@ -23,7 +23,10 @@ use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, TensorSpec};
 use osprey_core::multimodal::{ExplainMiss, ExplainWhen, Fusion, MultiModalSpec};
 use osprey_core::tensor::RawTensor;
-use osprey_policy::refine::{Objective, Refinement, Service, Step, Stop};
+use osprey_policy::refine::{
+    Objective, Plan, Refinement, Service, Step, Stop, argmax, confidence, explain_estimate,
+    fan_out_explainer, fuse, plan,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -322,17 +325,16 @@ impl Gateway {
             let patches = entry.spec.explain.as_ref().map_or(0, |x| x.patches() as u32);
             for (v, variant) in entry.variants.iter().enumerate() {
                 let Some(e) = self.cluster.expected_service(entry.index, v, part.rows) else { continue };
-                // x(s): the masked copies as one batch on the best instance now, or the
-                // profiled explanation when that is slower.
                 let explain_us = (patches > 0).then(|| {
                     let batch = self.cluster.expected_service(entry.index, v, part.rows * patches);
                     let profiled = variant.profile.explain_us.unwrap_or(0.0) * f64::from(part.rows);
-                    batch.map_or(profiled, |b| b.latency_us.max(profiled))
+                    explain_estimate(batch.map(|b| b.latency_us), profiled)
                 });
                 services.push(Service {
                     modality: k,
                     variant: v,
                     accuracy: estimate.get(v).copied().unwrap_or(variant.spec.accuracy),
+                    profiled_accuracy: variant.spec.accuracy,
                     class_accuracy: variant.spec.class_accuracy.clone(),
                     latency_us: e.latency_us,
                     failure_rate: e.failure_rate,
@@ -351,11 +353,104 @@ impl Gateway {
         objective.max_ensemble = m.max_ensemble.map_or(q.max_ensemble, |n| n.min(q.max_ensemble));
         objective.min_confidence = m.min_confidence.unwrap_or(q.min_confidence);
         let deadline = started + budget;
+        let mut done = match plan(self.multimodal_policy, objective, &services) {
+            Plan::Refine(objective) => self.run_refinement(m, tenant, objective, services).await?,
+            Plan::FanOut { calls, fusion } => {
+                self.run_fan_out(m, tenant, services, &calls, fusion, deadline).await?
+            }
+            Plan::Hindsight => {
+                return Err(Error::internal("the oracle multi-modal policy exists only in the simulator"));
+            }
+        };
+        let Some(mut o) = done.first.take() else {
+            return Err(done.last_error.take().unwrap_or_else(|| {
+                let fastest = done.services.iter().map(Service::expected_us).fold(f64::INFINITY, f64::min);
+                let with = if explain == Some(ExplainMiss::Refuse) { " with its explanation" } else { "" };
+                Error::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!(
+                        "no modality of this request can answer{with} within its {} us budget (the fastest \
+                         answer is expected to take {fastest:.0} us)",
+                        budget.as_micros()
+                    ),
+                )
+            }));
+        };
+        let classes = m.entry.labels.len();
+        let flat: Vec<f32> = done.fused.iter().flatten().copied().collect();
+        let tensor = RawTensor::from_f32(vec![done.fused.len() as i64, classes as i64], &flat)?;
+        o.outputs = vec![(0, tensor)];
+        let mut explained = None;
+        if explain.is_some() {
+            let targets: Vec<usize> = done.fused.iter().map(|row| argmax(row)).collect();
+            let why = match done.explainer {
+                None => Err("it could not finish within the time budget".to_string()),
+                Some((k, ref base)) => {
+                    let s = done.services[k].clone();
+                    match self.explanation(m, &s, base, &targets, tenant, deadline).await {
+                        Ok(t) => {
+                            o.outputs.push((1, t));
+                            let modality = &spec.modalities[s.modality];
+                            let variant = m.parts[s.modality]
+                                .as_ref()
+                                .and_then(|p| p.model.variants.get(s.variant))
+                                .map_or("", |v| v.spec.name.as_str());
+                            Ok(format!("{}={}/{variant}", modality.name, modality.model))
+                        }
+                        Err(e) => Err(e.message),
+                    }
+                }
+            };
+            explained = Some(why);
+        }
+        o.queue = done.queue;
+        o.compute = done.compute;
+        o.batch_size = done.batch;
+        o.deadline_met = Instant::now() <= deadline;
+        o.estimated_accuracy = done.answers.iter().map(|a| a.estimated_accuracy).fold(0.0, f64::max);
+        o.multimodal = Some(Box::new(MultiModalRun {
+            entry: m.entry.clone(),
+            fused_confidence: confidence(&done.fused),
+            refined: done.answers.len() > 1,
+            stop: done.stop,
+            fusion: done.fusion,
+            calls: done.calls,
+            answers: done.answers,
+            explained,
+        }));
+        Ok(o)
+    }
+
+    /// The member request of one call: modality `part`'s inputs, pinned to `variant` (or left
+    /// to the member model's rule), to answer within `timeout`.
+    fn member_call(part: &ValidRequest, variant: Option<usize>, timeout: Duration) -> ValidRequest {
+        ValidRequest {
+            model: part.model.clone(),
+            id: part.id.clone(),
+            pinned: variant,
+            inputs: part.inputs.clone(),
+            rows: part.rows,
+            outputs: part.outputs.clone(),
+            timeout: Some(timeout.max(Duration::from_micros(1))),
+            priority: part.priority,
+            min_accuracy: None,
+            pipeline: None,
+            multimodal: None,
+        }
+    }
+
+    /// Calls one after another as `osprey_policy::refine::Refinement` decides.
+    async fn run_refinement(
+        &self,
+        m: &MultiModalRequest,
+        tenant: usize,
+        objective: Objective,
+        services: Vec<Service>,
+    ) -> Result<Answered> {
+        let spec = &m.entry.spec;
+        let fusion = objective.fusion;
         let mut r = Refinement::new(objective, services, self.now_us());
-        let mut first: Option<InferOutcome> = None;
-        let mut answers = Vec::new();
-        let mut last_error: Option<Error> = None;
-        let (mut queue, mut compute, mut batch) = (Duration::ZERO, Duration::ZERO, 1);
+        let mut done = Answered::new(fusion);
         let mut charged = false;
         let stop = loop {
             let now_us = self.now_us();
@@ -374,119 +469,99 @@ impl Gateway {
                         r.handle_failure(service, now_us);
                         continue;
                     };
-                    let call = ValidRequest {
-                        model: part.model.clone(),
-                        id: part.id.clone(),
-                        pinned: Some(s.variant),
-                        inputs: part.inputs.clone(),
-                        rows: part.rows,
-                        outputs: part.outputs.clone(),
-                        timeout: Some(Duration::from_micros(by.saturating_sub(now_us).max(1))),
-                        priority: part.priority,
-                        min_accuracy: None,
-                        pipeline: None,
-                        multimodal: None,
-                    };
+                    let call = Self::member_call(
+                        part,
+                        Some(s.variant),
+                        Duration::from_micros(by.saturating_sub(now_us)),
+                    );
                     let admit = !charged;
-                    match self.infer_stage(call, tenant, admit).await {
-                        Ok(o) => {
-                            charged = true;
-                            let probs = probabilities(&o, m.entry.labels.len());
-                            match probs {
-                                Ok(rows) => r.handle_answer(service, rows, self.now_us()),
-                                Err(e) => {
-                                    last_error = Some(e);
-                                    r.handle_failure(service, self.now_us());
-                                    continue;
-                                }
-                            }
-                            queue += o.queue;
-                            compute += o.compute;
-                            batch = o.batch_size;
-                            answers.push(Answer {
-                                modality: spec.modalities[s.modality].name.clone(),
-                                model: o.model.name().to_string(),
-                                variant: o.model.variants[o.variant].spec.name.clone(),
-                                node: o.node.clone(),
-                                estimated_accuracy: o.estimated_accuracy,
-                            });
-                            if first.is_none() {
-                                first = Some(o);
-                            }
-                        }
-                        Err(e) => {
-                            // A tenant over its quota or queue share ends the request; anything
-                            // else is one failed call (the quota was charged at admission).
-                            if e.code == ErrorCode::ResourceExhausted {
-                                return Err(e);
-                            }
-                            charged = true;
-                            last_error = Some(e);
-                            r.handle_failure(service, self.now_us());
-                        }
+                    let result = self.infer_stage(call, tenant, admit).await;
+                    // A tenant over its quota or queue share ends the request; anything else
+                    // is one failed call (the quota was charged at admission).
+                    if let Err(e) = &result
+                        && e.code == ErrorCode::ResourceExhausted
+                    {
+                        return Err(e.clone());
+                    }
+                    charged = true;
+                    match done.take(result, m, spec) {
+                        Some(rows) => r.handle_answer(service, rows, self.now_us()),
+                        None => r.handle_failure(service, self.now_us()),
                     }
                 }
             }
         };
-        let Some(mut o) = first else {
-            return Err(last_error.unwrap_or_else(|| {
-                let fastest = r.services().iter().map(Service::expected_us).fold(f64::INFINITY, f64::min);
-                let with = if explain == Some(ExplainMiss::Refuse) { " with its explanation" } else { "" };
-                Error::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!(
-                        "no modality of this request can answer{with} within its {} us budget (the fastest \
-                         answer is expected to take {fastest:.0} us)",
-                        budget.as_micros()
-                    ),
-                )
-            }));
-        };
-        let fused = r.fused();
-        let classes = m.entry.labels.len();
-        let flat: Vec<f32> = fused.iter().flatten().copied().collect();
-        let tensor = RawTensor::from_f32(vec![fused.len() as i64, classes as i64], &flat)?;
-        o.outputs = vec![(0, tensor)];
-        let mut explained = None;
-        if explain.is_some() {
-            let targets: Vec<usize> = fused.iter().map(|row| osprey_policy::refine::argmax(row)).collect();
-            let why = match r.explain_with(self.now_us()) {
-                None => Err("it could not finish within the time budget".to_string()),
-                Some(k) => {
-                    let s = r.services()[k].clone();
-                    let base: Vec<f32> = r.answer(k).unwrap_or_default().iter().flatten().copied().collect();
-                    match self.explanation(m, &s, &base, &targets, tenant, deadline).await {
-                        Ok(t) => {
-                            o.outputs.push((1, t));
-                            let modality = &spec.modalities[s.modality];
-                            let variant = m.parts[s.modality]
-                                .as_ref()
-                                .and_then(|p| p.model.variants.get(s.variant))
-                                .map_or("", |v| v.spec.name.as_str());
-                            Ok(format!("{}={}/{variant}", modality.name, modality.model))
-                        }
-                        Err(e) => Err(e.message),
-                    }
-                }
-            };
-            explained = Some(why);
+        done.fused = r.fused().to_vec();
+        done.stop = stop;
+        done.calls = r.calls();
+        done.explainer = r.explain_with(self.now_us()).map(|k| {
+            let base = r.answer(k).unwrap_or_default().iter().flatten().copied().collect();
+            (k, base)
+        });
+        done.services = r.services().to_vec();
+        Ok(done)
+    }
+
+    /// Every call of `calls` at once; the answers fused by `fusion` once all have ended.
+    async fn run_fan_out(
+        &self,
+        m: &MultiModalRequest,
+        tenant: usize,
+        mut services: Vec<Service>,
+        calls: &[(usize, bool)],
+        fusion: Fusion,
+        deadline: Instant,
+    ) -> Result<Answered> {
+        let spec = &m.entry.spec;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut futures = Vec::with_capacity(calls.len());
+        for (i, &(service, pinned)) in calls.iter().enumerate() {
+            let Some(s) = services.get(service) else { continue };
+            let Some(part) = m.parts[s.modality].as_ref() else { continue };
+            let call = Self::member_call(part, pinned.then_some(s.variant), left);
+            // The tenant is charged once, by the first call.
+            futures.push(async move {
+                let r = self.infer_stage(call, tenant, i == 0).await;
+                (Instant::now(), service, r)
+            });
         }
-        o.queue = queue;
-        o.compute = compute;
-        o.batch_size = batch;
-        o.deadline_met = Instant::now() <= deadline;
-        o.estimated_accuracy = answers.iter().map(|a| a.estimated_accuracy).fold(0.0, f64::max);
-        o.multimodal = Some(Box::new(MultiModalRun {
-            entry: m.entry.clone(),
-            fused_confidence: r.confidence(),
-            refined: r.refined(),
-            stop,
-            fusion,
-            calls: r.calls(),
-            answers,
-            explained,
-        }));
-        Ok(o)
+        let mut ended = join_all(futures).await;
+        ended.sort_by_key(|(at, _, _)| *at);
+        if let Some((_, _, Err(e))) =
+            ended.iter().find(|(_, _, r)| r.as_ref().is_err_and(|e| e.code == ErrorCode::ResourceExhausted))
+        {
+            return Err(e.clone());
+        }
+        let mut done = Answered::new(fusion);
+        done.calls = ended.len();
+        let mut rows_of: Vec<(Vec<Vec<f32>>, usize)> = Vec::new();
+        for (_, service, result) in ended {
+            // An unpinned call's answer is the variant that ran.
+            let ran = result.as_ref().ok().and_then(|o| {
+                let modality = services.get(service)?.modality;
+                services.iter().position(|s| s.modality == modality && s.variant == o.variant)
+            });
+            if let Some(rows) = done.take(result, m, spec) {
+                let same = rows_of.first().is_none_or(|(f, _)| f.len() == rows.len());
+                if same {
+                    rows_of.push((rows, ran.unwrap_or(service)));
+                }
+            }
+        }
+        let parts: Vec<(&[Vec<f32>], &Service)> =
+            rows_of.iter().map(|(rows, s)| (rows.as_slice(), &services[*s])).collect();
+        done.fused = fuse(fusion, &parts);
+        done.stop = Stop::FannedOut;
+        // The explanation's time as it is now, on the first answer's service.
+        let now_us = self.now_us();
+        let left_us = deadline.saturating_duration_since(Instant::now()).as_micros() as u64;
+        let first = rows_of.first().map(|(_, s)| *s);
+        done.explainer = fan_out_explainer(&services, first, now_us, now_us + left_us).and_then(|k| {
+            let base = rows_of.first()?.0.iter().flatten().copied().collect();
+            Some((k, base))
+        });
+        done.services = std::mem::take(&mut services);
+        Ok(done)
     }
 
     /// Occlusion attribution of `targets` (per row) by service `s`: the masked copies of its
@@ -563,4 +638,101 @@ fn probabilities(o: &InferOutcome, classes: usize) -> Result<Vec<Vec<f32>>> {
         )));
     }
     Ok(values.chunks(classes).map(<[f32]>::to_vec).collect())
+}
+
+/// What the calls of one request came to, whichever way they were made.
+struct Answered {
+    /// The first answer's outcome (its model, variant and node stand for the request's).
+    first: Option<InferOutcome>,
+    answers: Vec<Answer>,
+    fused: Vec<Vec<f32>>,
+    fusion: Fusion,
+    stop: Stop,
+    calls: usize,
+    /// The service to explain with and its own answer (flattened rows).
+    explainer: Option<(usize, Vec<f32>)>,
+    services: Vec<Service>,
+    last_error: Option<Error>,
+    queue: Duration,
+    compute: Duration,
+    batch: u32,
+}
+
+impl Answered {
+    fn new(fusion: Fusion) -> Answered {
+        Answered {
+            first: None,
+            answers: Vec::new(),
+            fused: Vec::new(),
+            fusion,
+            stop: Stop::Exhausted,
+            calls: 0,
+            explainer: None,
+            services: Vec::new(),
+            last_error: None,
+            queue: Duration::ZERO,
+            compute: Duration::ZERO,
+            batch: 1,
+        }
+    }
+
+    /// Records one call's result; its class probabilities when it answered usably.
+    fn take(
+        &mut self,
+        result: Result<InferOutcome>,
+        m: &MultiModalRequest,
+        spec: &MultiModalSpec,
+    ) -> Option<Vec<Vec<f32>>> {
+        let o = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.last_error = Some(e);
+                return None;
+            }
+        };
+        let rows = match probabilities(&o, m.entry.labels.len()) {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.last_error = Some(e);
+                return None;
+            }
+        };
+        self.queue += o.queue;
+        self.compute += o.compute;
+        self.batch = o.batch_size;
+        let modality =
+            spec.modalities.iter().find(|d| d.model == o.model.name()).map_or("", |d| d.name.as_str());
+        self.answers.push(Answer {
+            modality: modality.to_string(),
+            model: o.model.name().to_string(),
+            variant: o.model.variants[o.variant].spec.name.clone(),
+            node: o.node.clone(),
+            estimated_accuracy: o.estimated_accuracy,
+        });
+        if self.first.is_none() {
+            self.first = Some(o);
+        }
+        Some(rows)
+    }
+}
+
+/// Runs every future to completion, concurrently, on the calling task; outputs in the order
+/// given.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }

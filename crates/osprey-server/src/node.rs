@@ -80,6 +80,8 @@ struct Node {
     /// Split inference (layer ranges), when the node offers it.
     split: Option<Arc<crate::split_node::SplitNode>>,
     peer_addr: String,
+    /// The emulated slowdown now (f64 bits): `--slowdown`, tripled by each SIGUSR1.
+    slowdown: AtomicU64,
 }
 
 /// The memory in use, KiB: the live heap when the counting allocator is installed
@@ -139,7 +141,6 @@ pub async fn run(
                 cfg.max_message_bytes,
             );
             tracing::info!(%peer_addr, models = ?sn.models(), "serving layer ranges to peers");
-            spawn_slowdown_signals(sn.clone());
             split = Some(sn);
         }
     }
@@ -153,8 +154,10 @@ pub async fn run(
         workers,
         split,
         peer_addr,
+        slowdown: AtomicU64::new(cfg.slowdown.to_bits()),
         cfg,
     });
+    spawn_slowdown_signals(node.clone());
     let on_joined = Arc::new(on_joined);
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_MIN;
@@ -179,9 +182,9 @@ pub async fn run(
     }
 }
 
-/// Emulated slowdowns for tests and demos (Unix): SIGUSR1 makes layer ranges 3x slower than
-/// they are now, SIGUSR2 restores full speed.
-fn spawn_slowdown_signals(split: Arc<crate::split_node::SplitNode>) {
+/// Emulated contention for tests and demos (Unix): SIGUSR1 makes every batch and layer range
+/// 3x slower than it is now, SIGUSR2 restores the agent's `--slowdown`.
+fn spawn_slowdown_signals(node: Arc<Node>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -192,14 +195,21 @@ fn spawn_slowdown_signals(split: Arc<crate::split_node::SplitNode>) {
         };
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    Some(()) = slower.recv() => split.set_slowdown(split.slowdown() * 3.0),
-                    Some(()) = restore.recv() => split.set_slowdown(1.0),
+                let factor = tokio::select! {
+                    Some(()) = slower.recv() => node.slowdown() * 3.0,
+                    Some(()) = restore.recv() => node.cfg.slowdown,
                     else => return,
+                };
+                node.slowdown.store(factor.to_bits(), Ordering::Relaxed);
+                if let Some(split) = &node.split {
+                    split.set_slowdown(factor);
                 }
+                tracing::info!(slowdown = factor, "emulated slowdown changed");
             }
         });
     }
+    #[cfg(not(unix))]
+    let _ = node;
 }
 
 async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + 'static>) -> Result<()> {
@@ -362,6 +372,11 @@ async fn session(node: Arc<Node>, on_joined: Arc<impl Fn(&str) + Send + Sync + '
 }
 
 impl Node {
+    /// The emulated slowdown factor now (1: none).
+    fn slowdown(&self) -> f64 {
+        f64::from_bits(self.slowdown.load(Ordering::Relaxed))
+    }
+
     /// The model's spec as its folder says now (a model reloaded by the gateway's model control
     /// may have changed on this node too); the one read at start when the folder cannot be
     /// read now, and an error for a model this node never had.
@@ -433,8 +448,9 @@ impl Node {
             Err(e) => out.error = e.message,
         }
         let elapsed = t.elapsed();
-        if self.cfg.slowdown > 1.0 {
-            std::thread::sleep(elapsed.mul_f64(self.cfg.slowdown - 1.0));
+        let slowdown = self.slowdown();
+        if slowdown > 1.0 {
+            std::thread::sleep(elapsed.mul_f64(slowdown - 1.0));
         }
         out.service_us = t.elapsed().as_secs_f64() * 1e6;
         if out.error.is_empty()

@@ -282,6 +282,7 @@ impl<'a> Sim<'a> {
             fixed_variant: scn.scheduler.fixed_variant.clone(),
             urgency_weight: scn.scheduler.urgency_weight,
             miss_penalty: scn.scheduler.miss_penalty,
+            ..SchedulerSection::default()
         };
         let workers: u32 = scn.nodes.iter().map(|n| n.workers).sum();
         let cap = Capacity { max_batch: scn.max_batch, max_queue: 1 << 16, workers };

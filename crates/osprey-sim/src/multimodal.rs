@@ -25,6 +25,8 @@
 //!                 that fits the deadline and is right on this input, else the cheapest that
 //!                 fits
 //! ```
+//! Which calls each policy makes is `osprey_policy::refine::plan`, as live; the member
+//! models' scheduling rule is `MultiModalPolicy::member_rule`.
 //! An event's answer is the argmax of the fused probabilities; it is on time when it was
 //! complete (every call the policy waits for ended) by arrival + budget (the tenant's
 //! `quality.time_budget_ms`, else its `latency_slo_ms`), request overhead included.
@@ -46,71 +48,20 @@
 
 use crate::engine::{Arrival, ModelContext, Sim, Summary};
 use crate::scenario::Scenario;
-use osprey_core::config::PolicyName;
-use osprey_core::multimodal::{ExplainWhen, Fusion, MultiModalSpec, PairedEvent};
+use osprey_core::multimodal::{ExplainWhen, Fusion, MultiModalPolicy, MultiModalSpec, PairedEvent};
 use osprey_policy::dispatch::Why;
 use osprey_policy::instance::Selector;
-use osprey_policy::refine::{Objective, Refinement, Service, Step, argmax, fuse};
+use osprey_policy::refine::{
+    Objective, Plan, Refinement, Service, Step, argmax, explain_estimate, fan_out_explainer, fuse, plan,
+};
 use osprey_policy::scheduler::Request;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
-/// The policies a multi-modal scenario may list.
+/// The policies a multi-modal scenario may list (`MultiModalPolicy` names).
 pub const POLICIES: [&str; 8] =
     ["quality-driven", "no-refinement", "profiled", "fixed-ensemble", "edf", "llf", "dream", "oracle"];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MmPolicy {
-    QualityDriven,
-    NoRefinement,
-    Profiled,
-    FixedEnsemble,
-    Edf,
-    Llf,
-    Dream,
-    Oracle,
-}
-
-impl MmPolicy {
-    pub fn parse(s: &str) -> Option<MmPolicy> {
-        Some(match s {
-            "quality-driven" => MmPolicy::QualityDriven,
-            "no-refinement" => MmPolicy::NoRefinement,
-            "profiled" => MmPolicy::Profiled,
-            "fixed-ensemble" => MmPolicy::FixedEnsemble,
-            "edf" => MmPolicy::Edf,
-            "llf" => MmPolicy::Llf,
-            "dream" => MmPolicy::Dream,
-            "oracle" => MmPolicy::Oracle,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MmPolicy::QualityDriven => "quality-driven",
-            MmPolicy::NoRefinement => "no-refinement",
-            MmPolicy::Profiled => "profiled",
-            MmPolicy::FixedEnsemble => "fixed-ensemble",
-            MmPolicy::Edf => "edf",
-            MmPolicy::Llf => "llf",
-            MmPolicy::Dream => "dream",
-            MmPolicy::Oracle => "oracle",
-        }
-    }
-
-    /// The member models' scheduling rule and estimator.
-    fn scheduler(self) -> PolicyName {
-        match self {
-            MmPolicy::QualityDriven | MmPolicy::NoRefinement | MmPolicy::Oracle => PolicyName::DataAware,
-            MmPolicy::Profiled | MmPolicy::FixedEnsemble => PolicyName::Profiled,
-            MmPolicy::Edf => PolicyName::Edf,
-            MmPolicy::Llf => PolicyName::Llf,
-            MmPolicy::Dream => PolicyName::Dream,
-        }
-    }
-}
 
 /// A multi-modal scenario's model: its declaration, members (in modality order) and pairs.
 pub struct MmContext {
@@ -205,8 +156,8 @@ pub struct MmRun {
 }
 
 /// Runs `policy` on the arrivals.
-pub fn simulate(scn: &Scenario, ctx: &MmContext, policy: MmPolicy, arrivals: &[Arrival]) -> MmRun {
-    let mut sim = Sim::new(scn, &ctx.models, policy.scheduler(), Selector::Predicted, arrivals);
+pub fn simulate(scn: &Scenario, ctx: &MmContext, policy: MultiModalPolicy, arrivals: &[Arrival]) -> MmRun {
+    let mut sim = Sim::new(scn, &ctx.models, policy.member_rule(), Selector::Predicted, arrivals);
     sim.out.policy = policy.as_str().into();
     let objectives = scn
         .tenants
@@ -216,22 +167,11 @@ pub fn simulate(scn: &Scenario, ctx: &MmContext, policy: MmPolicy, arrivals: &[A
             let carried: Vec<usize> = (0..ctx.spec.modalities.len())
                 .filter(|&k| q.modalities.is_empty() || q.modalities.contains(&ctx.spec.modalities[k].name))
                 .collect();
-            let max_ensemble = match policy {
-                MmPolicy::QualityDriven => q.max_ensemble,
-                _ => 1,
-            };
             let budget_ms = q.time_budget_ms.map_or(t.latency_slo_ms, |b| b as f64);
             let fusion = q.fusion.unwrap_or(ctx.spec.fusion[0]);
             let explain = (q.explain == ExplainWhen::Always).then_some(q.explain_miss);
-            let mut objective =
+            let objective =
                 Objective::from_quality(&q, (budget_ms * 1000.0) as u64, t.accuracy_floor, fusion, explain);
-            objective.max_ensemble = max_ensemble;
-            if policy == MmPolicy::Profiled {
-                // Its best version: the most accurate service by profile that fits the whole
-                // budget (no target is unreachable, so the first-call rule takes the largest).
-                objective.min_accuracy = 1.0;
-                objective.first_share = 1.0;
-            }
             TenantObjective { objective, carried }
         })
         .collect();
@@ -272,6 +212,8 @@ struct EventRun {
     calls: usize,
     /// The answer is to be explained (the tenant's objective).
     explain: bool,
+    /// A fan-out's fusion rule.
+    fusion: Fusion,
     /// The fused answer, once the policy is done, while its explanation runs.
     answer: Option<(Vec<Vec<f32>>, usize)>,
     explained: bool,
@@ -287,7 +229,7 @@ struct Call {
 
 /// The multi-modal part of the engine's state.
 pub(crate) struct State {
-    policy: MmPolicy,
+    policy: MultiModalPolicy,
     events: Vec<PairedEvent>,
     objectives: Vec<TenantObjective>,
     runs: Vec<EventRun>,
@@ -317,12 +259,13 @@ impl Sim<'_> {
                 let Some(e) = self.d.expected_service(k, v, 1) else { continue };
                 let explain_us = (patches > 0).then(|| {
                     let profiled = m.profile.variant(&spec.name).and_then(|p| p.explain_us).unwrap_or(0.0);
-                    self.d.expected_service(k, v, patches).map_or(profiled, |b| b.latency_us.max(profiled))
+                    explain_estimate(self.d.expected_service(k, v, patches).map(|b| b.latency_us), profiled)
                 });
                 services.push(Service {
                     modality: k,
                     variant: v,
                     accuracy: estimate.get(v).copied().unwrap_or(spec.accuracy),
+                    profiled_accuracy: spec.accuracy,
                     class_accuracy: spec.class_accuracy.clone(),
                     latency_us: e.latency_us,
                     failure_rate: e.failure_rate,
@@ -343,6 +286,7 @@ impl Sim<'_> {
             failures: Vec::new(),
             calls: 0,
             explain: obj.explain.is_some(),
+            fusion: obj.fusion,
             answer: None,
             explained: false,
             done: false,
@@ -354,44 +298,29 @@ impl Sim<'_> {
             }
             None => return,
         };
-        match policy {
-            MmPolicy::QualityDriven | MmPolicy::NoRefinement | MmPolicy::Profiled => {
+        let services = match self.mm_run(e) {
+            Some(run) => run.services.clone(),
+            None => return,
+        };
+        match plan(policy, obj, &services) {
+            Plan::Refine(obj) => {
                 let Some(run) = self.mm_run(e) else { return };
-                run.refinement = Some(Refinement::new(obj, run.services.clone(), a.t));
+                run.refinement = Some(Refinement::new(obj, services, a.t));
                 self.mm_step(e);
             }
-            MmPolicy::Oracle => {
+            Plan::Hindsight => {
                 let pick = self.oracle_pick(e);
                 match pick {
                     Some(s) => self.mm_call(e, s, true, false),
                     None => self.mm_finish(e),
                 }
             }
-            MmPolicy::FixedEnsemble => {
-                for k in carried {
-                    let best = (0..self.models[k].spec.variants.len()).max_by(|&x, &y| {
-                        let acc = |v: usize| self.models[k].spec.variants[v].accuracy;
-                        acc(x).total_cmp(&acc(y))
-                    });
-                    let s = self.mm_run(e).and_then(|r| {
-                        r.services.iter().position(|s| Some(s.variant) == best && s.modality == k)
-                    });
-                    if let Some(s) = s {
-                        self.mm_call(e, s, true, false);
-                    }
+            Plan::FanOut { calls, fusion } => {
+                if let Some(run) = self.mm_run(e) {
+                    run.fusion = fusion;
                 }
-                if self.mm_run(e).is_some_and(|r| r.calls == 0) {
-                    self.mm_finish(e);
-                }
-            }
-            MmPolicy::Edf | MmPolicy::Llf | MmPolicy::Dream => {
-                for k in carried {
-                    // Unpinned: the rule picks the variant; any of the modality's services
-                    // stands for the call (the answer is read by the variant that ran).
-                    let s = self.mm_run(e).and_then(|r| r.services.iter().position(|s| s.modality == k));
-                    if let Some(s) = s {
-                        self.mm_call(e, s, false, false);
-                    }
+                for (s, pinned) in calls {
+                    self.mm_call(e, s, pinned, false);
                 }
                 if self.mm_run(e).is_some_and(|r| r.calls == 0) {
                     self.mm_finish(e);
@@ -551,7 +480,6 @@ impl Sim<'_> {
     fn mm_finish(&mut self, e: usize) {
         let now = self.now;
         let Some(mm) = self.mm.as_mut() else { return };
-        let policy = mm.policy;
         let run = &mut mm.runs[e];
         if run.done || run.answer.is_some() {
             return;
@@ -559,10 +487,7 @@ impl Sim<'_> {
         let fused: Vec<Vec<f32>> = match &run.refinement {
             Some(r) => r.fused().to_vec(),
             None => {
-                let rule = match policy {
-                    MmPolicy::FixedEnsemble => mm.objectives[run.tenant].objective.fusion,
-                    _ => Fusion::Average,
-                };
+                let rule = run.fusion;
                 let parts: Vec<(&[Vec<f32>], &Service)> =
                     run.answers.iter().map(|(rows, s)| (rows.as_slice(), &run.services[*s])).collect();
                 fuse(rule, &parts)
@@ -572,10 +497,7 @@ impl Sim<'_> {
             Some(r) => (r.answered().len(), r.explain_with(now)),
             None => {
                 let first = run.answers.first().map(|(_, s)| *s);
-                let fits = |s: usize| {
-                    run.services[s].explain_us.is_some_and(|x| now as f64 + x <= run.deadline as f64)
-                };
-                (run.answers.len(), first.filter(|&s| fits(s)))
+                (run.answers.len(), fan_out_explainer(&run.services, first, now, run.deadline))
             }
         };
         let answered = fused.first().is_some_and(|r| !r.is_empty());

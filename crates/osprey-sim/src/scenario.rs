@@ -310,7 +310,7 @@ impl Scenario {
             }
         }
         for p in &self.policies {
-            if crate::multimodal::MmPolicy::parse(p).is_none() {
+            if osprey_core::multimodal::MultiModalPolicy::parse(p).is_none() {
                 return Err(format!(
                     "unknown multi-modal policy '{p}'; known: {}",
                     crate::multimodal::POLICIES.join(", ")

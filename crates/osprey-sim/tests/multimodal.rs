@@ -2,7 +2,8 @@
 //! ends exactly once, per-tenant totals add up, the objectives bound the calls, the same seed
 //! gives the same bytes, and the hindsight oracle bounds goodput.
 
-use osprey_sim::multimodal::{MmContext, MmPolicy, MmRun, arrivals, simulate, tenants_csv};
+use osprey_core::multimodal::MultiModalPolicy;
+use osprey_sim::multimodal::{MmContext, MmRun, arrivals, simulate, tenants_csv};
 use osprey_sim::report::{row, summary_csv};
 use osprey_sim::scenario::Scenario;
 use std::path::PathBuf;
@@ -17,7 +18,10 @@ fn run_all(scn: &Scenario, base: &std::path::Path) -> Vec<(String, MmRun)> {
     let ctx = MmContext::load(scn, base).unwrap();
     let arr = arrivals(scn, base, &ctx).unwrap();
     assert!(arr.len() > 100, "{}", arr.len());
-    scn.policies.iter().map(|p| (p.clone(), simulate(scn, &ctx, MmPolicy::parse(p).unwrap(), &arr))).collect()
+    scn.policies
+        .iter()
+        .map(|p| (p.clone(), simulate(scn, &ctx, MultiModalPolicy::parse(p).unwrap(), &arr)))
+        .collect()
 }
 
 #[test]

@@ -176,7 +176,8 @@ fn write_outputs(
 
 /// A multi-modal scenario: every policy on the same paired events, side by side.
 fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path) -> Result<(), String> {
-    use osprey_sim::multimodal::{MmContext, MmPolicy, arrivals, simulate, tenants_csv};
+    use osprey_core::multimodal::MultiModalPolicy;
+    use osprey_sim::multimodal::{MmContext, arrivals, simulate, tenants_csv};
     let ctx = MmContext::load(scn, base)?;
     let arr = arrivals(scn, base, &ctx)?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -190,7 +191,8 @@ fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path)
     let mut runs = Vec::new();
     for name in &scn.policies {
         bar.set_message(name.clone());
-        let policy = MmPolicy::parse(name).ok_or_else(|| format!("unknown multi-modal policy '{name}'"))?;
+        let policy =
+            MultiModalPolicy::parse(name).ok_or_else(|| format!("unknown multi-modal policy '{name}'"))?;
         runs.push((name.clone(), simulate(scn, &ctx, policy, &arr)));
         bar.inc(1);
     }

@@ -15,6 +15,11 @@
 //! `rejected`; `reject_p50_ms`/`reject_p99_ms` are how fast refusals came back.
 //! `--timeseries FILE` writes one CSV row per second of the run (by answer time).
 //!
+//! A multi-modal model (`multimodal.toml`) is driven with its held-out paired events, every
+//! modality's inputs in each request (`--modalities` to send only some); its answers also
+//! count `refined_pct`, `calls_per_answer`, `explained_pct` and `explain_skipped_pct` from the
+//! response parameters.
+//!
 //! Of the `ok` answers, `late` ones came back with the server's `deadline_met = false`.
 //! `late_pct` counts every request not answered on time (late, rejected, failed, lost);
 //! `accuracy` is over answered samples with a label; `utility` per request is +1 for a right
@@ -78,6 +83,9 @@ pub struct LoadgenArgs {
     /// API key of the tenant to send as (`Authorization: Bearer`).
     #[arg(long)]
     api_key: Option<String>,
+    /// A multi-modal model: send only these modalities' inputs (comma-separated; default all).
+    #[arg(long)]
+    modalities: Option<String>,
     /// Write a per-second CSV time series here (second, sent, ok, goodput, rejected, expired,
     /// failed, lost, ok_p99_ms, reject_p99_ms).
     #[arg(long)]
@@ -145,11 +153,38 @@ struct Tally {
     variants: std::collections::BTreeMap<String, u64>,
     nodes: std::collections::BTreeMap<String, u64>,
     first_error: Option<String>,
+    /// Multi-modal answers: how many, refined, member calls, explained, explanation skipped.
+    mm_answers: u64,
+    refined: u64,
+    calls: u64,
+    explained: u64,
+    explain_skipped: u64,
+}
+
+/// What a multi-modal answer says of how it was made.
+#[derive(Default)]
+struct MmAnswer {
+    refined: bool,
+    calls: u64,
+    /// `Some(true)`: explained; `Some(false)`: its explanation was skipped.
+    explained: Option<bool>,
 }
 
 enum Outcome {
-    Ok { latency: Duration, argmax: Vec<usize>, variant: String, node: String, met: bool, id: String },
-    Rejected { msg: String, latency: Duration, expired: bool },
+    Ok {
+        latency: Duration,
+        argmax: Vec<usize>,
+        variant: String,
+        node: String,
+        met: bool,
+        id: String,
+        mm: Option<MmAnswer>,
+    },
+    Rejected {
+        msg: String,
+        latency: Duration,
+        expired: bool,
+    },
     Failed(String),
     Lost(String),
 }
@@ -173,6 +208,16 @@ pub fn run(args: LoadgenArgs) -> Result<(), String> {
         return Err("--high and --period-s must be positive".into());
     }
     let repo = crate::repository(args.model_repository.clone())?;
+    if repo.join(&args.model).join("multimodal.toml").is_file() {
+        let mm = osprey_core::multimodal::MultiModalSpec::load(&repo.join(&args.model))
+            .map_err(|e| e.to_string())?;
+        let samples = Arc::new(prepare_multimodal(&repo, &mm, &args)?);
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let tally = rt.block_on(drive(args.clone(), samples))?;
+        report(&args, &tally);
+        return Ok(());
+    }
     let spec = match scan_repository(&repo)
         .ok()
         .and_then(|(models, _)| models.into_iter().find(|m| m.name == args.model))
@@ -272,10 +317,6 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
     let n_samples = held.len().max(1);
     let requests =
         if input.datatype.is_variable() { 64 } else { n_samples.div_ceil(args.batch).clamp(1, 256) };
-    let mut params = serde_json::Map::new();
-    if let Some(d) = args.deadline_ms {
-        params.insert("deadline_ms".into(), d.into());
-    }
     (0..requests)
         .map(|r| {
             let idx: Vec<usize> = (0..args.batch)
@@ -287,44 +328,124 @@ fn prepare(spec: &ModelSpec, eval: Option<&EvalSet>, args: &LoadgenArgs) -> Vec<
                 None => vec![0u8; per * args.batch],
             };
             let labels = eval.map(|e| idx.iter().map(|&i| e.labels[i]).collect()).unwrap_or_default();
-            let mut shape = input.shape.clone();
-            shape[0] = args.batch as i64;
-            let header = serde_json::json!({
-                "inputs": [{ "name": input.name, "shape": shape, "datatype": input.datatype.as_str(),
-                             "parameters": { "binary_data_size": data.len() } }],
-                "outputs": [{ "name": spec.outputs[0].name, "parameters": { "binary_data": true } }],
-                "parameters": params,
-            });
-            let header = serde_json::to_vec(&header).unwrap_or_default();
-            let http_rest = header.get(1..).unwrap_or_default().to_vec();
-            let http_data = Bytes::from(data.clone());
-            let mut gparams = std::collections::HashMap::new();
-            if let Some(d) = args.deadline_ms {
-                gparams.insert(
-                    "deadline_ms".to_string(),
-                    pb::InferParameter {
-                        parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(d as i64)),
-                    },
-                );
-            }
-            let grpc = pb::ModelInferRequest {
-                model_name: spec.name.clone(),
-                model_version: args.version.clone().unwrap_or_default(),
-                id: String::new(),
-                parameters: gparams,
-                inputs: vec![pb::model_infer_request::InferInputTensor {
-                    name: input.name.clone(),
-                    datatype: input.datatype.as_str().into(),
-                    shape,
-                    parameters: Default::default(),
-                    contents: None,
-                }],
-                outputs: vec![],
-                raw_input_contents: vec![data],
-            };
-            Sample { labels, http_rest, http_data, grpc }
+            sample(&spec.name, &spec.outputs[0].name, vec![(input, data)], labels, args)
         })
         .collect()
+}
+
+/// Requests to a multi-modal model (`multimodal.toml`): each row one held-out paired event
+/// (`[eval] pairs`), carrying every modality's inputs (a tenant limited to some modalities
+/// has the others refused, so such a tenant's load names only those: `--modalities`).
+fn prepare_multimodal(
+    repo: &std::path::Path,
+    mm: &osprey_core::multimodal::MultiModalSpec,
+    args: &LoadgenArgs,
+) -> Result<Vec<Sample>, String> {
+    let (models, _) = scan_repository(repo).map_err(|e| e.to_string())?;
+    let members = mm.check(&models).map_err(|e| e.to_string())?;
+    let pairs = mm
+        .load_pairs()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("multi-modal model '{}' has no [eval] pairs to send", mm.name))?;
+    let events: Vec<_> = pairs.into_iter().filter(|p| p.held_out).collect();
+    if events.is_empty() {
+        return Err(format!("multi-modal model '{}' has no held-out pairs", mm.name));
+    }
+    let carried: Vec<usize> = match &args.modalities {
+        None => (0..mm.modalities.len()).collect(),
+        Some(list) => list
+            .split(',')
+            .map(|name| {
+                mm.modalities.iter().position(|d| d.name == name.trim()).ok_or_else(|| {
+                    format!("--modalities: '{}' is not a modality of '{}'", name.trim(), mm.name)
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let evals = carried
+        .iter()
+        .map(|&k| {
+            members[k]
+                .load_eval()
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("model '{}' has no evaluation set", members[k].name))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let requests = events.len().div_ceil(args.batch).clamp(1, 1024);
+    Ok((0..requests)
+        .map(|r| {
+            let rows: Vec<_> =
+                (0..args.batch).map(|k| &events[(r * args.batch + k) % events.len()]).collect();
+            let inputs = carried
+                .iter()
+                .zip(&evals)
+                .map(|(&k, e)| {
+                    let data = rows.iter().flat_map(|p| e.sample(p.samples[k]).to_vec()).collect();
+                    (&members[k].inputs[0], data)
+                })
+                .collect();
+            let labels = rows.iter().map(|p| p.label).collect();
+            sample(&mm.name, &mm.output, inputs, labels, args)
+        })
+        .collect())
+}
+
+/// One prepared request of `model` carrying `inputs` (each with its rows' bytes), asking for
+/// `output`.
+fn sample(
+    model: &str,
+    output: &str,
+    inputs: Vec<(&osprey_core::model::TensorSpec, Vec<u8>)>,
+    labels: Vec<u32>,
+    args: &LoadgenArgs,
+) -> Sample {
+    let mut params = serde_json::Map::new();
+    if let Some(d) = args.deadline_ms {
+        params.insert("deadline_ms".into(), d.into());
+    }
+    let shape_of = |t: &osprey_core::model::TensorSpec| {
+        let mut shape = t.shape.clone();
+        shape[0] = args.batch as i64;
+        shape
+    };
+    let header = serde_json::json!({
+        "inputs": inputs.iter().map(|(t, data)| serde_json::json!({
+            "name": t.name, "shape": shape_of(t), "datatype": t.datatype.as_str(),
+            "parameters": { "binary_data_size": data.len() } })).collect::<Vec<_>>(),
+        "outputs": [{ "name": output, "parameters": { "binary_data": true } }],
+        "parameters": params,
+    });
+    let header = serde_json::to_vec(&header).unwrap_or_default();
+    let http_rest = header.get(1..).unwrap_or_default().to_vec();
+    let http_data = Bytes::from(inputs.iter().flat_map(|(_, d)| d.iter().copied()).collect::<Vec<u8>>());
+    let mut gparams = std::collections::HashMap::new();
+    if let Some(d) = args.deadline_ms {
+        gparams.insert(
+            "deadline_ms".to_string(),
+            pb::InferParameter {
+                parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(d as i64)),
+            },
+        );
+    }
+    let grpc = pb::ModelInferRequest {
+        model_name: model.to_string(),
+        model_version: args.version.clone().unwrap_or_default(),
+        id: String::new(),
+        parameters: gparams,
+        inputs: inputs
+            .iter()
+            .map(|(t, _)| pb::model_infer_request::InferInputTensor {
+                name: t.name.clone(),
+                datatype: t.datatype.as_str().into(),
+                shape: shape_of(t),
+                parameters: Default::default(),
+                contents: None,
+            })
+            .collect(),
+        outputs: vec![],
+        raw_input_contents: inputs.into_iter().map(|(_, d)| d).collect(),
+    };
+    Sample { labels, http_rest, http_data, grpc }
 }
 
 type HttpClient =
@@ -496,6 +617,15 @@ async fn one(conn: &Conn, s: &Sample, id: u64, timeout: Duration) -> Outcome {
                             .as_ref()
                             .and_then(|v| v["id"].as_str().map(String::from))
                             .unwrap_or_default();
+                        let mm = param("refined").and_then(|r| r.as_bool()).map(|refined| MmAnswer {
+                            refined,
+                            calls: param("calls").and_then(|c| c.as_u64()).unwrap_or(0),
+                            explained: match (param("explained"), param("explanation_skipped")) {
+                                (Some(v), _) if !v.is_null() => Some(true),
+                                (_, Some(v)) if !v.is_null() => Some(false),
+                                _ => None,
+                            },
+                        });
                         Outcome::Ok {
                             latency: t.elapsed(),
                             argmax: argmax_rows(&body[hl..], rows),
@@ -503,6 +633,7 @@ async fn one(conn: &Conn, s: &Sample, id: u64, timeout: Duration) -> Outcome {
                             node,
                             met,
                             id,
+                            mm,
                         }
                     } else {
                         let msg = format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body));
@@ -538,7 +669,26 @@ async fn one(conn: &Conn, s: &Sample, id: u64, timeout: Duration) -> Outcome {
                         Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => s.clone(),
                         _ => String::new(),
                     };
-                    Outcome::Ok { latency: t.elapsed(), argmax, variant, node, met, id: r.id }
+                    use pb::infer_parameter::ParameterChoice as P;
+                    let p = |k: &str| r.parameters.get(k).and_then(|p| p.parameter_choice.as_ref());
+                    let mm = match p("refined") {
+                        Some(P::BoolParam(refined)) => Some(MmAnswer {
+                            refined: *refined,
+                            calls: match p("calls") {
+                                Some(P::Int64Param(c)) => (*c).max(0) as u64,
+                                _ => 0,
+                            },
+                            explained: if p("explained").is_some() {
+                                Some(true)
+                            } else if p("explanation_skipped").is_some() {
+                                Some(false)
+                            } else {
+                                None
+                            },
+                        }),
+                        _ => None,
+                    };
+                    Outcome::Ok { latency: t.elapsed(), argmax, variant, node, met, id: r.id, mm }
                 }
                 Ok(Err(st)) => {
                     use tonic::Code;
@@ -581,7 +731,14 @@ fn record(tally: &Mutex<Tally>, s: &Sample, sent_id: u64, o: Outcome, start: Ins
     let Ok(mut t) = tally.lock() else { return };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     match o {
-        Outcome::Ok { latency, argmax, variant, node, met, id } => {
+        Outcome::Ok { latency, argmax, variant, node, met, id, mm } => {
+            if let Some(m) = mm {
+                t.mm_answers += 1;
+                t.refined += u64::from(m.refined);
+                t.calls += m.calls;
+                t.explained += u64::from(m.explained == Some(true));
+                t.explain_skipped += u64::from(m.explained == Some(false));
+            }
             // An answer that is not this request's, or a request answered twice.
             if id != sent_id.to_string() || !t.answered_ids.insert(sent_id) {
                 t.duplicates += 1;
@@ -681,12 +838,25 @@ fn report(args: &LoadgenArgs, t: &Tally) {
             "throughput_rps": throughput, "goodput_rps": goodput, "p50_ms": p50, "p99_ms": p99,
             "expired": t.expired, "duplicates": t.duplicates,
             "reject_p50_ms": rp50, "reject_p99_ms": rp99,
-            "accuracy": accuracy,
+            "accuracy": accuracy, "correct": t.correct, "labelled": t.labelled,
             "inputs": if t.labelled > 0 { EvalSet::HELD_OUT } else { "zeros (the model has no evaluation set)" },
             "variants": t.variants,
             "nodes": t.nodes,
             "first_error": t.first_error,
         });
+        let mut line = line;
+        if t.mm_answers > 0 {
+            let share = |k: u64| 100.0 * k as f64 / t.mm_answers as f64;
+            line["refined_pct"] = share(t.refined).into();
+            line["calls_per_answer"] = (t.calls as f64 / t.mm_answers as f64).into();
+            line["explained_pct"] = share(t.explained).into();
+            line["explain_skipped_pct"] = share(t.explain_skipped).into();
+            line["on_time_correct"] = t.on_time_correct.into();
+            line["multimodal_answers"] = t.mm_answers.into();
+            line["refined"] = t.refined.into();
+            line["calls"] = t.calls.into();
+            line["explained"] = t.explained.into();
+        }
         println!("{line}");
         return;
     }
@@ -726,6 +896,16 @@ fn report(args: &LoadgenArgs, t: &Tally) {
     }
     if t.labelled > 0 {
         println!("inputs: {}", EvalSet::HELD_OUT);
+    }
+    if t.mm_answers > 0 {
+        let share = |k: u64| 100.0 * k as f64 / t.mm_answers as f64;
+        println!(
+            "multi-modal answers: {:.1}% refined, {:.2} calls each, {:.1}% explained, {:.1}% explanation skipped",
+            share(t.refined),
+            t.calls as f64 / t.mm_answers as f64,
+            share(t.explained),
+            share(t.explain_skipped)
+        );
     }
     if t.rejected > 0 {
         println!(
