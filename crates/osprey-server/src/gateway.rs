@@ -298,6 +298,19 @@ impl GatewayConfig {
     }
 }
 
+/// How one call through [`Gateway::infer_stage`] counts against its tenant. A composite
+/// request (a pipeline, a multi-modal request) is one request to its tenant: one call admits
+/// it and stands for it on the timeline, the others are free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Charge {
+    /// Admit it now (quotas) and record its outcome as the request's.
+    Admit,
+    /// Already admitted by the caller ([`Gateway::admit_call`]); record its outcome.
+    Admitted,
+    /// Part of a request counted by another call.
+    Free,
+}
+
 pub struct Gateway {
     /// The served models by name (model control replaces and removes entries at run time).
     pub(crate) models: std::sync::RwLock<BTreeMap<String, Arc<ModelEntry>>>,
@@ -981,19 +994,44 @@ impl Gateway {
             Some(p) => self.infer_pipeline(p, req, tenant).await,
             None => {
                 req.model.arrivals.fetch_add(1, Ordering::Relaxed);
-                self.infer_stage(req, tenant, true).await
+                self.infer_stage(req, tenant, Charge::Admit).await
             }
         }
     }
 
-    /// One model's inference; `admit`: charge the tenant's quotas (a pipeline's later stages
-    /// are charged with its first).
+    /// Charges `tenant`'s quotas for `req` (rate, concurrency, cost) as its admission would,
+    /// without running it: a composite request that starts several calls at once is admitted
+    /// (or refused) before any of them runs. A refusal is counted as the request's outcome.
+    pub(crate) fn admit_call(&self, req: &ValidRequest, tenant: usize) -> Result<()> {
+        let entry = &req.model;
+        let fail = |e: Error| {
+            let tcfg = &self.tenants.get(tenant).config;
+            self.metrics.request(entry.name(), "", e.code.label());
+            self.metrics.tenant_outcome(&tcfg.name, entry.name(), e.code.label());
+            self.timeline.record(Instant::now(), tenant, crate::timeline::Outcome::Error, None);
+            e
+        };
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(fail(Error::unavailable("server is shutting down")));
+        }
+        let now = Instant::now();
+        self.tenants
+            .admit(tenant, entry.name(), req.rows, cost_ms(entry, req), micros(self.epoch, now))
+            .map_err(fail)
+    }
+
+    /// One model's inference, counted against its tenant as `charge` says.
     pub(crate) async fn infer_stage(
         &self,
         req: ValidRequest,
         tenant: usize,
-        admit: bool,
+        charge: Charge,
     ) -> Result<InferOutcome> {
+        if charge == Charge::Admit {
+            self.admit_call(&req, tenant)?;
+        }
+        // Its outcome stands for the tenant's request on the timeline.
+        let admit = charge != Charge::Free;
         let entry = req.model.clone();
         let tcfg = &self.tenants.get(tenant).config;
         let fail = |e: Error| {
@@ -1004,15 +1042,10 @@ impl Gateway {
             }
             e
         };
-        if self.draining.load(Ordering::Relaxed) {
+        if charge != Charge::Admit && self.draining.load(Ordering::Relaxed) {
             return Err(fail(Error::unavailable("server is shutting down")));
         }
         let now = Instant::now();
-        if admit {
-            self.tenants
-                .admit(tenant, entry.name(), req.rows, cost_ms(&entry, &req), micros(self.epoch, now))
-                .map_err(fail)?;
-        }
         let slo = Duration::from_millis(tcfg.latency_slo_ms);
         let deadline = now + req.timeout.map_or(slo, |t| t.min(slo));
         let floor = tcfg.accuracy_floor.max(req.min_accuracy.unwrap_or(0.0));

@@ -17,7 +17,7 @@
 //! `quality.time_budget_ms` (default its `latency_slo_ms`), tightened by the request's
 //! `timeout` or `deadline_ms`.
 
-use crate::gateway::{Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, ValidRequest};
+use crate::gateway::{Charge, Gateway, InferOutcome, InputTensor, ModelEntry, RequestOptions, ValidRequest};
 use osprey_core::ErrorCode;
 use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, TensorSpec};
@@ -424,12 +424,23 @@ impl Gateway {
     /// The member request of one call: modality `part`'s inputs, pinned to `variant` (or left
     /// to the member model's rule), to answer within `timeout`.
     fn member_call(part: &ValidRequest, variant: Option<usize>, timeout: Duration) -> ValidRequest {
+        Self::call_with(part, variant, part.inputs.clone(), part.rows, timeout)
+    }
+
+    /// [`Self::member_call`] on other inputs of `rows` rows (an explanation's masked copies).
+    fn call_with(
+        part: &ValidRequest,
+        variant: Option<usize>,
+        inputs: Vec<RawTensor>,
+        rows: u32,
+        timeout: Duration,
+    ) -> ValidRequest {
         ValidRequest {
             model: part.model.clone(),
             id: part.id.clone(),
             pinned: variant,
-            inputs: part.inputs.clone(),
-            rows: part.rows,
+            inputs,
+            rows,
             outputs: part.outputs.clone(),
             timeout: Some(timeout.max(Duration::from_micros(1))),
             priority: part.priority,
@@ -474,8 +485,8 @@ impl Gateway {
                         Some(s.variant),
                         Duration::from_micros(by.saturating_sub(now_us)),
                     );
-                    let admit = !charged;
-                    let result = self.infer_stage(call, tenant, admit).await;
+                    let charge = if charged { Charge::Free } else { Charge::Admit };
+                    let result = self.infer_stage(call, tenant, charge).await;
                     // A tenant over its quota or queue share ends the request; anything else
                     // is one failed call (the quota was charged at admission).
                     if let Err(e) = &result
@@ -514,14 +525,24 @@ impl Gateway {
     ) -> Result<Answered> {
         let spec = &m.entry.spec;
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut futures = Vec::with_capacity(calls.len());
-        for (i, &(service, pinned)) in calls.iter().enumerate() {
-            let Some(s) = services.get(service) else { continue };
-            let Some(part) = m.parts[s.modality].as_ref() else { continue };
-            let call = Self::member_call(part, pinned.then_some(s.variant), left);
-            // The tenant is charged once, by the first call.
+        let member_calls: Vec<(usize, ValidRequest)> = calls
+            .iter()
+            .filter_map(|&(service, pinned)| {
+                let s = services.get(service)?;
+                let part = m.parts[s.modality].as_ref()?;
+                Some((service, Self::member_call(part, pinned.then_some(s.variant), left)))
+            })
+            .collect();
+        // The tenant is charged once, by the first call, before any call runs: a refused
+        // request costs no member any work.
+        if let Some((_, first)) = member_calls.first() {
+            self.admit_call(first, tenant)?;
+        }
+        let mut futures = Vec::with_capacity(member_calls.len());
+        for (i, (service, call)) in member_calls.into_iter().enumerate() {
+            let charge = if i == 0 { Charge::Admitted } else { Charge::Free };
             futures.push(async move {
-                let r = self.infer_stage(call, tenant, i == 0).await;
+                let r = self.infer_stage(call, tenant, charge).await;
                 (Instant::now(), service, r)
             });
         }
@@ -542,10 +563,7 @@ impl Gateway {
                 services.iter().position(|s| s.modality == modality && s.variant == o.variant)
             });
             if let Some(rows) = done.take(result, m, spec) {
-                let same = rows_of.first().is_none_or(|(f, _)| f.len() == rows.len());
-                if same {
-                    rows_of.push((rows, ran.unwrap_or(service)));
-                }
+                rows_of.push((rows, ran.unwrap_or(service)));
             }
         }
         let parts: Vec<(&[Vec<f32>], &Service)> =
@@ -603,20 +621,8 @@ impl Gateway {
                     "the time budget ran out while explaining",
                 ));
             }
-            let call = ValidRequest {
-                model: part.model.clone(),
-                id: part.id.clone(),
-                pinned: Some(s.variant),
-                inputs,
-                rows: n as u32,
-                outputs: part.outputs.clone(),
-                timeout: Some(left),
-                priority: part.priority,
-                min_accuracy: None,
-                pipeline: None,
-                multimodal: None,
-            };
-            let o = self.infer_stage(call, tenant, false).await?;
+            let call = Self::call_with(part, Some(s.variant), inputs, n as u32, left);
+            let o = self.infer_stage(call, tenant, Charge::Free).await?;
             probs.extend(probabilities(&o, m.entry.labels.len())?.into_iter().flatten());
             start += n;
         }
@@ -690,8 +696,19 @@ impl Answered {
                 return None;
             }
         };
+        // Every modality of a request has its rows (validated); an answer with other rows
+        // cannot be fused with the rest and is a failed call.
+        let want = m.parts.iter().flatten().next().map_or(0, |p| p.rows as usize);
         let rows = match probabilities(&o, m.entry.labels.len()) {
-            Ok(rows) => rows,
+            Ok(rows) if rows.len() == want => rows,
+            Ok(rows) => {
+                self.last_error = Some(Error::internal(format!(
+                    "model '{}' answered {} rows for a request of {want}",
+                    o.model.name(),
+                    rows.len()
+                )));
+                return None;
+            }
             Err(e) => {
                 self.last_error = Some(e);
                 return None;

@@ -19,7 +19,7 @@
 //! estimated accuracy is the product of the stages' estimates (each stage right, taken as
 //! independent).
 
-use crate::gateway::{Gateway, InferOutcome, ModelEntry, ValidRequest};
+use crate::gateway::{Charge, Gateway, InferOutcome, ModelEntry, ValidRequest};
 use osprey_core::error::{Error, Result};
 use osprey_core::model::{ModelSpec, TensorSpec};
 use osprey_core::pipeline::PipelineSpec;
@@ -162,7 +162,9 @@ impl Gateway {
                 pipeline: None,
                 multimodal: None,
             };
-            let mut o = self.infer_stage(stage_req, tenant, k == 0).await?;
+            let mut o = self
+                .infer_stage(stage_req, tenant, if k == 0 { Charge::Admit } else { Charge::Free })
+                .await?;
             queue += o.queue;
             compute += o.compute;
             accuracy *= o.estimated_accuracy;

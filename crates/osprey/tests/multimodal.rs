@@ -193,3 +193,139 @@ fn tenant_objectives_shape_the_refinement() {
     assert!(server.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// GET with a bearer key; returns the body.
+fn get_as(addr: &str, path: &str, key: &str) -> String {
+    let resp = common::http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\r\n"),
+    );
+    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// The sum of the `osprey_requests` counters of `model` (every variant; every outcome but
+/// `except`) in an OpenMetrics text.
+fn requests_of(metrics: &str, model: &str, except: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("osprey_requests_total{") && l.contains(&format!("model=\"{model}\"")))
+        .filter(|l| !l.contains(&format!("outcome=\"{except}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The fused answer's probabilities (row 0) and the (model, variant) of every call, from
+/// the response's `ensemble` parameter (`image=digits/large@local-0,audio=...`: each call's
+/// modality, model, variant and node).
+fn fused_and_ensemble(v: &serde_json::Value) -> (Vec<f64>, Vec<(String, String)>) {
+    let probs = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let ensemble = param(v, "ensemble")
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|c| {
+            let (_, mv) = c.split_once('=').unwrap();
+            let (m, var) = mv.split_once('/').unwrap();
+            let var = var.split_once('@').map_or(var, |(v, _)| v);
+            (m.to_string(), var.to_string())
+        })
+        .collect();
+    (probs, ensemble)
+}
+
+/// One member's own answer on its version `variant` (row 0's probabilities).
+fn member_answer(addr: &str, key: &str, model: &str, variant: &str, event: &[String]) -> Vec<f64> {
+    let input = if model == "digits" { &event[0] } else { &event[1] };
+    let path = format!("/v2/models/{model}/versions/{variant}/infer");
+    let (status, text) = post_as(addr, &path, Some(key), &body(std::slice::from_ref(input), ""));
+    assert_eq!(status, 200, "{path}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// The baselines of `[scheduler] multimodal` answer through the gateway by a fan-out: every
+/// modality called at once (the fixed ensemble pinned to each modality's best profiled
+/// variant, EDF left to the member's rule), the answers fused by the policy's rule and equal
+/// to that rule over the members' own answers; the tenant is charged once per request, and a
+/// request refused by its quota runs no member at all.
+#[test]
+fn baselines_fan_out_through_the_gateway() {
+    let hash = osprey_server::tenants::hash_key;
+    for (policy, fusion) in [("fixed-ensemble", "product"), ("edf", "average")] {
+        let dir = scratch(policy);
+        let config = dir.join("osprey.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[scheduler]\nmultimodal = \"{policy}\"\n\
+                 [[tenants]]\nname = \"site\"\napi_keys = [\"{}\"]\nlatency_slo_ms = 5000\nrate = 0.001\nburst = 3\n\
+                 [tenants.quality]\nmax_ensemble = 1\nfusion = \"product\"\n\
+                 [[tenants]]\nname = \"ops\"\napi_keys = [\"{}\"]\nrole = \"admin\"\nlatency_slo_ms = 5000\n",
+                hash("site-key-0123456789"),
+                hash("ops-key-0123456789"),
+            ),
+        )
+        .unwrap();
+        let server = Server::start(&["--config", &config.to_string_lossy()]);
+        let (site, ops) = ("site-key-0123456789", "ops-key-0123456789");
+        let path = "/v2/models/digit_events/infer";
+        let unsure = unsure_event();
+        let both = inputs_of(&unsure, true, true);
+
+        // Both modalities: two calls at once, whatever the tenant's ensemble size says.
+        let (status, text) = post_as(&server.http, path, Some(site), &body(&both, ""));
+        assert_eq!(status, 200, "{policy}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(param(&v, "refinement_stop"), "fanned_out", "{policy}: {v}");
+        assert_eq!(param(&v, "calls"), 2, "{policy}: {v}");
+        assert_eq!(param(&v, "refined"), true, "{policy}: {v}");
+        assert_eq!(param(&v, "fusion"), fusion, "{policy}: {v}");
+        let (fused, ensemble) = fused_and_ensemble(&v);
+        let mut models: Vec<&str> = ensemble.iter().map(|(m, _)| m.as_str()).collect();
+        models.sort_unstable();
+        assert_eq!(models, ["digits", "spoken_digits"], "{policy}: {v}");
+        // One modality: one call, still a fan-out.
+        let (status, text) = post_as(&server.http, path, Some(site), &body(&both[..1], ""));
+        assert_eq!(status, 200, "{policy}: {text}");
+        let one: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((param(&one, "calls"), param(&one, "refined")), (&1.into(), &false.into()), "{one}");
+        assert_eq!(param(&one, "modalities"), "image", "{one}");
+        // The quota (a burst of 3) admits one more request, then refuses: a refused request
+        // is refused before any of its calls runs.
+        let (status, text) = post_as(&server.http, path, Some(site), &body(&both, ""));
+        assert_eq!(status, 200, "{policy}: {text}");
+        let before = get_as(&server.http, "/metrics", ops);
+        for _ in 0..3 {
+            let (status, text) = post_as(&server.http, path, Some(site), &body(&both, ""));
+            assert_eq!(status, 429, "{policy}: over the quota: {text}");
+        }
+        let after = get_as(&server.http, "/metrics", ops);
+        assert!(requests_of(&before, "spoken_digits", "") >= 2, "{policy}: {before}");
+        for model in ["digits", "spoken_digits"] {
+            let ran = |m: &str| requests_of(m, model, "resource_exhausted");
+            assert_eq!(ran(&before), ran(&after), "{policy}: a refused request ran {model}:\n{after}");
+        }
+        assert!(
+            requests_of(&after, "digits", "") > requests_of(&before, "digits", ""),
+            "refusals are counted"
+        );
+
+        // The fused answer is the policy's rule over the members' own answers.
+        let answers: Vec<Vec<f64>> =
+            ensemble.iter().map(|(m, var)| member_answer(&server.http, ops, m, var, &both)).collect();
+        let expected: Vec<f64> = match fusion {
+            "product" => {
+                let p: Vec<f64> =
+                    (0..10).map(|y| answers.iter().map(|a| a[y].max(1e-12)).product()).collect();
+                let z: f64 = p.iter().sum();
+                p.iter().map(|x| x / z).collect()
+            }
+            _ => (0..10).map(|y| answers.iter().map(|a| a[y]).sum::<f64>() / answers.len() as f64).collect(),
+        };
+        for (y, (f, e)) in fused.iter().zip(&expected).enumerate() {
+            assert!((f - e).abs() < 1e-4, "{policy}: class {y}: fused {f} vs {e} from {answers:?}");
+        }
+        assert!(server.stop().success());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
