@@ -9,7 +9,8 @@
 # the same timeline, one after another, each on a fresh cluster.
 # Writes OUT/summary.csv (policy,requests,accuracy,late_pct,rejected_pct,lost,goodput_rps) and
 # OUT/multimodal.csv (the simulator's columns; goodput_of_oracle is empty live: the oracle
-# needs hindsight), and prints both.
+# needs hindsight), prints both, and draws them (`osprey report OUT`: mm_*.svg/png per policy
+# and tenant, report.html).
 # Usage: bench/multimodal.sh [SECONDS] [RATE] [OUT]   (default 30 s, 300 req/s, bench/multimodal/live)
 #   POLICIES="quality-driven edf": only these.
 set -euo pipefail
@@ -185,3 +186,4 @@ print("\n".join(summary))
 print()
 print("\n".join(per))
 PY
+$BIN report "$OUT" --title "Osprey multi-modal, live on loopback ($DUR s, $RATE req/s)"

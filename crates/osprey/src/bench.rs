@@ -82,21 +82,31 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
     let wall = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    write_outputs(&scn, &args.out, &rows, &series, arr.len(), events, wall)?;
+    let counts = Counts { arrivals: arr.len(), events, wall };
+    write_outputs(&scn, &args.out, &rows, &series, &counts, &[])?;
     println!("wrote summary.csv, timeseries.csv, report.html and plots (SVG, PNG) to {}", args.out.display());
     Ok(())
 }
 
-/// Prints the summary table and writes summary.csv, timeseries.csv, the plots and the report.
+/// How much one bench run simulated, and how long it took.
+#[derive(Clone, Copy)]
+struct Counts {
+    arrivals: usize,
+    events: u64,
+    wall: f64,
+}
+
+/// Prints the summary table and writes summary.csv, timeseries.csv, the plots and the report
+/// (with `extra`, plots drawn beside it already, after its own).
 fn write_outputs(
     scn: &Scenario,
     out: &std::path::Path,
     rows: &[osprey_sim::report::Row],
     series: &[(String, Vec<osprey_sim::engine::Interval>)],
-    arrivals: usize,
-    events: u64,
-    wall: f64,
+    counts: &Counts,
+    extra: &[&str],
 ) -> Result<(), String> {
+    let Counts { arrivals, events, wall } = *counts;
     let mut table = Table::new();
     table.set_header([
         "policy",
@@ -169,7 +179,7 @@ fn write_outputs(
             scn.duration_s, arrivals, scn.seed
         )],
         &summary_csv(rows),
-        &["late_pct", "accuracy", "cost", "utility", "qos"],
+        &[&["late_pct", "accuracy", "cost", "utility", "qos"], extra].concat(),
     )?;
     Ok(())
 }
@@ -201,7 +211,6 @@ fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path)
     let rows: Vec<_> = runs.iter().map(|(_, r)| row(&r.summary, &scn.qos)).collect();
     let series: Vec<_> = runs.iter().map(|(p, r)| (p.clone(), r.series.clone())).collect();
     let events = runs.iter().map(|(_, r)| r.summary.events).sum();
-    write_outputs(scn, out, &rows, &series, arr.len(), events, wall)?;
     let oracle = runs
         .iter()
         .find(|(p, _)| p == "oracle")
@@ -227,6 +236,9 @@ fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path)
             table.add_row([*policy, *tenant, *acc, *late, *refined, *calls, *explained, *of]);
         }
     }
+    let extra = multimodal_plots(out, &per_tenant)?;
+    let counts = Counts { arrivals: arr.len(), events, wall };
+    write_outputs(scn, out, &rows, &series, &counts, &extra)?;
     println!("{table}");
     let p = out.join("multimodal.csv");
     std::fs::write(&p, per_tenant).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -235,4 +247,114 @@ fn run_multimodal(scn: &Scenario, base: &std::path::Path, out: &std::path::Path)
         out.display()
     );
     Ok(())
+}
+
+/// The multi-modal charts of a per-tenant table (`multimodal.csv`, as the simulator and
+/// `bench/multimodal.sh` write it): accuracy, not-on-time %, refinement rate and explanation
+/// share, policies side by side, one bar per tenant (and `all`). Returns the plots' stems.
+pub fn multimodal_plots(out: &std::path::Path, csv: &str) -> Result<Vec<&'static str>, String> {
+    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().ok_or("multimodal.csv is empty")?.split(',').collect();
+    let col = |name: &str| {
+        header.iter().position(|h| *h == name).ok_or_else(|| format!("multimodal.csv has no column '{name}'"))
+    };
+    let (policy, tenant) = (col("policy")?, col("tenant")?);
+    let charts = [
+        ("mm_accuracy", "accuracy", "accuracy (answered)"),
+        ("mm_late_pct", "late_pct", "not on time %"),
+        ("mm_refined_pct", "refined_pct", "refined %"),
+        ("mm_explained_pct", "explained_pct", "explained %"),
+    ];
+    let columns = charts.iter().map(|(_, c, _)| col(c)).collect::<Result<Vec<_>, _>>()?;
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let mut policies: Vec<String> = Vec::new();
+    let mut tenants: Vec<String> = Vec::new();
+    for r in &rows {
+        let (Some(p), Some(t)) = (r.get(policy), r.get(tenant)) else {
+            return Err(format!("multimodal.csv: a row has fewer columns than its header: {}", r.join(",")));
+        };
+        if !policies.iter().any(|x| x == p) {
+            policies.push(p.to_string());
+        }
+        if !tenants.iter().any(|x| x == t) {
+            tenants.push(t.to_string());
+        }
+    }
+    for ((stem, _, label), &c) in charts.iter().zip(&columns) {
+        let series: Vec<(String, Vec<f64>)> = tenants
+            .iter()
+            .map(|t| {
+                let values = policies
+                    .iter()
+                    .map(|p| {
+                        rows.iter()
+                            .find(|r| r[policy] == p && r[tenant] == t)
+                            .and_then(|r| r.get(c)?.parse::<f64>().ok())
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect();
+                (t.clone(), values)
+            })
+            .collect();
+        plot::grouped_bars(
+            &out.join(stem),
+            &format!("{label} per policy and tenant"),
+            label,
+            &policies,
+            &series,
+        )?;
+    }
+    Ok(charts.iter().map(|(stem, _, _)| *stem).collect())
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// A folder holding a multi-modal run's `multimodal.csv` (and its `summary.csv`), such as
+    /// bench/multimodal/live after `bench/multimodal.sh`.
+    dir: PathBuf,
+    /// The report's title.
+    #[arg(long, default_value = "Osprey multi-modal run")]
+    title: String,
+}
+
+/// `osprey report DIR`: the charts of [`multimodal_plots`] and `report.html` for a run whose
+/// CSVs were written elsewhere (the live benchmark), beside them.
+pub fn report(args: ReportArgs) -> Result<(), String> {
+    let read = |name: &str| {
+        let p = args.dir.join(name);
+        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let per_tenant = read("multimodal.csv")?;
+    let summary = read("summary.csv").unwrap_or_else(|_| per_tenant.clone());
+    let plots = multimodal_plots(&args.dir, &per_tenant)?;
+    let notes = ["late % counts answers not on time among all requests; accuracy among answered".to_string()];
+    plot::report(&args.dir, &args.title, &notes, &summary, &plots)?;
+    println!("wrote report.html and {} plots (SVG, PNG) to {}", plots.len(), args.dir.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multimodal_charts_from_either_table() {
+        let dir = std::env::temp_dir().join(format!("osprey-mmplots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = "policy,tenant,requests,accuracy,late_pct,refined_pct,calls_per_request,explained_pct\n\
+                   quality-driven,safety,10,0.95,0.5,60,1.7,0\nquality-driven,all,20,0.93,0.2,65,2.3,50\n\
+                   edf,safety,10,0.90,0,100,2,0\nedf,all,20,0.89,0,100,2,40\n";
+        let stems = multimodal_plots(&dir, csv).unwrap();
+        assert_eq!(stems, ["mm_accuracy", "mm_late_pct", "mm_refined_pct", "mm_explained_pct"]);
+        let svg = std::fs::read_to_string(dir.join("mm_refined_pct.svg")).unwrap();
+        assert!(
+            svg.contains("quality-driven") && svg.contains("safety") && svg.contains("refined %"),
+            "{svg}"
+        );
+        let err = multimodal_plots(&dir, "policy,tenant,accuracy\nedf,all,0.9\n").unwrap_err();
+        assert!(err.contains("late_pct"), "{err}");
+        let missing = report(ReportArgs { dir: dir.join("none"), title: "t".into() }).unwrap_err();
+        assert!(missing.contains("multimodal.csv"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -48,6 +48,8 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Compare policies on a scenario in the simulator (table, CSV, plots).
     Bench(bench::BenchArgs),
+    /// Draw the charts and report.html of a multi-modal run from its CSVs (the live bench).
+    Report(bench::ReportArgs),
     /// Split inference of a large model over eight edge nodes in the simulator: every
     /// placement strategy side by side, and the re-split after a slowdown.
     SplitSim(splitsim::SplitSimArgs),
@@ -151,6 +153,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile::run(a),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Report(a) => bench::report(a),
         Command::Agent(a) => agent::run_agent(a),
         Command::SplitSim(a) => splitsim::run_split_sim(a),
         Command::Status(a) => status::run(a),

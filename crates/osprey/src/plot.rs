@@ -166,6 +166,71 @@ fn draw_bars<DB: DrawingBackend>(
     Ok(())
 }
 
+fn draw_grouped_bars<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<(), String> {
+    root.fill(&WHITE).map_err(err)?;
+    let finite = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
+    let hi = series.iter().flat_map(|(_, v)| v.iter().map(|&x| finite(x))).fold(0.0, f64::max);
+    // Headroom above the tallest bar for the legend.
+    let top_y = if hi > 1e-9 { hi * 1.35 } else { 1.0 };
+    let n = groups.len().max(1) as f64;
+    let k = series.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(34)
+        .y_label_area_size(58)
+        .build_cartesian_2d(0f64..n, 0f64..top_y)
+        .map_err(err)?;
+    let names: Vec<String> = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            // Each group's name under its middle.
+            let g = x.floor();
+            if (x - g - 0.5).abs() < 1e-6 {
+                names.get(g as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", 12))
+        .light_line_style(RGBColor(0xee, 0xee, 0xee))
+        .draw()
+        .map_err(err)?;
+    let width = 0.8 / k;
+    for (j, (name, values)) in series.iter().enumerate() {
+        let c = COLORS[j % COLORS.len()];
+        chart
+            .draw_series(values.iter().enumerate().map(|(g, &v)| {
+                let x0 = g as f64 + 0.1 + j as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.92, finite(v))], c.filled())
+            }))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    }
+    if !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(0xbb, 0xbb, 0xbb))
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
 /// A line chart over time, one line per series: `stem.svg` and `stem.png`.
 pub fn lines(
     stem: &Path,
@@ -194,6 +259,22 @@ pub fn lines_with_x(
 /// A bar chart of one value per policy (negative values below the axis).
 pub fn bars(stem: &Path, title: &str, bars: &[(String, f64)]) -> Result<(), String> {
     both(stem, |r| draw_bars(r, title, bars), |r| draw_bars(r, title, bars))
+}
+
+/// Bars side by side per group (x axis: `groups`, e.g. policies), one colour per series
+/// (e.g. tenants), each series holding one value per group: `stem.svg` and `stem.png`.
+pub fn grouped_bars(
+    stem: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<(), String> {
+    both(
+        stem,
+        |r| draw_grouped_bars(r, title, y_label, groups, series),
+        |r| draw_grouped_bars(r, title, y_label, groups, series),
+    )
 }
 
 fn escape(s: &str) -> String {
@@ -252,7 +333,9 @@ mod tests {
             vec![("a".to_string(), vec![(0.0, 1.0), (1.0, 2.0)]), ("b".into(), vec![(0.0, 0.5), (1.0, 0.2)])];
         lines(&dir.join("l"), "late %", "late", &l).unwrap();
         bars(&dir.join("b"), "utility", &[("x".into(), 0.4), ("y".into(), -0.2)]).unwrap();
-        for stem in ["l", "b"] {
+        let groups = ["p".to_string(), "q".to_string()];
+        grouped_bars(&dir.join("g"), "accuracy", "acc", &groups, &[("t".into(), vec![0.9, 0.8])]).unwrap();
+        for stem in ["l", "b", "g"] {
             let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("<text"), "{svg}");
             let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
