@@ -252,6 +252,12 @@ pub struct Done {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Expected {
     pub latency_us: f64,
+    /// The same call on the same instance with nothing ahead of it (no busy worker, no queue):
+    /// `latency_us − idle_us` is the time it would wait.
+    pub idle_us: f64,
+    /// The least time to its deadline, µs, with which the model's admission takes such a call
+    /// now ([`crate::scheduler::Scheduler::admit_within_us`]); infinite when it takes none.
+    pub admit_us: f64,
     pub failure_rate: f64,
 }
 
@@ -1278,6 +1284,9 @@ impl Dispatcher {
     ///         over the hosting nodes' workers)
     /// expected = min tᵢ, with that node's recent failure share
     /// ```
+    /// and, beside it, the same call with nothing ahead (`idle_us`) and what the model's
+    /// admission asks of a call pinned to this variant (`admit_us`), so that a plan can keep
+    /// to calls the dispatcher will take.
     /// `None` when no live node hosts it.
     pub fn expected_service(&self, model: ModelId, variant: usize, rows: u32) -> Option<Expected> {
         let m = self.models.get(model)?;
@@ -1289,6 +1298,7 @@ impl Dispatcher {
             self.nodes.values().filter(|n| n.hosted.contains(&(model, variant))).collect();
         let workers: u32 = hosts.iter().map(|n| n.info.workers.max(1)).sum();
         let queued = m.sched.len() as u32;
+        let admit_us = m.sched.admit_within_us(Some(variant), rows.max(1));
         let ahead =
             if queued == 0 { 0.0 } else { m.sched.latency(variant, queued) / f64::from(workers.max(1)) };
         hosts
@@ -1307,8 +1317,11 @@ impl Dispatcher {
                 let tries = n.health.failures + n.health.successes;
                 let failure_rate =
                     if tries == 0 { 0.0 } else { f64::from(n.health.failures) / f64::from(tries) };
+                let idle = InstanceView { busy: 0, ..view };
                 Expected {
                     latency_us: instance::predicted_finish(&view, latency) + n.health.overhead_us + ahead,
+                    idle_us: instance::predicted_finish(&idle, latency) + n.health.overhead_us,
+                    admit_us,
                     failure_rate,
                 }
             })

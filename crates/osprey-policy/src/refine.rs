@@ -16,14 +16,19 @@
 //!                                                 on (slowdown, backlog and link included, by
 //!                                                 the driver), f the recent failure share there
 //!                                                 (each failure costs a retry: geometric)
-//! fits(s, L)  = now + e(s) ≤ L
+//! fits(s, L)  = now + e(s) ≤ L  and  now + α(s) ≤ deadline
+//!                                                 α(s) the least time to its deadline with
+//!                                                 which the model's admission takes the call
+//!                                                 now (its queue's backlog; the driver's)
+//! spare(s)    = ℓ(s) − ℓ₀(s) ≤ SPARE_WAIT · ℓ₀(s) ℓ₀ the same call with nothing ahead of it:
+//!                                                 the call would wait at most its own time
 //! first call  : among untried s with fits(s, start + share·budget), the cheapest e(s) whose
 //!               estimated accuracy a(s) ≥ min_accuracy; if none reaches it, the largest a(s);
 //!               if nothing fits the share, the same over fits(s, deadline)
 //! stop        : when conf(F) ≥ min_confidence (target met), when the calls made reach
-//!               max_ensemble (failed calls count), when no untried service is left, or when
-//!               none fits(s, deadline) (no time)
-//! next call   : the untried s with fits(s, deadline) of highest score(s):
+//!               max_ensemble (failed calls count), when no untried service is left, when
+//!               none fits(s, deadline) (no time), or when none that fits is spare (busy)
+//! next call   : the untried s with fits(s, deadline) and spare(s) of highest score(s):
 //!                 select_by_overall_accuracy : a(s)
 //!                 enhance_confidence         : mean of accₛ(y) over the K classes most
 //!                                              probable in F
@@ -71,6 +76,10 @@
 use crate::Micros;
 use osprey_core::multimodal::{EnsembleStrategy, ExplainMiss, Fusion, MultiModalPolicy, QualityObjective};
 
+/// How long a refinement call may wait behind other work, in multiples of its own expected
+/// time on an idle instance (module docs, "next call").
+pub const SPARE_WAIT: f64 = 1.0;
+
 /// One (modality, variant) pair a request may call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -84,6 +93,12 @@ pub struct Service {
     pub class_accuracy: Vec<f64>,
     /// Expected latency of one call on the instance it would run on, µs (see the module docs).
     pub latency_us: f64,
+    /// The same call there with nothing ahead of it, µs (`latency_us` when unknown):
+    /// `latency_us − idle_us` is its expected wait.
+    pub idle_us: f64,
+    /// The least time to its deadline with which the model's admission takes the call now,
+    /// µs (0 when unknown; see [`crate::dispatch::Expected::admit_us`]).
+    pub admit_us: f64,
     /// Recent share of failed batches on that instance, 0..1.
     pub failure_rate: f64,
     /// x(s) of the module docs, µs; `None`: this service cannot explain.
@@ -94,6 +109,12 @@ impl Service {
     /// e(s) of the module docs, µs.
     pub fn expected_us(&self) -> f64 {
         self.latency_us.max(0.0) / (1.0 - self.failure_rate.clamp(0.0, 0.9))
+    }
+
+    /// The call would wait at most [`SPARE_WAIT`] times its own time (module docs).
+    fn spare(&self) -> bool {
+        let idle = self.idle_us.max(0.0);
+        self.latency_us - idle <= SPARE_WAIT * idle
     }
 
     fn class_acc(&self, y: usize) -> f64 {
@@ -151,6 +172,9 @@ pub enum Stop {
     Exhausted,
     /// No untried service can finish before the deadline.
     NoTime,
+    /// Refinement would only queue: every untried service that fits would wait longer than
+    /// [`SPARE_WAIT`] times its own service time (refinement uses spare capacity only).
+    Busy,
     /// A fan-out ([`Plan::FanOut`]): every call it made has ended.
     FannedOut,
 }
@@ -162,6 +186,7 @@ impl Stop {
             Stop::EnsembleFull => "ensemble_full",
             Stop::Exhausted => "exhausted",
             Stop::NoTime => "no_time",
+            Stop::Busy => "busy",
             Stop::FannedOut => "fanned_out",
         }
     }
@@ -224,14 +249,17 @@ impl Refinement {
         &self.services
     }
 
-    /// Replaces each service's expected latency and failure share with `now_of`'s figure
-    /// `(latency_us, failure_rate)`, where it has one: queues, contention and failures change
-    /// while a request refines, so the driver asks its dispatcher again before each decision.
-    pub fn refresh(&mut self, mut now_of: impl FnMut(&Service) -> Option<(f64, f64)>) {
+    /// Replaces each service's expected latency, idle latency and failure share with
+    /// `now_of`'s figures (the dispatcher's [`crate::dispatch::Expected`]), where it has them:
+    /// queues, contention and failures change while a request refines, so the driver asks its
+    /// dispatcher again before each decision.
+    pub fn refresh(&mut self, mut now_of: impl FnMut(&Service) -> Option<crate::dispatch::Expected>) {
         for s in &mut self.services {
-            if let Some((latency_us, failure_rate)) = now_of(s) {
-                s.latency_us = latency_us;
-                s.failure_rate = failure_rate;
+            if let Some(e) = now_of(s) {
+                s.latency_us = e.latency_us;
+                s.idle_us = e.idle_us;
+                s.admit_us = e.admit_us;
+                s.failure_rate = e.failure_rate;
             }
         }
     }
@@ -295,8 +323,15 @@ impl Refinement {
                 Step::Call { service: s, deadline: self.deadline }
             }
             None => {
-                self.stop = Some(Stop::NoTime);
-                Step::Done(Stop::NoTime)
+                let stop = if !self.answered.is_empty()
+                    && self.untried_fitting(now, self.deadline).next().is_some()
+                {
+                    Stop::Busy
+                } else {
+                    Stop::NoTime
+                };
+                self.stop = Some(stop);
+                Step::Done(stop)
             }
         }
     }
@@ -348,7 +383,9 @@ impl Refinement {
             } else {
                 reserve.unwrap_or(0.0)
             };
-            !self.tried[s] && now as f64 + svc.expected_us() + extra <= limit as f64
+            !self.tried[s]
+                && now as f64 + svc.expected_us() + extra <= limit as f64
+                && now as f64 + svc.admit_us <= self.deadline as f64
         })
     }
 
@@ -400,7 +437,7 @@ impl Refinement {
             }
             classes.iter().map(|&y| s[i].class_acc(y)).sum::<f64>() / classes.len() as f64
         };
-        self.untried_fitting(now, self.deadline).max_by(|&a, &b| {
+        self.untried_fitting(now, self.deadline).filter(|&i| s[i].spare()).max_by(|&a, &b| {
             score(a)
                 .total_cmp(&score(b))
                 .then(s[a].accuracy.total_cmp(&s[b].accuracy))
@@ -597,6 +634,8 @@ mod tests {
             profiled_accuracy: accuracy,
             class_accuracy: Vec::new(),
             latency_us,
+            idle_us: latency_us,
+            admit_us: 0.0,
             failure_rate: 0.0,
             explain_us: None,
         }
@@ -709,6 +748,59 @@ mod tests {
         assert!(r.confidence() > 0.7, "{}", r.confidence());
         assert!(r.refined());
         assert_eq!(r.poll(1_500), Step::Done(Stop::TargetMet));
+    }
+
+    #[test]
+    fn refinement_uses_spare_capacity_only() {
+        // The other modality's instance is busy: its call would wait three times its own time.
+        let mut busy = svc(1, 0, 0.9, 800.0);
+        busy.idle_us = 200.0;
+        let services = vec![svc(0, 0, 0.85, 500.0), busy];
+        let mut r = Refinement::new(obj(2, EnsembleStrategy::SelectByOverallAccuracy), services, 0);
+        let Step::Call { service: a, .. } = r.poll(0) else { panic!("calls") };
+        assert_eq!(a, 0);
+        r.handle_answer(a, vec![one_hot(10, 3, 0.6)], 600);
+        assert_eq!(r.poll(600), Step::Done(Stop::Busy));
+        assert!(!r.refined());
+        // The same wait on a slower call is within its own time: spare, so it refines.
+        let mut slow = svc(1, 0, 0.9, 800.0);
+        slow.idle_us = 400.0;
+        let mut r = Refinement::new(
+            obj(2, EnsembleStrategy::SelectByOverallAccuracy),
+            vec![svc(0, 0, 0.85, 500.0), slow],
+            0,
+        );
+        let Step::Call { service: a, .. } = r.poll(0) else { panic!("calls") };
+        r.handle_answer(a, vec![one_hot(10, 3, 0.6)], 600);
+        assert_eq!(r.poll(600), Step::Call { service: 1, deadline: 10_000 });
+    }
+
+    #[test]
+    fn a_call_the_admission_would_refuse_is_not_made() {
+        // The accurate service's model queue asks for more time than is left: the first call
+        // goes to the cheaper one, and refinement does not try the refused one.
+        let mut refused = svc(1, 0, 0.95, 500.0);
+        refused.admit_us = 20_000.0;
+        let services = vec![svc(0, 0, 0.6, 500.0), refused];
+        let mut o = obj(2, EnsembleStrategy::SelectByOverallAccuracy);
+        o.min_accuracy = 0.9;
+        let mut r = Refinement::new(o, services.clone(), 0);
+        assert_eq!(r.poll(0), Step::Call { service: 0, deadline: 10_000 });
+        r.handle_answer(0, vec![one_hot(10, 3, 0.5)], 600);
+        assert_eq!(r.poll(600), Step::Done(Stop::NoTime));
+        // Once the queue drains (the driver refreshes), the same service is taken.
+        let mut o = obj(2, EnsembleStrategy::SelectByOverallAccuracy);
+        o.min_accuracy = 0.9;
+        let mut r = Refinement::new(o, services, 0);
+        r.refresh(|_| {
+            Some(crate::dispatch::Expected {
+                latency_us: 500.0,
+                idle_us: 500.0,
+                admit_us: 1_000.0,
+                failure_rate: 0.0,
+            })
+        });
+        assert_eq!(r.poll(0), Step::Call { service: 1, deadline: 10_000 });
     }
 
     #[test]

@@ -453,7 +453,15 @@ impl Scheduler {
 
     /// Planned service time of `r` on its fastest allowed variant (infinite if none is).
     pub fn min_latency(&self, r: &Request) -> f64 {
-        self.allowed(r).map(|v| self.latency(v, r.rows)).fold(f64::INFINITY, f64::min)
+        self.min_latency_of(r.pinned, r.rows)
+    }
+
+    fn min_latency_of(&self, pinned: Option<usize>, rows: u32) -> f64 {
+        let fixed = if pinned.is_none() { self.fixed_variant() } else { None };
+        (0..self.variants.len())
+            .filter(|&v| self.available[v] && pinned.or(fixed).is_none_or(|p| p == v))
+            .map(|v| self.latency(v, rows))
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// Admits `r` into the queue or refuses it now.
@@ -482,38 +490,11 @@ impl Scheduler {
             if now as f64 + need > r.deadline as f64 {
                 return Err((Reject::CannotMeetDeadline, r));
             }
-            // Optimistic backlog: every queued request runs on its fastest allowed variant
-            // (its pinned one, when pinned) at full batches. Assuming the model's fastest
-            // variant for all once admitted far more pinned requests than could be served:
-            // they waited out their deadlines in the queue instead of being refused at once.
-            let rows = self.max_rows();
-            let per_row: Vec<f64> =
-                (0..self.variants.len())
-                    .map(|v| {
-                        if self.available[v] {
-                            self.latency(v, rows) / f64::from(rows)
-                        } else {
-                            f64::INFINITY
-                        }
-                    })
-                    .collect();
-            let fastest = per_row.iter().copied().fold(f64::INFINITY, f64::min);
-            let backlog: f64 = self
-                .queue
-                .iter()
-                .map(|q| {
-                    let cost = match q.pinned {
-                        Some(p) => per_row.get(p).copied().unwrap_or(fastest),
-                        None => fastest,
-                    };
-                    f64::from(q.rows) * if cost.is_finite() { cost } else { 0.0 }
-                })
-                .sum();
-            let wait = backlog / self.capacity;
             // Queue only what the backlog estimate says can finish within half the budget
             // (an idle model takes anything that can meet its deadline alone): the estimate
             // is optimistic (full batches) and the priority is not FIFO, so a queue filled to
             // the whole budget let its hard inputs expire in it.
+            let wait = self.backlog_wait();
             let budget = r.deadline.saturating_sub(now) as f64;
             if wait > 0.0 && wait + need > ADMIT_WITHIN * budget {
                 return Err((Reject::Capacity, r));
@@ -522,6 +503,53 @@ impl Scheduler {
         self.note_queued(&r);
         self.queue.push(r);
         Ok(())
+    }
+
+    /// The least time to its deadline, µs, with which [`Scheduler::admit`] would take a
+    /// request of `rows` rows pinned to `pinned` (any allowed variant when `None`) now:
+    /// ```text
+    /// utility rule : need                              when the queue is empty of work
+    ///                max(need, (wait + need) / ADMIT_WITHIN)  otherwise
+    /// other rules  : 0
+    /// ```
+    /// infinite when the queue is full or no such variant is available. Tenant shares are
+    /// not checked. Plans that choose variants themselves (cross-modal refinement) keep to
+    /// calls the admission takes.
+    pub fn admit_within_us(&self, pinned: Option<usize>, rows: u32) -> f64 {
+        if self.queue.len() >= self.cfg.max_queue {
+            return f64::INFINITY;
+        }
+        if self.cfg.rule != Rule::Utility {
+            return 0.0;
+        }
+        let need = self.min_latency_of(pinned, rows);
+        let wait = self.backlog_wait();
+        if wait > 0.0 { need.max((wait + need) / ADMIT_WITHIN) } else { need }
+    }
+
+    /// The queue's backlog, µs of the model's capacity, as admission estimates it.
+    fn backlog_wait(&self) -> f64 {
+        // Optimistic backlog: every queued request runs on its fastest allowed variant
+        // (its pinned one, when pinned) at full batches. Assuming the model's fastest
+        // variant for all once admitted far more pinned requests than could be served:
+        // they waited out their deadlines in the queue instead of being refused at once.
+        let rows = self.max_rows();
+        let per_row: Vec<f64> = (0..self.variants.len())
+            .map(|v| if self.available[v] { self.latency(v, rows) / f64::from(rows) } else { f64::INFINITY })
+            .collect();
+        let fastest = per_row.iter().copied().fold(f64::INFINITY, f64::min);
+        let backlog: f64 = self
+            .queue
+            .iter()
+            .map(|q| {
+                let cost = match q.pinned {
+                    Some(p) => per_row.get(p).copied().unwrap_or(fastest),
+                    None => fastest,
+                };
+                f64::from(q.rows) * if cost.is_finite() { cost } else { 0.0 }
+            })
+            .sum();
+        backlog / self.capacity
     }
 
     /// Puts planned requests back (the driver could not run their batch after all), without
@@ -889,6 +917,36 @@ mod tests {
         // Large at full batches of 8: 1.25 ms a row; admitted while the wait plus its own
         // service fits half of the 30 ms budget: about 12.
         assert!((8..=16).contains(&admitted), "{admitted} admitted for a 30 ms budget");
+    }
+
+    #[test]
+    fn admit_within_is_the_least_budget_the_admission_takes() {
+        // Whatever the queue holds, a pinned request with `admit_within_us` (rounded up) to
+        // its deadline is admitted and one with a tenth less is refused.
+        let with_queue = |n: u64| {
+            let mut s = Scheduler::new(SchedulerConfig::for_test(Rule::Utility), zoo());
+            for id in 0..n {
+                s.admit(0, Request { pinned: Some(2), ..req(id, 0, 1_000_000, [0.6, 0.8, 0.95]) }).unwrap();
+            }
+            s
+        };
+        for queued in 0..12u64 {
+            for v in 0..3 {
+                let least = with_queue(queued).admit_within_us(Some(v), 1);
+                assert!(least.is_finite() && least > 0.0, "{queued} queued, variant {v}: {least}");
+                let at = |budget: f64| Request {
+                    pinned: Some(v),
+                    ..req(10_000, 0, budget.ceil() as Micros, [0.6, 0.8, 0.95])
+                };
+                assert!(with_queue(queued).admit(0, at(least)).is_ok(), "{queued} queued, variant {v}");
+                assert!(
+                    with_queue(queued).admit(0, at(least * 0.9)).is_err(),
+                    "{queued} queued, variant {v}"
+                );
+            }
+        }
+        let fixed = Scheduler::new(SchedulerConfig::for_test(Rule::Fixed(0)), zoo());
+        assert_eq!(fixed.admit_within_us(None, 1), 0.0);
     }
 
     #[test]

@@ -337,6 +337,8 @@ impl Gateway {
                     profiled_accuracy: variant.spec.accuracy,
                     class_accuracy: variant.spec.class_accuracy.clone(),
                     latency_us: e.latency_us,
+                    idle_us: e.idle_us,
+                    admit_us: e.admit_us,
                     failure_rate: e.failure_rate,
                     explain_us,
                 });
@@ -468,8 +470,7 @@ impl Gateway {
             // The instances' queues and health as they are now, not as they were at arrival.
             r.refresh(|s| {
                 let part = m.parts[s.modality].as_ref()?;
-                let e = self.cluster.expected_service(part.model.index, s.variant, part.rows)?;
-                Some((e.latency_us, e.failure_rate))
+                self.cluster.expected_service(part.model.index, s.variant, part.rows)
             });
             match r.poll(now_us) {
                 Step::Done(stop) => break stop,

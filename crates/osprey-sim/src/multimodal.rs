@@ -268,6 +268,8 @@ impl Sim<'_> {
                     profiled_accuracy: spec.accuracy,
                     class_accuracy: spec.class_accuracy.clone(),
                     latency_us: e.latency_us,
+                    idle_us: e.idle_us,
+                    admit_us: e.admit_us,
                     failure_rate: e.failure_rate,
                     explain_us,
                 });
@@ -358,7 +360,7 @@ impl Sim<'_> {
         let d = &self.d;
         let Some(run) = self.mm.as_mut().map(|mm| &mut mm.runs[e]) else { return };
         let Some(r) = run.refinement.as_mut() else { return };
-        r.refresh(|s| d.expected_service(s.modality, s.variant, 1).map(|x| (x.latency_us, x.failure_rate)));
+        r.refresh(|s| d.expected_service(s.modality, s.variant, 1));
         let step = r.poll(now);
         match step {
             Step::Done(_) => self.mm_finish(e),
