@@ -442,13 +442,13 @@ impl Scheduler {
 
     /// Variants a request may run on.
     fn allowed(&self, r: &Request) -> impl Iterator<Item = usize> + '_ {
-        let pinned = r.pinned;
-        let fixed = if pinned.is_none() { self.fixed_variant() } else { None };
-        (0..self.variants.len()).filter(|&v| self.available[v]).filter(move |v| match (pinned, fixed) {
-            (Some(p), _) => *v == p,
-            (None, Some(f)) => *v == f,
-            (None, None) => true,
-        })
+        self.allowed_of(r.pinned)
+    }
+
+    /// Variants a request pinned to `pinned` (or not pinned) may run on.
+    fn allowed_of(&self, pinned: Option<usize>) -> impl Iterator<Item = usize> + '_ {
+        let only = pinned.or_else(|| self.fixed_variant());
+        (0..self.variants.len()).filter(move |&v| self.available[v] && only.is_none_or(|p| p == v))
     }
 
     /// Planned service time of `r` on its fastest allowed variant (infinite if none is).
@@ -457,11 +457,7 @@ impl Scheduler {
     }
 
     fn min_latency_of(&self, pinned: Option<usize>, rows: u32) -> f64 {
-        let fixed = if pinned.is_none() { self.fixed_variant() } else { None };
-        (0..self.variants.len())
-            .filter(|&v| self.available[v] && pinned.or(fixed).is_none_or(|p| p == v))
-            .map(|v| self.latency(v, rows))
-            .fold(f64::INFINITY, f64::min)
+        self.allowed_of(pinned).map(|v| self.latency(v, rows)).fold(f64::INFINITY, f64::min)
     }
 
     /// Admits `r` into the queue or refuses it now.
